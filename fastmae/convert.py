@@ -1,0 +1,242 @@
+"""Checkpoint interchange: official MAE ``.pth`` files, timm encoders, ``transformers`` ViTMAE.
+
+fastmae's state dict *is* the official one (same names, shapes and
+semantics), so official files load with ``strict=True`` and no renaming.
+The official files carry a pickled ``argparse.Namespace`` next to the
+weights; they are read with ``weights_only=True`` and an allow-list holding
+that one class, never with arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+_DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file safely (tensors, containers and argparse.Namespace only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def model_state_dict(ckpt: dict) -> StateDict:
+    """The model weights inside an official or fastmae checkpoint (``{'model': ...}``) or a bare state dict."""
+    if "model" in ckpt and isinstance(ckpt["model"], dict):
+        return ckpt["model"]
+    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        return ckpt["state_dict"]
+    if all(isinstance(v, Tensor) for v in ckpt.values()):
+        return ckpt
+    raise ValueError(f"no model weights found in checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+
+
+def is_encoder_key(key: str) -> bool:
+    return not key.startswith(_DECODER_PREFIXES)
+
+
+def encoder_state_dict(sd: StateDict) -> StateDict:
+    """Encoder weights only: exactly the keys of a timm ``VisionTransformer`` without head."""
+    return {k: v for k, v in sd.items() if is_encoder_key(k)}
+
+
+def describe_mismatch(model: nn.Module, sd: StateDict, allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between a model and a state dict: shapes first, then missing, unexpected."""
+    own = model.state_dict()
+    shapes = [
+        f"shape mismatch for {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(sd) & set(own))
+        if sd[k].shape != own[k].shape
+    ]
+    missing = [
+        f"missing in checkpoint: {k} {tuple(own[k].shape)}"
+        for k in sorted(set(own) - set(sd))
+        if not (allow_missing and k.startswith(allow_missing))
+    ]
+    unexpected = [f"unexpected in checkpoint: {k} {tuple(sd[k].shape)}" for k in sorted(set(sd) - set(own))]
+    return shapes + missing + unexpected
+
+
+def load_into(model: nn.Module, sd: StateDict, strict: bool = True, allow_missing: tuple[str, ...] = ()) -> None:
+    """load_state_dict with a clear error listing the mismatching keys and shapes."""
+    problems = describe_mismatch(model, sd, allow_missing)
+    if not strict:
+        problems = [p for p in problems if p.startswith("shape")]
+    if problems:
+        counts = {kind: sum(p.startswith(kind) for p in problems) for kind in ("shape", "missing", "unexpected")}
+        shown = "\n  ".join(problems[:25])
+        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+        raise ValueError(
+            f"checkpoint does not fit {type(model).__name__} ({counts['shape']} shape mismatches, "
+            f"{counts['missing']} missing, {counts['unexpected']} unexpected):\n  {shown}{more}"
+        )
+    model.load_state_dict(sd, strict=False)
+
+
+def save_timm_encoder(model_or_sd: nn.Module | StateDict, path: str | os.PathLike) -> None:
+    """Write the encoder as a timm VisionTransformer state dict in safetensors."""
+    from safetensors.torch import save_file
+
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
+    enc = {k: v.detach().contiguous().cpu() for k, v in encoder_state_dict(sd).items()}
+    save_file(enc, str(path))
+
+
+# ---- transformers ViTMAE ----------------------------------------------------------------------------------
+
+# (official suffix, transformers suffix) inside one block; qkv is handled apart (fused vs split).
+_BLOCK_MAP = [
+    ("norm1", "layernorm_before"),
+    ("norm2", "layernorm_after"),
+    ("attn.proj", "attention.o_proj"),
+    ("mlp.fc1", "mlp.fc1"),
+    ("mlp.fc2", "mlp.fc2"),
+]
+_TOP_MAP = [
+    ("cls_token", "vit.embeddings.cls_token"),
+    ("pos_embed", "vit.embeddings.position_embeddings"),
+    ("patch_embed.proj.weight", "vit.embeddings.patch_embeddings.projection.weight"),
+    ("patch_embed.proj.bias", "vit.embeddings.patch_embeddings.projection.bias"),
+    ("norm.weight", "vit.layernorm.weight"),
+    ("norm.bias", "vit.layernorm.bias"),
+    ("mask_token", "decoder.mask_token"),
+    ("decoder_pos_embed", "decoder.decoder_pos_embed"),
+    ("decoder_embed.weight", "decoder.decoder_embed.weight"),
+    ("decoder_embed.bias", "decoder.decoder_embed.bias"),
+    ("decoder_norm.weight", "decoder.decoder_norm.weight"),
+    ("decoder_norm.bias", "decoder.decoder_norm.bias"),
+    ("decoder_pred.weight", "decoder.decoder_pred.weight"),
+    ("decoder_pred.bias", "decoder.decoder_pred.bias"),
+]
+# transformers < 5 spelled the block parameters differently; read both.
+_HF_LEGACY = [
+    (r"vit\.encoder\.layer\.", "vit.layers."),
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+]
+
+
+def _blocks(sd: StateDict, prefix: str) -> list[int]:
+    ids = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}(\d+)\.", k))}
+    return sorted(ids)
+
+
+def to_hf_vitmae(sd: StateDict) -> StateDict:
+    """Official/fastmae MAE state dict -> ``ViTMAEForPreTraining`` state dict (transformers >= 5 names)."""
+    out: StateDict = {}
+    for ours, theirs in _TOP_MAP:
+        if ours in sd:
+            out[theirs] = sd[ours]
+    for ours_prefix, hf_prefix in (("blocks.", "vit.layers."), ("decoder_blocks.", "decoder.decoder_layers.")):
+        for i in _blocks(sd, ours_prefix):
+            src, dst = f"{ours_prefix}{i}.", f"{hf_prefix}{i}."
+            for kind in ("weight", "bias"):
+                q, k, v = sd[f"{src}attn.qkv.{kind}"].chunk(3, dim=0)
+                out[f"{dst}attention.q_proj.{kind}"] = q
+                out[f"{dst}attention.k_proj.{kind}"] = k
+                out[f"{dst}attention.v_proj.{kind}"] = v
+                for a, b in _BLOCK_MAP:
+                    out[f"{dst}{b}.{kind}"] = sd[f"{src}{a}.{kind}"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def from_hf_vitmae(hf_sd: StateDict) -> StateDict:
+    """``ViTMAEForPreTraining`` state dict (transformers 4 or 5 names) -> official/fastmae names."""
+    norm: StateDict = {}
+    for k, v in hf_sd.items():
+        for pat, rep in _HF_LEGACY:
+            k = re.sub(pat, rep, k)
+        norm[k] = v
+    out: StateDict = {}
+    for ours, theirs in _TOP_MAP:
+        if theirs in norm:
+            out[ours] = norm[theirs]
+    for ours_prefix, hf_prefix in (("blocks.", "vit.layers."), ("decoder_blocks.", "decoder.decoder_layers.")):
+        for i in _blocks(norm, hf_prefix):
+            src, dst = f"{hf_prefix}{i}.", f"{ours_prefix}{i}."
+            for kind in ("weight", "bias"):
+                out[f"{dst}attn.qkv.{kind}"] = torch.cat(
+                    [norm[f"{src}attention.{n}_proj.{kind}"] for n in ("q", "k", "v")], dim=0
+                )
+                for a, b in _BLOCK_MAP:
+                    out[f"{dst}{a}.{kind}"] = norm[f"{src}{b}.{kind}"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def hf_config_kwargs(model: nn.Module) -> dict:
+    """``ViTMAEConfig`` keyword arguments describing a fastmae MAE (layer_norm_eps from the model)."""
+    blk, dblk = model.blocks[0], model.decoder_blocks[0]
+    return dict(
+        hidden_size=model.embed_dim,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=blk.attn.num_heads,
+        intermediate_size=blk.mlp.fc1.out_features,
+        image_size=model.patch_embed.img_size[0],
+        patch_size=model.patch_size,
+        num_channels=model.in_chans,
+        decoder_hidden_size=model.decoder_embed_dim,
+        decoder_num_hidden_layers=len(model.decoder_blocks),
+        decoder_num_attention_heads=dblk.attn.num_heads,
+        decoder_intermediate_size=dblk.mlp.fc1.out_features,
+        layer_norm_eps=blk.norm1.eps,
+        norm_pix_loss=model.norm_pix_loss,
+        qkv_bias=True,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: str | os.PathLike | StateDict,
+    *,
+    strict: bool = True,
+    allow_missing: tuple[str, ...] = (),
+    drop: tuple[str, ...] = (),
+) -> StateDict:
+    """Load an official or fastmae checkpoint (full MAE or encoder-only) into an MAE or a ViT.
+
+    Decoder weights are dropped when the model has no decoder; keys starting
+    with ``drop`` are ignored; keys starting with ``allow_missing`` may be
+    absent (e.g. a fresh classification head). Position tables made for another
+    grid are regenerated when the model's table is the fixed sin-cos one, and
+    bicubically resized when it is learned. Returns the state dict that was loaded.
+    """
+    from fastmae.layers import resize_pos_embed
+
+    sd = dict(source) if isinstance(source, dict) else model_state_dict(read_checkpoint(source))
+    own = model.state_dict()
+    if not any(k.startswith(_DECODER_PREFIXES) for k in own):
+        sd = encoder_state_dict(sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
+    params = dict(model.named_parameters())
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            if sd[key].shape[-1] != own[key].shape[-1]:
+                continue  # a width mismatch is reported by load_into
+            if params[key].requires_grad:
+                grid = model.patch_embed.grid_size
+                sd[key] = resize_pos_embed(sd[key], grid)
+            else:
+                sd[key] = own[key]
+    load_into(model, sd, strict=strict, allow_missing=allow_missing)
+    return sd

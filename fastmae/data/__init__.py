@@ -1,0 +1,1 @@
+"""Data loading: DALI and torch pipelines, sources, sharding, resumable position."""

@@ -1,0 +1,1 @@
+"""Training engine: step, optimizer, schedule, checkpoints, logging, distributed."""

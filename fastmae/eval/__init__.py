@@ -1,0 +1,1 @@
+"""Downstream evaluation: linear probe, partial and full fine-tuning, attention diagnostics."""

@@ -1,0 +1,20 @@
+"""Model building blocks, one concept per file (names follow timm and the official MAE)."""
+
+from fastmae.layers.attention import Attention, attention_backend, set_attention_backend
+from fastmae.layers.block import Block
+from fastmae.layers.drop_path import DropPath
+from fastmae.layers.mlp import Mlp
+from fastmae.layers.patch_embed import PatchEmbed
+from fastmae.layers.pos_embed import resize_pos_embed, sincos_2d
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
+    "PatchEmbed",
+    "attention_backend",
+    "set_attention_backend",
+    "resize_pos_embed",
+    "sincos_2d",
+]

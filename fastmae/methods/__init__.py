@@ -1,0 +1,1 @@
+"""Method family beyond MAE: SimMIM and VideoMAE."""

@@ -1,0 +1,29 @@
+"""MAE and ViT models with the official parameter names."""
+
+from fastmae.models.mae import (
+    MAE,
+    MODELS,
+    MaskedAutoencoderViT,
+    create_model,
+    mae_vit_base_patch16,
+    mae_vit_huge_patch14,
+    mae_vit_large_patch16,
+    mae_vit_small_patch16,
+    mae_vit_tiny,
+)
+from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+
+__all__ = [
+    "MAE",
+    "MODELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MaskedAutoencoderViT",
+    "VisionTransformer",
+    "create_model",
+    "mae_vit_base_patch16",
+    "mae_vit_huge_patch14",
+    "mae_vit_large_patch16",
+    "mae_vit_small_patch16",
+    "mae_vit_tiny",
+]

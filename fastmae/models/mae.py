@@ -1,0 +1,206 @@
+"""Masked Autoencoder with a ViT backbone (He et al. 2021), state-dict compatible with the official code.
+
+One training forward:
+    imgs --patchify+gather (fused)--> visible patches (N, L_vis, p*p*C)
+         --encoder--> latent (N, 1+L_vis, D)
+         --decoder_embed, unshuffle scatter + mask token + positions (fused)--> (N, 1+L, D_dec)
+         --decoder--> pred (N, L, p*p*C)
+         --masked loss (fused, target built from imgs)--> loss
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fastmae import ops
+from fastmae.layers import Block, sincos_2d
+from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.reference import patchify, random_masking, unpatchify
+
+
+class MaskedAutoencoderViT(VisionTransformer):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        norm_pix_loss: bool = False,
+        loss_type: str = "mse",
+        **vit_kwargs,
+    ):
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            norm_layer=norm_layer,
+            **vit_kwargs,
+        )
+        if loss_type not in ("mse", "l1"):
+            raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
+        self.norm_pix_loss = norm_pix_loss
+        self.loss_type = loss_type
+        self.decoder_embed_dim = decoder_embed_dim
+        num_patches = self.patch_embed.num_patches
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        with torch.no_grad():
+            table = sincos_2d(decoder_embed_dim, self.patch_embed.grid_size, cls_token=True)
+            self.decoder_pos_embed.copy_(table.unsqueeze(0))
+            nn.init.normal_(self.mask_token, std=0.02)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(_init_module)
+
+    # ---- official helpers ---------------------------------------------------------------------------------
+
+    def patchify(self, imgs: Tensor) -> Tensor:
+        """imgs: (N, C, H, W) -> (N, L, p*p*C)"""
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """x: (N, L, p*p*C) -> imgs: (N, C, H, W)"""
+        return unpatchify(x, self.patch_size, self.in_chans, grid_size)
+
+    def random_masking(self, noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """noise: (N, L) -> ids_keep (N, len_keep), ids_restore (N, L), mask (N, L; 1 = removed), ids_shuffle (N, L)"""
+        return random_masking(noise, len_keep)
+
+    def decoder_pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
+        if tuple(grid) == self.patch_embed.grid_size:
+            return self.decoder_pos_embed
+        table = sincos_2d(self.decoder_embed_dim, grid, cls_token=True).unsqueeze(0)
+        return table.to(device=self.decoder_pos_embed.device, dtype=self.decoder_pos_embed.dtype)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def _plan(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None) -> tuple[int, tuple[int, int], int]:
+        """Check every input before any compute; returns (N, grid, len_keep)."""
+        N, grid = self.check_images(imgs)
+        L = grid[0] * grid[1]
+        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
+        len_keep = int(L * (1 - mask_ratio))
+        if len_keep < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {L}")
+        if noise is not None and tuple(noise.shape) != (N, L):
+            raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
+        return N, grid, len_keep
+
+    def _masking(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None):
+        N, grid, len_keep = self._plan(imgs, mask_ratio, noise)
+        if noise is None:
+            # The default generator keeps masking capturable in CUDA graphs and seeded by torch.manual_seed.
+            noise = torch.rand(N, grid[0] * grid[1], device=imgs.device)
+        ids_keep, ids_restore, mask, ids_shuffle = random_masking(noise, len_keep)
+        return grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle
+
+    def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """imgs -> latent (N, 1+L_vis, D), mask (N, L), ids_restore (N, L), as in the official code."""
+        _, _, ids_keep, ids_restore, mask, _ = self._masking(imgs, mask_ratio, noise)
+        return self.forward_features(imgs, ids_keep), mask, ids_restore
+
+    def forward_decoder(self, x: Tensor, ids_restore: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """x: (N, 1+L_vis, D), ids_restore: (N, L) -> pred (N, L, p*p*C)"""
+        grid = grid or self.patch_embed.grid_size
+        x = self.decoder_embed(x)
+        x = ops.unshuffle_scatter(x, self.mask_token.reshape(-1), ids_restore, self.decoder_pos_embed_for(grid))
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        # Only patch tokens are predicted: the cls row is dropped before the last norm and projection.
+        return self.decoder_pred(self.decoder_norm(x[:, 1:, :]))
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """Official signature. imgs, pred (N, L, P), mask (N, L) 1 = removed -> scalar loss."""
+        L = mask.shape[1]
+        n_masked = L - int(round(L * (1 - mask[0].mean().item())))  # host sync: a convenience API, not the training path
+        ids_masked = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :n_masked]
+        return self._loss(imgs, pred, ids_masked)
+
+    def _loss(self, imgs: Tensor, pred: Tensor, ids_masked: Tensor) -> Tensor:
+        if ids_masked.shape[1] == 0:
+            # Nothing to reconstruct: a zero that keeps pred in the graph (the official code gives 0/0).
+            return pred.sum() * 0.0
+        mean, std = self._norm_args(imgs)
+        return ops.masked_recon_loss(
+            pred, imgs, ids_masked, self.patch_size, self.norm_pix_loss, self.loss_type, mean, std
+        )
+
+    def forward(self, imgs: Tensor, mask_ratio: float = 0.75, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """imgs: (N, C, H, W) normalized float, or (N, H, W, C) uint8 (normalized inside with pixel_mean/std).
+
+        Returns loss (fp32 scalar), pred (N, L, p*p*C), mask (N, L) with 1 = removed.
+        """
+        grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle = self._masking(imgs, mask_ratio, noise)
+        latent = self.forward_features(imgs, ids_keep)
+        pred = self.forward_decoder(latent, ids_restore, grid)
+        loss = self._loss(imgs, pred, ids_shuffle[:, len_keep:])
+        return loss, pred, mask
+
+
+MAE = MaskedAutoencoderViT
+
+_DEC = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=LayerNorm6)
+
+
+def _make(arch: dict, kw: dict) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(**{**arch, **kw})
+
+
+def mae_vit_tiny(**kw) -> MaskedAutoencoderViT:
+    """CPU-sized: width 192, depth 4, decoder 128 x 2."""
+    arch = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128,
+                decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=LayerNorm6)
+    return _make(arch, kw)
+
+
+def mae_vit_small_patch16(**kw) -> MaskedAutoencoderViT:
+    arch = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256,
+                decoder_depth=4, decoder_num_heads=8, mlp_ratio=4, norm_layer=LayerNorm6)
+    return _make(arch, kw)
+
+
+def mae_vit_base_patch16(**kw) -> MaskedAutoencoderViT:
+    return _make(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC), kw)
+
+
+def mae_vit_large_patch16(**kw) -> MaskedAutoencoderViT:
+    return _make(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC), kw)
+
+
+def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
+    return _make(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC), kw)
+
+
+MODELS: dict[str, Callable[..., MaskedAutoencoderViT]] = {
+    "mae_vit_tiny": mae_vit_tiny,
+    "mae_vit_small_patch16": mae_vit_small_patch16,
+    "mae_vit_base_patch16": mae_vit_base_patch16,
+    "mae_vit_large_patch16": mae_vit_large_patch16,
+    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+}
+
+
+def create_model(name: str, **kw) -> MaskedAutoencoderViT:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kw)
