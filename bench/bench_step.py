@@ -1,0 +1,108 @@
+"""End-to-end training step (forward, backward, AdamW) across modes, against HF ViTMAE in the same process.
+
+    python bench/bench_step.py                       # tiny ViT at 224/16, batch 8, CPU or CUDA
+    python bench/bench_step.py --model mae_vit_base_patch16 --batch 64 --device cuda
+
+Modes: eager fp32 (the reference path: eager ops), eager bf16 (autocast),
+compiled fp32, compiled bf16 (torch.compile fullgraph; CUDA graphs on CUDA),
+and HF ViTMAE fp32 with torch's default AdamW as the outside reference.
+Every contender runs the same weights and noise; rounds are interleaved and
+medians taken after warm-up. Markdown table to stdout, rows to bench/results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from fastmae.convert import hf_config_kwargs, to_hf_vitmae
+from fastmae.engine.optim import build_adamw
+from fastmae.models import create_model
+
+from _harness import append_csv, interleaved, median_ms, stamp
+
+
+def make_step(model, device, amp_dtype, compiled: bool, x, noise):
+    lr = torch.tensor(1e-4, device=device)
+    opt = build_adamw(model, lr, 0.05, (0.9, 0.95), device)
+    fwd = model
+    if compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        fwd = torch.compile(model, fullgraph=True, mode=mode)
+    found_inf = torch.zeros((), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss = fwd(x, 0.75, noise)[0]
+        loss.backward()
+        opt.found_inf = found_inf
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mae_vit_tiny")
+    ap.add_argument("--img_size", type=int, default=224)
+    ap.add_argument("--patch_size", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--modes", nargs="+", default=["eager_fp32", "eager_bf16", "compiled_fp32", "compiled_bf16", "hf_fp32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    base = create_model(args.model, img_size=args.img_size, patch_size=args.patch_size, norm_pix_loss=True).to(device)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    noise = torch.rand(args.batch, base.patch_embed.num_patches, device=device)
+
+    steps = {}
+    for mode in args.modes:
+        if mode == "hf_fp32":
+            from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+            hf = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(base), mask_ratio=0.75)).to(device)
+            hf.load_state_dict(to_hf_vitmae(base.state_dict()))
+            hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+            def hf_step(hf=hf, hf_opt=hf_opt):
+                hf(pixel_values=x, noise=noise).loss.backward()
+                hf_opt.step()
+                hf_opt.zero_grad(set_to_none=True)
+
+            steps[mode] = hf_step
+            continue
+        kind, prec = mode.split("_")
+        amp = {"fp32": torch.float32, "bf16": torch.bfloat16}[prec]
+        steps[mode] = make_step(copy.deepcopy(base), device, amp, kind == "compiled", x, noise)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = interleaved(steps, device, args.warmup, args.repeats)
+    ref = median_ms(times["hf_fp32"]) if "hf_fp32" in times else None
+    eager = median_ms(times["eager_fp32"]) if "eager_fp32" in times else None
+    env = stamp(device)
+    rows = []
+    for mode, ts in times.items():
+        ms = median_ms(ts)
+        rows.append({"bench": "train_step", "model": args.model, "img_size": args.img_size, "batch": args.batch, "mode": mode,
+                     "ms": round(ms, 1), "img_s": round(args.batch / ms * 1e3, 1),
+                     "vs_hf": round(ref / ms, 3) if ref else "", "vs_eager_fp32": round(eager / ms, 3) if eager else "", **env})
+    print(f"\ntraining step, {args.model} {args.img_size}px/{args.patch_size}, batch {args.batch}, {env['device']}, torch {env['torch']}\n")
+    print("| mode | ms/step | img/s | vs HF ViTMAE fp32 | vs fastmae eager fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['ms']} | {r['img_s']} | {r['vs_hf']}x | {r['vs_eager_fp32']}x |")
+    if device.type == "cuda":
+        print(f"\npeak memory (all modes): {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    append_csv(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The ``fastmae`` command: one subcommand per job, each a ``main(argv) -> int`` imported on demand.
+
+Bad configuration surfaces as a one-line ``fastmae: error: ...`` and exit
+code 2, never a traceback; failures during a run keep their traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
+    "data": ("fastmae.data.check", "cli_main", "data tools: `fastmae data check DIR` lists problems before a long run"),
+    "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
+    "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
+    "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
+    "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
+    "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: fastmae <command> [--key=value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        entry = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"fastmae: error: command {name!r} is not available in this installation ({e})", file=sys.stderr)
+        return 2
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Typed run configuration: named presets plus ``--key=value`` overrides.
+
+A preset is a plain dict of field overrides on :class:`PretrainConfig`; the
+command line picks one with ``--preset=NAME`` and overrides any field. Every
+value is parsed to the field's type and checked before any work starts, and
+the resolved config is written into the run directory (``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOADERS = ("torch", "dali", "synthetic")
+
+
+@dataclass
+class PretrainConfig:
+    # run
+    preset: str = "tiny"
+    method: str = "mae"  # mae | simmim | videomae
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    resume: str = ""  # "" (fresh run), "auto" (latest checkpoint in output_dir), or a checkpoint path
+    # data
+    data: str = "demo"  # "demo" (built offline from photos shipped in installed packages), a folder, or shard pattern
+    loader: str = "torch"
+    num_workers: int = 2
+    img_size: int = 64
+    # model
+    model: str = "mae_vit_tiny"
+    patch_size: int = 0  # 0: the model's default
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    # optimization (official MAE recipe: lr = blr * effective batch / 256)
+    epochs: int = 30
+    max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
+    warmup_epochs: float = 3.0
+    batch_size: int = 64  # per device
+    accum_iter: int = 1
+    blr: float = 1.5e-4
+    lr: float = 0.0  # absolute lr; 0 = derive from blr
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip_grad: float = 0.0  # 0 = no clipping
+    # step
+    precision: str = "auto"
+    compile: bool = False
+    cuda_graphs: bool = True  # with compile on CUDA
+    fsdp: bool = False
+    max_bad_steps: int = 10  # consecutive non-finite losses before aborting
+    # logging and checkpoints
+    log_every: int = 10
+    ckpt_every: int = 200  # optimizer steps; the final step always saves
+    keep_ckpts: int = 2
+    vis_every_epochs: int = 0  # 0 = only at the end
+    num_vis: int = 8
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line reason for any bad value."""
+        checks = [
+            (self.method in ("mae", "simmim", "videomae"), f"method must be mae, simmim or videomae, got {self.method!r}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
+            (self.img_size > 0, f"img_size must be positive, got {self.img_size}"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.accum_iter > 0, f"accum_iter must be positive, got {self.accum_iter}"),
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
+            (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
+            (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
+            (self.ckpt_every > 0, f"ckpt_every must be positive, got {self.ckpt_every}"),
+            (self.keep_ckpts > 0, f"keep_ckpts must be positive, got {self.keep_ckpts}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
+            (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+        ]
+        for ok, reason in checks:
+            if not ok:
+                raise ValueError(reason)
+        if self.patch_size and self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+# Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
+_OFFICIAL = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, blr=1.5e-4,
+                 weight_decay=0.05, norm_pix_loss=True, mask_ratio=0.75, loader="dali", num_workers=10,
+                 log_every=50, ckpt_every=1000, compile=True, precision="auto")
+
+PRESETS: dict[str, dict] = {
+    # CPU-sized: the embedded demo in a few minutes on 2 cores.
+    "tiny": dict(model="mae_vit_tiny", img_size=64, patch_size=8, epochs=30, warmup_epochs=3.0, batch_size=32,
+                 blr=1.5e-3, log_every=10, ckpt_every=100),
+    "small": dict(model="mae_vit_small_patch16", img_size=96, patch_size=16, epochs=50, warmup_epochs=5.0,
+                  batch_size=32, blr=1.5e-3, log_every=10, ckpt_every=200),
+    "base": dict(model="mae_vit_base_patch16", **_OFFICIAL),
+    "large": dict(model="mae_vit_large_patch16", **_OFFICIAL),
+    "huge": dict(model="mae_vit_huge_patch14", **{**_OFFICIAL, "batch_size": 32, "accum_iter": 16, "fsdp": True}),
+}
+
+
+def _parse_value(name: str, text: str, typ: type):
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects true/false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict] = PRESETS):
+    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls``.
+
+    ``--key value`` is accepted too. Unknown keys and unparsable values raise
+    ValueError naming them (the CLI turns that into a one-line message).
+    """
+    types = _field_types(cls)
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value (--{key}=VALUE)")
+            val = argv[i + 1]
+            i += 1
+        key = key.replace("-", "_")
+        if key not in types:
+            close = [k for k in types if k.startswith(key[:3])]
+            hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+            raise ValueError(f"unknown config key --{key}{hint}")
+        pairs.append((key, val))
+        i += 1
+    preset = dict(pairs).get("preset", cls().preset if hasattr(cls(), "preset") else None)
+    base = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+        base = dict(presets[preset])
+    values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in pairs}}
+    cfg = dataclasses.replace(cls(), **values)
+    cfg.validate()
+    return cfg
+
+
+def describe_keys(cls=PretrainConfig) -> str:
+    """One line per key with its default, for --help."""
+    d = cls()
+    return "\n".join(f"  --{f.name}={getattr(d, f.name)!r}" for f in fields(cls))

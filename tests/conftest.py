@@ -1,0 +1,27 @@
+"""Shared fixtures. Tests make their own data: nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The embedded demo set (crops of photos shipped in installed packages), built once per test run.
+
+    The cache sits above the per-worker temp dirs so pytest-xdist workers share it;
+    prepare_demo_dataset is safe to call concurrently.
+    """
+    from fastmae.data import prepare_demo_dataset
+
+    cache = tmp_path_factory.getbasetemp().parent / "fastmae-demo-cache"
+    return Path(prepare_demo_dataset(cache))
+
+
+@pytest.fixture
+def fresh_env(tmp_path) -> dict:
+    """Environment for subprocess runs: one thread each (2 cores are shared), cache in tmp."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "FASTMAE_CACHE": str(tmp_path / "cache")}
