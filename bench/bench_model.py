@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _harness import append_csv, interleaved, median_ms, stamp
 
 from fastmae import mae_vit_base_patch16, mae_vit_tiny
 from fastmae.convert import hf_config_kwargs, to_hf_vitmae
-
-from _harness import append_csv, interleaved, median_ms, stamp
 
 CONFIGS = {
     "vit_b16": lambda: mae_vit_base_patch16(norm_pix_loss=True),
@@ -60,11 +59,13 @@ def main() -> None:
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
     rows = [run(c, args.batch, args.warmup, args.repeats, device) for c in args.configs]
-    print(f"\nfp32 forward+backward, 224 px, mask 0.75, norm-pix, batch {args.batch}, {rows[0]['device']}, torch {rows[0]['torch']}\n")
+    env = f"{rows[0]['device']}, torch {rows[0]['torch']}"
+    print(f"\nfp32 forward+backward, 224 px, mask 0.75, norm-pix, batch {args.batch}, {env}\n")
     print("| config | fastmae ms | HF ViTMAE ms | fastmae img/s | HF img/s | speedup vs HF |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['config']} | {r['fastmae_ms']} | {r['hf_ms']} | {r['fastmae_img_s']} | {r['hf_img_s']} | {r['speedup_vs_hf']}x |")
+        cells = [r["config"], r["fastmae_ms"], r["hf_ms"], r["fastmae_img_s"], r["hf_img_s"], f"{r['speedup_vs_hf']}x"]
+        print("| " + " | ".join(map(str, cells)) + " |")
     append_csv(rows)
 
 

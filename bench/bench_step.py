@@ -16,12 +16,11 @@ import argparse
 import copy
 
 import torch
+from _harness import append_csv, interleaved, median_ms, stamp
 
 from fastmae.convert import hf_config_kwargs, to_hf_vitmae
 from fastmae.engine.optim import build_adamw
 from fastmae.models import create_model
-
-from _harness import append_csv, interleaved, median_ms, stamp
 
 
 def make_step(model, device, amp_dtype, compiled: bool, x, noise):
@@ -94,7 +93,8 @@ def main() -> None:
         rows.append({"bench": "train_step", "model": args.model, "img_size": args.img_size, "batch": args.batch, "mode": mode,
                      "ms": round(ms, 1), "img_s": round(args.batch / ms * 1e3, 1),
                      "vs_hf": round(ref / ms, 3) if ref else "", "vs_eager_fp32": round(eager / ms, 3) if eager else "", **env})
-    print(f"\ntraining step, {args.model} {args.img_size}px/{args.patch_size}, batch {args.batch}, {env['device']}, torch {env['torch']}\n")
+    shape = f"{args.model} {args.img_size}px/{args.patch_size}, batch {args.batch}"
+    print(f"\ntraining step, {shape}, {env['device']}, torch {env['torch']}\n")
     print("| mode | ms/step | img/s | vs HF ViTMAE fp32 | vs fastmae eager fp32 |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

@@ -68,7 +68,8 @@ class PretrainConfig:
         """Raise ValueError with a one-line reason for any bad value."""
         checks = [
             (self.method in ("mae", "simmim", "videomae"), f"method must be mae, simmim or videomae, got {self.method!r}"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),

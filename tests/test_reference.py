@@ -76,7 +76,7 @@ def test_patchify_gather_uint8_equals_float_path():
 
 def test_norm_pix_target_uses_unbiased_variance():
     # One patch whose target we compute by hand: values 0..P-1.
-    p, C = 2, 1
+    p = 2
     imgs = torch.arange(4, dtype=torch.float32).reshape(1, 1, 2, 2)
     x = torch.arange(4, dtype=torch.float32)
     var_unbiased = ((x - x.mean()) ** 2).sum() / 3
