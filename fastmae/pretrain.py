@@ -34,7 +34,15 @@ from fastmae.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
+from fastmae.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    full_train_state,
+    init_distributed,
+    load_train_state,
+    shutdown,
+    wrap_model,
+)
 from fastmae.engine.flops import mae_forward_flops, peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
@@ -133,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     resume_path = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_train_state(model, optimizer, ckpt["model"], ckpt["optimizer"], sharded=info.enabled and cfg.fsdp)
         for group in optimizer.param_groups:
             group["lr"] = lr_t  # load_state_dict installs a copy; the schedule writes into lr_t
         if scaler is not None and "scaler" in ckpt:
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
 
     def checkpoint(step: int) -> Path | None:
+        # Collective under FSDP (every rank contributes its shards), so it runs before the rank-0 filter.
+        model_sd, optim_sd = full_train_state(model, optimizer, sharded=info.enabled and cfg.fsdp)
         rngs = rng_state()
         if info.enabled:
             gathered = [None] * info.world_size
@@ -173,10 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
         if not info.is_main:
             return None
         # Deliberate sync: a non-finite model must never reach the disk.
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        if not all(torch.isfinite(v).all() for v in model_sd.values() if v.is_floating_point()):
             raise TrainingAborted("parameters became non-finite; not writing a checkpoint")
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "model": model_sd, "optimizer": optim_sd, "step": step,
             "epoch": step // steps_per_epoch, "data": train_loader.state_dict(), "rng": rngs,
             "config": json.loads(cfg.to_json()), "versions": {"torch": str(torch.__version__), "fastmae": _version()},
         }
@@ -214,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
                 scaler.unscale_(optimizer)
             max_norm = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor norm; replicate it (a collective, not a host sync)
+                gnorm = gnorm.full_tensor()
             bad = (~torch.isfinite(gnorm) | ~torch.isfinite(step_loss)).float()
             if scaler is not None:
                 scaler.step(optimizer)
@@ -268,8 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
     summary = {"status": "done", "step": step, "train_loss": last_row.get("loss"), "skipped_steps": int(bad_total.item()),
                "img_s": timed_imgs / timed_s if timed_s else last_row.get("img_s"), "run_dir": str(run_dir)}
-    if info.is_main and cfg.method == "mae":
-        summary.update(_evaluate_and_visualize(cfg, model, info, run_dir, amp_dtype))
+    sharded = info.enabled and cfg.fsdp
+    if cfg.method == "mae" and (info.is_main or sharded):
+        # Under FSDP every rank must run the forward (it gathers shards); only rank 0 writes.
+        summary.update(_evaluate_and_visualize(cfg, model, info, run_dir, amp_dtype, write=info.is_main))
+    if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(_summary_text(summary))
     shutdown(info)
@@ -277,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 @torch.no_grad()
-def _evaluate_and_visualize(cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype) -> dict:
+def _evaluate_and_visualize(cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype, write: bool) -> dict:
     from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
     from fastmae.viz import reconstruct, save_grid
 
@@ -299,6 +313,7 @@ def _evaluate_and_visualize(cfg: PretrainConfig, model, info: DistInfo, run_dir:
     out = {"val_loss": total / count if count else None, "val_images": count}
     if first is not None:
         panels = reconstruct(model, first[0].float(), cfg.mask_ratio, first[1])
+    if first is not None and write:
         out["reconstructions"] = str(save_grid(panels, run_dir / "reconstructions.png", IMAGENET_MEAN, IMAGENET_STD))
     return out
 

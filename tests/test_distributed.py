@@ -61,3 +61,19 @@ def test_train_py_under_torchrun_shards_and_checkpoints_on_rank0(tmp_path, demo_
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # one RNG state per rank
     assert ckpt["config"]["batch_size"] == 4
     assert (out / "metrics.jsonl").read_text().count("\n") == 3  # rank 0 logs alone
+
+
+def test_fsdp2_checkpoints_are_full_official_state_dicts_and_resume(tmp_path, demo_dir):
+    out = tmp_path / "fsdp"
+    common = ["train.py", f"--data={demo_dir}", f"--output_dir={out}", "--img_size=32", "--patch_size=4", "--batch_size=4",
+              "--log_every=1", "--ckpt_every=2", "--progress=false", "--precision=fp32", "--num_workers=0", "--fsdp=true"]
+    r = _torchrun(2, *common, "--max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, *common, "--max_steps=3", "--resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from checkpoint-00000002.pt" in r.stdout
+    from fastmae import mae_vit_tiny
+
+    sd = torch.load(out / "checkpoint-00000003.pt", weights_only=True)["model"]
+    assert all(type(v) is torch.Tensor for v in sd.values())  # gathered, not DTensor shards
+    mae_vit_tiny(img_size=32, patch_size=4).load_state_dict(sd, strict=True)

@@ -63,6 +63,27 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def full_train_state(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (a collective when ``sharded``), official parameter names."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_train_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict, sharded: bool) -> None:
+    """Inverse of :func:`full_train_state`: every rank passes the full state, each keeps its shards."""
+    if not sharded:
+        model.load_state_dict(model_sd, strict=True)
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, strict=True))
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         t = t.clone()

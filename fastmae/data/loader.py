@@ -1,0 +1,306 @@
+"""Loaders behind one interface: ``torch`` (PIL workers), ``dali`` (see ``dali.py``), ``synthetic``.
+
+Position and resume. A loader's position is ``(epoch, step)``: ``step`` counts the batches of ``epoch``
+already *yielded* (prefetched batches do not count). Iterating starts at the current position and
+yields only the remaining batches of that epoch; the per-rank sample order of an epoch is a pure
+function of ``(seed, epoch)``, and the augmentation of every sample a pure function of
+``(seed, epoch, index)``, so ``load_state_dict(state_dict())`` followed by iteration yields exactly the
+batches an uninterrupted run would have produced next, bit for bit, for any worker count.
+
+Epoch changes: ``set_epoch(e)`` moves to ``(e, 0)``, except right after ``load_state_dict`` for the
+same epoch, where it keeps the restored step (so an engine that calls ``set_epoch`` at the start of
+every epoch, including the resumed one, still resumes mid-epoch). Iterating a loader whose epoch is
+exhausted without calling ``set_epoch`` first moves it to ``(epoch + 1, 0)``, so a bare
+``for epoch ...: for batch in loader`` loop still reshuffles every epoch.
+
+Sharding: the epoch permutation of all N samples is split round-robin over ``world_size`` ranks after
+truncating it to a multiple of ``world_size`` (``drop_last=True``; the same few samples are left out of
+every rank), or padding it by wrap-around (``drop_last=False``). Each rank then drops its last partial
+batch (``drop_last=True``), so ``steps_per_epoch`` is exact, equal on all ranks and known upfront.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..reference import normalize_uint8
+from .augment import epoch_permutation, eval_params, pil_apply, train_params
+from .sources import Source
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BaseLoader", "TorchLoader", "SyntheticLoader", "rank_indices"]
+
+
+def rank_indices(
+    n: int, *, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int, batch_size: int, drop_last: bool
+) -> np.ndarray:
+    """Global sample indices this rank visits in ``epoch``, in order. Length = its samples this epoch."""
+    order = epoch_permutation(seed, epoch, n) if shuffle else np.arange(n)
+    if drop_last:
+        per_rank = n // world_size
+        mine = order[: per_rank * world_size][rank::world_size]
+        return mine[: (per_rank // batch_size) * batch_size]
+    per_rank = math.ceil(n / world_size)
+    padded = np.resize(order, per_rank * world_size)  # np.resize repeats from the start
+    return padded[rank::world_size]
+
+
+def steps_for(n: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    if drop_last:
+        return (n // world_size) // batch_size
+    return math.ceil(math.ceil(n / world_size) / batch_size)
+
+
+class BaseLoader:
+    """Position bookkeeping, sharding plan and output conversion shared by all loaders."""
+
+    kind = "base"
+
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        batch_size: int,
+        img_size: int,
+        output: str,
+        train: bool,
+        shuffle: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: str | torch.device,
+        drop_last: bool,
+        classes: list[str],
+        skipped: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.img_size = img_size
+        self.output = output
+        self.train = train
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.drop_last = drop_last
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.steps_per_epoch = steps_for(num_samples, world_size, batch_size, drop_last)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_samples} samples give no full batch: world_size {world_size} x batch_size {batch_size} "
+                "is larger than the dataset (use a smaller batch or drop_last=False)"
+            )
+        # (path, reason) of every file left out: first the scan's finds, then decode failures met at runtime
+        self.bad_files: list[tuple[str, str]] = list(skipped)
+        self.bad_count = 0  # substitutions performed at runtime (a bad file counts once per visit)
+        self._bad_seen: set[str] = {p for p, _ in self.bad_files}
+        self._epoch = 0
+        self._step = 0
+        self._restored = False
+        self._mean = self._std = None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        epoch = int(epoch)
+        if self._restored and epoch == self._epoch:
+            return
+        self._restored = False
+        self._epoch, self._step = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "step": self._step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for key in ("seed", "batch_size", "world_size", "num_samples"):
+            if key in sd and int(sd[key]) != getattr(self, key):
+                raise ValueError(
+                    f"loader state was saved with {key}={sd[key]} but this loader has {key}={getattr(self, key)}; "
+                    "the saved position would address different samples"
+                )
+        step = int(sd["step"])
+        if not 0 <= step <= self.steps_per_epoch:
+            raise ValueError(f"loader state step {step} outside [0, {self.steps_per_epoch}]")
+        self._epoch, self._step = int(sd["epoch"]), step
+        self._restored = True
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        return rank_indices(
+            self.num_samples,
+            epoch=epoch,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._step >= self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        self._restored = False
+        epoch, start = self._epoch, self._step
+        for imgs, labels in self._batches(epoch, start):
+            self._step += 1
+            yield imgs, labels
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _record_bad(self, items) -> None:
+        for path, reason in items:
+            self.bad_count += 1
+            if path not in self._bad_seen:
+                self._bad_seen.add(path)
+                self.bad_files.append((path, reason))
+
+    def _finish(self, u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u8: uint8 (N, H, W, 3) -> uint8 (N, H, W, 3) or normalized float32 (N, 3, H, W) on the device."""
+        if u8.device != self.device:
+            u8 = u8.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        if self.output == "uint8":
+            return u8, labels
+        if self._mean is None:
+            self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device)
+            self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device)
+        return normalize_uint8(u8, self._mean, self._std).contiguous(), labels
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """Map-style dataset addressed by ``(global index, epoch)`` -> (uint8 HWC, label, bad list)."""
+
+    def __init__(self, src: Source, img_size: int, train: bool, seed: int) -> None:
+        self.src, self.img_size, self.train, self.seed = src, img_size, train, seed
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def load(self, idx: int, epoch: int, orig: int) -> np.ndarray:
+        import io
+
+        with Image.open(io.BytesIO(self.src.read_bytes(idx))) as im:
+            im.load()
+            w, h = im.size
+            if self.train:
+                params = train_params(self.seed, epoch, orig, w, h)
+            else:
+                params = eval_params(w, h, self.img_size)
+            return pil_apply(im, self.img_size, self.train, params)
+
+    def __getitem__(self, key: tuple[int, int]):
+        idx, epoch = key
+        bad = []
+        n = len(self.src)
+        for k in range(n):
+            j = (idx + k) % n
+            try:
+                return self.load(j, epoch, idx), self.src.labels[j], bad
+            except Exception as e:  # any decode failure: substitute deterministically, keep training
+                bad.append((self.src.names[j], f"decode failed ({type(e).__name__}: {str(e)[:80]})"))
+        raise RuntimeError(f"no decodable image left in {self.src.root}")
+
+
+def _collate(items):
+    imgs = torch.from_numpy(np.stack([it[0] for it in items]))
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    bad = [b for it in items for b in it[2]]
+    return imgs, labels, bad
+
+
+class _PlanSampler:
+    """Batch sampler whose plan (this rank's order, epoch, first step) is set by the loader before each
+    iteration; it lives in the main process and yields ``[(index, epoch), ...]`` lazily."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.indices = np.zeros(0, dtype=np.int64)
+        self.epoch = self.start = self.stop = 0
+
+    def __iter__(self):
+        bs, e = self.batch_size, self.epoch
+        for s in range(self.start, self.stop):
+            yield [(i, e) for i in self.indices[s * bs : (s + 1) * bs].tolist()]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class TorchLoader(BaseLoader):
+    kind = "torch"
+
+    def __init__(self, src: Source, *, num_workers: int = 2, prefetch_factor: int = 2, **kw) -> None:
+        super().__init__(num_samples=len(src), classes=src.classes, skipped=src.bad, **kw)
+        self.dataset = _PILDataset(src, self.img_size, self.train, self.seed)
+        self.source = src
+        self._sampler = _PlanSampler(self.batch_size)
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+        self._dl = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self._sampler,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            # A private generator: DataLoader otherwise draws its worker base seed from the global RNG on
+            # every iter(), which would shift the training masks and break bit-exact resume.
+            generator=torch.Generator().manual_seed(self.seed),
+            **extra,
+        )
+
+    def _batches(self, epoch, start):
+        sp = self._sampler
+        sp.indices, sp.epoch, sp.start, sp.stop = self.epoch_indices(epoch), epoch, start, self.steps_per_epoch
+        for imgs, labels, bad in self._dl:
+            if bad:
+                self._record_bad(bad)
+            yield self._finish(imgs, labels)
+
+
+class SyntheticLoader(BaseLoader):
+    """Device-resident random images generated once; every step yields the same tensors (compute only)."""
+
+    kind = "synthetic"
+
+    def __init__(self, *, num_samples: int = 1024, num_classes: int = 1000, **kw) -> None:
+        super().__init__(num_samples=num_samples, classes=[str(i) for i in range(num_classes)], **kw)
+        self.dataset = None
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.rank)
+        shape = (self.batch_size, self.img_size, self.img_size, 3)
+        u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, num_classes, (self.batch_size,), dtype=torch.int64, generator=g)
+        self._batch = self._finish(u8, labels)
+
+    def _batches(self, epoch, start):
+        last = self.num_samples_this_rank() - (self.steps_per_epoch - 1) * self.batch_size
+        for s in range(start, self.steps_per_epoch):
+            if s == self.steps_per_epoch - 1 and last < self.batch_size:
+                yield self._batch[0][:last], self._batch[1][:last]
+            else:
+                yield self._batch
+
+    def num_samples_this_rank(self) -> int:
+        return len(self.epoch_indices(0))
