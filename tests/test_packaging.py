@@ -20,8 +20,8 @@ def test_editable_install_maps_kernels_into_fastmae():
 
 
 def test_wheel_contains_fastmae_kernels_and_imports_from_it(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     wheel = next(tmp_path.glob("fastmae-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
