@@ -1,0 +1,271 @@
+"""Loader throughput: DALI (CPU pipeline here, mixed nvJPEG decode on CUDA) vs the torch/PIL loader.
+
+    python bench/bench_data.py                         # 2 threads/workers, 224 px, batch 64, CPU
+    python bench/bench_data.py --threads 8 --device cuda
+
+Both loaders run the same training augmentation (random-resized crop 0.2-1 with the same windows,
+bicubic resize, flip) at the same thread / worker count, on two sets: ~500 generated ImageNet-like
+JPEGs (real photo content from the packages' sample images, ~500x375, quality 90) and the embedded
+demo set. Epochs are interleaved round-robin after one warm-up epoch each; the table reports the
+median images/s over the measured epochs and the ratio to the PIL loader of the same run.
+Markdown table to stdout, rows to bench/results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import append_csv, stamp  # noqa: E402
+
+from fastmae.data import build_loader, prepare_demo_dataset  # noqa: E402
+from fastmae.data.demo import _photos  # noqa: E402
+
+
+def make_imagenet_like(root: Path, n: int = 500, classes: int = 10) -> Path:
+    """n JPEGs of ~500x375 (+-10 %), q90, cut and rescaled from real photos; cached by (n, classes)."""
+    out = root / f"inet-like-{n}-{classes}"
+    if (out / "train").is_dir():
+        return out
+    tmp = root / f".tmp-{out.name}-{time.time_ns()}"
+    photos = list(_photos().values())
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        tw, th = int(500 * rng.uniform(0.9, 1.1)), int(375 * rng.uniform(0.9, 1.1))
+        s = rng.uniform(0.5, 1.0)
+        cw, ch = int(min(w, h * tw / th) * s), int(min(h, w * th / tw) * s)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        im = Image.fromarray(img[y : y + ch, x : x + cw]).resize((tw, th), Image.BICUBIC)
+        d = tmp / "train" / f"c{i % classes:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{i:05d}.jpg", quality=90)
+    tmp.rename(out)
+    return out
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_seconds(loader) -> float:
+    """CPU time of this process (all DALI threads) plus the torch loader's live worker processes.
+    Unlike wall time, it barely moves when other jobs share the cores."""
+    total = _proc_cpu(os.getpid())
+    it = getattr(getattr(loader, "_dl", None), "_iterator", None)
+    for w in getattr(it, "_workers", []) or []:
+        try:
+            total += _proc_cpu(w.pid)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def run_epoch(loader) -> tuple[float, float]:
+    """-> (images/s wall, CPU ms per image)."""
+    c0, t0 = cpu_seconds(loader), time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += x.shape[0]
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)  # deliberate: the timer must include the last batch
+    dt = time.perf_counter() - t0
+    return n / dt, (cpu_seconds(loader) - c0) * 1e3 / n
+
+
+def op_breakdown(root: Path, img_size: int, n: int = 64, rounds: int = 5) -> list[str]:
+    """Single-thread CPU ms per image of each stage, on the same files and crop windows: where the
+    loaders spend their time. CPU time (not wall) so that other jobs on the machine barely matter."""
+    import io
+
+    import torch.nn.functional as F
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastmae.data.augment import train_params
+    from fastmae.data.sources import open_source
+
+    src = open_source(root, "train", warn=False)
+    ids = list(range(min(n, len(src))))
+    datas = [src.read_bytes(i) for i in ids]
+    params = [train_params(0, 0, i, *src.sizes[i]) for i in ids]
+    crops = []
+    for d, (x, y, w, h, _) in zip(datas, params, strict=True):
+        crops.append(np.array(Image.open(io.BytesIO(d)).convert("RGB").crop((x, y, x + w, y + h))))
+
+    def dali_pipe(stage: str, **rkw):
+        enc = [np.frombuffer(d, np.uint8) for d in datas]
+        anchors = [np.array(p[:2], np.float32) for p in params]
+        shapes = [np.array(p[2:4], np.float32) for p in params]
+
+        @pipeline_def(batch_size=len(ids), num_threads=1, device_id=None, exec_pipelined=False, exec_async=False)
+        def pipe():
+            if stage == "decode":
+                e, a, s = fn.external_source(source=lambda: (enc, anchors, shapes), num_outputs=3, batch=True)
+                return fn.decoders.image_slice(e, a, s, normalized_anchor=False, normalized_shape=False, output_type=types.RGB)
+            x = fn.external_source(source=lambda: crops, batch=True, layout="HWC")
+            return fn.resize(x, resize_x=img_size, resize_y=img_size, **rkw)
+
+        p = pipe()
+        p.build()
+        p.run()
+        return lambda: p.run()
+
+    def pil_decode():
+        for d in datas:
+            Image.open(io.BytesIO(d)).load()
+
+    pil_imgs = [Image.fromarray(c) for c in crops]
+
+    def pil_resize():
+        for im in pil_imgs:
+            np.asarray(im.resize((img_size, img_size), Image.BICUBIC))
+
+    tcrops = [torch.from_numpy(c).permute(2, 0, 1)[None] for c in crops]
+
+    def torch_resize():
+        for t in tcrops:
+            F.interpolate(t, size=(img_size, img_size), mode="bicubic", antialias=True)
+
+    stages = {
+        "PIL decode (full image)": pil_decode,
+        "DALI CPU ROI decode (crop window only)": dali_pipe("decode"),
+        "PIL bicubic resize of the crop": pil_resize,
+        "DALI CPU cubic+antialias resize of the crop": dali_pipe("resize", interp_type=types.INTERP_CUBIC, antialias=True),
+        "DALI CPU triangular resize of the crop (diagnostic)": dali_pipe(
+            "resize", min_filter=types.INTERP_TRIANGULAR, mag_filter=types.INTERP_CUBIC
+        ),
+        "torch uint8 bicubic+antialias resize (1 thread, for reference)": torch_resize,
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cost: dict[str, list[float]] = {k: [] for k in stages}
+    try:
+        for _ in range(rounds):
+            for k, f in stages.items():
+                c0 = time.process_time()
+                f()
+                cost[k].append((time.process_time() - c0) * 1e3 / len(ids))
+    finally:
+        torch.set_num_threads(threads)
+    return [f"| {k} | {statistics.median(v):.2f} |" for k, v in cost.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--epochs", type=int, default=5, help="measured epochs per loader (after 1 warm-up)")
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--output", default="uint8", choices=["uint8", "float"])
+    ap.add_argument("--data-dir", default="/tmp/fastmae-bench-data")
+    ap.add_argument("--no-diagnostic", action="store_true", help="skip the DALI triangular-resize row")
+    ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="also print a per-stage CPU-cost breakdown")
+    args = ap.parse_args()
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sets = {
+        f"imagenet-like {args.images} x ~500x375": make_imagenet_like(data_dir, args.images),
+        "demo (64-256 px crops)": prepare_demo_dataset(data_dir),
+    }
+    device = torch.device(args.device)
+    load0 = os.getloadavg()[0]
+    common = dict(
+        batch_size=args.batch,
+        img_size=args.img_size,
+        output=args.output,
+        num_workers=args.threads,
+        device=args.device,
+    )
+    rows, lines = [], []
+    for set_name, root in sets.items():
+        loaders = {kind: build_loader(root, loader=kind, **common) for kind in ("torch", "dali")}
+        dali_mode = "mixed (nvJPEG)" if loaders["dali"].device_id is not None else "CPU"
+        labels = {"torch": "torch/PIL workers", "dali": f"DALI {dali_mode}"}
+        if not args.no_diagnostic:
+            from fastmae.data.dali import DaliLoader
+            from fastmae.data.sources import open_source
+
+            src = open_source(root, "train", crop=args.img_size, warn=False)
+            loaders["dali_tri"] = DaliLoader(
+                src,
+                resize_filter="triangular",
+                train=True,
+                shuffle=True,
+                seed=0,
+                rank=0,
+                world_size=1,
+                drop_last=True,
+                **common,
+            )
+            labels["dali_tri"] = f"DALI {dali_mode}, triangular resize (diagnostic, not the MAE recipe)"
+        rates: dict[str, list[float]] = {k: [] for k in loaders}
+        cpu: dict[str, list[float]] = {k: [] for k in loaders}
+        for ld in loaders.values():
+            ld.set_epoch(0)
+            run_epoch(ld)  # warm-up: worker start, pipeline build, page cache
+        for e in range(1, args.epochs + 1):
+            for k, ld in loaders.items():  # round-robin: machine noise hits every loader alike
+                ld.set_epoch(e)
+                r, c = run_epoch(ld)
+                rates[k].append(r)
+                cpu[k].append(c)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+        n = loaders["torch"].steps_per_epoch * args.batch
+        for k in loaders:
+            lines.append(
+                f"| {set_name} | {labels[k]} | {args.threads} | {med[k]:.0f} | "
+                f"{min(rates[k]):.0f}-{max(rates[k]):.0f} | {med[k] / med['torch']:.2f}x | "
+                f"{mcpu[k]:.2f} | {mcpu['torch'] / mcpu[k]:.2f}x |"
+            )
+        rows.append(
+            {
+                "bench": "data_loader",
+                "config": f"{set_name} n={n} img={args.img_size} out={args.output}",
+                "batch": args.batch,
+                "threads": args.threads,
+                "torch_pil_img_s": round(med["torch"], 1),
+                "dali_img_s": round(med["dali"], 1),
+                "dali_mode": dali_mode,
+                "speedup_vs_pil": round(med["dali"] / med["torch"], 3),
+                "torch_pil_cpu_ms_per_img": round(mcpu["torch"], 3),
+                "dali_cpu_ms_per_img": round(mcpu["dali"], 3),
+                **stamp(device),
+            }
+        )
+    print(
+        f"\nmedian of {args.epochs} epochs after 1 warm-up, batch {args.batch}, {args.img_size} px, "
+        f"output {args.output}, train augmentation, device {args.device}; load average at start "
+        f"{load0:.1f} on {os.cpu_count()} cores\n"
+    )
+    print("| data set | loader | threads | img/s (median) | range | vs PIL | CPU ms/img | CPU-efficiency vs PIL |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    if args.ops:
+        first = next(iter(sets.values()))
+        print(f"\nper-stage CPU ms per image, 1 thread, {first.name}, {args.img_size} px output\n")
+        print("| stage | CPU ms/img |")
+        print("|---|---|")
+        print("\n".join(op_breakdown(first, args.img_size)))
+    if not args.no_csv:
+        append_csv(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Sample sources: ImageFolder directories and webdataset-style tar shards.
+
+Both sources are scanned once at build time into a flat, indexable table (path or tar member, label,
+width, height). The table is what makes sharding, shuffling and resume exact: every loader addresses
+samples by their global index into it, so the order is a pure function of (seed, epoch) and never of
+worker count, file-system listing order or tar streaming order. Tar shards are indexed once (member
+offsets) and read by offset with ``os.pread``: sample-level shuffling across all shards, which needs
+seekable storage (local disk, NFS, Lustre), not a byte stream. A webdataset sample is the members
+sharing a key (path up to the first dot of the basename): one image member, and ``.cls`` as the label
+(-1 when absent).
+
+Bad input, two layers:
+
+1. Pre-scan (here, cheap, every build): each file's header is parsed with PIL (format, mode, size: a
+   few KB read), and its tail is checked for the format's end marker (JPEG ``FFD9``, PNG ``IEND``), which
+   catches truncated downloads without decoding. Non-images, truncated JPEG/PNG, unreadable files and
+   images smaller than ``min_size`` px on a side are left out of the table and listed in ``bad``.
+   Grayscale, CMYK, RGBA/palette and PNG files are valid: both loaders convert them to RGB.
+   Empty class folders keep their class id (so labels stay stable) and are listed in ``empty_classes``.
+2. Runtime fallback (in the loaders): a file that passes the scan but fails to decode (corrupt entropy
+   data) is replaced by a deterministic substitute - the next index in the table that decodes - and
+   recorded in the loader's ``bad_files``. The substitute's augmentation is drawn from the failed
+   sample's (seed, epoch, index) stream, so runs stay reproducible and resume stays exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import logging
+import os
+import pickle
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger("fastmae.data")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+_HEAD_BYTES = 1 << 16
+_TAIL_BYTES = 64
+_INDEX_VERSION = 1
+
+__all__ = ["Source", "open_source", "expand_braces", "check_bytes", "IMAGE_EXTS"]
+
+
+@dataclass
+class Source:
+    """A scanned, clean sample table. Index ``i`` addresses ``locs[i]`` with label ``labels[i]``.
+
+    ``locs[i]`` is a file path (folder source) or ``(tar_path, offset, size)`` (tar source).
+    ``sizes[i]`` is ``(width, height)`` from the header, needed to draw crop windows on the host.
+    """
+
+    kind: str  # "folder" | "tar"
+    root: str
+    locs: list
+    labels: list[int]
+    sizes: list[tuple[int, int]]
+    names: list[str]
+    classes: list[str]
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.locs)
+
+    def read_bytes(self, i: int) -> bytes:
+        loc = self.locs[i]
+        if isinstance(loc, str):
+            with open(loc, "rb") as f:
+                return f.read()
+        path, offset, size = loc
+        with open(path, "rb") as f:
+            return os.pread(f.fileno(), size, offset)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset brace patterns: ``a-{000..003}.tar`` (zero-padded ranges) and ``{x,y}``."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for it in items for p in expand_braces(head + it + tail)]
+
+
+def check_bytes(head: bytes, tail: bytes, total: int, min_size: int) -> tuple[str | None, tuple | None, str]:
+    """Header + tail check -> (problem or None, (width, height) or None, mode). No pixel decoding."""
+    try:
+        with Image.open(io.BytesIO(head)) as im:
+            fmt, size, mode = im.format, im.size, im.mode
+    except Exception as e:  # PIL raises many types for garbage; all mean "not an image we can read"
+        return f"not an image ({type(e).__name__})", None, ""
+    t = tail.rstrip(b"\x00\r\n ")
+    if fmt == "JPEG" and not t.endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)", size, mode
+    if fmt == "PNG" and b"IEND" not in tail[-12:]:
+        return "truncated PNG (no IEND chunk)", size, mode
+    if min(size) < min_size:
+        return f"too small ({size[0]}x{size[1]} < {min_size} px)", size, mode
+    return None, size, mode
+
+
+def _still_bad(problem: str | None, read_all) -> str | None:
+    """Files without an end marker may carry a trailer after it (some cameras append data): only a
+    failed full decode confirms the truncation. This decode runs only for the few suspicious files."""
+    if problem is None or not problem.startswith("truncated"):
+        return problem
+    try:
+        with Image.open(io.BytesIO(read_all())) as im:
+            im.load()
+    except Exception:  # any decode failure confirms the problem
+        return problem
+    return None
+
+
+def _check_file(path: str, min_size: int) -> tuple[str | None, tuple | None, str]:
+    try:
+        with open(path, "rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            head = f.read(_HEAD_BYTES)
+            tail = os.pread(f.fileno(), _TAIL_BYTES, max(0, total - _TAIL_BYTES))
+    except OSError as e:
+        return f"unreadable ({e.strerror})", None, ""
+    if total == 0:
+        return "empty file", None, ""
+    res = check_bytes(head, tail, total, min_size)
+    if res[0] is not None and res[0].startswith("not an image") and total > _HEAD_BYTES:
+        # Some JPEGs carry large EXIF/ICC blocks before the frame header: retry with the whole file.
+        with open(path, "rb") as f:
+            res = check_bytes(f.read(), tail, total, min_size)
+    return (_still_bad(res[0], lambda: Path(path).read_bytes()), res[1], res[2])
+
+
+def _note_for(path: str, mode: str, size, crop: int | None) -> str | None:
+    notes = []
+    if mode not in ("RGB",):
+        notes.append(f"mode {mode} -> RGB")
+    if crop is not None and size is not None and min(size) < crop:
+        notes.append(f"smaller than the {crop} px crop, upsampled ({size[0]}x{size[1]})")
+    return "; ".join(notes) or None
+
+
+def _index_path(cache_dir: str | os.PathLike, root: Path, min_size: int) -> Path:
+    key = hashlib.sha1(f"{root.resolve()}|{min_size}|{_INDEX_VERSION}".encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"scan-{key}.pkl"
+
+
+def _load_index(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+        return {}
+
+
+def _save_index(path: Path, data: dict) -> None:
+    """Atomic (temp file + rename): ranks scanning the same data at once never read a partial index."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache location only costs the next run a rescan
+        log.warning("could not write the scan index %s: %s", path, e)
+
+
+def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cache_dir: str | os.PathLike | None = None) -> Source:
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if class_dirs:
+        classes = [d.name for d in class_dirs]
+        groups = [(ci, d) for ci, d in enumerate(class_dirs)]
+    else:
+        classes = [root.name]
+        groups = [(0, root)]
+    entries, bad, empty = [], [], []
+    for ci, d in groups:
+        files = sorted(str(p) for p in d.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts[-2:]))
+        if not files:
+            empty.append(classes[ci])
+        for f in files:
+            if f.lower().endswith(IMAGE_EXTS):
+                entries.append((ci, f))
+            else:
+                bad.append((f, "not an image (extension)"))
+    if cache_dir is None:
+        with ThreadPoolExecutor(max(1, threads)) as ex:
+            results = list(ex.map(lambda e: _check_file(e[1], min_size), entries))
+    else:
+        # Reuse the previous scan for files whose (size, mtime) did not change; check only the rest.
+        ipath = _index_path(cache_dir, root, min_size)
+        old = _load_index(ipath)
+        sigs = []
+        for _, f in entries:
+            st = os.stat(f)
+            sigs.append((st.st_size, st.st_mtime_ns))
+        todo = [k for k, (_, f) in enumerate(entries) if old.get(f, (None,))[0] != sigs[k]]
+        with ThreadPoolExecutor(max(1, threads)) as ex:
+            fresh = dict(zip(todo, ex.map(lambda k: _check_file(entries[k][1], min_size), todo), strict=True))
+        results = [fresh[k] if k in fresh else old[f][1] for k, (_, f) in enumerate(entries)]
+        if todo or len(old) != len(entries):
+            _save_index(ipath, {f: (sigs[k], results[k]) for k, (_, f) in enumerate(entries)})
+    src = Source("folder", str(root), [], [], [], [], classes, bad, [], empty)
+    for (ci, f), (problem, size, mode) in zip(entries, results, strict=True):
+        if problem is not None:
+            src.bad.append((f, problem))
+            continue
+        src.locs.append(f)
+        src.labels.append(ci)
+        src.sizes.append(size)
+        src.names.append(f)
+        note = _note_for(f, mode, size, crop)
+        if note:
+            src.notes.append((f, note))
+    return src
+
+
+def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> Source:
+    src = Source("tar", spec, [], [], [], [], [])
+    raw_labels: list[int] = []
+    for tp in tars:
+        samples: dict[str, dict] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(tp, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = os.path.basename(m.name)
+                    dirn = os.path.dirname(m.name)
+                    if "." not in base:
+                        continue
+                    stem, ext = base.split(".", 1)
+                    key = f"{dirn}/{stem}" if dirn else stem
+                    if key not in samples:
+                        samples[key] = {}
+                        order.append(key)
+                    samples[key][ext.lower()] = m
+        except (tarfile.TarError, OSError) as e:
+            src.bad.append((tp, f"unreadable tar ({type(e).__name__})"))
+            continue
+        with open(tp, "rb") as f:
+            fd = f.fileno()
+            for key in order:
+                members = samples[key]
+                name = f"{tp}:{key}"
+                img_ext = next((e for e in members if "." + e in IMAGE_EXTS), None)
+                if img_ext is None:
+                    src.bad.append((name, "no image member (" + ",".join(sorted(members)) + ")"))
+                    continue
+                m = members[img_ext]
+                head = os.pread(fd, min(m.size, _HEAD_BYTES), m.offset_data)
+                tail = os.pread(fd, min(m.size, _TAIL_BYTES), m.offset_data + max(0, m.size - _TAIL_BYTES))
+                problem, size, mode = check_bytes(head, tail, m.size, min_size)
+                if problem is not None and problem.startswith("not an image") and m.size > _HEAD_BYTES:
+                    problem, size, mode = check_bytes(os.pread(fd, m.size, m.offset_data), tail, m.size, min_size)
+                problem = _still_bad(problem, lambda m=m, fd=fd: os.pread(fd, m.size, m.offset_data))
+                label = -1
+                if "cls" in members:
+                    txt = os.pread(fd, members["cls"].size, members["cls"].offset_data).strip()
+                    try:
+                        label = int(txt)
+                    except ValueError:
+                        problem = problem or f"bad .cls content {txt[:20]!r}"
+                if problem is not None:
+                    src.bad.append((name + "." + img_ext, problem))
+                    continue
+                src.locs.append((tp, m.offset_data, m.size))
+                raw_labels.append(label)
+                src.sizes.append(size)
+                src.names.append(name + "." + img_ext)
+                note = _note_for(name, mode, size, crop)
+                if note:
+                    src.notes.append((name, note))
+    # Labels come from the .cls integers; classes are their sorted distinct values as strings.
+    distinct = sorted({lb for lb in raw_labels if lb >= 0})
+    src.classes = [str(c) for c in distinct]
+    src.labels = raw_labels
+    return src
+
+
+def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path | list[str]]:
+    """-> ("folder", dir) or ("tar", [tar paths]); raises before any scanning if nothing matches."""
+    spec = os.fspath(root_or_spec)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    p = Path(spec)
+    if p.is_dir():
+        sub = p / split
+        if sub.is_dir():
+            p = sub
+        elif split == "val" and (p / "train").is_dir():
+            raise FileNotFoundError(f"dataset {spec} has a train/ split but no val/ split")
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        has_dirs = any(d.is_dir() for d in p.iterdir())
+        if tars and not has_dirs:
+            return "tar", tars
+        if not any(p.iterdir()):
+            raise ValueError(f"dataset directory is empty: {p}")
+        return "folder", p
+    if any(ch in spec for ch in "{*?["):
+        paths = sorted({q for pat in expand_braces(spec) for q in glob.glob(pat)})
+        if not paths:
+            raise FileNotFoundError(f"shard pattern matches no files: {spec}")
+        missing = [q for q in expand_braces(spec) if not any(c in q for c in "*?[") and not os.path.exists(q)]
+        if missing:
+            raise FileNotFoundError(f"shard pattern {spec}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+        return "tar", paths
+    if p.is_file() and spec.endswith(".tar"):
+        return "tar", [spec]
+    raise FileNotFoundError(f"dataset not found: {spec} (expected a directory or a .tar shard pattern)")
+
+
+def open_source(
+    root_or_spec: str | os.PathLike,
+    split: str = "train",
+    *,
+    min_size: int = 8,
+    threads: int = 8,
+    crop: int | None = None,
+    warn: bool = True,
+    index_cache: str | os.PathLike | None = None,
+) -> Source:
+    """Scan a folder or tar shards into a clean :class:`Source`; raises if no usable sample remains.
+
+    ``index_cache``: a directory where folder scans are kept; later scans re-check only files whose
+    size or mtime changed (the directory walk itself still runs, so added/removed files are seen)."""
+    kind, where = resolve_spec(root_or_spec, split)
+    if kind == "folder":
+        src = _scan_folder(where, min_size, threads, crop, index_cache)
+    else:
+        src = _scan_tars(os.fspath(root_or_spec), where, min_size, crop)
+    if len(src) == 0:
+        why = f"; {len(src.bad)} bad file(s), e.g. {src.bad[0][0]}: {src.bad[0][1]}" if src.bad else ""
+        raise ValueError(f"no usable images in {root_or_spec} (split {split!r}){why}")
+    if warn and (src.bad or src.empty_classes):
+        first = "; ".join(f"{p}: {r}" for p, r in src.bad[:3])
+        log.warning(
+            "skipping %d bad file(s) in %s (%s)%s",
+            len(src.bad),
+            src.root,
+            first or "none",
+            f"; empty class folders: {src.empty_classes[:5]}" if src.empty_classes else "",
+        )
+    return src
