@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS_CSV = Path(__file__).with_name("results.csv")
+RESULTS_DIR = Path(__file__).with_name("results")  # one CSV per benchmark, kept out of git
 
 
 def git_sha() -> str:
@@ -58,13 +58,20 @@ def median_ms(ts: list[float]) -> float:
     return statistics.median(ts) * 1e3
 
 
-def append_csv(rows: list[dict]) -> None:
-    new = not RESULTS_CSV.exists()
-    with RESULTS_CSV.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+def append_csv(rows: list[dict]) -> Path:
+    """Append rows to bench/results/<bench>.csv; a changed set of columns rewrites the file with their union."""
+    path = RESULTS_DIR / f"{rows[0]['bench']}.csv"
+    path.parent.mkdir(exist_ok=True)
+    old: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+    fields = list(dict.fromkeys([k for r in old + rows for k in r]))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(old + rows)
+    return path
 
 
 def stamp(device: torch.device) -> dict:

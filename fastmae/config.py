@@ -14,6 +14,8 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from fastmae.methods import METHOD_PRESETS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("torch", "dali", "synthetic")
 
@@ -37,6 +39,11 @@ class PretrainConfig:
     patch_size: int = 0  # 0: the model's default
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    mask_patch_size: int = 0  # SimMIM mask cell in px, a multiple of patch_size; 0 = the model's
+    num_frames: int = 16  # VideoMAE clip length
+    frame_stride: int = 4  # VideoMAE frame sampling stride
+    tubelet_size: int = 0  # VideoMAE tubelet depth; 0 = the model's (2)
+    video_target_norm: str = ""  # "" = tubelet if norm_pix_loss else none | tubelet | channel | none
     # optimization (official MAE recipe: lr = blr * effective batch / 256)
     epochs: int = 30
     max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
@@ -89,6 +96,10 @@ class PretrainConfig:
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
             (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+            (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
+            (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
+            (self.video_target_norm in ("", "tubelet", "channel", "none"),
+             f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
         ]
         for ok, reason in checks:
             if not ok:
@@ -117,6 +128,7 @@ PRESETS: dict[str, dict] = {
     "base": dict(model="mae_vit_base_patch16", **_OFFICIAL),
     "large": dict(model="mae_vit_large_patch16", **_OFFICIAL),
     "huge": dict(model="mae_vit_huge_patch14", **{**_OFFICIAL, "batch_size": 32, "accum_iter": 16, "fsdp": True}),
+    **METHOD_PRESETS,  # simmim_* and videomae_*
 }
 
 
@@ -165,7 +177,12 @@ def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict
             raise ValueError(f"unknown config key --{key}{hint}")
         pairs.append((key, val))
         i += 1
-    preset = dict(pairs).get("preset", cls().preset if hasattr(cls(), "preset") else None)
+    given = dict(pairs)
+    default = getattr(cls(), "preset", None)
+    # `--method=simmim` alone picks that method's CPU preset rather than MAE's.
+    if "preset" not in given and f"{given.get('method')}_tiny" in presets:
+        default = f"{given['method']}_tiny"
+    preset = given.get("preset", default)
     base = {}
     if preset is not None:
         if preset not in presets:

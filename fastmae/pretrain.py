@@ -280,9 +280,15 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"status": "done", "step": step, "train_loss": last_row.get("loss"), "skipped_steps": int(bad_total.item()),
                "img_s": timed_imgs / timed_s if timed_s else last_row.get("img_s"), "run_dir": str(run_dir)}
     sharded = info.enabled and cfg.fsdp
-    if cfg.method == "mae" and (info.is_main or sharded):
+    if info.is_main or sharded:
         # Under FSDP every rank must run the forward (it gathers shards); only rank 0 writes.
-        summary.update(_evaluate_and_visualize(cfg, model, info, run_dir, amp_dtype, write=info.is_main))
+        if cfg.method == "mae":
+            summary.update(_evaluate_and_visualize(cfg, model, info, run_dir, amp_dtype, write=info.is_main))
+        else:
+            from fastmae.methods.evaluate import evaluate_family
+
+            ev = evaluate_family(model, build_data(cfg, info, "val", "float"), device, cfg.mask_ratio, amp_dtype)
+            summary.update(val_loss=ev["val_loss"], val_images=ev["val_samples"])
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(_summary_text(summary))
@@ -326,9 +332,14 @@ def _summary_text(s: dict) -> str:
         f"train loss       {fmt(s.get('train_loss'))}  (masked patches, last log window)",
         f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} images, fixed masks)",
         f"throughput       {fmt(s.get('img_s'))} img/s (after warm-up)",
-        f"run directory    {s['run_dir']}  (config.json, metrics.jsonl, checkpoint-*.pt, reconstructions.png)",
+        f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith((".", "checkpoint-")))
+    return names + (["checkpoint-*.pt"] if any(run_dir.glob("checkpoint-*.pt")) else [])
 
 
 def _attention_backend() -> str:
