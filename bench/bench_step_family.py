@@ -8,19 +8,17 @@ embedding, a mask-token lerp, a 1x1 conv + PixelShuffle head and the pixel-mask 
 over the whole clip, visible tokens gathered after embedding, and the target built by a tubelet rearrange.
 fastmae's models embed patches as a GEMM on patchify+gather output (only visible tubelets for VideoMAE), use a
 Linear head, and compute the loss from the images with the fused-loss op (the Triton kernels on CUDA).
-Rounds are interleaved and medians taken after warm-up; a Markdown table goes to stdout, rows to bench/results.family.csv.
+Rounds are interleaved and medians taken after warm-up; a Markdown table goes to stdout, rows to bench/results/family_step.csv.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _harness import interleaved, median_ms, stamp
+from _harness import append_csv, interleaved, median_ms, stamp
 
 from fastmae.engine.optim import build_adamw
 from fastmae.methods.reference_family import simmim_l1_loss, simmim_pixel_mask, videomae_loss
@@ -145,13 +143,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['mode']} | {r['ms']} | {r['samples_s']} | {r['vs_official']}x |")
-    out = Path(__file__).with_name("results.family.csv")
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(rows)
 
 
 if __name__ == "__main__":
