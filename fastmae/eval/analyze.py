@@ -1,0 +1,255 @@
+"""``fastmae analyze``: attention locality and head diversity per layer and head ("Revealing the Dark Secrets of MIM").
+
+For every block the attention maps ``softmax(q k^T / sqrt(d))`` of a batch of
+images give, per head:
+
+- average attention distance (pixels): for each patch query, the expected
+  distance between its patch centre and the key patch centres under its
+  attention restricted to patch keys (renormalized: the cls key has no
+  position), averaged over queries and images;
+- attention entropy (nats): ``-sum_k p log p`` of each query row (all tokens,
+  cls included), averaged; log T for uniform attention, 0 for one-hot;
+- KL divergence between heads: for head h, the mean over the other heads g of
+  ``KL(P_h || P_g)`` per query row, averaged (0 when all heads attend alike).
+
+Several checkpoints (e.g. MAE-pretrained, random init, fine-tuned) go into one
+CSV and one figure. ``random`` as a source is a randomly initialized encoder
+with the architecture of the first checkpoint.
+
+Example:
+    fastmae analyze --ckpts=runs/pretrain/checkpoint-00001000.pt,random,runs/finetune/checkpoint-best.pt \\
+        --labels=mae,random,finetuned --output_dir=runs/analyze
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastmae.eval.cli_util import run_cli
+from fastmae.eval.data import IMAGE_EXTENSIONS, load_digits_split
+from fastmae.eval.models import RANDOM, build_encoder, read_source, resolve_arch
+from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+
+KL_EPS = 1e-8
+METRICS = ("avg_distance_px", "entropy", "kl_to_other_heads")
+
+
+# ---- metrics on attention maps (B, H, T, T), cls token first ----------------------------------------------
+
+
+def patch_centers(grid: tuple[int, int], patch_size: int) -> Tensor:
+    """(L, 2) pixel coordinates (row, col) of the patch centres, row-major."""
+    gh, gw = grid
+    r = (torch.arange(gh, dtype=torch.float64) + 0.5) * patch_size
+    c = (torch.arange(gw, dtype=torch.float64) + 0.5) * patch_size
+    return torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def attention_distance(attn: Tensor, grid: tuple[int, int], patch_size: int) -> Tensor:
+    """attn: (B, H, 1 + L, 1 + L) -> (H,) mean attention distance in pixels over patch queries and images."""
+    L = grid[0] * grid[1]
+    if attn.shape[-1] != L + 1 or attn.shape[-2] != L + 1:
+        raise ValueError(f"attention maps of shape {tuple(attn.shape)} do not match 1 + {L} tokens")
+    centers = patch_centers(grid, patch_size)
+    dist = torch.cdist(centers, centers).to(attn.device)  # (L, L)
+    a = attn[..., 1:, 1:].double()
+    a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return (a * dist).sum(dim=-1).mean(dim=(0, 2)).float()
+
+
+def attention_entropy(attn: Tensor) -> Tensor:
+    """attn: (B, H, T, T) rows summing to 1 -> (H,) mean row entropy in nats."""
+    a = attn.double()
+    return (-torch.special.xlogy(a, a).sum(dim=-1)).mean(dim=(0, 2)).float()
+
+
+def head_kl(attn: Tensor, eps: float = KL_EPS) -> Tensor:
+    """attn: (B, H, T, T) -> (H,): for head h, mean over g != h of KL(P_h || P_g), averaged over rows.
+
+    P_g is clamped at ``eps`` so one-hot maps give a finite (large) value.
+    """
+    H = attn.shape[1]
+    if H < 2:
+        return torch.zeros(H, dtype=torch.float32, device=attn.device)
+    p = attn.double()
+    plogp = torch.special.xlogy(p, p).sum(dim=-1)  # (B, H, T)
+    logq = p.clamp_min(eps).log()
+    # cross[b, h, g, t] = sum_k P_h[t, k] log P_g[t, k]
+    cross = torch.einsum("bhtk,bgtk->bhgt", p, logq)
+    kl = plogp.unsqueeze(2) - cross  # (B, H, G, T)
+    off = ~torch.eye(H, dtype=torch.bool, device=attn.device)
+    per_pair = kl.mean(dim=(0, 3))  # (H, G)
+    return (per_pair * off).sum(dim=1).div(H - 1).float()
+
+
+@torch.no_grad()
+def attention_stats(model: VisionTransformer, imgs: Tensor, batch: int = 256) -> dict[str, Tensor]:
+    """imgs: (N, C, H, W) normalized -> {metric: (depth, heads)} averaged over the images."""
+    model.eval()
+    _, grid = model.check_images(imgs)
+    sums: dict[str, Tensor] = {}
+    for i in range(0, len(imgs), batch):
+        xb = imgs[i : i + batch]
+        x = model.embed_patches(xb, None, grid)
+        rows = {m: [] for m in METRICS}
+        for blk in model.blocks:
+            a = blk.attn.attention_probs(blk.norm1(x))
+            rows["avg_distance_px"].append(attention_distance(a, grid, model.patch_size))
+            rows["entropy"].append(attention_entropy(a))
+            rows["kl_to_other_heads"].append(head_kl(a))
+            x = blk(x)
+        for m in METRICS:
+            s = torch.stack(rows[m]) * len(xb)
+            sums[m] = sums[m] + s if m in sums else s
+    return {m: (v / len(imgs)).cpu() for m, v in sums.items()}
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnalyzeConfig:
+    preset: str = "default"
+    ckpts: str = "random"  # comma-separated checkpoint paths; "random" = random init of the first one's architecture
+    labels: str = ""  # comma-separated names for the figure (default: file names)
+    images: str = "digits"  # "digits" (held-out split) or a folder / comma-separated image files
+    num_images: int = 256
+    output_dir: str = "runs/analyze"
+    seed: int = 0
+    device: str = "cpu"
+    img_size: int = 0
+    patch_size: int = 0
+    in_chans: int = 0
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+
+    def validate(self) -> None:
+        if not [s for s in self.ckpts.split(",") if s.strip()]:
+            raise ValueError("--ckpts needs at least one checkpoint (or 'random')")
+        if self.labels and len(self.labels.split(",")) != len(self.ckpts.split(",")):
+            raise ValueError(f"--labels has {len(self.labels.split(','))} names for {len(self.ckpts.split(','))} checkpoints")
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be positive, got {self.num_images}")
+
+
+def load_images(spec: str, img_size: int, in_chans: int, n: int, mean=None, std=None, seed: int = 0) -> Tensor:
+    """Normalized (n', C, S, S) images: the digits' held-out split, or image files (a folder or a comma list)."""
+    if spec == "digits":
+        x = load_digits_split(img_size, in_chans, seed=seed).test_x
+        return x[:n]
+    from PIL import Image
+
+    files: list[Path] = []
+    for part in spec.split(","):
+        p = Path(part.strip())
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"image path not found: {p}")
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {spec!r}")
+    mode = "L" if in_chans == 1 else "RGB"
+    arrs = []
+    for f in files[:n]:
+        with Image.open(f) as im:
+            arr = torch.from_numpy(np.asarray(im.convert(mode).resize((img_size, img_size), Image.BICUBIC)))
+        arrs.append(arr.float().div(255).reshape(img_size, img_size, in_chans).permute(2, 0, 1))
+    x = torch.stack(arrs)
+    if mean is None:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def _load_models(cfg: AnalyzeConfig) -> list[tuple[str, VisionTransformer, dict]]:
+    sources = [s.strip() for s in cfg.ckpts.split(",")]
+    labels = [s.strip() for s in cfg.labels.split(",")] if cfg.labels else [
+        "random" if s.lower() in RANDOM else Path(s).stem for s in sources]
+    loaded = [(label, *read_source(s)) for label, s in zip(labels, sources, strict=True)]
+    first = next(((sd, meta) for _, sd, meta in loaded if sd is not None), (None, {}))
+    out = []
+    for label, sd, meta in loaded:
+        arch = resolve_arch(first[0] if sd is None else sd, first[1] if sd is None else meta, asdict(cfg))
+        torch.manual_seed(cfg.seed)
+        try:
+            model = build_encoder(arch, sd, global_pool="fc_norm.weight" in (sd or {}))
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        out.append((label, model.to(cfg.device), meta))
+    return out
+
+
+def plot(stats: dict[str, dict[str, Tensor]], path: Path) -> Path:
+    """One figure, one panel per metric, one colour per model: head values as dots, head mean as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    titles = {"avg_distance_px": "avg attention distance (px)", "entropy": "attention entropy (nats)",
+              "kl_to_other_heads": "KL to other heads (nats)"}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    for j, (label, s) in enumerate(stats.items()):
+        color = f"C{j}"
+        for ax, m in zip(axes, METRICS, strict=True):
+            v = s[m].numpy()  # (depth, heads)
+            layers = range(1, v.shape[0] + 1)
+            for h in range(v.shape[1]):
+                ax.scatter([li + 0.06 * (j - 1) for li in layers], v[:, h], s=10, color=color, alpha=0.5)
+            ax.plot(layers, v.mean(axis=1), color=color, label=label)
+    for ax, m in zip(axes, METRICS, strict=True):
+        ax.set_title(titles[m])
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def analyze(cfg: AnalyzeConfig) -> dict[str, dict[str, Tensor]]:
+    cfg.validate()
+    models = _load_models(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+    stats: dict[str, dict[str, Tensor]] = {}
+    for label, model, meta in models:
+        C, S = model.in_chans, model.patch_embed.img_size[0]
+        imgs = load_images(cfg.images, S, C, cfg.num_images, meta.get("pixel_mean"), meta.get("pixel_std"), cfg.seed)
+        stats[label] = attention_stats(model, imgs.to(cfg.device))
+    with (out / "attention_stats.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "layer", "head", *METRICS])
+        for label, s in stats.items():
+            depth, heads = s[METRICS[0]].shape
+            for li in range(depth):
+                for h in range(heads):
+                    w.writerow([label, li + 1, h, *(f"{s[m][li, h].item():.6f}" for m in METRICS)])
+    plot(stats, out / "attention_stats.png")
+    return stats
+
+
+def _body(cfg: AnalyzeConfig) -> int:
+    stats = analyze(cfg)
+    for label, s in stats.items():
+        d = ", ".join(f"{v:.2f}" for v in s["avg_distance_px"].mean(1).tolist())
+        print(f"{label}: mean attention distance per layer (px): {d}")
+    print(f"wrote {cfg.output_dir}/attention_stats.csv and attention_stats.png")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_cli(argv, AnalyzeConfig, {"default": {}}, _body, "analyze", __doc__)

@@ -1,0 +1,166 @@
+"""``fastmae visualize``: reconstruction grids (original | masked | reconstruction | pasted) for a full MAE checkpoint.
+
+Norm-pix predictions are mapped back with each patch's true mean/std before
+display (raw norm-pix outputs look broken). The mask comes from ``--seed`` or
+from ``--mask``: a ``.npy``/``.pt`` array of 0/1 (1 = removed) shaped (L,),
+(gh, gw) or (N, L), with the same number of removed patches in every row.
+
+Examples:
+    fastmae visualize --ckpt=runs/pretrain/checkpoint-00001000.pt --images=photo1.jpg,photo2.jpg
+    fastmae visualize --ckpt=runs/demo_eval/mae_pretrained.pt --images=digits --num_images=8 --mask=mask.npy
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastmae.eval.analyze import load_images
+from fastmae.eval.cli_util import run_cli
+from fastmae.eval.models import resolve_arch
+from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.models.vit import LayerNorm6
+
+# Decoder heads of the named architectures (the state dict does not record them).
+DECODER_HEADS = {"mae_vit_tiny": 4, "mae_vit_small_patch16": 8}
+OFFICIAL_DECODER_HEADS = 16
+
+
+@dataclass
+class VisualizeConfig:
+    preset: str = "default"
+    ckpt: str = ""
+    images: str = "digits"  # "digits" (held-out split), a folder, or comma-separated image files
+    num_images: int = 8
+    mask_ratio: float = 0.75
+    mask: str = ""  # optional .npy/.pt mask (1 = removed); overrides mask_ratio
+    seed: int = 0
+    output: str = "runs/visualize/reconstructions.png"
+    scale: int = 4
+    num_heads: int = 0
+    decoder_num_heads: int = 0
+    norm_pix_loss: str = "auto"  # auto (from the checkpoint) | true | false
+
+    def validate(self) -> None:
+        if not self.ckpt:
+            raise ValueError("--ckpt is required: a full MAE checkpoint (encoder and decoder)")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.num_images < 1 or self.scale < 1:
+            raise ValueError("num_images and scale must be positive")
+        if self.norm_pix_loss not in ("auto", "true", "false"):
+            raise ValueError(f"norm_pix_loss must be auto, true or false, got {self.norm_pix_loss!r}")
+
+
+def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderViT:
+    """The full MAE of a checkpoint; the decoder's shape is read from its weights."""
+    if "decoder_embed.weight" not in sd:
+        raise ValueError("the checkpoint has no decoder weights (encoder-only or fine-tuned): "
+                         "reconstructions need a full MAE pretraining checkpoint")
+    arch = resolve_arch(sd, meta, {"num_heads": cfg.num_heads})
+    dec = meta.get("decoder") if isinstance(meta.get("decoder"), dict) else {}
+    ddim = sd["decoder_embed.weight"].shape[0]
+    ddepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k)))
+    cfg_meta = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    name = cfg_meta.get("model") or getattr(meta.get("args"), "model", None)
+    dheads = cfg.decoder_num_heads or dec.get("decoder_num_heads") or DECODER_HEADS.get(name or "", OFFICIAL_DECODER_HEADS)
+    if cfg.norm_pix_loss != "auto":
+        npl = cfg.norm_pix_loss == "true"
+    elif "norm_pix_loss" in dec:
+        npl = bool(dec["norm_pix_loss"])
+    elif "norm_pix_loss" in cfg_meta:
+        npl = bool(cfg_meta["norm_pix_loss"])
+    else:
+        npl = bool(getattr(meta.get("args"), "norm_pix_loss", False))
+    C = arch["in_chans"]
+    mean = tuple(meta.get("pixel_mean") or ((0.485, 0.456, 0.406) if C == 3 else (0.5,) * C))
+    std = tuple(meta.get("pixel_std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,) * C))
+    model = MaskedAutoencoderViT(**arch, decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=dheads,
+                                 norm_layer=LayerNorm6, norm_pix_loss=npl, pixel_mean=mean, pixel_std=std)
+    from fastmae.convert import load_pretrained
+
+    load_pretrained(model, sd, strict=True)
+    return model
+
+
+def mask_to_noise(mask: Tensor, n: int, L: int) -> tuple[Tensor, float]:
+    """0/1 mask (1 = removed) -> (noise (n, L), mask_ratio) that make the model remove exactly those patches."""
+    m = mask.float()
+    if m.ndim == 2 and m.shape[0] * m.shape[1] == L and m.shape[0] != n:
+        m = m.reshape(1, L)
+    if m.ndim == 1:
+        m = m.reshape(1, L) if m.numel() == L else m
+    if m.ndim != 2 or m.shape[1] != L or m.shape[0] not in (1, n):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {n} images of {L} patches: "
+                         f"give (L,), (gh, gw) or (N, L)")
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("mask values must be 0 (visible) or 1 (removed)")
+    removed = m.sum(dim=1)
+    if not bool((removed == removed[0]).all()):
+        raise ValueError(f"every image needs the same number of removed patches, got {sorted(set(removed.int().tolist()))}")
+    k = int(removed[0])
+    if k >= L:
+        raise ValueError("the mask removes every patch; keep at least one visible")
+    m = m.expand(n, L)
+    # Visible patches sort first (noise < 1), in patch order; the ratio reproduces exactly k removed patches.
+    noise = m + torch.arange(L, dtype=torch.float32).div(2 * L).expand(n, L)
+    ratio = max(k - 0.5, 0.0) / L
+    return noise, ratio
+
+
+def _read_mask(path: str) -> Tensor:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"mask file not found: {p}")
+    if p.suffix == ".npy":
+        return torch.from_numpy(np.load(p))
+    if p.suffix in (".pt", ".pth"):
+        return torch.load(p, map_location="cpu", weights_only=True)
+    raise ValueError(f"mask must be a .npy or .pt file, got {p.name}")
+
+
+def visualize(cfg: VisualizeConfig) -> Path:
+    from fastmae.eval.models import read_source
+    from fastmae.viz import reconstruct, save_grid
+
+    cfg.validate()
+    sd, meta = read_source(cfg.ckpt)
+    if sd is None:
+        raise ValueError("--ckpt must be a checkpoint file (reconstructions need a trained decoder)")
+    model = build_mae(sd, meta, cfg)
+    C, S = model.in_chans, model.patch_embed.img_size[0]
+    if cfg.images == "digits":
+        from fastmae.eval.data import load_digits_split
+
+        d = load_digits_split(S, C, seed=cfg.seed)
+        imgs, mean, std = d.test_x[: cfg.num_images], d.mean, d.std
+    else:
+        mean, std = model.pixel_mean.tolist(), model.pixel_std.tolist()
+        imgs = load_images(cfg.images, S, C, cfg.num_images, mean, std, cfg.seed)
+    L = model.patch_embed.num_patches
+    if cfg.mask:
+        noise, ratio = mask_to_noise(_read_mask(cfg.mask), len(imgs), L)
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        noise, ratio = torch.rand(len(imgs), L, generator=gen), cfg.mask_ratio
+    panels = reconstruct(model, imgs, mask_ratio=ratio, noise=noise)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / "visualize_config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+    return save_grid(panels, out, mean, std, scale=cfg.scale)
+
+
+def _body(cfg: VisualizeConfig) -> int:
+    path = visualize(cfg)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_cli(argv, VisualizeConfig, {"default": {}}, _body, "visualize", __doc__)
