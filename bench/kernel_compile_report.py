@@ -1,0 +1,265 @@
+"""Compile every Triton kernel configuration of fastmae for sm_80 and sm_90 on a machine without a GPU.
+
+For each kernel the launchers pick (BLOCK, num_warps) from the shape
+(``block_config`` / ``fwd_config`` / ``bwd_config``), and the pointer dtypes
+and compile-time flags from the inputs; this script enumerates those choices,
+compiles each with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
+and reads registers / stack / local (spill) memory from the cubin with
+``cuobjdump --dump-resource-usage`` (Triton's own ``n_regs``/``n_spills`` are
+only filled in when a binary is loaded on a device). Shared memory comes from
+the compiled metadata.
+
+    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--json out.json] [--workers 2]
+
+Exit status 1 if any configuration fails to compile or spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# The report compiles real GPU code: the interpreter must be off before any kernel is defined.
+os.environ.pop("TRITON_INTERPRET", None)
+
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "u8": "*u8"}
+FLOATS = ("fp32", "bf16", "fp16")
+# (C, patch) pairs whose P = p*p*C reaches every block size the launchers allow (16 ... 4096).
+PATCHES = [(1, 4), (3, 3), (3, 4), (3, 6), (3, 8), (3, 12), (3, 14), (3, 16), (3, 24), (3, 32)]
+WIDTHS = [16, 24, 48, 100, 192, 384, 512, 768, 1024, 1280, 2048, 4096]
+TYPICAL_PATCH = (3, 16)  # ViT-B/L: P = 768
+TYPICAL_WIDTH = 512  # MAE decoder
+
+
+def _promote(a: str, b: str) -> str:
+    return a if a == b else "fp32"
+
+
+def _k1_fwd_jobs(subset: str):
+    from fastmae.kernels.patchify_gather import block_config
+
+    dtype_pairs = [(i, o) for i in ("u8",) + FLOATS for o in FLOATS]
+    for (C, p), (src, out) in itertools.product(PATCHES, dtype_pairs):
+        if subset == "ci" and (C, p) != TYPICAL_PATCH and (src, out) != ("u8", "bf16"):
+            continue
+        P = p * p * C
+        block, warps = block_config(P)
+        sig = {
+            "img_ptr": DTYPES[src], "ids_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
+            "out_ptr": DTYPES[out], **{k: "i32" for k in ("L_vis", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl")},
+            "P": "constexpr", "C": "constexpr", "PATCH": "constexpr", "NORMALIZE": "constexpr", "BLOCK_P": "constexpr",
+        }
+        const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": src == "u8", "BLOCK_P": block}
+        yield "K1 patchify_gather fwd", "_patchify_gather_fwd_kernel", sig, const, warps, f"P={P} {src}->{out}"
+
+
+def _k1_bwd_jobs(subset: str):
+    from fastmae.kernels.patchify_gather import block_config
+
+    for (C, p), g, img in itertools.product(PATCHES, FLOATS, FLOATS):
+        if subset == "ci" and (C, p) != TYPICAL_PATCH and (g, img) != ("bf16", "fp32"):
+            continue
+        P = p * p * C
+        block, warps = block_config(P)
+        sig = {
+            "grad_out_ptr": DTYPES[g], "ids_ptr": "*i64", "grad_img_ptr": DTYPES[img],
+            **{k: "i32" for k in ("L_vis", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl")},
+            "P": "constexpr", "C": "constexpr", "PATCH": "constexpr", "BLOCK_P": "constexpr",
+        }
+        const = {"P": P, "C": C, "PATCH": p, "BLOCK_P": block}
+        yield "K1 patchify_gather bwd", "_patchify_gather_bwd_kernel", sig, const, warps, f"P={P} grad {g}->{img}"
+
+
+def _k2_fwd_jobs(subset: str):
+    from fastmae.kernels.unshuffle_scatter import fwd_config
+
+    for D, x, pos in itertools.product(WIDTHS, FLOATS, FLOATS):
+        if subset == "ci" and D != TYPICAL_WIDTH and (x, pos) != ("bf16", "fp32"):
+            continue
+        block, warps = fwd_config(D)
+        out = _promote(x, pos)
+        sig = {
+            "x_ptr": DTYPES[x], "mask_token_ptr": DTYPES[x], "ids_restore_ptr": "*i64", "pos_ptr": DTYPES[pos],
+            "out_ptr": DTYPES[out], **{k: "i32" for k in ("L", "L_vis", "D", "s_xn", "s_xt", "s_idn", "s_idl", "s_pt")},
+            "BLOCK_D": "constexpr",
+        }
+        yield "K2 unshuffle_scatter fwd", "_unshuffle_scatter_fwd_kernel", sig, {"BLOCK_D": block}, warps, \
+            f"D={D} x {x} + pos {pos} -> {out}"
+
+
+def _k2_bwd_jobs(subset: str):
+    from fastmae.kernels.unshuffle_scatter import bwd_config
+
+    blocks = sorted({bwd_config(D) for D in WIDTHS})
+    for (block_t, block_d, warps), g, x in itertools.product(blocks, FLOATS, FLOATS):
+        if subset == "ci" and block_d != bwd_config(TYPICAL_WIDTH)[1] and (g, x) != ("fp32", "bf16"):
+            continue
+        sig = {
+            "grad_out_ptr": DTYPES[g], "ids_restore_ptr": "*i64", "grad_x_ptr": DTYPES[x], "partial_ptr": "*fp32",
+            **{k: "i32" for k in ("L", "L_vis", "D", "T_BLOCKS", "s_idn", "s_idl")},
+            "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
+        }
+        yield "K2 unshuffle_scatter bwd", "_unshuffle_scatter_bwd_kernel", sig, \
+            {"BLOCK_T": block_t, "BLOCK_D": block_d}, warps, f"tile {block_t}x{block_d} grad {g} -> x {x}"
+
+
+def _k3_jobs(subset: str):
+    from fastmae.kernels.masked_recon_loss import block_config
+
+    flag_sets = list(itertools.product((False, True), repeat=4))  # NORM_PIX, L1, PRED_FULL, WITH_GRAD
+    default_flags = (True, False, True, True)
+    jobs = []
+    for (C, p), flags in itertools.product(PATCHES, flag_sets):
+        for img in ("u8", "fp32"):
+            jobs.append(((C, p), flags, img, "fp32"))
+    for (C, p), img, pred in itertools.product(PATCHES, ("u8",) + FLOATS, FLOATS):
+        jobs.append(((C, p), default_flags, img, pred))
+    seen = set()
+    for (C, p), flags, img, pred in jobs:
+        if (C, p, flags, img, pred) in seen:
+            continue
+        seen.add((C, p, flags, img, pred))
+        if subset == "ci" and (C, p) != TYPICAL_PATCH and not (flags == default_flags and (img, pred) == ("u8", "bf16")):
+            continue
+        if subset == "ci" and (C, p) == TYPICAL_PATCH and pred != "fp32" and flags != default_flags:
+            continue
+        norm_pix, l1, full, with_grad = flags
+        P = p * p * C
+        block, warps = block_config(P)
+        sig = {
+            "pred_ptr": DTYPES[pred], "img_ptr": DTYPES[img], "ids_ptr": "*i64", "shift_ptr": "*fp32",
+            "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": DTYPES[pred] if with_grad else "*fp32",
+            **{k: "i32" for k in ("L_mask", "L_pred", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl", "s_pn", "s_pl")},
+            "inv_count": "fp32", "eps": "fp32",
+            **{k: "constexpr" for k in ("P", "C", "PATCH", "NORMALIZE", "NORM_PIX", "L1", "PRED_FULL", "WITH_GRAD",
+                                        "BLOCK_P")},
+        }
+        const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": img == "u8", "NORM_PIX": norm_pix, "L1": l1,
+                 "PRED_FULL": full, "WITH_GRAD": with_grad, "BLOCK_P": block}
+        desc = (f"P={P} img {img} pred {pred} {'normpix' if norm_pix else 'raw'} {'l1' if l1 else 'mse'} "
+                f"{'full' if full else 'masked-only'} {'fwd+bwd' if with_grad else 'fwd'}")
+        yield "K3 masked_recon_loss", "_masked_recon_loss_kernel", sig, const, warps, desc
+
+
+_MODULES = {
+    "_patchify_gather_fwd_kernel": "fastmae.kernels.patchify_gather",
+    "_patchify_gather_bwd_kernel": "fastmae.kernels.patchify_gather",
+    "_unshuffle_scatter_fwd_kernel": "fastmae.kernels.unshuffle_scatter",
+    "_unshuffle_scatter_bwd_kernel": "fastmae.kernels.unshuffle_scatter",
+    "_masked_recon_loss_kernel": "fastmae.kernels.masked_recon_loss",
+}
+
+
+def all_jobs(subset: str, archs: list[int]) -> list[dict]:
+    jobs = []
+    for gen in (_k1_fwd_jobs, _k1_bwd_jobs, _k2_fwd_jobs, _k2_bwd_jobs, _k3_jobs):
+        for kernel, fn_name, sig, const, warps, desc in gen(subset):
+            for arch in archs:
+                jobs.append(dict(kernel=kernel, fn=fn_name, signature=sig, constexprs=const, num_warps=warps,
+                                 config=desc, arch=arch))
+    return jobs
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cand.exists():
+        return str(cand)
+    return shutil.which("cuobjdump")
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    tool = _cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (triton's bundled one or on PATH)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    for line in text.splitlines():
+        if "REG:" in line:
+            fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+            return {k: int(fields[k.upper()]) for k in ("reg", "stack", "local", "shared")}
+    raise RuntimeError(f"no resource line in cuobjdump output:\n{text}")
+
+
+def compile_one(job: dict) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = getattr(importlib.import_module(_MODULES[job["fn"]]), job["fn"])
+    row = {k: job[k] for k in ("kernel", "config", "arch", "num_warps")}
+    c = job["constexprs"]
+    row["block"] = f"{c['BLOCK_T']}x{c['BLOCK_D']}" if "BLOCK_T" in c else c.get("BLOCK_P", c.get("BLOCK_D"))
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
+        compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+        res = _resources(compiled.asm["cubin"])
+        row.update(regs=res["reg"], stack=res["stack"], local=res["local"],
+                   shared=int(compiled.metadata.shared), error=None)
+        row["spills"] = res["local"] > 0 or res["stack"] > 0
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, and fails the run
+        row.update(regs=None, stack=None, local=None, shared=None, spills=None, error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def run(subset: str, archs: list[int], workers: int) -> list[dict]:
+    jobs = all_jobs(subset, archs)
+    if workers <= 1:
+        return [compile_one(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(compile_one, jobs, chunksize=4))
+
+
+def summarize(rows: list[dict]) -> str:
+    """One markdown line per (kernel, arch, block, num_warps): config count and the worst registers/stack/shared."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["arch"], r["block"], r["num_warps"]), []).append(r)
+    lines = ["| kernel | sm | BLOCK | warps | configs | regs (min-max) | spill/stack bytes (max) | shared B (max) | failures |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]).rjust(9))  # noqa: E731 - numeric blocks sort by size
+    for (kernel, arch, block, warps), rs in sorted(groups.items(), key=order):
+        ok = [r for r in rs if r["error"] is None]
+        fails = len(rs) - len(ok)
+        regs = f"{min(r['regs'] for r in ok)}-{max(r['regs'] for r in ok)}" if ok else "-"
+        spill = max((r["local"] + r["stack"] for r in ok), default=0)
+        shared = max((r["shared"] for r in ok), default=0)
+        lines.append(f"| {kernel} | {arch} | {block} | {warps} | {len(rs)} | {regs} | {spill} | {shared} | {fails} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subset", choices=("ci", "full"), default="full")
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None, help="write every row here")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = run(args.subset, args.arch, args.workers)
+    elapsed = time.perf_counter() - t0
+    print(summarize(rows))
+    bad = [r for r in rows if r["error"] is not None or r["spills"]]
+    for r in bad:
+        print(f"FAIL sm_{r['arch']} {r['kernel']} {r['config']}: {r['error'] or 'spills'}", file=sys.stderr)
+    print(f"\n{len(rows)} compilations ({args.subset}, sm {args.arch}) in {elapsed:.0f} s; {len(bad)} failing")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
