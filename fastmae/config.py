@@ -121,7 +121,7 @@ _OFFICIAL = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, ac
 
 PRESETS: dict[str, dict] = {
     # CPU-sized: the embedded demo in a few minutes on 2 cores.
-    "tiny": dict(model="mae_vit_tiny", img_size=64, patch_size=8, epochs=30, warmup_epochs=3.0, batch_size=32,
+    "tiny": dict(model="mae_vit_tiny", img_size=64, patch_size=8, epochs=100, warmup_epochs=5.0, batch_size=32,
                  blr=1.5e-3, log_every=10, ckpt_every=100),
     "small": dict(model="mae_vit_small_patch16", img_size=96, patch_size=16, epochs=50, warmup_epochs=5.0,
                   batch_size=32, blr=1.5e-3, log_every=10, ckpt_every=200),
