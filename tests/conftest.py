@@ -6,6 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides between its JIT and its interpreter when a kernel is decorated, i.e. when a kernel
+# module is first imported, by whichever test module gets there first. Without a GPU the parity tests
+# need the interpreter, so it is switched on here, before any test module is imported. The GPU compile
+# checks run in subprocesses that drop the variable (tests/test_gpu_compile.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
