@@ -9,13 +9,12 @@ Instead each case reports the bytes the fused kernel must move (ideal, counted a
 next to the bytes the eager reference moves (counted by tracing its aten ops: inputs read +
 outputs written, views free), plus eager-vs-compiled reference CPU timings at a reduced batch.
 
-Every run prints a markdown table and appends rows to ``bench/results.csv``.
+Every run prints a markdown table and appends rows to ``bench/results/<bench>.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import statistics
@@ -26,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _harness import append_csv
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_CSV = BENCH_DIR / "results.csv"
 CSV_FIELDS = [
     "timestamp", "bench", "device", "torch", "triton", "git_sha", "case", "impl", "pass", "batch",
     "median_ms", "p20_ms", "p80_ms", "ideal_MB", "moved_MB", "GBps", "pct_peak", "note",
@@ -60,7 +59,7 @@ def parse_args(description: str) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=256, help="batch of the GPU runs and of the byte counts")
     ap.add_argument("--cpu-batch", type=int, default=16, help="batch of the CPU eager-vs-compiled timings")
     ap.add_argument("--peak-gbps", type=float, default=None, help="peak bandwidth (default: by device name)")
-    ap.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
+    ap.add_argument("--no-csv", action="store_true", help="do not append to bench/results/")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     return ap.parse_args()
 
@@ -225,13 +224,7 @@ def run_bench(bench: str, cases: Sequence[Case], args: argparse.Namespace) -> li
                 })
     _print_table(rows, cuda)
     if not args.no_csv:
-        new = not RESULTS_CSV.exists()
-        with RESULTS_CSV.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+        append_csv([{k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in rows])
     return rows
 
 

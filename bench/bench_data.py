@@ -8,7 +8,7 @@ bicubic resize, flip) at the same thread / worker count, on two sets: ~500 gener
 JPEGs (real photo content from the packages' sample images, ~500x375, quality 90) and the embedded
 demo set. Epochs are interleaved round-robin after one warm-up epoch each; the table reports the
 median images/s over the measured epochs and the ratio to the PIL loader of the same run.
-Markdown table to stdout, rows to bench/results.csv.
+Markdown table to stdout, rows to bench/results/<bench>.csv.
 """
 
 from __future__ import annotations

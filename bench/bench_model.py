@@ -5,7 +5,7 @@
 
 Both models get the same weights (through fastmae.convert) and the same noise;
 times are medians over ``--repeats`` interleaved rounds after warm-up.
-Prints a markdown table and appends rows to bench/results.csv.
+Prints a markdown table and appends rows to bench/results/<bench>.csv.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Modes: eager fp32 (the reference path: eager ops), eager bf16 (autocast),
 compiled fp32, compiled bf16 (torch.compile fullgraph; CUDA graphs on CUDA),
 and HF ViTMAE fp32 with torch's default AdamW as the outside reference.
 Every contender runs the same weights and noise; rounds are interleaved and
-medians taken after warm-up. Markdown table to stdout, rows to bench/results.csv.
+medians taken after warm-up. Markdown table to stdout, rows to bench/results/<bench>.csv.
 """
 
 from __future__ import annotations
