@@ -45,7 +45,7 @@ METHOD_PRESETS: dict[str, dict] = {
     # CPU-sized: the embedded clip demo (24 VP9 clips of 64 frames, 16 x stride 4 sampled) in a few minutes.
     "videomae_tiny": dict(
         method="videomae", model="videomae_vit_tiny", img_size=64, patch_size=8, mask_ratio=0.9, norm_pix_loss=True,
-        epochs=20, warmup_epochs=2.0, batch_size=8, blr=1e-2, num_workers=0, log_every=6, ckpt_every=60,
+        epochs=40, warmup_epochs=4.0, batch_size=8, blr=1e-2, num_workers=0, log_every=6, ckpt_every=60,
     ),
 }
 
