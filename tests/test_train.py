@@ -138,3 +138,11 @@ def test_compiled_step_runs_fullgraph_on_cpu(tmp_path, demo_dir, fresh_env):
     train(out, demo_dir, "--max_steps=3", "--log_every=1", "--compile=true", env=fresh_env, timeout=600)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_resume_into_another_architecture_names_the_mismatch(tmp_path, demo_dir, fresh_env):
+    out = tmp_path / "arch"
+    train(out, demo_dir, "--max_steps=1", env=fresh_env)
+    r = train(out, demo_dir, "--max_steps=2", "--resume=auto", "--patch_size=8", env=fresh_env, check=False)
+    assert r.returncode == 2
+    assert "shape mismatch for patch_embed.proj.weight" in r.stderr and "Traceback" not in r.stderr

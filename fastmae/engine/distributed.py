@@ -75,7 +75,9 @@ def full_train_state(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, 
 def load_train_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict, sharded: bool) -> None:
     """Inverse of :func:`full_train_state`: every rank passes the full state, each keeps its shards."""
     if not sharded:
-        model.load_state_dict(model_sd, strict=True)
+        from fastmae.convert import load_into
+
+        load_into(model, model_sd, strict=True)  # names every mismatching key and shape
         optimizer.load_state_dict(optim_sd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
