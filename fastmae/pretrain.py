@@ -246,21 +246,22 @@ def main(argv: list[str] | None = None) -> dict:
             faults.point("after_step")
 
             if step % cfg.log_every == 0 or step == total_steps:
-                # Deliberate sync: read the device-side statistics once per log window.
-                mean_loss = all_reduce_mean(loss_sum / good.clamp(min=1), info).item()
+                # Deliberate sync, the only one per log window: all device-side statistics in one transfer.
+                stats = torch.stack([all_reduce_mean(loss_sum / good.clamp(min=1), info), lr_t, gnorm_last, bad_total, bad_run])
+                mean_loss, lr_now, gnorm_now, n_bad, n_bad_run = stats.tolist()
                 elapsed = time.perf_counter() - window_t0
                 img_s = window_steps * eff_batch / elapsed
                 if step - window_steps > start_step:  # the first window holds compile and warm-up
                     timed_imgs += window_steps * eff_batch
                     timed_s += elapsed
-                last_row = {"epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr_t.item(),
-                            "grad_norm": gnorm_last.item(), "img_s": img_s, "skipped": int(bad_total.item())}
+                last_row = {"epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr_now,
+                            "grad_norm": gnorm_now, "img_s": img_s, "skipped": int(n_bad)}
                 if flops_img and peak:
                     last_row["mfu"] = img_s * flops_img / (peak * info.world_size)
                 log.log(step, last_row)
-                if int(bad_run.item()) >= cfg.max_bad_steps:
+                if int(n_bad_run) >= cfg.max_bad_steps:
                     raise TrainingAborted(
-                        f"{int(bad_run.item())} consecutive steps had a non-finite loss or gradient "
+                        f"{int(n_bad_run)} consecutive steps had a non-finite loss or gradient "
                         f"(max_bad_steps={cfg.max_bad_steps}); lower the learning rate or check the data"
                     )
                 loss_sum.zero_()
