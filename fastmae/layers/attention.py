@@ -15,7 +15,6 @@ by :func:`attention_backend` so logs say what ran.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 _BACKENDS = ("auto", "sdpa", "flash", "eager")
 _override: str | None = None
+_resolved: str | None = None
 
 
 def _flash_available() -> bool:
@@ -36,7 +36,6 @@ def _flash_available() -> bool:
     return True
 
 
-@functools.cache
 def _resolve(requested: str) -> str:
     if requested not in _BACKENDS:
         raise ValueError(f"attention backend must be one of {_BACKENDS}, got {requested!r}")
@@ -48,14 +47,17 @@ def _resolve(requested: str) -> str:
 
 
 def attention_backend() -> str:
-    """The backend every Attention module uses in this process."""
-    return _resolve(_override or os.environ.get("FASTMAE_ATTN", "auto"))
+    """The backend every Attention module uses in this process (resolved on first use, then fixed)."""
+    global _resolved
+    if _resolved is None:
+        _resolved = _resolve(_override or os.environ.get("FASTMAE_ATTN", "auto"))
+    return _resolved
 
 
 def set_attention_backend(name: str | None) -> None:
     """Override ``FASTMAE_ATTN`` (None restores it). Call before building or compiling models."""
-    global _override
-    _resolve(name or "auto")
+    global _override, _resolved
+    _resolved = _resolve(name or os.environ.get("FASTMAE_ATTN", "auto"))
     _override = name
 
 
@@ -69,6 +71,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        attention_backend()  # resolve (and validate) the process-wide choice before any forward is traced
 
     def _qkv(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, 3, H, Dh)"""
