@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
             from fastmae.methods.evaluate import evaluate_family
 
             ev = evaluate_family(model, build_data(cfg, info, "val", "float"), device, cfg.mask_ratio, amp_dtype)
-            summary.update(val_loss=ev["val_loss"], val_images=ev["val_samples"])
+            summary.update(val_loss=ev["val_loss"], val_images=ev["val_samples"],
+                           val_unit="clips" if cfg.method == "videomae" else "images")
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(_summary_text(summary))
@@ -331,7 +332,7 @@ def _summary_text(s: dict) -> str:
         "== fastmae pretrain summary ==",
         f"steps            {s['step']} (skipped non-finite: {s['skipped_steps']})",
         f"train loss       {fmt(s.get('train_loss'))}  (masked patches, last log window)",
-        f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} images, fixed masks)",
+        f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks)",
         f"throughput       {fmt(s.get('img_s'))} img/s (after warm-up)",
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
