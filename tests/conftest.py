@@ -16,6 +16,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Switch fastmae.ops between 'torch' and 'triton' inside a test; restores the default after."""
+    from fastmae import ops
+
+    def use(value: str):
+        monkeypatch.setenv(ops.ENV_VAR, value)
+        ops._reset_kernel_backend()
+
+    yield use
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    ops._reset_kernel_backend()
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo set (crops of photos shipped in installed packages), built once per test run.

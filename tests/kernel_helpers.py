@@ -73,3 +73,12 @@ def images(N: int, C: int, H: int, W: int, kind: str, seed: int = 0, device=DEVI
         return imgs.to(device), mean.to(device), std.to(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
     return torch.randn(N, C, H, W, generator=g).to(device=device, dtype=dtype), None, None
+
+
+def step_outputs(model, x: torch.Tensor, noise: torch.Tensor, mask_ratio: float):
+    """One forward+backward: (loss, pred, mask, {param name: grad}); compiled models' names unprefixed."""
+    model.zero_grad(set_to_none=True)
+    loss, pred, mask = model(x, mask_ratio=mask_ratio, noise=noise)
+    loss.backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), pred.detach(), mask, grads

@@ -9,32 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, INTERPRETER, kernel_module
+from kernel_helpers import DEVICE, INTERPRETER, kernel_module, step_outputs
 
 from fastmae import ops
 from fastmae.models.mae import mae_vit_tiny
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cpu" and not INTERPRETER, reason="needs the Triton interpreter")
-
-
-@pytest.fixture
-def use_backend(monkeypatch):
-    def use(value: str):
-        monkeypatch.setenv(ops.ENV_VAR, value)
-        ops._reset_kernel_backend()
-
-    yield use
-    monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    ops._reset_kernel_backend()
-
-
-def _step(model, imgs, noise, mask_ratio):
-    model.zero_grad(set_to_none=True)
-    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
-    loss.backward()
-    # A compiled module names its parameters "_orig_mod.<name>".
-    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), pred.detach(), mask, grads
 
 
 @pytest.mark.parametrize(
@@ -56,11 +36,11 @@ def test_mae_forward_backward_triton_equals_reference(use_backend, monkeypatch, 
 
     use_backend("torch")
     assert ops.kernel_backend(DEVICE) == "torch"
-    loss_r, pred_r, mask_r, grads_r = _step(model, imgs, noise, mask_ratio)
+    loss_r, pred_r, mask_r, grads_r = step_outputs(model, imgs, noise, mask_ratio)
     use_backend("triton")
     assert ops.kernel_backend(DEVICE) == "triton"
     counts = _count_launches(monkeypatch)
-    loss_k, pred_k, mask_k, grads_k = _step(model, imgs, noise, mask_ratio)
+    loss_k, pred_k, mask_k, grads_k = step_outputs(model, imgs, noise, mask_ratio)
     assert counts == {"patchify_gather_fwd": 1, "unshuffle_scatter_fwd": 1, "masked_recon_loss_fwd": 1}
 
     assert torch.equal(mask_k, mask_r)
@@ -99,12 +79,12 @@ def test_mae_compiles_fullgraph_through_triton_ops(use_backend, monkeypatch, com
     imgs = torch.randint(0, 256, (2, 64, 64, 3), generator=g, dtype=torch.uint8).to(DEVICE)
     noise = torch.rand(2, 64, generator=g).to(DEVICE)
     use_backend("torch")
-    loss_r, _, _, grads_r = _step(model, imgs, noise, 0.75)
+    loss_r, _, _, grads_r = step_outputs(model, imgs, noise, 0.75)
     use_backend("triton")
     counts = _count_launches(monkeypatch)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
-    loss_c, _, _, grads_c = _step(compiled, imgs, noise, 0.75)
+    loss_c, _, _, grads_c = step_outputs(compiled, imgs, noise, 0.75)
     torch._dynamo.reset()
     assert counts == {"patchify_gather_fwd": 1, "unshuffle_scatter_fwd": 1, "masked_recon_loss_fwd": 1}
     torch.testing.assert_close(loss_c, loss_r, rtol=2e-6, atol=0)
@@ -127,7 +107,7 @@ def test_mae_bf16_autocast_error_vs_fp32_oracle(use_backend):
     def run(backend: str, amp: bool):
         use_backend(backend)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _, _, grads = _step(model, imgs, noise, 0.75)
+            loss, _, _, grads = step_outputs(model, imgs, noise, 0.75)
         return loss, grads
 
     loss32, grads32 = run("torch", False)
