@@ -74,5 +74,23 @@ def append_csv(rows: list[dict]) -> Path:
     return path
 
 
+def make_train_step(model, device: torch.device, amp_dtype: torch.dtype, loss_fn: Callable) -> Callable[[], None]:
+    """A full training step as train.py runs it: autocast forward, backward, fused AdamW with found_inf."""
+    from fastmae.engine.optim import build_adamw
+
+    opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
+    found_inf = torch.zeros((), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.found_inf = found_inf
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def stamp(device: torch.device) -> dict:
     return {"device": device_name(device), "torch": torch.__version__, "git": git_sha(), "date": time.strftime("%Y-%m-%d")}

@@ -18,9 +18,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from _harness import append_csv, interleaved, median_ms, stamp
+from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
 
-from fastmae.engine.optim import build_adamw
 from fastmae.methods.reference_family import simmim_l1_loss, simmim_pixel_mask, videomae_loss
 from fastmae.methods.simmim import simmim_vit_base_patch16, simmim_vit_tiny
 from fastmae.methods.videomae import videomae_vit_base_patch16, videomae_vit_tiny
@@ -74,22 +73,6 @@ def videomae_official_loss(m, v, noise, ratio):
     return videomae_loss(pred, v, ids_masked, t, p, m.target_norm)
 
 
-def make_step(model, device, amp_dtype, loss_fn):
-    lr = torch.tensor(1e-4, device=device)
-    opt = build_adamw(model, lr, 0.05, (0.9, 0.95), device)
-    found_inf = torch.zeros((), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss = loss_fn(model)
-        loss.backward()
-        opt.found_inf = found_inf
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["tiny", "base"], default="tiny")
@@ -119,12 +102,12 @@ def main() -> None:
     steps, meta = {}, {}
     for prec in args.precisions:
         amp = {"fp32": torch.float32, "bf16": torch.bfloat16}[prec]
-        steps[f"simmim_official_{prec}"] = make_step(copy.deepcopy(sim), device, amp,
+        steps[f"simmim_official_{prec}"] = make_train_step(copy.deepcopy(sim), device, amp,
                                                      lambda m: simmim_official_loss(m, x, sim_noise, 0.6))
-        steps[f"simmim_fastmae_{prec}"] = make_step(copy.deepcopy(sim), device, amp, lambda m: m(x, 0.6, sim_noise)[0])
-        steps[f"videomae_official_{prec}"] = make_step(copy.deepcopy(vid), device, amp,
+        steps[f"simmim_fastmae_{prec}"] = make_train_step(copy.deepcopy(sim), device, amp, lambda m: m(x, 0.6, sim_noise)[0])
+        steps[f"videomae_official_{prec}"] = make_train_step(copy.deepcopy(vid), device, amp,
                                                        lambda m: videomae_official_loss(m, v, vid_noise, 0.9))
-        steps[f"videomae_fastmae_{prec}"] = make_step(copy.deepcopy(vid), device, amp, lambda m: m(v, 0.9, vid_noise)[0])
+        steps[f"videomae_fastmae_{prec}"] = make_train_step(copy.deepcopy(vid), device, amp, lambda m: m(v, 0.9, vid_noise)[0])
         for k in list(steps)[-4:]:
             meta[k] = (k.split("_")[0], k.split("_")[1], prec)
     times = interleaved(steps, device, args.warmup, args.repeats)
