@@ -358,11 +358,11 @@ def _version() -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Entry point with the CLI's error contract: config errors are one line, exit code 2."""
-    from fastmae.config import describe_keys
+    from fastmae.config import PRESETS, describe_keys
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print("usage: fastmae pretrain [--preset=tiny|small|base|large|huge] [--key=value ...]\n\nkeys:\n" + describe_keys())
+        print(f"usage: fastmae pretrain [--preset={'|'.join(PRESETS)}] [--key=value ...]\n\nkeys:\n" + describe_keys())
         return 0
     try:
         parse_overrides(argv)
