@@ -2,9 +2,10 @@
 
 Everything goes through ``fastmae.ops.patchify_gather`` with the Triton backend forced (the
 custom op and its registered autograd, i.e. what trains), under the Triton interpreter on CPU
-(``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before the kernels are imported). Outputs converted to bf16 inside the kernel are compared
-with the reference's fp32 result downcast the way the interpreter does it (truncation, see
-``kernel_helpers.kernel_downcast``); everything else must be identical.
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before the kernels are imported). Outputs
+converted to bf16 inside the kernel are compared with the reference's fp32 result downcast the
+way the interpreter does it (truncation, see ``kernel_helpers.kernel_downcast``); everything
+else must be identical.
 """
 
 from __future__ import annotations
