@@ -229,30 +229,58 @@ def _masked_recon_loss_op(
     mean: Tensor | None,
     std: Tensor | None,
     eps: float,
-    with_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """Returns (loss, d loss / d pred for a unit upstream gradient, or an empty tensor without ``with_grad``)."""
+) -> Tensor:
     _check_runnable(pred)
     from fastmae.kernels.masked_recon_loss import masked_recon_loss_fwd
 
-    return masked_recon_loss_fwd(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps, with_grad)
+    return masked_recon_loss_fwd(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
 
 
 @_masked_recon_loss_op.register_fake
-def _(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps, with_grad):
-    grad = pred.new_empty(pred.shape) if with_grad else pred.new_empty((0,))
-    return pred.new_empty((), dtype=torch.float32), grad
+def _(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::masked_recon_loss_backward", mutates_args=())
+def _masked_recon_loss_backward_op(
+    grad_loss: Tensor,
+    pred: Tensor,
+    imgs: Tensor,
+    ids_masked: Tensor,
+    patch_size: int,
+    norm_pix: bool,
+    loss_type: str,
+    mean: Tensor | None,
+    std: Tensor | None,
+    eps: float,
+) -> Tensor:
+    _check_runnable(pred)
+    from fastmae.kernels.masked_recon_loss import masked_recon_loss_bwd
+
+    return masked_recon_loss_bwd(grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
+
+
+@_masked_recon_loss_backward_op.register_fake
+def _(grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
+    return pred.new_empty(pred.shape)
 
 
 def _masked_recon_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+    pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps = inputs
+    # The backward recomputes the target from the images (see kernels/masked_recon_loss.py): no gradient is saved.
+    ctx.save_for_backward(pred, imgs, ids_masked, mean, std)
+    ctx.args = (patch_size, norm_pix, loss_type, eps)
 
 
-def _masked_recon_loss_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    grad_pred = grad * grad_loss if ctx.needs_input_grad[0] else None
-    return grad_pred, None, None, None, None, None, None, None, None, None
+def _masked_recon_loss_backward(ctx, grad_loss):
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        pred, imgs, ids_masked, mean, std = ctx.saved_tensors
+        patch_size, norm_pix, loss_type, eps = ctx.args
+        grad_pred = _masked_recon_loss_backward_op(
+            grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps
+        )
+    return grad_pred, None, None, None, None, None, None, None, None
 
 
 _masked_recon_loss_op.register_autograd(_masked_recon_loss_backward, setup_context=_masked_recon_loss_setup)
@@ -273,8 +301,4 @@ def masked_recon_loss(
     imgs: float (N, C, H, W) or uint8 (N, H, W, C) with mean/std (C,); ids_masked: (N, L_mask)."""
     if _backend_for(pred.device.type) == "torch":
         return reference.masked_recon_loss(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
-    with_grad = torch.is_grad_enabled() and pred.requires_grad
-    loss, _ = _masked_recon_loss_op(
-        pred, imgs, ids_masked, patch_size, bool(norm_pix), loss_type, mean, std, float(eps), with_grad
-    )
-    return loss
+    return _masked_recon_loss_op(pred, imgs, ids_masked, patch_size, bool(norm_pix), loss_type, mean, std, float(eps))

@@ -113,11 +113,41 @@ def test_low_precision_pred_against_fp32_oracle(pred_dtype, kind, loss_type):
         assert err <= 2 * err_eager + ulp(grad_o.abs().max(), torch.float32)
 
 
-def test_upstream_gradient_scales():
-    pred, imgs, ids, mean, std = _case(2, 3, 32, 32, 8, 0.5, "fp32", True, seed=7)
-    _, grad = _run(pred, imgs, ids, 8, True, "mse", mean, std, masked_recon_loss, upstream=-3.5)
-    _, grad_r = _run(pred, imgs, ids, 8, True, "mse", mean, std, R.masked_recon_loss, upstream=-3.5)
-    _assert_close32(grad, grad_r, "grad")
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("full,loss_type", [(True, "mse"), (False, "mse"), (True, "l1")])
+def test_gradient_with_upstream_scale(dt, full, loss_type):
+    """The backward reads the upstream gradient (here 3.7, then -0.25) on the device and folds it in."""
+    pred, imgs, ids, mean, std = _case(2, 3, 32, 32, 8, 0.5, "uint8", full, DT[dt], seed=7)
+    for upstream in (3.7, -0.25):
+        _, grad = _run(pred, imgs, ids, 8, True, loss_type, mean, std, masked_recon_loss, upstream)
+        _, grad_o = _run(pred.float(), imgs, ids, 8, True, loss_type, mean, std, R.masked_recon_loss, upstream)
+        assert grad.dtype == DT[dt] and grad.shape == pred.shape
+        if dt == "fp32":
+            _assert_close32(grad, grad_o, "grad")
+        else:
+            # One rounding to pred's dtype, the kernel's way, of the fp32 oracle: within one ulp.
+            assert ((grad.float() - kernel_downcast(grad_o, DT[dt]).float()).abs() <= ulp(grad_o, DT[dt])).all()
+
+
+def test_gradient_inside_a_bigger_graph():
+    """The loss feeds several consumers, so its upstream gradient is a computed tensor (3.7 + 2 * loss), and pred
+    comes from a product whose factors need gradients: every leaf's gradient matches the reference's autograd."""
+    N, p, ratio = 2, 8, 0.75
+    imgs, mean, std = images(N, 3, 32, 32, "uint8", seed=8)
+    _, _, ids = masking(N, 16, ratio, seed=8)
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(N, 16, 24, generator=g).to(DEVICE)
+    W = (torch.randn(24, p * p * 3, generator=g) * 0.2).to(DEVICE)
+
+    def grads(impl):
+        h_, W_ = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        pred = h_ @ W_
+        loss = impl(pred, imgs, ids, p, True, "mse", mean, std)
+        total = 3.7 * loss + loss * loss + 0.1 * pred.square().mean()
+        return torch.autograd.grad(total, (h_, W_))
+
+    for got, want, name in zip(grads(masked_recon_loss), grads(R.masked_recon_loss), ("h", "W"), strict=True):
+        _assert_close32(got, want, name)
 
 
 def test_matches_official_mask_weighted_formula():
