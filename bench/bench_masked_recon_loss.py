@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from _common import Case, parse_args, run_bench
 
+from fastmae import ops
 from fastmae import reference as R
 
 MEAN = (0.485, 0.456, 0.406)
@@ -40,9 +41,7 @@ def _case(name: str, size: int, p: int, ratio: float, src: str, pred_dtype: torc
         return R.masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
 
     def fused(x: dict) -> torch.Tensor:
-        from fastmae.kernels.masked_recon_loss import masked_recon_loss
-
-        return masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
+        return ops.masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
 
     def ideal(batch: int, kind: str) -> int:
         ids = batch * n_mask * 8

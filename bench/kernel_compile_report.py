@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration of fastmae for sm_80 and sm_90 on a machine without a GPU.
 
 For each kernel the launchers pick (BLOCK, num_warps) from the shape
-(``block_config`` / ``fwd_config`` / ``bwd_config``), and the pointer dtypes
+(``block_config`` / ``bwd_config``), and the pointer dtypes
 and compile-time flags from the inputs; this script enumerates those choices,
 compiles each with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 and reads registers / stack / local (spill) memory from the cubin with
@@ -45,7 +45,7 @@ def _promote(a: str, b: str) -> str:
 
 
 def _k1_fwd_jobs(subset: str):
-    from fastmae.kernels.patchify_gather import block_config
+    from fastmae.kernels._common import block_config
 
     dtype_pairs = [(i, o) for i in ("u8",) + FLOATS for o in FLOATS]
     for (C, p), (src, out) in itertools.product(PATCHES, dtype_pairs):
@@ -63,7 +63,7 @@ def _k1_fwd_jobs(subset: str):
 
 
 def _k1_bwd_jobs(subset: str):
-    from fastmae.kernels.patchify_gather import block_config
+    from fastmae.kernels._common import block_config
 
     for (C, p), g, img in itertools.product(PATCHES, FLOATS, FLOATS):
         if subset == "ci" and (C, p) != TYPICAL_PATCH and (g, img) != ("bf16", "fp32"):
@@ -80,12 +80,12 @@ def _k1_bwd_jobs(subset: str):
 
 
 def _k2_fwd_jobs(subset: str):
-    from fastmae.kernels.unshuffle_scatter import fwd_config
+    from fastmae.kernels._common import block_config
 
     for D, x, pos in itertools.product(WIDTHS, FLOATS, FLOATS):
         if subset == "ci" and D != TYPICAL_WIDTH and (x, pos) != ("bf16", "fp32"):
             continue
-        block, warps = fwd_config(D)
+        block, warps = block_config(D, "embedding dim")
         out = _promote(x, pos)
         sig = {
             "x_ptr": DTYPES[x], "mask_token_ptr": DTYPES[x], "ids_restore_ptr": "*i64", "pos_ptr": DTYPES[pos],
@@ -113,7 +113,7 @@ def _k2_bwd_jobs(subset: str):
 
 
 def _k3_jobs(subset: str):
-    from fastmae.kernels.masked_recon_loss import block_config
+    from fastmae.kernels._common import block_config
 
     flag_sets = list(itertools.product((False, True), repeat=4))  # NORM_PIX, L1, PRED_FULL, WITH_GRAD
     default_flags = (True, False, True, True)

@@ -1,5 +1,9 @@
 """Public fused ops of fastmae, one entry point per op, with the device dispatch.
 
+This module is the single owner of the ops' autograd: the kernel modules hold only
+``@triton.jit`` kernels and their launchers (``*_fwd`` / ``*_bwd``), and every test,
+benchmark and model reaches a kernel through the functions here.
+
 Each op runs either its Triton kernel (``fastmae.kernels``) or its eager twin
 (``fastmae.reference``), with the reference's signature:
 

@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .patchify_gather import FLOAT_DTYPES, block_config, image_geometry, norm_constants
+from ._common import FLOAT_DTYPES, block_config, check_ids, image_geometry, norm_constants, patch_offsets
 
-__all__ = ["masked_recon_loss_fwd", "masked_recon_loss", "block_config"]
+__all__ = ["masked_recon_loss_fwd"]
 
 
 @triton.jit
@@ -62,12 +62,8 @@ def _masked_recon_loss_kernel(
     j = tl.program_id(1).to(tl.int64)
     l = tl.load(ids_ptr + n * s_idn + j * s_idl).to(tl.int64)
     k = tl.arange(0, BLOCK_P)
-    qc = PATCH * C
-    c = k % C
-    m = k < P
-    row = (l // w) * PATCH + k // qc
-    col = (l % w) * PATCH + (k // C) % PATCH
-    x = tl.load(img_ptr + n * s_n + row * s_h + col * s_w + c * s_c, mask=m, other=0).to(tl.float32)
+    offs, c, m = patch_offsets(l, w, s_c, s_h, s_w, P, C, PATCH, BLOCK_P)
+    x = tl.load(img_ptr + n * s_n + offs, mask=m, other=0).to(tl.float32)
     if NORMALIZE:
         shift = tl.load(shift_ptr + c, mask=m, other=0.0)
         scale = tl.load(scale_ptr + c, mask=m, other=0.0)
@@ -122,12 +118,7 @@ def masked_recon_loss_fwd(
         raise TypeError(f"pred must be fp32, bf16 or fp16, got {pred.dtype}")
     if pred.device != imgs.device:
         raise ValueError(f"pred is on {pred.device} but imgs are on {imgs.device}")
-    if not isinstance(ids_masked, Tensor) or ids_masked.dim() != 2 or ids_masked.shape[0] != N:
-        raise ValueError(f"ids_masked must be (N, L_mask) with N = {N}, got {getattr(ids_masked, 'shape', None)}")
-    if ids_masked.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"ids_masked must be int64 or int32, got {ids_masked.dtype}")
-    if ids_masked.device != imgs.device:
-        raise ValueError(f"ids_masked is on {ids_masked.device} but imgs are on {imgs.device}")
+    check_ids(ids_masked, N, imgs, "ids_masked")
     L_mask = ids_masked.shape[1]
     L_pred = pred.shape[1]
     if L_pred not in (h * w, L_mask):
@@ -162,33 +153,3 @@ def masked_recon_loss_fwd(
     if not with_grad:
         grad = pred.new_empty(0)
     return loss, grad
-
-
-class MaskedReconLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
-        loss, grad = masked_recon_loss_fwd(
-            pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps, with_grad=ctx.needs_input_grad[0]
-        )
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None
-
-
-def masked_recon_loss(
-    pred: Tensor,
-    imgs: Tensor,
-    ids_masked: Tensor,
-    patch_size: int,
-    norm_pix: bool = True,
-    loss_type: str = "mse",
-    mean: Tensor | None = None,
-    std: Tensor | None = None,
-    eps: float = 1e-6,
-) -> Tensor:
-    """Eager autograd entry point (same signature as ``fastmae.reference.masked_recon_loss``)."""
-    return MaskedReconLossFunction.apply(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
