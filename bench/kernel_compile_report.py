@@ -9,7 +9,8 @@ and reads registers / stack / local (spill) memory from the cubin with
 only filled in when a binary is loaded on a device). Shared memory comes from
 the compiled metadata.
 
-    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--json out.json] [--workers 2]
+    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--only gather_queries ...]
+                                          [--json out.json] [--workers 2]
 
 Exit status 1 if any configuration fails to compile or spills.
 """
@@ -166,6 +167,42 @@ def _k3_jobs(subset: str):
             yield k3_job(kind, C, p, img, pred, *flags)
 
 
+def _gq_fwd_jobs(subset: str):
+    from fastmae.kernels._common import block_config
+
+    for D, mt, pos in itertools.product(WIDTHS, FLOATS, FLOATS):
+        if subset == "ci" and D != TYPICAL_WIDTH and (mt, pos) != ("fp32", "fp32"):
+            continue
+        block, warps = block_config(D, "embedding dim")
+        out = _promote(mt, pos)
+        sig = {"mask_token_ptr": DTYPES[mt], "pos_ptr": DTYPES[pos], "ids_ptr": "*i64", "out_ptr": DTYPES[out],
+               **{k: "i32" for k in ("L_t", "D", "s_idn", "s_idl", "s_pt")}, "BLOCK_D": "constexpr"}
+        yield "gather_queries fwd", "_gather_queries_fwd_kernel", sig, {"BLOCK_D": block}, warps, \
+            f"D={D} mask token {mt} + pos {pos} -> {out}"
+
+
+def _gq_bwd_jobs(subset: str):
+    from fastmae.kernels.gather_queries import bwd_config
+
+    blocks = sorted({bwd_config(D) for D in WIDTHS})
+    for (block_n, block_d, warps), g, pos, write_pos in itertools.product(blocks, FLOATS, FLOATS, (False, True)):
+        if subset == "ci" and block_d != bwd_config(TYPICAL_WIDTH)[1] and (g, pos, write_pos) != ("fp32", "fp32", True):
+            continue
+        sig = {"grad_out_ptr": DTYPES[g], "slot_ptr": "*i32", "partial_ptr": "*fp32",
+               "grad_pos_ptr": DTYPES[pos] if write_pos else "*fp32", **{k: "i32" for k in ("N", "L", "L_t", "D")},
+               **{k: "constexpr" for k in ("BLOCK_N", "BLOCK_D", "WRITE_POS", "CAST_POS")}}
+        const = {"BLOCK_N": block_n, "BLOCK_D": block_d, "WRITE_POS": write_pos, "CAST_POS": write_pos and g != pos}
+        yield "gather_queries bwd", "_gather_queries_bwd_kernel", sig, const, warps, \
+            f"tile {block_n}x{block_d} grad {g}" + (f" -> pos {pos}" if write_pos else " (mask token only)")
+
+
+_GENERATORS = {
+    "patchify_gather": (_k1_fwd_jobs, _k1_bwd_jobs),
+    "unshuffle_scatter": (_k2_fwd_jobs, _k2_bwd_jobs),
+    "masked_recon_loss": (_k3_jobs,),
+    "gather_queries": (_gq_fwd_jobs, _gq_bwd_jobs),
+}
+
 _MODULES = {
     "_patchify_gather_fwd_kernel": "fastmae.kernels.patchify_gather",
     "_patchify_gather_bwd_kernel": "fastmae.kernels.patchify_gather",
@@ -173,6 +210,8 @@ _MODULES = {
     "_unshuffle_scatter_bwd_kernel": "fastmae.kernels.unshuffle_scatter",
     "_masked_recon_loss_fwd_kernel": "fastmae.kernels.masked_recon_loss",
     "_masked_recon_loss_bwd_kernel": "fastmae.kernels.masked_recon_loss",
+    "_gather_queries_fwd_kernel": "fastmae.kernels.gather_queries",
+    "_gather_queries_bwd_kernel": "fastmae.kernels.gather_queries",
 }
 
 
@@ -182,8 +221,8 @@ def as_jobs(specs, archs: list[int]) -> list[dict]:
             for kernel, fn_name, sig, const, warps, desc in specs for arch in archs]
 
 
-def all_jobs(subset: str, archs: list[int]) -> list[dict]:
-    gens = (_k1_fwd_jobs, _k1_bwd_jobs, _k2_fwd_jobs, _k2_bwd_jobs, _k3_jobs)
+def all_jobs(subset: str, archs: list[int], only: list[str] | None = None) -> list[dict]:
+    gens = [gen for name, pair in _GENERATORS.items() if not only or name in only for gen in pair]
     return as_jobs([spec for gen in gens for spec in gen(subset)], archs)
 
 
@@ -233,8 +272,8 @@ def compile_one(job: dict) -> dict:
     return row
 
 
-def run(subset: str, archs: list[int], workers: int) -> list[dict]:
-    jobs = all_jobs(subset, archs)
+def run(subset: str, archs: list[int], workers: int, only: list[str] | None = None) -> list[dict]:
+    jobs = all_jobs(subset, archs, only)
     if workers <= 1:
         return [compile_one(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
@@ -264,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", choices=("ci", "full"), default="full")
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--only", nargs="+", choices=sorted(_GENERATORS), default=None, help="compile these kernel modules only")
     ap.add_argument("--json", type=Path, default=None, help="write every row here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run(args.subset, args.arch, args.workers)
+    rows = run(args.subset, args.arch, args.workers, args.only)
     elapsed = time.perf_counter() - t0
     print(summarize(rows))
     bad = [r for r in rows if r["error"] is not None or r["spills"]]

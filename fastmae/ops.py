@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fastmae import reference
 
-__all__ = ["patchify_gather", "unshuffle_scatter", "masked_recon_loss", "kernel_backend", "ENV_VAR"]
+__all__ = ["patchify_gather", "unshuffle_scatter", "gather_queries", "masked_recon_loss", "kernel_backend", "ENV_VAR"]
 
 ENV_VAR = "FASTMAE_KERNELS"
 _CHOICES = ("auto", "triton", "torch")
@@ -213,6 +213,66 @@ def unshuffle_scatter(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_em
     if _backend_for(x.device.type) == "torch":
         return reference.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
     return _unshuffle_scatter_op(x, mask_token, ids_restore, pos_embed)
+
+
+# ---- CrossMAE decoder queries: mask token + positions of the patches to predict ---------------------------
+
+
+@torch.library.custom_op("fastmae::gather_queries", mutates_args=())
+def _gather_queries_op(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
+    _check_runnable(mask_token)
+    from fastmae.kernels.gather_queries import gather_queries_fwd
+
+    return gather_queries_fwd(mask_token, pos_embed, ids)
+
+
+@_gather_queries_op.register_fake
+def _(mask_token, pos_embed, ids):
+    shape = (ids.shape[0], ids.shape[1], mask_token.shape[0])
+    return mask_token.new_empty(shape, dtype=torch.result_type(mask_token, pos_embed))
+
+
+@torch.library.custom_op("fastmae::gather_queries_backward", mutates_args=())
+def _gather_queries_backward_op(
+    grad: Tensor, ids: Tensor, num_patches: int, mask_token_dtype: torch.dtype, pos_dtype: torch.dtype, with_pos: bool
+) -> tuple[Tensor, Tensor]:
+    _check_runnable(grad)
+    from fastmae.kernels.gather_queries import gather_queries_bwd
+
+    return gather_queries_bwd(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos)
+
+
+@_gather_queries_backward_op.register_fake
+def _(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos):
+    D = grad.shape[2]
+    grad_pos = grad.new_empty((1, num_patches + 1, D), dtype=pos_dtype) if with_pos else grad.new_empty((0,))
+    return grad.new_empty((D,), dtype=mask_token_dtype), grad_pos
+
+
+def _gather_queries_setup(ctx, inputs, output):
+    mask_token, pos_embed, ids = inputs
+    ctx.save_for_backward(ids)
+    ctx.meta = (pos_embed.shape[1] - 1, mask_token.dtype, pos_embed.dtype)
+
+
+def _gather_queries_backward(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    num_patches, mt_dtype, pos_dtype = ctx.meta
+    with_pos = ctx.needs_input_grad[1]
+    grad_mt, grad_pos = _gather_queries_backward_op(grad, ids, num_patches, mt_dtype, pos_dtype, with_pos)
+    return (grad_mt if ctx.needs_input_grad[0] else None), (grad_pos if with_pos else None), None
+
+
+_gather_queries_op.register_autograd(_gather_queries_backward, setup_context=_gather_queries_setup)
+
+
+def gather_queries(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
+    """CrossMAE decoder queries ``mask_token + pos_embed[0, ids + 1]``. mask_token: (D,); pos_embed: (1, 1+L, D)
+    with the cls slot at row 0 (patch l's position is row l + 1); ids: (N, L_t) patch ids in [0, L)
+    -> (N, L_t, D) in the promoted dtype of mask_token and pos_embed."""
+    if _backend_for(mask_token.device.type) == "torch":
+        return reference.gather_queries(mask_token, pos_embed, ids)
+    return _gather_queries_op(mask_token, pos_embed, ids)
 
 
 # ---- K3: masked reconstruction loss ----------------------------------------------------------------------

@@ -150,6 +150,30 @@ def test_gradient_inside_a_bigger_graph():
         _assert_close32(got, want, name)
 
 
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_crossmae_target_subset(dt):
+    """CrossMAE predicts a random subset of the masked patches: ids_target (N, L_t) with pred (N, L_t, P), row j <->
+    patch ids_target[n, j]. Loss and gradient match the reference on the same ids and an fp32 oracle."""
+    N, p, L = 3, 8, 16
+    imgs, mean, std = images(N, 3, 32, 32, "uint8", seed=12)
+    _, _, ids_masked = masking(N, L, 0.75, seed=12)
+    g = torch.Generator().manual_seed(13)
+    pick = torch.argsort(torch.rand(N, ids_masked.shape[1], generator=g), dim=1)[:, :5].to(DEVICE)
+    ids_target = torch.gather(ids_masked, 1, pick)  # 5 of the 12 masked patches, in random order
+    pred = torch.randn(N, 5, p * p * 3, generator=g).to(DEVICE, DT[dt])
+    loss, grad = _run(pred, imgs, ids_target, p, True, "mse", mean, std, masked_recon_loss, 2.5)
+    loss_o, grad_o = _run(pred.float(), imgs, ids_target, p, True, "mse", mean, std, R.masked_recon_loss, 2.5)
+    _assert_close32(loss, loss_o, "loss")
+    if dt == "fp32":
+        _assert_close32(grad, grad_o, "grad")
+    else:
+        assert ((grad.float() - kernel_downcast(grad_o, DT[dt]).float()).abs() <= ulp(grad_o, DT[dt])).all()
+    # The same patches scored through a full (N, L, P) prediction give the same loss.
+    full = torch.zeros(N, L, p * p * 3, device=DEVICE, dtype=pred.dtype)
+    full.scatter_(1, ids_target.unsqueeze(-1).expand(-1, -1, p * p * 3), pred)
+    _assert_close32(masked_recon_loss(full, imgs, ids_target, p, True, "mse", mean, std), loss_o, "loss (full pred)")
+
+
 def test_matches_official_mask_weighted_formula():
     """An independent statement of the semantics: the official mask-weighted loss over all patches."""
     N, L, p = 2, 16, 8
