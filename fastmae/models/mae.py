@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, sincos_2d
-from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.layers import Block, init_weights, sincos_2d
+from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
 
@@ -70,7 +70,7 @@ class MaskedAutoencoderViT(VisionTransformer):
             self.decoder_pos_embed.copy_(table.unsqueeze(0))
             nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_module)
+            m.apply(init_weights)
 
     # ---- official helpers ---------------------------------------------------------------------------------
 
