@@ -183,7 +183,8 @@ def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict
     if preset is not None:
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-        base = dict(presets[preset])
+        # The config records the preset it was built from, also when --method chose it.
+        base = {**presets[preset], **({"preset": preset} if "preset" in types else {})}
     values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in pairs}}
     cfg = dataclasses.replace(cls(), **values)
     cfg.validate()
