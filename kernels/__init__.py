@@ -11,5 +11,6 @@ under ``TRITON_INTERPRET=1`` set the variable before importing them):
 - ``patchify_gather``: K1, fused patchify + uint8 normalization + gather of the visible patches, and its backward;
 - ``unshuffle_scatter``: K2, decoder input (unshuffle + mask token + positions) and its backward;
 - ``masked_recon_loss``: K3, norm-pix MSE / L1 on the masked patches and its gradient;
+- ``gather_queries``: CrossMAE decoder queries (mask token + positions of the patches to predict) and their gradients;
 - ``_common``: helpers the kernel modules share (block sizes, input checks, image geometry, patch addressing).
 """
