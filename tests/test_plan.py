@@ -88,3 +88,36 @@ def test_positive_max_norm_clips_like_torch():
 def test_negative_max_norm_is_refused():
     with pytest.raises(ValueError, match="max_norm must be >= 0"):
         grad_norm_(_net_with_grads().parameters(), -1.0)
+
+
+# ---- residual dtype under autocast ----------------------------------------------------------------------------
+
+
+def test_residual_stream_is_fp32_by_default_and_bf16_on_request():
+    from fastmae.layers.block import Block
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    dtypes = {}
+    for name in ("fp32", "bf16"):
+        torch.manual_seed(1)
+        blk = Block(32, 4, residual_dtype=name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes[name] = blk(x).dtype
+        assert blk(x).dtype == torch.float32  # without autocast nothing changes
+    assert dtypes == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        Block(32, 4, residual_dtype="fp16")
+
+
+def test_mae_residual_option_reaches_encoder_and_decoder_blocks():
+    from fastmae.models.mae import create_model
+
+    model = create_model("mae_vit_tiny", residual_dtype="bf16")
+    blocks = list(model.blocks) + list(model.decoder_blocks)
+    assert {b.residual_dtype for b in blocks} == {torch.bfloat16}
+    assert {b.residual_dtype for b in create_model("mae_vit_tiny").decoder_blocks} == {None}
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = model(imgs)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
