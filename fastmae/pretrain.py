@@ -152,10 +152,15 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
 
 
 def compile_forward(model, cfg: PretrainConfig, info: DistInfo):
-    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model."""
+    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model.
+
+    CUDA graphs stay off with gradient accumulation: gradients accumulated across replays of a graphed
+    backward live in the graph's memory pool and are overwritten (DESIGN.md, hazard; ``fastmae.engine.plan``).
+    """
     if not cfg.compile:
         return model
-    mode = "reduce-overhead" if info.device.type == "cuda" and cfg.cuda_graphs else None
+    graphs = info.device.type == "cuda" and cfg.cuda_graphs and cfg.accum_iter == 1
+    mode = "reduce-overhead" if graphs else None
     return torch.compile(model, fullgraph=not info.enabled, mode=mode)
 
 
@@ -198,10 +203,14 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"usage: fastmae pretrain [--preset={'|'.join(pretrain_presets())}] [--key=value ...]\n\nkeys:\n" + describe_keys())
         return 0
     try:
-        parse_overrides(argv)
+        cfg = parse_overrides(argv)
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    if cfg.dry_run:
+        from fastmae.engine.plan import plan_main
+
+        return plan_main(argv)
     try:
         main(argv)
     except TrainingAborted as e:
