@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import append_csv, stamp  # noqa: E402
 
 from fastmae.data import build_loader, prepare_demo_dataset  # noqa: E402
-from fastmae.data.demo import _photos  # noqa: E402
+from fastmae.data.demo import sample_photos  # noqa: E402
 
 
 def make_imagenet_like(root: Path, n: int = 500, classes: int = 10) -> Path:
@@ -37,7 +37,7 @@ def make_imagenet_like(root: Path, n: int = 500, classes: int = 10) -> Path:
     if (out / "train").is_dir():
         return out
     tmp = root / f".tmp-{out.name}-{time.time_ns()}"
-    photos = list(_photos().values())
+    photos = list(sample_photos().values())
     rng = np.random.default_rng(0)
     for i in range(n):
         img = photos[i % len(photos)]

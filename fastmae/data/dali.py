@@ -29,22 +29,17 @@ from .augment import eval_params, train_params
 from .loader import BaseLoader
 from .sources import Source
 
+__all__ = ["DaliLoader", "import_dali"]
 
-def _import_dali():
+
+def import_dali():
+    """-> (fn, pipeline_def, types); an ImportError naming the extra when DALI is absent."""
     try:
         import nvidia.dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as e:
         raise ImportError("loader='dali' needs NVIDIA DALI: pip install 'fastmae[dali]' (nvidia-dali-cuda130)") from e
     return fn, pipeline_def, types
-
-
-def dali_available() -> bool:
-    try:
-        _import_dali()
-    except ImportError:
-        return False
-    return True
 
 
 def _dali_device(device: torch.device) -> int | None:
@@ -75,7 +70,7 @@ class DaliLoader(BaseLoader):
         departs from the MAE recipe's bicubic resize."""
         if resize_filter not in ("cubic", "triangular"):
             raise ValueError(f"resize_filter must be 'cubic' or 'triangular', got {resize_filter!r}")
-        self._fn, self._pipeline_def, self._types = _import_dali()
+        self._fn, self._pipeline_def, self._types = import_dali()
         super().__init__(num_samples=len(src), classes=src.classes, skipped=src.bad, **kw)
         self.source = src
         self.dataset = src

@@ -39,14 +39,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..constants import IMAGE_EXTENSIONS
+
 log = logging.getLogger("fastmae.data")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _HEAD_BYTES = 1 << 16
 _TAIL_BYTES = 64
 _INDEX_VERSION = 1
 
-__all__ = ["Source", "open_source", "expand_braces", "check_bytes", "IMAGE_EXTS"]
+__all__ = ["Source", "open_source", "resolve_spec", "expand_braces", "check_bytes"]
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cach
         if not files:
             empty.append(classes[ci])
         for f in files:
-            if f.lower().endswith(IMAGE_EXTS):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
                 entries.append((ci, f))
             else:
                 bad.append((f, "not an image (extension)"))
@@ -259,7 +260,7 @@ def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> S
             for key in order:
                 members = samples[key]
                 name = f"{tp}:{key}"
-                img_ext = next((e for e in members if "." + e in IMAGE_EXTS), None)
+                img_ext = next((e for e in members if "." + e in IMAGE_EXTENSIONS), None)
                 if img_ext is None:
                     src.bad.append((name, "no image member (" + ",".join(sorted(members)) + ")"))
                     continue

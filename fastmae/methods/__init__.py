@@ -100,6 +100,15 @@ def build_method_loader(cfg, info, split: str, output: str):
     """
     if cfg.method != "videomae":
         return None
-    from fastmae.methods.video_data import build_video_loader
+    from fastmae.data import build_video_loader
 
-    return build_video_loader(cfg, info, split, output)
+    num_frames, tubelet = getattr(cfg, "num_frames", 16), getattr(cfg, "tubelet_size", 0) or 2
+    if num_frames % tubelet:
+        raise ValueError(f"num_frames {num_frames} is not divisible by the tubelet size {tubelet}")
+    train = split == "train"
+    return build_video_loader(
+        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, num_frames=num_frames,
+        frame_stride=getattr(cfg, "frame_stride", 4), loader=cfg.loader, output=output, train=train,
+        num_workers=cfg.num_workers, seed=cfg.seed, rank=info.rank if train else 0,
+        world_size=info.world_size if train else 1, device=str(info.device), drop_last=train,
+    )
