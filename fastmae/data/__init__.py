@@ -12,5 +12,14 @@ from __future__ import annotations
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from .api import build_loader, build_video_loader
 from .demo import demo_cache_dir, prepare_demo_dataset
+from .text import printable
 
-__all__ = ["build_loader", "build_video_loader", "prepare_demo_dataset", "demo_cache_dir", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "build_loader",
+    "build_video_loader",
+    "prepare_demo_dataset",
+    "demo_cache_dir",
+    "printable",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

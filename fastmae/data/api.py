@@ -12,6 +12,7 @@ import torch
 from .demo import demo_cache_dir, prepare_demo_dataset
 from .loader import BaseLoader, ImageDataset, SyntheticLoader, TorchLoader
 from .sources import open_source
+from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
 OUTPUTS = ("float", "uint8")
@@ -162,12 +163,13 @@ def build_video_loader(
     root = Path(root_or_spec)
     folder = root / split if (root / split).is_dir() else root
     if split == "val" and folder == root and (root / "train").is_dir():
-        raise FileNotFoundError(f"clip set {root} has a train/ split but no val/ split")
+        raise FileNotFoundError(f"clip set {printable(root)} has a train/ split but no val/ split")
     span = (num_frames - 1) * frame_stride + 1
     items, bad, classes = scan_videos(folder, span, loader)
     if not items:
-        reasons = "; ".join(f"{Path(p).name}: {r}" for p, r in bad[:3])
-        raise ValueError(f"no usable clip of {span} frames in {folder}" + (f" ({len(bad)} skipped: {reasons})" if bad else ""))
+        reasons = "; ".join(f"{printable(Path(p).name)}: {printable(r)}" for p, r in bad[:3])
+        where = printable(folder)
+        raise ValueError(f"no usable clip of {span} frames in {where}" + (f" ({len(bad)} skipped: {reasons})" if bad else ""))
     dataset = ClipDataset(items, img_size=img_size, num_frames=num_frames, frame_stride=frame_stride, train=train, seed=seed)
     if loader == "dali":
         return DaliVideoLoader(dataset, classes=classes, skipped=bad, num_workers=num_workers, **common)

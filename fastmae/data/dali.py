@@ -28,6 +28,7 @@ from PIL import Image
 from .augment import eval_params, train_params
 from .loader import BaseLoader
 from .sources import Source
+from .text import printable
 
 __all__ = ["DaliLoader", "import_dali"]
 
@@ -88,7 +89,7 @@ class DaliLoader(BaseLoader):
             j = (i + k) % n
             if j not in self._known_bad:
                 return j
-        raise RuntimeError(f"no decodable image left in {self.source.root}")
+        raise RuntimeError(f"no decodable image left in {printable(self.source.root)}")
 
     def _plan(self, epoch: int, start: int):
         """-> per remaining step: (original ids, ids to decode, n_valid), both padded to the batch.

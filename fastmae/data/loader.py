@@ -38,6 +38,7 @@ from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..reference import normalize_uint8
 from .augment import epoch_permutation, eval_params, pil_apply, train_params
 from .sources import Source
+from .text import printable
 
 __all__ = ["BaseLoader", "TorchLoader", "SyntheticLoader", "ImageDataset", "rank_indices"]
 
@@ -237,7 +238,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 return self.load(j, epoch, idx), self.src.labels[j], bad
             except Exception as e:  # any decode failure: substitute deterministically, keep training
                 bad.append((self.src.names[j], f"decode failed ({type(e).__name__}: {str(e)[:80]})"))
-        raise RuntimeError(f"no decodable image left in {self.src.root}")
+        raise RuntimeError(f"no decodable image left in {printable(self.src.root)}")
 
 
 def _collate(items):

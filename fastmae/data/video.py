@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..constants import VIDEO_EXTENSIONS
 from .augment import rrc_params, sample_rng
 from .loader import BaseLoader
+from .text import printable
 
 __all__ = [
     "DALI_CPU_CODECS",
@@ -101,7 +102,7 @@ def scan_videos(root: str | os.PathLike, span: int, decoder: str) -> tuple[list[
     Class folders (sorted names = class ids) or clips directly under ``root`` (one class)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"video folder {root} does not exist")
+        raise FileNotFoundError(f"video folder {printable(root)} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files: list[tuple[Path, int]] = []
     if classes:
