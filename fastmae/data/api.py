@@ -91,9 +91,10 @@ def build_loader(
 
         import_dali()  # fail on a missing extra before scanning a large dataset
         src = open_source(root_or_spec, split, min_size=min_size, crop=img_size, index_cache=index_cache)
-        return DaliLoader(src, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+        augment = "mae" if train else "eval"
+        return DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
     src = open_source(root_or_spec, split, min_size=min_size, crop=img_size, index_cache=index_cache)
-    dataset = ImageDataset(src, img_size, train, seed)
+    dataset = ImageDataset(src, img_size, "mae" if train else "eval", seed)
     return TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
 
 

@@ -26,6 +26,7 @@ batch (``drop_last=True``), so ``steps_per_epoch`` is exact, equal on all ranks 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -36,7 +37,7 @@ from PIL import Image
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..reference import normalize_uint8
-from .augment import epoch_permutation, eval_params, pil_apply, train_params
+from .augment import AUGMENT_SCALES, epoch_permutation, eval_params, pil_apply, train_params_batch
 from .sources import Source
 from .text import printable
 
@@ -206,36 +207,45 @@ class BaseLoader:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset addressed by ``(global index, epoch)`` -> (uint8 HWC, label, bad list).
+    """Map-style image dataset: ``batch_keys(epoch, indices)`` (main process) -> keys; ``dataset[key]``
+    (a worker) -> (uint8 HWC, label, bad list).
 
-    The contract of every dataset :class:`TorchLoader` drives (images here, clips in ``video.py``)."""
+    The contract of every dataset :class:`TorchLoader` drives (images here, clips in ``video.py``).
+    Crop windows of a whole batch are drawn in the main process in one vectorized call from the
+    scanned image sizes, the same call the DALI loader makes; a worker draws one itself only for a
+    substitute (a file that failed to decode), from the failed sample's stream."""
 
-    def __init__(self, src: Source, img_size: int, train: bool, seed: int) -> None:
-        self.src, self.img_size, self.train, self.seed = src, img_size, train, seed
+    def __init__(self, src: Source, img_size: int, augment: str, seed: int) -> None:
+        self.src, self.img_size, self.augment, self.seed = src, img_size, augment, seed
+        self.sizes = np.asarray(src.sizes, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.src)
 
-    def load(self, idx: int, epoch: int, orig: int) -> np.ndarray:
-        import io
+    def params(self, epoch: int, orig, use) -> np.ndarray:
+        """int64 (N, 5) train windows or (N, 4) eval geometry for samples ``orig`` decoded from files ``use``."""
+        wh = self.sizes[np.asarray(use, dtype=np.int64)]
+        if self.augment == "eval":
+            return np.array([eval_params(int(w), int(h), self.img_size) for w, h in wh], dtype=np.int64).reshape(-1, 4)
+        return train_params_batch(self.seed, epoch, orig, wh[:, 0], wh[:, 1], AUGMENT_SCALES[self.augment])
 
-        with Image.open(io.BytesIO(self.src.read_bytes(idx))) as im:
+    def batch_keys(self, epoch: int, indices: np.ndarray) -> list:
+        rows = self.params(epoch, indices, indices).tolist()
+        return [(i, epoch, row) for i, row in zip(indices.tolist(), rows, strict=True)]
+
+    def load(self, j: int, params) -> np.ndarray:
+        with Image.open(io.BytesIO(self.src.read_bytes(j))) as im:
             im.load()
-            w, h = im.size
-            if self.train:
-                params = train_params(self.seed, epoch, orig, w, h)
-            else:
-                params = eval_params(w, h, self.img_size)
-            return pil_apply(im, self.img_size, self.train, params)
+            return pil_apply(im, self.img_size, params)
 
-    def __getitem__(self, key: tuple[int, int]):
-        idx, epoch = key
+    def __getitem__(self, key):
+        idx, epoch, params = key
         bad = []
         n = len(self.src)
         for k in range(n):
             j = (idx + k) % n
             try:
-                return self.load(j, epoch, idx), self.src.labels[j], bad
+                return self.load(j, params if j == idx else self.params(epoch, [idx], [j])[0].tolist()), self.src.labels[j], bad
             except Exception as e:  # any decode failure: substitute deterministically, keep training
                 bad.append((self.src.names[j], f"decode failed ({type(e).__name__}: {str(e)[:80]})"))
         raise RuntimeError(f"no decodable image left in {printable(self.src.root)}")
@@ -250,9 +260,10 @@ def _collate(items):
 
 class _PlanSampler:
     """Batch sampler whose plan (this rank's order, epoch, first step) is set by the loader before each
-    iteration; it lives in the main process and yields ``[(index, epoch), ...]`` lazily."""
+    iteration; it lives in the main process and yields each batch's keys (``dataset.batch_keys``) lazily."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, dataset, batch_size: int) -> None:
+        self.dataset = dataset
         self.batch_size = batch_size
         self.indices = np.zeros(0, dtype=np.int64)
         self.epoch = self.start = self.stop = 0
@@ -260,10 +271,23 @@ class _PlanSampler:
     def __iter__(self):
         bs, e = self.batch_size, self.epoch
         for s in range(self.start, self.stop):
-            yield [(i, e) for i in self.indices[s * bs : (s + 1) * bs].tolist()]
+            yield self.dataset.batch_keys(e, self.indices[s * bs : (s + 1) * bs])
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+def _worker_context():
+    """Workers start from a fork server (a fresh interpreter with torch and the datasets preloaded), never
+    by forking this process: a process running DALI pipelines (whose thread pools live as long as their
+    loader) or other thread pools can hang or crash in a forked child."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "fastmae.data.loader", "fastmae.data.video"])
+    return ctx
 
 
 class TorchLoader(BaseLoader):
@@ -283,8 +307,10 @@ class TorchLoader(BaseLoader):
     ) -> None:
         super().__init__(num_samples=len(dataset), classes=classes, skipped=skipped, **kw)
         self.dataset = dataset
-        self._sampler = _PlanSampler(self.batch_size)
-        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+        self._sampler = _PlanSampler(self.dataset, self.batch_size)
+        extra = {}
+        if num_workers > 0:
+            extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "multiprocessing_context": _worker_context()}
         self._dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self._sampler,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import VIDEO_EXTENSIONS
-from .augment import rrc_params, sample_rng
+from .augment import FLIP_DRAW, rrc_windows, sample_uniforms
 from .loader import BaseLoader
 from .text import printable
 
@@ -201,10 +201,10 @@ def clip_params(
     """-> (start frame, crop window (left, top, w, h), flip) of clip ``index`` in ``epoch``, drawn on
     ``item``'s geometry (the clip itself, or its substitute when it failed to decode)."""
     if train:
-        rng = sample_rng(seed, epoch, index)
-        start = int(rng.integers(0, item.num_frames - span + 1))
-        window = rrc_params(rng, item.width, item.height)
-        return start, window, bool(rng.random() < 0.5)
+        u = sample_uniforms(seed, epoch, [index], FLIP_DRAW + 2)
+        left, top, w, h = (int(v) for v in rrc_windows(u, [item.width], [item.height])[0])
+        start = int(u[0, FLIP_DRAW + 1] * (item.num_frames - span + 1))
+        return start, (left, top, w, h), bool(u[0, FLIP_DRAW] < 0.5)
     side = min(item.width, item.height)
     return (item.num_frames - span) // 2, ((item.width - side) // 2, (item.height - side) // 2, side, side), False
 
@@ -231,6 +231,9 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def batch_keys(self, epoch: int, indices: np.ndarray) -> list[tuple[int, int]]:
+        return [(i, epoch) for i in indices.tolist()]
 
     def __getitem__(self, key: tuple[int, int]):
         idx, epoch = key
