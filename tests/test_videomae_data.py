@@ -13,7 +13,7 @@ pytest.importorskip("av")
 from fastmae.data import build_video_loader, demo_cache_dir  # noqa: E402
 from fastmae.data.video import decode_dali, decode_pyav, scan_videos  # noqa: E402
 from fastmae.data.video_demo import encode_video, prepare_video_demo  # noqa: E402
-from fastmae.methods import build_method_loader  # noqa: E402
+from fastmae.methods import get_method  # noqa: E402
 
 SIZE, SHIFT, T = 64, 3, 24
 
@@ -145,12 +145,12 @@ def test_bad_clips_are_skipped_with_reasons(tmp_path, clips):
     assert len(items_t) == 2 and len(bad_t) == 2
     cfg = types.SimpleNamespace(method="videomae", data=str(tmp_path), loader="torch", batch_size=1, img_size=32, seed=0,
                                 num_workers=0, num_frames=4, frame_stride=8, tubelet_size=2)
-    info = types.SimpleNamespace(rank=0, world_size=1, device="cpu")
+    build_loader = get_method("videomae").build_loader
     with pytest.raises(ValueError, match="no usable clip of 25 frames"):
-        build_method_loader(cfg, info, "train", "float")
+        build_loader(cfg, 0, 1, "cpu", "train", "float")
     cfg.num_frames, cfg.frame_stride = 5, 1
     with pytest.raises(ValueError, match="not divisible by the tubelet size"):
-        build_method_loader(cfg, info, "train", "float")
+        build_loader(cfg, 0, 1, "cpu", "train", "float")
     # A clip that passes the scan but fails to decode is substituted by the next one and reported once.
     d = tmp_path / "rt" / "c"
     d.mkdir(parents=True)
@@ -179,10 +179,8 @@ def test_demo_set_and_method_loader(tmp_path, monkeypatch):
     clips_, labels = next(iter(ld))
     assert clips_.shape == (3, 3, 16, 32, 32) and clips_.dtype == torch.float32 and labels.shape == (3,)
     cfg = types.SimpleNamespace(method="videomae", data="demo", loader="torch", batch_size=3, img_size=32, seed=0,
-                                num_workers=0)
-    info = types.SimpleNamespace(rank=0, world_size=1, device="cpu")
-    assert build_method_loader(cfg, info, "val", "uint8").steps_per_epoch == 2  # 6 val clips, kept whole
-    assert build_method_loader(types.SimpleNamespace(method="simmim"), info, "train", "float") is None
+                                num_workers=0, num_frames=16, frame_stride=4, tubelet_size=0)
+    assert get_method("videomae").build_loader(cfg, 0, 1, "cpu", "val", "uint8").steps_per_epoch == 2  # 6 val clips
 
 
 def test_synthetic_clips():
@@ -195,8 +193,7 @@ def test_synthetic_clips():
     assert next(iter(u))[0].shape == (2, 4, 16, 16, 3)
 
 
-def test_evaluate_family_on_clips(clips):
-    from fastmae.methods.evaluate import evaluate_family
+def test_evaluate_on_clips(clips):
     from fastmae.methods.videomae import VideoMAE
 
     root, _ = clips
@@ -204,6 +201,7 @@ def test_evaluate_family_on_clips(clips):
                             output="uint8", num_workers=0)
     model = VideoMAE(img_size=32, num_frames=4, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
                      decoder_depth=1, decoder_num_heads=2)
-    out = evaluate_family(model, ld, torch.device("cpu"), 0.75)
-    assert out["val_samples"] == 2 and out["val_loss"] > 0
-    assert evaluate_family(model, ld, torch.device("cpu"), 0.75) == out
+    evaluate = get_method("videomae").evaluate
+    out = evaluate(model, ld, torch.device("cpu"), 0.75)
+    assert out["count"] == 2 and out["loss"] > 0 and out["unit"] == "clips"
+    assert evaluate(model, ld, torch.device("cpu"), 0.75) == out
