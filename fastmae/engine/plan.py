@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastmae.engine.flops import GPUS, GpuSpec, gpu_spec, mae_forward_flops
+from fastmae.models.mae import MaskedAutoencoderViT, create_model
 
 # ---- assumptions of the memory and time models (printed with every plan) ----------------------------------------
 
@@ -121,8 +122,6 @@ def model_shape(model, img_size: int, mask_ratio: float) -> ModelShape:
 
 def build_meta_model(model_name: str, img_size: int, patch_size: int = 0):
     """The MAE on the meta device: shapes and parameter count without allocating a byte."""
-    from fastmae.models.mae import create_model
-
     kw = {"img_size": img_size, **({"patch_size": patch_size} if patch_size else {})}
     with torch.device("meta"):
         return create_model(model_name, **kw)
@@ -397,11 +396,12 @@ def build_plan(cfg) -> Plan:
     from fastmae import ops
     from fastmae.layers.attention import attention_backend, describe_attention
 
-    if cfg.method != "mae":
-        raise ValueError(f"plan models MAE runs only (method={cfg.method})")
     device, spec, note = _target(cfg)
     world = _world_size(cfg)
     model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    if not isinstance(model, MaskedAutoencoderViT):
+        # The roofline and memory models describe the MAE encoder-decoder step only.
+        raise ValueError(f"fastmae plan models MAE runs only; {cfg.model!r} is a {type(model).__name__}")
     n_params = sum(p.numel() for p in model.parameters())
     shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
     fwd_flops = mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
