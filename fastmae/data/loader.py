@@ -22,6 +22,7 @@ batch (``drop_last=True``), so ``steps_per_epoch`` is exact, equal on all ranks 
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -250,6 +251,12 @@ class _PlanSampler:
         return self.stop - self.start
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: preemption (SIGTERM to the process group) is the main process's to
+    handle; a worker that died of it would abort the final save. Workers end with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader(BaseLoader):
     kind = "torch"
 
@@ -264,6 +271,7 @@ class TorchLoader(BaseLoader):
             batch_sampler=self._sampler,
             num_workers=num_workers,
             collate_fn=_collate,
+            worker_init_fn=ignore_sigterm,
             pin_memory=self.device.type == "cuda",
             # A private generator: DataLoader otherwise draws its worker base seed from the global RNG on
             # every iter(), which would shift the training masks and break bit-exact resume.
