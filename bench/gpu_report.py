@@ -189,7 +189,7 @@ def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -
     fused = {
         "K1": lambda: torch.ops.fastmae.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
         "K2": lambda: torch.ops.fastmae.unshuffle_scatter(x, mask_token, ids_restore, pos),
-        "K3": lambda: torch.ops.fastmae.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std, 1e-6, True)[0],
+        "K3": lambda: torch.ops.fastmae.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std, 1e-6),
     }
     return {
         # K1 on uint8 images has no backward (images need no gradient).
@@ -200,9 +200,10 @@ def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -
                                      fused=fused["K2"], grad=x, grad_out=torch.ones(batch, 1 + L, dd, device=device),
                                      bytes=(batch * ((1 + V) * dd * 2 + (1 + L) * dd * 4 + L * 8),
                                             batch * ((1 + L) * dd * 4 + (1 + V) * dd * 2))),
-        # K3 computes its gradient in the forward pass: "fwd" already writes it.
+        # K3: the forward reads the masked rows of pred (bf16) and of the uint8 images; the backward reads them again
+        # (the target is recomputed) and writes every row of the bf16 gradient once.
         "K3 norm-pix loss": dict(ref=ref_k3, fused=fused["K3"], grad=pred, grad_out=torch.ones((), device=device),
-                                 bytes=(batch * (L * P * 4 + (L - V) * P), batch * L * P * 4)),
+                                 bytes=(batch * (L - V) * P * 3, batch * ((L - V) * P * 3 + L * P * 2))),
     }
 
 
