@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -368,6 +369,12 @@ def _worker_context():
     return ctx
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: preemption (SIGTERM to the process group) is the main process's to
+    handle; a worker that died of it would abort the final save. Workers end with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader(BaseLoader):
     """A torch DataLoader over a dataset addressed by ``(index, epoch)`` (images or clips), with workers."""
 
@@ -394,6 +401,7 @@ class TorchLoader(BaseLoader):
             batch_sampler=self._sampler,
             num_workers=num_workers,
             collate_fn=_collate,
+            worker_init_fn=ignore_sigterm,
             pin_memory=self.device.type == "cuda",
             # A private generator: DataLoader otherwise draws its worker base seed from the global RNG on
             # every iter(), which would shift the training masks and break bit-exact resume.

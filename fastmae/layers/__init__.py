@@ -5,7 +5,9 @@ from fastmae.layers.block import Block
 from fastmae.layers.drop_path import DropPath
 from fastmae.layers.mlp import Mlp
 from fastmae.layers.patch_embed import PatchEmbed
-from fastmae.layers.pos_embed import resize_pos_embed, sincos_2d
+from fastmae.layers.pos_embed import resize_pos_embed, sincos_2d, sinusoid_table
+from fastmae.layers.tubelet_embed import TubeletEmbed
+from fastmae.layers.weight_init import init_weights
 
 __all__ = [
     "Attention",
@@ -13,8 +15,11 @@ __all__ = [
     "DropPath",
     "Mlp",
     "PatchEmbed",
+    "TubeletEmbed",
     "attention_backend",
-    "set_attention_backend",
+    "init_weights",
     "resize_pos_embed",
+    "set_attention_backend",
     "sincos_2d",
+    "sinusoid_table",
 ]
