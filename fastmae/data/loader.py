@@ -357,11 +357,15 @@ class _PlanSampler:
 
 
 def _worker_context():
-    """Workers start from a fork server (a fresh interpreter with torch and the datasets preloaded), never
-    by forking this process: a process running DALI pipelines (whose thread pools live as long as their
-    loader) or other thread pools can hang or crash in a forked child."""
+    """How DataLoader workers start. Forking is the fast default, but a child forked while DALI's
+    thread pools run (a DALI pipeline lives as long as its loader) can hang or crash; once DALI is
+    loaded in this process, workers start from a fork server instead (a fresh interpreter with torch
+    and the datasets preloaded; a few seconds once per process)."""
     import multiprocessing as mp
+    import sys
 
+    if "nvidia.dali" not in sys.modules:
+        return None
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -393,9 +397,8 @@ class TorchLoader(BaseLoader):
         super().__init__(num_samples=len(dataset), classes=classes, skipped=skipped, **kw)
         self.dataset = dataset
         self._sampler = _PlanSampler(self.dataset, self.batch_size)
-        extra = {}
-        if num_workers > 0:
-            extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "multiprocessing_context": _worker_context()}
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+        self._workers_started = False
         self._dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self._sampler,
@@ -412,6 +415,9 @@ class TorchLoader(BaseLoader):
     def _batches(self, epoch, start):
         sp = self._sampler
         sp.indices, sp.epoch, sp.start, sp.stop = self.epoch_indices(epoch), epoch, start, self.steps_per_epoch
+        if self._dl.num_workers > 0 and not self._workers_started:
+            self._dl.multiprocessing_context = _worker_context()  # decided when the (persistent) workers start
+            self._workers_started = True
         for imgs, labels, bad in self._dl:
             if bad:
                 self._record_bad(bad)
