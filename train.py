@@ -8,9 +8,14 @@ model -> compile -> step loop -> log/checkpoint); it lives in the package so tha
     torchrun --nproc_per_node=8 train.py --preset=base --data=/path/to/imagenet
 """
 
+import signal
 import sys
 
-from fastmae.pretrain import cli_main
+# Preempted while still importing and setting up: nothing to save yet, so leave cleanly (exit 0).
+# The training loop installs its own handler (save at an agreed step) before it starts.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+from fastmae.pretrain import cli_main  # noqa: E402 - after the handler: importing torch takes seconds
 
 if __name__ == "__main__":
     sys.exit(cli_main())
