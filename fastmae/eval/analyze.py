@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmae.constants import IMAGE_EXTENSIONS
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.data import IMAGE_EXTENSIONS, load_digits_split
+from fastmae.eval.data import load_digits_split
 from fastmae.eval.models import RANDOM, build_encoder, read_source, resolve_arch
 from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 
