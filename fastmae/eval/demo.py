@@ -94,19 +94,8 @@ def _run(cfg: DemoConfig) -> dict:
     arch = dict(DIGITS_ARCH, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
     split = load_digits_split(arch["img_size"], arch["in_chans"], seed=cfg.seed)
 
-    torch.manual_seed(cfg.seed)
-    mae = tiny_digits_mae(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.norm_pix_loss, split.mean, split.std)
-    cpu0 = time.process_time()
-    pre = pretrain(mae, split.train_x, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch, blr=cfg.pretrain_blr,
-                   mask_ratio=cfg.mask_ratio, seed=cfg.seed, log_every=0 if cfg.quiet else 10)
-    meta = {"arch": arch, "pixel_mean": list(split.mean), "pixel_std": list(split.std),
-            "decoder": {"decoder_embed_dim": cfg.decoder_dim, "decoder_depth": cfg.decoder_depth,
-                        "decoder_num_heads": 4, "norm_pix_loss": cfg.norm_pix_loss},
-            "config": asdict(cfg)}
-    pre["cpu_s"] = time.process_time() - cpu0
     mae_path = out / "mae_pretrained.pt"
-    torch.save({"model": mae.state_dict(), **meta}, mae_path)
-    mae_sd = mae.state_dict()
+    mae_sd, meta, pre = pretrain_on_digits(cfg, split, mae_path)
     print(f"pretrained {pre['steps']} steps in {pre['wall_s']:.1f}s, final loss {pre['losses'][-1]:.4f}", flush=True)
 
     protocols = [("linear probe", LinprobeConfig, dict(epochs=cfg.probe_epochs)),
@@ -160,6 +149,26 @@ def _run(cfg: DemoConfig) -> dict:
     (out / "results.md").write_text(table + "\n")
     print(table)
     return summary
+
+
+def pretrain_on_digits(cfg: DemoConfig, split, path: Path) -> tuple[dict, dict, dict]:
+    """The demo's tiny MAE pretrained on the digits' training split (labels unused), saved to ``path``.
+
+    -> (state dict, checkpoint metadata, {'losses', 'wall_s', 'steps', 'cpu_s'}).
+    """
+    arch = dict(DIGITS_ARCH, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    torch.manual_seed(cfg.seed)
+    mae = tiny_digits_mae(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.norm_pix_loss, split.mean, split.std)
+    cpu0 = time.process_time()
+    pre = pretrain(mae, split.train_x, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch, blr=cfg.pretrain_blr,
+                   mask_ratio=cfg.mask_ratio, seed=cfg.seed, log_every=0 if cfg.quiet else 10)
+    pre["cpu_s"] = time.process_time() - cpu0
+    meta = {"arch": arch, "pixel_mean": list(split.mean), "pixel_std": list(split.std),
+            "decoder": {"decoder_embed_dim": cfg.decoder_dim, "decoder_depth": cfg.decoder_depth,
+                        "decoder_num_heads": 4, "norm_pix_loss": cfg.norm_pix_loss},
+            "config": asdict(cfg)}
+    torch.save({"model": mae.state_dict(), **meta}, path)
+    return mae.state_dict(), meta, pre
 
 
 def format_table(cfg: DemoConfig, s: dict) -> str:

@@ -51,9 +51,8 @@ PRESETS: dict[str, dict] = {
 
 def _body(cfg: FinetuneConfig) -> int:
     r = run_eval(cfg)
-    if r.get("status") == "preempted":
-        return 0
-    print(format_result(r, cfg.output_dir))
+    if r.get("status") != "preempted" and r["rank"] == 0:
+        print(format_result(r, cfg.output_dir))
     return 0
 
 

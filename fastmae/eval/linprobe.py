@@ -44,7 +44,7 @@ PRESETS: dict[str, dict] = {
 
 def _body(cfg: LinprobeConfig) -> int:
     r = run_eval(cfg)
-    if r.get("status") != "preempted":
+    if r.get("status") != "preempted" and r["rank"] == 0:
         print(format_result(r, cfg.output_dir))
     return 0
 

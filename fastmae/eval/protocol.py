@@ -375,7 +375,7 @@ def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dic
     if cfg.eval_only:
         ev = evaluate(model, data.val, device, amp_dtype, info)
         summary = {"protocol": "eval_only", "source": cfg.ckpt, "top1": ev["top1"], "top5": ev["top5"],
-                   "n_val": ev["n"], "data": data.kind, "wall_s": time.perf_counter() - t0}
+                   "n_val": ev["n"], "data": data.kind, "wall_s": time.perf_counter() - t0, "rank": info.rank}
         if write:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         shutdown(info)
@@ -384,7 +384,7 @@ def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dic
         raise ValueError("mixup/cutmix mix whole images: use them with full fine-tuning (tune_blocks=-1) only")
     summary = _train(cfg, info, model, data, amp_dtype, run_dir, write, arch, tune_blocks)
     summary.update(source=cfg.ckpt if source_sd is None else "<in memory>", arch=arch, data=data.kind,
-                   wall_s=time.perf_counter() - t0, chance=1.0 / data.num_classes)
+                   wall_s=time.perf_counter() - t0, chance=1.0 / data.num_classes, rank=info.rank)
     if write and summary["status"] == "done":
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutdown(info)
