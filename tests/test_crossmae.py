@@ -230,3 +230,45 @@ def test_bad_arguments_are_one_line():
     with pytest.raises(ValueError, match="noise must have shape"):
         model(torch.randn(1, 3, 64, 64), 0.75, torch.rand(1, 10))
     assert isinstance(model, CrossMAE)
+
+
+def test_analytic_flops_match_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastmae.methods.crossmae import forward_flops
+
+    # Eager attention: its matmuls are counted (the CPU SDPA kernel is not).
+    set_attention_backend("eager")
+    try:
+        for fusion in (False, True):
+            torch.manual_seed(0)
+            model = crossmae_vit_tiny(feature_fusion=fusion)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(torch.randn(2, 3, 64, 64), 0.75)
+            counted = counter.get_total_flops() / 2
+            assert forward_flops(model, 64, 0.75) == pytest.approx(counted, rel=1e-3)
+    finally:
+        set_attention_backend(None)
+
+
+@pytest.mark.parametrize("entry", ["train.py", "cli"])
+def test_two_training_steps_through_the_loop(tmp_path, demo_dir, fresh_env, entry):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    root = Path(__file__).parent.parent
+    head = [sys.executable, "train.py"] if entry == "train.py" else [sys.executable, "-m", "fastmae.cli", "pretrain"]
+    cmd = [*head, "--method=crossmae", f"--data={demo_dir}", f"--output_dir={out}", "--max_steps=2", "--log_every=1",
+           "--img_size=32", "--patch_size=4", "--batch_size=8", "--num_workers=0", "--progress=false", "--precision=fp32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=fresh_env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == "crossmae" and cfg["model"] == "crossmae_vit_tiny"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["loss"] > 0 for row in rows)
+    assert (out / "reconstructions.png").is_file()
+    sd = torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)["model"]
+    assert "decoder_blocks.0.cross_attn.q.weight" in sd and "decoder_fusion.weight" in sd
