@@ -271,4 +271,4 @@ def test_two_training_steps_through_the_loop(tmp_path, demo_dir, fresh_env, entr
     assert len(rows) == 2 and all(row["loss"] > 0 for row in rows)
     assert (out / "reconstructions.png").is_file()
     sd = torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)["model"]
-    assert "decoder_blocks.0.cross_attn.q.weight" in sd and "decoder_fusion.weight" in sd
+    assert "decoder_blocks.0.attn.q.weight" in sd and "decoder_fusion.weight" in sd

@@ -1,7 +1,9 @@
-"""Pre-norm cross-attention block: x + cross_attn(norm1(x), memory), then x + mlp(norm2(x)).
+"""Pre-norm cross-attention block: x + attn(norm1(x), memory), then x + mlp(norm2(x)).
 
 CrossMAE's decoder block. It has no self-attention: the tokens of ``x`` (queries) interact only
-with ``memory`` (the encoder's visible tokens, already projected to the decoder width).
+with ``memory`` (the encoder's visible tokens, already projected to the decoder width). The
+cross-attention sits where timm's Block has its attention (``attn``: ``q``, ``kv``, ``proj``), so tools
+that read ``blocks[i].attn.num_heads`` work on either decoder.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ class CrossBlock(nn.Module):
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
         """x: (N, Tq, D) queries; memory: (N, Tk, D) -> (N, Tq, D)"""
-        x = x + self.cross_attn(self.norm1(x), memory)
+        x = x + self.attn(self.norm1(x), memory)
         return x + self.mlp(self.norm2(x))
