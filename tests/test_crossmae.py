@@ -136,10 +136,11 @@ def test_triton_path_equals_reference(use_backend, monkeypatch, kind, fusion):
 
     loss_r, pred_r, mask_r, grads_r = run("torch")
     launches = _count_launches(monkeypatch, ("patchify_gather", "patchify_gather_fwd"),
-                               ("unshuffle_scatter", "unshuffle_scatter_fwd"), ("masked_recon_loss", "masked_recon_loss_fwd"))
+                               ("unshuffle_scatter", "unshuffle_scatter_fwd"), ("gather_queries", "gather_queries_fwd"),
+                               ("masked_recon_loss", "masked_recon_loss_fwd"))
     loss_k, pred_k, mask_k, grads_k = run("triton")
-    # K1 and K3 run as kernels; K2's full-grid scatter has no place in CrossMAE.
-    assert launches == {"patchify_gather_fwd": 1, "masked_recon_loss_fwd": 1}
+    # K1, the query gather and K3 run as kernels; K2's full-grid scatter has no place in CrossMAE.
+    assert launches == {"patchify_gather_fwd": 1, "gather_queries_fwd": 1, "masked_recon_loss_fwd": 1}
     assert torch.equal(mask_k, mask_r)
     assert torch.equal(pred_k, pred_r)  # K1 and the query gather move data: identical predictions
     torch.testing.assert_close(loss_k, loss_r, rtol=2e-6, atol=0)

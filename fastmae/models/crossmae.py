@@ -6,7 +6,8 @@ masked patches. One training forward:
     imgs --patchify+gather (fused K1)--> visible patches --encoder--> latent (N, 1+L_vis, D)
          --decoder_embed--> memory (N, 1+L_vis, D_dec)     keys and values of every decoder block
     ids_target (N, L_t) = a random subset of the masked ids, L_t = int(L * prediction_ratio)
-         --gather_queries: mask_token + decoder_pos_embed[1 + ids]--> queries (N, L_t, D_dec)
+         --gather_queries (fused; replaces MAE's full-grid unshuffle scatter): mask_token +
+           decoder_pos_embed[1 + ids]--> queries (N, L_t, D_dec)
          --cross-attention blocks (no self-attention between queries)--> decoder_norm, decoder_pred
          --> pred (N, L_t, p*p*C) --masked loss on exactly ids_target (fused K3)--> loss
 
@@ -38,15 +39,6 @@ from fastmae.layers.feature_fusion import FeatureFusion
 from fastmae.methods.masks import MASK_TYPES, mae_mask_keys
 from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
 from fastmae.reference import patchify, random_masking, unpatchify
-
-
-def gather_queries(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
-    """Decoder queries. mask_token: (D,); pos_embed: (1, 1+L, D), cls row first; ids: (N, L_t) -> (N, L_t, D).
-
-    Row j of sample n is ``mask_token + pos_embed[0, 1 + ids[n, j]]``.
-    """
-    table = pos_embed[0, 1:, :]
-    return mask_token + table[ids]
 
 
 class CrossMAE(VisionTransformer):
@@ -90,7 +82,8 @@ class CrossMAE(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [CrossBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            [CrossBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                        residual_dtype=self.residual_dtype)
              for _ in range(decoder_depth)]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
@@ -171,7 +164,7 @@ class CrossMAE(VisionTransformer):
     def forward_decoder(self, memory: list[Tensor], ids_target: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """memory: from forward_memory; ids_target: (N, L_t) -> pred (N, L_t, p*p*C), row j <-> patch ids_target[:, j]"""
         grid = grid or self.patch_embed.grid_size
-        x = gather_queries(self.mask_token.reshape(-1), self.decoder_pos_embed_for(grid), ids_target)
+        x = ops.gather_queries(self.mask_token.reshape(-1), self.decoder_pos_embed_for(grid), ids_target)
         for i, blk in enumerate(self.decoder_blocks):
             x = blk(x, memory[i] if len(memory) > 1 else memory[0])
         return self.decoder_pred(self.decoder_norm(x))

@@ -43,8 +43,10 @@ class VisionTransformer(nn.Module):
         learn_pos_embed: bool = False,
         pixel_mean: tuple[float, ...] = IMAGENET_MEAN,
         pixel_std: tuple[float, ...] = IMAGENET_STD,
+        residual_dtype: str = "fp32",
     ):
         super().__init__()
+        self.residual_dtype = residual_dtype  # "fp32" (official numerics) | "bf16" (residual stream in bf16 under autocast)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
@@ -54,9 +56,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed sin-cos table for pretraining (as in MAE); fine-tuning may learn it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=learn_pos_embed)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # no tensor: builds on meta/fake devices
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer,
+                   residual_dtype=residual_dtype)
              for i in range(depth)]
         )
         # The official fine-tuning model replaces the final norm by fc_norm after pooling.
