@@ -46,6 +46,42 @@ def test_cross_attention_equals_formula(backend):
     torch.testing.assert_close(out, _eager_cross_attention(layer, x, mem), rtol=1e-5, atol=1e-5)
 
 
+def _reference_flash(q, k, v, softmax_scale=None):
+    """Stand-in for the flash-attn kernels in their (B, T, H, Dh) layout, computed with the formula."""
+    att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", att, v)
+
+
+@pytest.mark.parametrize("kernel", ["flash_attn_2", "flash_attn_3"])
+def test_cross_attention_flash_layouts(monkeypatch, kernel):
+    """The flash-attn calls get (B, T, H, Dh) queries and packed (B, Tk, 2, H, Dh) keys/values (FA2) or
+    separate keys and values (FA3): stand-ins computing the formula in that layout give the formula's result."""
+    import sys
+    import types
+
+    import fastmae.layers.cross_attention as cross_mod
+
+    calls = []
+
+    def fa2(q, kv, softmax_scale=None):
+        calls.append(tuple(kv.shape))
+        return _reference_flash(q, kv[:, :, 0], kv[:, :, 1], softmax_scale)
+
+    def fa3(q, k, v, softmax_scale=None):
+        calls.append(tuple(k.shape))
+        return _reference_flash(q, k, v, softmax_scale), None
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_kvpacked_func=fa2))
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=fa3))
+    monkeypatch.setattr(cross_mod, "choose_attention_backend", lambda *args: kernel)
+    torch.manual_seed(0)
+    layer = CrossAttention(32, 4)
+    x, mem = torch.randn(3, 5, 32), torch.randn(3, 9, 32)
+    out = layer(x, mem)
+    assert calls == [(3, 9, 2, 4, 8) if kernel == "flash_attn_2" else (3, 9, 4, 8)]
+    torch.testing.assert_close(out, _eager_cross_attention(layer, x, mem), rtol=1e-5, atol=1e-5)
+
+
 def test_cross_block_decodes_queries_independently():
     torch.manual_seed(0)
     blk = CrossBlock(32, 4)
