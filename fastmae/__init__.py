@@ -2,6 +2,7 @@
 
 from fastmae.models import (
     MAE,
+    CrossMAE,
     MaskedAutoencoderViT,
     VisionTransformer,
     create_model,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAE",
+    "CrossMAE",
     "MaskedAutoencoderViT",
     "VisionTransformer",
     "create_model",

@@ -2,7 +2,10 @@
 
 from fastmae.layers.attention import Attention, attention_backend, set_attention_backend
 from fastmae.layers.block import Block
+from fastmae.layers.cross_attention import CrossAttention
+from fastmae.layers.cross_block import CrossBlock
 from fastmae.layers.drop_path import DropPath
+from fastmae.layers.feature_fusion import FeatureFusion
 from fastmae.layers.mlp import Mlp
 from fastmae.layers.patch_embed import PatchEmbed
 from fastmae.layers.pos_embed import resize_pos_embed, sincos_2d, sinusoid_table
@@ -12,7 +15,10 @@ from fastmae.layers.weight_init import init_weights
 __all__ = [
     "Attention",
     "Block",
+    "CrossAttention",
+    "CrossBlock",
     "DropPath",
+    "FeatureFusion",
     "Mlp",
     "PatchEmbed",
     "TubeletEmbed",

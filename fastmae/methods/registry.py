@@ -42,7 +42,7 @@ __all__ = [
     "register_method",
 ]
 
-BUILTIN_METHODS = ("fastmae.methods.mae", "fastmae.methods.simmim", "fastmae.methods.videomae")
+BUILTIN_METHODS = ("fastmae.methods.mae", "fastmae.methods.simmim", "fastmae.methods.videomae", "fastmae.methods.crossmae")
 
 _METHODS: dict[str, MethodSpec] = {}
 
