@@ -221,7 +221,7 @@ def load_pretrained(
     grid are regenerated when the model's table is the fixed sin-cos one, and
     bicubically resized when it is learned. Returns the state dict that was loaded.
     """
-    from fastmae.layers import resize_pos_embed
+    from timm.layers import resample_abs_pos_embed
 
     sd = dict(source) if isinstance(source, dict) else model_state_dict(read_checkpoint(source))
     own = model.state_dict()
@@ -235,7 +235,7 @@ def load_pretrained(
                 continue  # a width mismatch is reported by load_into
             if params[key].requires_grad:
                 grid = model.patch_embed.grid_size
-                sd[key] = resize_pos_embed(sd[key], grid)
+                sd[key] = resample_abs_pos_embed(sd[key], list(grid), num_prefix_tokens=1)
             else:
                 sd[key] = own[key]
     load_into(model, sd, strict=strict, allow_missing=allow_missing)

@@ -31,12 +31,12 @@ import io
 import logging
 import os
 import pickle
-import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
 from PIL import Image
 
 log = logging.getLogger("fastmae.data")
@@ -83,18 +83,7 @@ class Source:
 
 def expand_braces(pattern: str) -> list[str]:
     """Expand webdataset brace patterns: ``a-{000..003}.tar`` (zero-padded ranges) and ``{x,y}``."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [p for it in items for p in expand_braces(head + it + tail)]
+    return list(braceexpand(pattern))
 
 
 def check_bytes(head: bytes, tail: bytes, total: int, min_size: int) -> tuple[str | None, tuple | None, str]:
