@@ -182,9 +182,9 @@ def from_hf_vitmae(hf_sd: StateDict) -> StateDict:
 
 
 def hf_config_kwargs(model: nn.Module) -> dict:
-    """``ViTMAEConfig`` keyword arguments describing a fastmae MAE (layer_norm_eps from the model)."""
-    blk, dblk = model.blocks[0], model.decoder_blocks[0]
-    return dict(
+    """``ViTMAEConfig`` keyword arguments describing a fastmae MAE or encoder (layer_norm_eps from the model)."""
+    blk = model.blocks[0]
+    kw = dict(
         hidden_size=model.embed_dim,
         num_hidden_layers=len(model.blocks),
         num_attention_heads=blk.attn.num_heads,
@@ -192,17 +192,22 @@ def hf_config_kwargs(model: nn.Module) -> dict:
         image_size=model.patch_embed.img_size[0],
         patch_size=model.patch_size,
         num_channels=model.in_chans,
-        decoder_hidden_size=model.decoder_embed_dim,
-        decoder_num_hidden_layers=len(model.decoder_blocks),
-        decoder_num_attention_heads=dblk.attn.num_heads,
-        decoder_intermediate_size=dblk.mlp.fc1.out_features,
         layer_norm_eps=blk.norm1.eps,
-        norm_pix_loss=model.norm_pix_loss,
         qkv_bias=True,
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    if hasattr(model, "decoder_blocks"):
+        dblk = model.decoder_blocks[0]
+        kw.update(
+            decoder_hidden_size=model.decoder_embed_dim,
+            decoder_num_hidden_layers=len(model.decoder_blocks),
+            decoder_num_attention_heads=dblk.attn.num_heads,
+            decoder_intermediate_size=dblk.mlp.fc1.out_features,
+            norm_pix_loss=model.norm_pix_loss,
+        )
+    return kw
 
 
 def load_pretrained(
