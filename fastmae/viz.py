@@ -71,3 +71,39 @@ def save_grid(panels: dict[str, Tensor], path: str | Path, mean, std, scale: int
     path = Path(path)
     img.save(path)
     return path
+
+
+def save_curves(metrics_path: str | Path, path: str | Path, title: str = "") -> Path | None:
+    """Training loss and learning rate against the optimizer step (from ``metrics.jsonl``) as a PNG.
+
+    Returns None when matplotlib is not installed or nothing was logged.
+    """
+    import json
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    ax_loss.plot(steps, [r["loss"] for r in rows], marker="." if len(rows) < 30 else None)
+    ax_loss.set_ylabel("train loss (masked patches)")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    if title:
+        ax_loss.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
