@@ -1,7 +1,8 @@
 """Typed run configuration: named presets plus ``--key=value`` overrides.
 
-A preset is a plain dict of field overrides on :class:`PretrainConfig`; the
-command line picks one with ``--preset=NAME`` and overrides any field. Every
+A preset is a plain dict of field overrides on :class:`PretrainConfig`; every
+registered method brings its own (:func:`pretrain_presets`). The command line
+picks one with ``--preset=NAME`` and overrides any field. Every
 value is parsed to the field's type and checked before any work starts, and
 the resolved config is written into the run directory (``config.json``).
 """
@@ -14,7 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from fastmae.methods import METHOD_PRESETS
+from fastmae.methods.registry import get_method, list_methods
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("torch", "dali", "synthetic")
@@ -24,7 +25,7 @@ LOADERS = ("torch", "dali", "synthetic")
 class PretrainConfig:
     # run
     preset: str = "tiny"
-    method: str = "mae"  # mae | simmim | videomae
+    method: str = "mae"  # a registered method (fastmae.methods.list_methods())
     output_dir: str = "runs/pretrain"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -74,7 +75,7 @@ class PretrainConfig:
     def validate(self) -> None:
         """Raise ValueError with a one-line reason for any bad value."""
         checks = [
-            (self.method in ("mae", "simmim", "videomae"), f"method must be mae, simmim or videomae, got {self.method!r}"),
+            (self.method in list_methods(), f"method must be one of {', '.join(list_methods())}, got {self.method!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
@@ -114,22 +115,15 @@ class PretrainConfig:
         Path(path).write_text(self.to_json() + "\n")
 
 
-# Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
-_OFFICIAL = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, blr=1.5e-4,
-                 weight_decay=0.05, norm_pix_loss=True, mask_ratio=0.75, loader="dali", num_workers=10,
-                 log_every=50, ckpt_every=1000, compile=True, precision="auto")
-
-PRESETS: dict[str, dict] = {
-    # CPU-sized: the embedded demo in a few minutes on 2 cores.
-    "tiny": dict(model="mae_vit_tiny", img_size=64, patch_size=8, epochs=100, warmup_epochs=5.0, batch_size=32,
-                 blr=1.5e-3, log_every=10, ckpt_every=100),
-    "small": dict(model="mae_vit_small_patch16", img_size=96, patch_size=16, epochs=50, warmup_epochs=5.0,
-                  batch_size=32, blr=1.5e-3, log_every=10, ckpt_every=200),
-    "base": dict(model="mae_vit_base_patch16", **_OFFICIAL),
-    "large": dict(model="mae_vit_large_patch16", **_OFFICIAL),
-    "huge": dict(model="mae_vit_huge_patch14", **{**_OFFICIAL, "batch_size": 32, "accum_iter": 16, "fsdp": True}),
-    **METHOD_PRESETS,  # simmim_* and videomae_*
-}
+def pretrain_presets() -> dict[str, dict]:
+    """Every registered method's presets by name (MAE's ``tiny`` ... ``huge``, ``simmim_*``, ``videomae_*``, ...)."""
+    out: dict[str, dict] = {}
+    for method in list_methods():
+        for name, preset in get_method(method).presets.items():
+            if name in out:
+                raise ValueError(f"preset {name!r} is defined by two methods")
+            out[name] = preset
+    return out
 
 
 def _parse_value(name: str, text: str, typ: type):
@@ -151,8 +145,9 @@ def _field_types(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict] = PRESETS):
-    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls``.
+def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict] | None = None):
+    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls`` (presets: default
+    :func:`pretrain_presets`).
 
     ``--key value`` is accepted too. Unknown keys and unparsable values raise
     ValueError naming them (the CLI turns that into a one-line message).
@@ -178,10 +173,11 @@ def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict
         pairs.append((key, val))
         i += 1
     given = dict(pairs)
+    presets = pretrain_presets() if presets is None else presets
     default = getattr(cls(), "preset", None)
-    # `--method=simmim` alone picks that method's CPU preset rather than MAE's.
-    if "preset" not in given and f"{given.get('method')}_tiny" in presets:
-        default = f"{given['method']}_tiny"
+    # `--method=simmim` alone picks that method's preset rather than the default method's.
+    if "preset" not in given and "method" in given:
+        default = get_method(given["method"]).default_preset or default
     preset = given.get("preset", default)
     base = {}
     if preset is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastmae import ops
-from fastmae.config import PretrainConfig, parse_overrides
+from fastmae.config import PretrainConfig, parse_overrides, pretrain_presets
 from fastmae.engine import faults
 from fastmae.engine.checkpoint import (
     latest_checkpoint,
@@ -43,9 +42,10 @@ from fastmae.engine.distributed import (
     shutdown,
     wrap_model,
 )
-from fastmae.engine.flops import mae_forward_flops, peak_flops
+from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
+from fastmae.methods.registry import get_method
 
 
 class TrainingAborted(RuntimeError):
@@ -67,34 +67,18 @@ def resolve_precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def build_model(cfg: PretrainConfig):
-    from fastmae.methods import build_method_model
-
-    return build_method_model(cfg)
-
-
 def build_data(cfg: PretrainConfig, info: DistInfo, split: str, output: str):
-    from fastmae.data import build_loader, prepare_demo_dataset
-    from fastmae.methods import build_method_loader
-
-    special = build_method_loader(cfg, info, split, output)
-    if special is not None:
-        return special
-    root = cfg.data
-    if root == "demo":
-        cache = Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae"))
-        root = prepare_demo_dataset(cache / "demo")
+    """The method's loader; the training split is sharded by rank, the held-out split is read whole."""
     train = split == "train"
-    return build_loader(
-        root, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
-        train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=info.rank if train else 0,
-        world_size=info.world_size if train else 1, device=str(info.device), drop_last=train,
+    return get_method(cfg.method).build_loader(
+        cfg, info.rank if train else 0, info.world_size if train else 1, info.device, split, output
     )
 
 
 def main(argv: list[str] | None = None) -> dict:
     # ---- config ------------------------------------------------------------------------------------------
     cfg = parse_overrides(sys.argv[1:] if argv is None else argv)
+    spec = get_method(cfg.method)
     info = init_distributed(cfg.device)
     device = info.device
     run_dir = Path(cfg.output_dir)
@@ -120,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.save(run_dir / "config.json")
 
     # ---- model -------------------------------------------------------------------------------------------
-    model = build_model(cfg).to(device)
+    model = spec.build_model(cfg).to(device)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     base_lr = cfg.lr or cfg.blr * eff_batch / 256
@@ -155,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)
 
     log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress)
-    flops_img = 3 * mae_forward_flops(model, cfg.img_size, cfg.mask_ratio) if cfg.method == "mae" else None
+    flops_img = spec.flops_per_image(model, cfg)
     peak = peak_flops(device)
     log.info(
         f"fastmae pretrain: {cfg.model} on {device} ({info.world_size} proc), {amp_dtype}, kernels={ops.kernel_backend(device)}, "
@@ -283,14 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     sharded = info.enabled and cfg.fsdp
     if info.is_main or sharded:
         # Under FSDP every rank must run the forward (it gathers shards); only rank 0 writes.
-        if cfg.method == "mae":
-            summary.update(_evaluate_and_visualize(cfg, model, info, run_dir, amp_dtype, write=info.is_main))
-        else:
-            from fastmae.methods.evaluate import evaluate_family
-
-            ev = evaluate_family(model, build_data(cfg, info, "val", "float"), device, cfg.mask_ratio, amp_dtype)
-            summary.update(val_loss=ev["val_loss"], val_images=ev["val_samples"],
-                           val_unit="clips" if cfg.method == "videomae" else "images")
+        summary.update(_evaluate_and_visualize(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(_summary_text(summary))
@@ -298,31 +275,18 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-@torch.no_grad()
-def _evaluate_and_visualize(cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype, write: bool) -> dict:
-    from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
-    from fastmae.viz import reconstruct, save_grid
+def _evaluate_and_visualize(spec, cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype) -> dict:
+    from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 
     val = build_data(cfg, info, "val", "float")
-    gen = torch.Generator().manual_seed(1234)  # fixed masks, and the training RNG stays untouched
-    model.eval()
-    total, count, first = 0.0, 0, None
-    for imgs, _ in val:
-        imgs = imgs.to(info.device)
-        L = model.patch_embed.num_patches
-        noise = torch.rand(imgs.shape[0], L, generator=gen).to(info.device)
-        with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss = model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)[0]
-        total += loss.item() * imgs.shape[0]  # evaluation, not the training step: syncs are fine here
-        count += imgs.shape[0]
-        if first is None:
-            first = (imgs[: cfg.num_vis], noise[: cfg.num_vis])
-    model.train()
-    out = {"val_loss": total / count if count else None, "val_images": count}
-    if first is not None:
-        panels = reconstruct(model, first[0].float(), cfg.mask_ratio, first[1])
-    if first is not None and write:
-        out["reconstructions"] = str(save_grid(panels, run_dir / "reconstructions.png", IMAGENET_MEAN, IMAGENET_STD))
+    ev = spec.evaluate(model, val, info.device, cfg.mask_ratio, amp_dtype, keep=cfg.num_vis)
+    out = {"val_loss": ev["loss"], "val_images": ev["count"], "val_unit": ev["unit"]}
+    if "sample" in ev:
+        batch, noise = ev["sample"]
+        path = run_dir / "reconstructions.png" if info.is_main else None
+        written = spec.visualize(model, batch, cfg.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
+        if written is not None:
+            out["reconstructions"] = str(written)
     return out
 
 
@@ -358,11 +322,11 @@ def _version() -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Entry point with the CLI's error contract: config errors are one line, exit code 2."""
-    from fastmae.config import PRESETS, describe_keys
+    from fastmae.config import describe_keys
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: fastmae pretrain [--preset={'|'.join(PRESETS)}] [--key=value ...]\n\nkeys:\n" + describe_keys())
+        print(f"usage: fastmae pretrain [--preset={'|'.join(pretrain_presets())}] [--key=value ...]\n\nkeys:\n" + describe_keys())
         return 0
     try:
         parse_overrides(argv)

@@ -10,8 +10,8 @@ import torch
 
 from fastmae.eval import finetune, linprobe
 from fastmae.eval.data import load_digits_split
-from fastmae.eval.engine import EvalConfig, run_eval
 from fastmae.eval.models import DIGITS_ARCH
+from fastmae.eval.protocol import EvalConfig, run_eval
 from fastmae.models.mae import mae_vit_tiny
 
 SMALL = dict(DIGITS_ARCH, embed_dim=32, depth=2, num_heads=2)

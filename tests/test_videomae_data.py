@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("av")
 
-from fastmae.methods import build_method_loader  # noqa: E402
+from fastmae.methods import get_method  # noqa: E402
 from fastmae.methods.video_data import (  # noqa: E402
     VideoClipLoader,
     decode_dali,
@@ -149,12 +149,12 @@ def test_bad_clips_are_skipped_with_reasons(tmp_path, clips):
     assert len(items_t) == 2 and len(bad_t) == 2
     cfg = types.SimpleNamespace(method="videomae", data=str(tmp_path), loader="torch", batch_size=1, img_size=32, seed=0,
                                 num_workers=0, num_frames=4, frame_stride=8, tubelet_size=2)
-    info = types.SimpleNamespace(rank=0, world_size=1, device="cpu")
+    build_loader = get_method("videomae").build_loader
     with pytest.raises(ValueError, match="no usable clip of 25 frames"):
-        build_method_loader(cfg, info, "train", "float")
+        build_loader(cfg, 0, 1, "cpu", "train", "float")
     cfg.num_frames, cfg.frame_stride = 5, 1
     with pytest.raises(ValueError, match="not divisible by the tubelet size"):
-        build_method_loader(cfg, info, "train", "float")
+        build_loader(cfg, 0, 1, "cpu", "train", "float")
     with pytest.raises(ValueError, match="shorter than the sampled span"):
         VideoClipLoader(items, batch_size=1, img_size=32, num_frames=16, frame_stride=4)
 
@@ -166,17 +166,14 @@ def test_demo_set_and_method_loader(tmp_path, monkeypatch):
     assert prepare_video_demo(tmp_path) == root  # cached: nothing rebuilt
     cfg = types.SimpleNamespace(method="videomae", data=str(root), loader="torch", batch_size=3, img_size=32, seed=0,
                                 num_workers=0)
-    info = types.SimpleNamespace(rank=0, world_size=1, device="cpu")
-    ld = build_method_loader(cfg, info, "train", "float")
+    ld = get_method("videomae").build_loader(cfg, 0, 1, "cpu", "train", "float")
     assert ld.steps_per_epoch == 2 and not ld.bad_files
     ld.set_epoch(0)
     clips_, labels = next(iter(ld))
     assert clips_.shape == (3, 3, 16, 32, 32) and clips_.dtype == torch.float32 and labels.shape == (3,)
-    assert build_method_loader(types.SimpleNamespace(method="simmim"), info, "train", "float") is None
 
 
-def test_evaluate_family_on_clips(clips):
-    from fastmae.methods.evaluate import evaluate_family
+def test_evaluate_on_clips(clips):
     from fastmae.methods.videomae import VideoMAE
 
     root, _ = clips
@@ -184,6 +181,7 @@ def test_evaluate_family_on_clips(clips):
     ld = VideoClipLoader(items, batch_size=2, img_size=32, num_frames=4, frame_stride=1, train=False, output="uint8")
     model = VideoMAE(img_size=32, num_frames=4, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
                      decoder_depth=1, decoder_num_heads=2)
-    out = evaluate_family(model, ld, torch.device("cpu"), 0.75)
-    assert out["val_samples"] == 2 and out["val_loss"] > 0
-    assert evaluate_family(model, ld, torch.device("cpu"), 0.75) == out
+    evaluate = get_method("videomae").evaluate
+    out = evaluate(model, ld, torch.device("cpu"), 0.75)
+    assert out["count"] == 2 and out["loss"] > 0 and out["unit"] == "clips"
+    assert evaluate(model, ld, torch.device("cpu"), 0.75) == out

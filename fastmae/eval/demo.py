@@ -23,11 +23,11 @@ import torch
 
 from fastmae.eval.cli_util import run_cli
 from fastmae.eval.data import load_digits_split
-from fastmae.eval.engine import run_eval
 from fastmae.eval.finetune import FinetuneConfig
 from fastmae.eval.linprobe import LinprobeConfig
 from fastmae.eval.models import DIGITS_ARCH
 from fastmae.eval.pretrain_digits import pretrain, tiny_digits_mae
+from fastmae.eval.protocol import run_eval
 
 
 @dataclass

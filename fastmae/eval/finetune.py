@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastmae.config import parse_overrides
 from fastmae.eval import linprobe
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.engine import EvalConfig, run_eval
+from fastmae.eval.protocol import EvalConfig, run_eval
 
 
 @dataclass

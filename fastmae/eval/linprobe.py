@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.engine import EvalConfig, run_eval
+from fastmae.eval.protocol import EvalConfig, run_eval
 
 
 @dataclass

@@ -23,12 +23,11 @@ from torch import Tensor
 
 from fastmae.eval.analyze import load_images
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.models import resolve_arch
+from fastmae.eval.models import named_heads, resolve_arch
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import LayerNorm6
 
-# Decoder heads of the named architectures (the state dict does not record them).
-DECODER_HEADS = {"mae_vit_tiny": 4, "mae_vit_small_patch16": 8}
+# Decoder heads of an unnamed checkpoint (the state dict does not record them): the official models'.
 OFFICIAL_DECODER_HEADS = 16
 
 
@@ -69,7 +68,8 @@ def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderVi
     ddepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k)))
     cfg_meta = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     name = cfg_meta.get("model") or getattr(meta.get("args"), "model", None)
-    dheads = cfg.decoder_num_heads or dec.get("decoder_num_heads") or DECODER_HEADS.get(name or "", OFFICIAL_DECODER_HEADS)
+    named = named_heads(name)
+    dheads = cfg.decoder_num_heads or dec.get("decoder_num_heads") or (named and named[1]) or OFFICIAL_DECODER_HEADS
     if cfg.norm_pix_loss != "auto":
         npl = cfg.norm_pix_loss == "true"
     elif "norm_pix_loss" in dec:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from fastmae import ops
 from fastmae.layers import Block
 from fastmae.methods.masks import tube_mask
+from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
 from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, LayerNorm6, _init_module
 
 TARGET_NORMS = ("tubelet", "channel", "none")
@@ -122,7 +123,7 @@ class VideoMAE(nn.Module):
         num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
         self.patch_embed = TubeletEmbed(in_chans, embed_dim, tubelet_size, patch_size)
         self.pos_embed = nn.Parameter(sinusoid_table(num_patches, embed_dim).unsqueeze(0), requires_grad=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer) for i in range(depth)]
         )
@@ -283,3 +284,49 @@ VIDEOMAE_MODELS: dict[str, Callable[..., VideoMAE]] = {
     "videomae_vit_tiny": videomae_vit_tiny,
     "videomae_vit_base_patch16": videomae_vit_base_patch16,
 }
+
+
+# VideoMAE paper (ViT-B, K400, 800 epochs): AdamW, blr 1.5e-4 per 256, warmup 40, wd 0.05, betas
+# (0.9, 0.95), 16 frames stride 4, tube mask 0.9, batch 32 per GPU x 64 GPUs.
+PRESETS: dict[str, dict] = {
+    "videomae_vit_base": dict(
+        method="videomae", model="videomae_vit_base_patch16", img_size=224, patch_size=16, mask_ratio=0.9,
+        norm_pix_loss=True, epochs=800, warmup_epochs=40.0, batch_size=32, accum_iter=1, blr=1.5e-4,
+        weight_decay=0.05, beta1=0.9, beta2=0.95, loader="dali", num_workers=10, log_every=50, ckpt_every=1000,
+        compile=True,
+    ),
+    # CPU-sized: the embedded clip demo (24 VP9 clips of 64 frames, 16 x stride 4 sampled) in a few minutes.
+    "videomae_tiny": dict(
+        method="videomae", model="videomae_vit_tiny", img_size=64, patch_size=8, mask_ratio=0.9, norm_pix_loss=True,
+        epochs=40, warmup_epochs=4.0, batch_size=8, blr=1e-2, num_workers=0, log_every=6, ckpt_every=60,
+    ),
+}
+
+
+def model_kwargs(cfg) -> dict:
+    """``tubelet_size`` 0 keeps the model's; ``video_target_norm`` "" follows ``norm_pix_loss`` ("tubelet" or "none")."""
+    kw = {**image_model_kwargs(cfg), "num_frames": cfg.num_frames}
+    if cfg.tubelet_size:
+        kw["tubelet_size"] = cfg.tubelet_size
+    kw["target_norm"] = cfg.video_target_norm or ("tubelet" if cfg.norm_pix_loss else "none")
+    return kw
+
+
+def noise_shape(model: VideoMAE, batch: Tensor) -> tuple[int, int]:
+    """One noise value per spatial position (the tube mask repeats it over time): (N, L_s)."""
+    return batch.shape[0], model.grid_size[1] * model.grid_size[2]
+
+
+def clip_loader(cfg, rank: int, world_size: int, device, split: str, output: str):
+    """Clips (float (N, C, T, H, W) normalized, or uint8 (N, T, H, W, C)) of a run config."""
+    from types import SimpleNamespace
+
+    from fastmae.methods.video_data import build_video_loader
+
+    return build_video_loader(cfg, SimpleNamespace(rank=rank, world_size=world_size, device=device), split, output)
+
+
+register_method(MethodSpec(
+    name="videomae", models=VIDEOMAE_MODELS, model_kwargs=model_kwargs, noise_shape=noise_shape, presets=PRESETS,
+    default_preset="videomae_tiny", size_siblings_of=("mae_",), build_loader=clip_loader, unit="clips",
+))
