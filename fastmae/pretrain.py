@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastmae import ops
-from fastmae.config import PretrainConfig, parse_overrides, pretrain_presets
+from fastmae.config import PretrainConfig, parse_overrides
 from fastmae.engine import faults
 from fastmae.engine.checkpoint import (
     latest_checkpoint,
@@ -322,11 +322,12 @@ def _version() -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Entry point with the CLI's error contract: config errors are one line, exit code 2."""
-    from fastmae.config import describe_keys
+    from fastmae.config import help_text
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: fastmae pretrain [--preset={'|'.join(pretrain_presets())}] [--key=value ...]\n\nkeys:\n" + describe_keys())
+        usage = "usage: fastmae pretrain [--preset=NAME] [--key=value ...]  (python train.py is the same program)"
+        print(help_text(argv, PretrainConfig, None, usage))
         return 0
     try:
         parse_overrides(argv)
