@@ -10,7 +10,10 @@ model -> compile -> step loop -> log/checkpoint); it lives in the package so tha
 
 import sys
 
-from fastmae.pretrain import cli_main
+from fastmae.threads import prefer_passive_openmp
 
 if __name__ == "__main__":
+    prefer_passive_openmp()  # before torch loads OpenMP
+    from fastmae.pretrain import cli_main
+
     sys.exit(cli_main())

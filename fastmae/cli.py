@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fastmae.threads import prefer_passive_openmp
+
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    prefer_passive_openmp()  # before the command imports torch
     try:
         entry = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:

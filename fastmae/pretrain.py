@@ -46,6 +46,7 @@ from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.methods.registry import get_method
+from fastmae.threads import resolve_threads
 
 
 class TrainingAborted(RuntimeError):
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         remove_partial_writes(run_dir)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
     torch.set_flush_denormal(True)
     amp_dtype = resolve_precision(cfg, device)
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- resume ------------------------------------------------------------------------------------------
     start_step = 0
+    notes = _schedule_notes(cfg)
     resume_path = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
@@ -133,20 +136,31 @@ def main(argv: list[str] | None = None) -> dict:
         start_step = ckpt["step"]
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        notes += _resume_notes(cfg, ckpt.get("config") or {}, start_step, steps_per_epoch, total_steps, base_lr)
     else:
         train_loader.set_epoch(0)
         # Different masks on every rank, reproducible from the seed.
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)
 
-    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress)
+    if start_step >= total_steps:
+        if info.is_main:
+            print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
+                  f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
+        shutdown(info)
+        return {"status": "nothing to do", "step": start_step, "run_dir": str(run_dir)}
+    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress, tensorboard=cfg.tensorboard,
+                    wandb=cfg.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
     flops_img = spec.flops_per_image(model, cfg)
     peak = peak_flops(device)
     log.info(
-        f"fastmae pretrain: {cfg.model} on {device} ({info.world_size} proc), {amp_dtype}, kernels={ops.kernel_backend(device)}, "
-        f"attention={_attention_backend()}, compile={cfg.compile}, steps {start_step}->{total_steps} "
-        f"({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
+        f"fastmae pretrain: {cfg.model} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), "
+        f"{amp_dtype}, kernels={ops.kernel_backend(device)}, attention={_attention_backend()}, compile={cfg.compile}, "
+        f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else "")
     )
+    log.info(f"run folder {run_dir}; " + ", ".join(log.backends))
+    for note in notes:
+        log.info(f"warning: {note}")
 
     stop = {"sigterm": False}
 
@@ -263,12 +277,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
     summary = {"status": "done", "step": step, "train_loss": last_row.get("loss"), "skipped_steps": int(bad_total.item()),
-               "img_s": timed_imgs / timed_s if timed_s else last_row.get("img_s"), "run_dir": str(run_dir)}
+               "img_s": timed_imgs / timed_s if timed_s else last_row.get("img_s"), "run_dir": str(run_dir),
+               "img_s_note": "after warm-up" if timed_s else "one log window, start-up included"}
     sharded = info.enabled and cfg.fsdp
     if info.is_main or sharded:
         # Under FSDP every rank must run the forward (it gathers shards); only rank 0 writes.
         summary.update(_evaluate_and_visualize(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
+        from fastmae.viz import save_curves
+
+        curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.method} {cfg.preset}")
+        if curves is not None:
+            summary["curves"] = str(curves)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(_summary_text(summary))
     shutdown(info)
@@ -280,14 +300,62 @@ def _evaluate_and_visualize(spec, cfg: PretrainConfig, model, info: DistInfo, ru
 
     val = build_data(cfg, info, "val", "float")
     ev = spec.evaluate(model, val, info.device, cfg.mask_ratio, amp_dtype, keep=cfg.num_vis)
-    out = {"val_loss": ev["loss"], "val_images": ev["count"], "val_unit": ev["unit"]}
-    if "sample" in ev:
-        batch, noise = ev["sample"]
-        path = run_dir / "reconstructions.png" if info.is_main else None
-        written = spec.visualize(model, batch, cfg.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
-        if written is not None:
-            out["reconstructions"] = str(written)
+    held = getattr(val, "holdout_fraction", 0.0)
+    out = {"val_loss": ev["loss"], "val_images": ev["count"], "val_unit": ev["unit"],
+           "val_source": f"a seeded {held:.0%} of the training files, excluded from training (no val/ split)" if held
+           else "the data set's val split"}
+    if "sample" not in ev:
+        return out
+    batch, noise = ev["sample"]
+    names = None
+    source = getattr(val, "source", None)
+    if source is not None and spec.unit == "images" and batch.ndim == 4:
+        # A fixed, seeded choice of held-out images (not the first files), with their names beside the picture.
+        from fastmae.viz import pick_images
+
+        batch, names = pick_images(source, min(cfg.num_vis, len(source)), cfg.img_size, cfg.seed, IMAGENET_MEAN, IMAGENET_STD)
+        batch = batch.to(info.device)
+        noise = torch.rand(spec.noise_shape(model, batch), generator=torch.Generator().manual_seed(cfg.seed)).to(info.device)
+    path = run_dir / "reconstructions.png" if info.is_main else None
+    written = spec.visualize(model, batch, cfg.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
+    if written is not None:
+        out["reconstructions"] = str(written)
+        if names is not None:
+            _add_row_names(Path(written).with_suffix(".json"), names)
     return out
+
+
+def _add_row_names(info_path: Path, names: list[str]) -> None:
+    """Name the image of each row in the JSON the grid writes beside itself."""
+    if not info_path.is_file():
+        return
+    info = json.loads(info_path.read_text())
+    info["rows"] = [{"row": i, "file": n} for i, n in enumerate(names)]
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _schedule_notes(cfg: PretrainConfig) -> list[str]:
+    notes = []
+    if cfg.warmup_epochs >= cfg.epochs:
+        notes.append(f"warmup_epochs={cfg.warmup_epochs:g} >= epochs={cfg.epochs}: the learning rate only ramps up and "
+                     f"never decays (lower --warmup_epochs)")
+    return notes
+
+
+def _resume_notes(cfg: PretrainConfig, old: dict, step: int, steps_per_epoch: int, total_steps: int,
+                  base_lr: float) -> list[str]:
+    """What resuming with another schedule length does: the cosine is recomputed for the new length."""
+    keys = ("epochs", "max_steps", "warmup_epochs")
+    changed = {k: (old[k], getattr(cfg, k)) for k in keys if k in old and old[k] != getattr(cfg, k)}
+    if not changed:
+        return []
+    prev = dict(epochs=old.get("epochs", cfg.epochs), warmup=old.get("warmup_epochs", cfg.warmup_epochs))
+    lr_old = lr_at(step, steps_per_epoch, prev["warmup"], prev["epochs"], base_lr, cfg.min_lr)
+    lr_new = lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr)
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    return [f"resuming with {what}: the schedule is recomputed for the new length, so at step {step} the learning "
+            f"rate jumps from {lr_old:.3g} to {lr_new:.3g} and the run now ends at step {total_steps} "
+            f"(a stretched schedule, not the one a fresh run of this length would follow)"]
 
 
 def _summary_text(s: dict) -> str:
@@ -296,8 +364,9 @@ def _summary_text(s: dict) -> str:
         "== fastmae pretrain summary ==",
         f"steps            {s['step']} (skipped non-finite: {s['skipped_steps']})",
         f"train loss       {fmt(s.get('train_loss'))}  (masked patches, last log window)",
-        f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks)",
-        f"throughput       {fmt(s.get('img_s'))} img/s (after warm-up)",
+        f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks; "
+        f"{s.get('val_source', 'val split')})",
+        f"throughput       {fmt(s.get('img_s'))} img/s ({s.get('img_s_note', 'after warm-up')})",
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import os
 import torch
 
 from .loader import BaseLoader, SyntheticLoader, TorchLoader
-from .sources import open_source
+from .sources import has_split, holdout, open_source
 
 LOADERS = ("torch", "dali", "synthetic")
 OUTPUTS = ("float", "uint8")
@@ -34,6 +34,7 @@ def build_loader(
     min_size: int = 8,
     hw_decoder_load: float = 0.65,
     index_cache: str | os.PathLike | None = None,
+    holdout_fraction: float = 0.0,
 ) -> BaseLoader:
     """Build a loader yielding ``(imgs, labels)``.
 
@@ -41,6 +42,8 @@ def build_loader(
     uint8 (N, img_size, img_size, 3) (``output="uint8"``); labels: int64 (N,).
     ``shuffle`` defaults to ``train``. ``num_samples``/``num_classes`` only apply to ``loader="synthetic"``.
     ``index_cache``: optional directory keeping folder scans between runs (large data sets start faster).
+    ``holdout_fraction``: for data without a ``val/`` split, a seeded share of the files (:func:`holdout`) is the
+    val split and is left out of train; the loader's ``holdout_fraction`` then says so (0 = a real split).
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
     if loader not in LOADERS:
@@ -74,7 +77,13 @@ def build_loader(
         from .dali import DaliLoader, _import_dali
 
         _import_dali()  # fail on a missing extra before scanning a large dataset
-        src = open_source(root_or_spec, split, min_size=min_size, crop=img_size, index_cache=index_cache)
-        return DaliLoader(src, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
-    src = open_source(root_or_spec, split, min_size=min_size, crop=img_size, index_cache=index_cache)
-    return TorchLoader(src, num_workers=num_workers, **common)
+    carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
+    src = open_source(root_or_spec, "train" if carve else split, min_size=min_size, crop=img_size, index_cache=index_cache)
+    if carve:
+        src = holdout(src, holdout_fraction, seed, split)
+    if loader == "dali":
+        ld = DaliLoader(src, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+    else:
+        ld = TorchLoader(src, num_workers=num_workers, **common)
+    ld.holdout_fraction = holdout_fraction if carve else 0.0
+    return ld

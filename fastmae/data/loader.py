@@ -63,6 +63,7 @@ class BaseLoader:
     """Position bookkeeping, sharding plan and output conversion shared by all loaders."""
 
     kind = "base"
+    holdout_fraction = 0.0  # > 0: this split was carved from the training files (no val/ split; build_loader)
 
     def __init__(
         self,

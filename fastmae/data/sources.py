@@ -25,6 +25,7 @@ Bad input, two layers:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -313,6 +314,30 @@ def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path
     if p.is_file() and spec.endswith(".tar"):
         return "tar", [spec]
     raise FileNotFoundError(f"dataset not found: {spec} (expected a directory or a .tar shard pattern)")
+
+
+def has_split(root_or_spec: str | os.PathLike, split: str) -> bool:
+    """Whether the data set has its own ``split`` folder (``ROOT/val/``); tar shards have no splits."""
+    return Path(os.fspath(root_or_spec), split).is_dir()
+
+
+def holdout(src: Source, fraction: float, seed: int, split: str) -> Source:
+    """A fixed held-out part of ``src`` (``split="val"``) or the rest (``"train"``), for data with no val split.
+
+    A file is held out when a seeded hash of its name falls below ``fraction``: the choice does not
+    depend on file order or on which other files exist, so adding files never moves one across.
+    """
+    def held(name: str) -> bool:
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < fraction
+
+    keep = [i for i, name in enumerate(src.names) if held(name) == (split == "val")]
+    if not keep:
+        raise ValueError(f"{src.root}: holding out {fraction:.0%} of {len(src)} files leaves no {split} images; "
+                         f"add a val/ split or change holdout_fraction")
+    pick = lambda xs: [xs[i] for i in keep]
+    return dataclasses.replace(src, locs=pick(src.locs), labels=pick(src.labels), sizes=pick(src.sizes),
+                               names=pick(src.names))
 
 
 def open_source(
