@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
     "export": ("fastmae.export", "main", "a checkpoint as a transformers (ViTMAE) or timm model folder"),
+    "submit": ("fastmae.submit", "main", "a Slurm job around torchrun: requeued on time limit/preemption, resumes itself"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
 }
 
