@@ -203,6 +203,11 @@ def run_bench(bench: str, cases: Sequence[Case], args: argparse.Namespace) -> li
         if not args.no_compile:
             impls["compiled"] = torch.compile(case.ref)
         if cuda:
+            # CUDA tensors take the Triton path of fastmae.ops unless FASTMAE_KERNELS says otherwise.
+            from fastmae import ops
+
+            if ops.kernel_backend(device) != "triton":
+                raise SystemExit(f"fastmae.ops would not run the Triton kernels here (backend {ops.kernel_backend(device)})")
             impls = {"triton": case.fused, **impls}
         batch = args.batch if cuda else args.cpu_batch
         for kind in case.passes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from _common import Case, parse_args, run_bench
 
+from fastmae import ops
 from fastmae import reference as R
 
 MEAN = (0.485, 0.456, 0.406)
@@ -40,18 +41,16 @@ def _case(name: str, size: int, p: int, ratio: float, src: str, pred_dtype: torc
         return R.masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
 
     def fused(x: dict) -> torch.Tensor:
-        from fastmae.kernels.masked_recon_loss import masked_recon_loss
-
-        return masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
+        return ops.masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
 
     def ideal(batch: int, kind: str) -> int:
         ids = batch * n_mask * 8
-        reads = batch * n_mask * P * (in_b + pb) + ids + batch * n_mask * 4
-        fwd = reads
-        # The gradient is written in the same pass: every row of the (N, L, P) gradient once (zeros for visible rows).
-        grad = batch * L * P * pb
-        bwd = 2 * grad  # scaling by the upstream gradient: read + write
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + grad + bwd}[kind]
+        reads = batch * n_mask * P * (in_b + pb) + ids
+        fwd = reads + batch * n_mask * 4
+        # Backward: the target is recomputed (same reads), the (N, L) uint8 mask is zeroed and scattered, and every
+        # row of the (N, L, P) gradient is written once (zeros for visible rows).
+        bwd = reads + 3 * batch * L + batch * L * P * pb
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[kind]
 
     note = f"{src} imgs, {str(pred_dtype).split('.')[-1]} pred, norm_pix mse, P={P}"
     return Case(name, make, ref, fused, ("pred",), ideal, note=note)

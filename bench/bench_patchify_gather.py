@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from _common import Case, parse_args, run_bench
 
+from fastmae import ops
 from fastmae import reference as R
 
 MEAN = (0.485, 0.456, 0.406)
@@ -37,9 +38,7 @@ def _case(name: str, size: int, p: int, ratio: float, src: str, out_dtype: torch
         return R.patchify_gather(x["imgs"], x["ids"], p, x["mean"], x["std"], out_dtype)
 
     def fused(x: dict) -> torch.Tensor:
-        from fastmae.kernels.patchify_gather import patchify_gather
-
-        return patchify_gather(x["imgs"], x["ids"], p, x["mean"], x["std"], out_dtype)
+        return ops.patchify_gather(x["imgs"], x["ids"], p, x["mean"], x["std"], out_dtype)
 
     def ideal(batch: int, kind: str) -> int:
         ids = batch * n_vis * 8

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from _common import Case, parse_args, run_bench
 
+from fastmae import ops
 from fastmae import reference as R
 
 
@@ -34,9 +35,7 @@ def _case(name: str, L: int, ratio: float, D: int, x_dtype: torch.dtype, pos_dty
         return R.unshuffle_scatter(x["x"], x["mt"], x["ids"], x["pos"])
 
     def fused(x: dict) -> torch.Tensor:
-        from fastmae.kernels.unshuffle_scatter import unshuffle_scatter
-
-        return unshuffle_scatter(x["x"], x["mt"], x["ids"], x["pos"])
+        return ops.unshuffle_scatter(x["x"], x["mt"], x["ids"], x["pos"])
 
     def ideal(batch: int, kind: str) -> int:
         ids = batch * L * 8

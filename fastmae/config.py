@@ -14,9 +14,11 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from fastmae.engine.flops import GPUS
 from fastmae.methods.registry import get_method, list_methods
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESIDUAL_DTYPES = ("fp32", "bf16")
 LOADERS = ("torch", "dali", "synthetic")
 
 
@@ -46,12 +48,14 @@ class PretrainConfig:
     frame_stride: int = 4  # VideoMAE frame sampling stride
     tubelet_size: int = 0  # VideoMAE tubelet depth; 0 = the model's (2)
     video_target_norm: str = ""  # "" = tubelet if norm_pix_loss else none | tubelet | channel | none
+    residual_dtype: str = "fp32"  # residual stream under autocast: fp32 (official numerics) | bf16
     # optimization (official MAE recipe: lr = blr * effective batch / 256)
     epochs: int = 30
     max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
     warmup_epochs: float = 3.0
     batch_size: int = 64  # per device
     accum_iter: int = 1
+    eff_batch: int = 0  # target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory
     blr: float = 1.5e-4
     lr: float = 0.0  # absolute lr; 0 = derive from blr
     min_lr: float = 0.0
@@ -65,6 +69,10 @@ class PretrainConfig:
     cuda_graphs: bool = True  # with compile on CUDA
     fsdp: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before aborting
+    # planning (`fastmae plan`, `pretrain --dry_run`): resolve everything for a target without touching a GPU
+    dry_run: bool = False
+    world_size: int = 0  # 0 = from the environment (WORLD_SIZE, else 1)
+    gpu: str = ""  # target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; "" = this machine's
     # logging and checkpoints
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps; the final step always saves
@@ -108,6 +116,11 @@ class PretrainConfig:
             (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
             (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
             (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
+            (self.residual_dtype in RESIDUAL_DTYPES,
+             f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}"),
+            (self.eff_batch >= 0, f"eff_batch must be >= 0, got {self.eff_batch}"),
+            (self.world_size >= 0, f"world_size must be >= 0, got {self.world_size}"),
+            (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
             (self.video_target_norm in ("", "tubelet", "channel", "none"),
              f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
         ]
@@ -358,7 +371,8 @@ def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict
     if preset is not None:
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-        base = dict(presets[preset])
+        # The config records the preset it was built from, also when --method chose it.
+        base = {**presets[preset], **({"preset": preset} if "preset" in types else {})}
     values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in given.items()}}
     cfg = cls(**values)  # not replace(cls(), ...): defaults that depend on other keys are derived anew
     cfg.validate()

@@ -8,7 +8,9 @@ from timm.layers import DropPath, Mlp
 from fastmae.layers.attention import Attention, attention_backend, set_attention_backend
 from fastmae.layers.block import Block
 from fastmae.layers.patch_embed import PatchEmbed
-from fastmae.layers.pos_embed import sincos_2d
+from fastmae.layers.pos_embed import sincos_2d, sinusoid_table
+from fastmae.layers.tubelet_embed import TubeletEmbed
+from fastmae.layers.weight_init import init_weights
 
 __all__ = [
     "Attention",
@@ -16,7 +18,10 @@ __all__ = [
     "DropPath",
     "Mlp",
     "PatchEmbed",
+    "TubeletEmbed",
     "attention_backend",
+    "init_weights",
     "set_attention_backend",
     "sincos_2d",
+    "sinusoid_table",
 ]

@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position embeddings (as in MAE and MoCo v3).
+"""Fixed sin-cos position embeddings (2-D as in MAE and MoCo v3, 1-D as in VideoMAE).
 
 Learned tables are resized with timm's ``resample_abs_pos_embed``.
 """
@@ -36,3 +36,13 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool 
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
     return emb.to(torch.float32)
+
+
+def sinusoid_table(n_position: int, dim: int) -> Tensor:
+    """(n_position, dim) float32: angle pos / 10000**(2*(j//2)/dim), sin on even j and cos on odd j (VideoMAE)."""
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.to(torch.float32)
+

@@ -11,7 +11,7 @@ from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_me
 from fastmae.models import MODELS
 
 # Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
-OFFICIAL_RECIPE = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, blr=1.5e-4,
+OFFICIAL_RECIPE = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, eff_batch=4096, blr=1.5e-4,
                        weight_decay=0.05, norm_pix_loss=True, mask_ratio=0.75, loader="dali", num_workers=10,
                        log_every=50, ckpt_every=1000, compile=True, precision="auto")
 

@@ -35,40 +35,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block
+from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.layers import Block, TubeletEmbed, init_weights, sinusoid_table
 from fastmae.methods.masks import tube_mask
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
-from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, LayerNorm6, _init_module
+from fastmae.models.vit import LayerNorm6
 
 TARGET_NORMS = ("tubelet", "channel", "none")
-
-
-def sinusoid_table(n_position: int, dim: int) -> Tensor:
-    """(n_position, dim) float32: angle pos / 10000**(2*(j//2)/dim), sin on even j and cos on odd j (VideoMAE)."""
-    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
-    j = torch.arange(dim, dtype=torch.float64)[None, :]
-    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(j, 2, rounding_mode="floor") / dim)
-    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
-    return table.to(torch.float32)
-
-
-class TubeletEmbed(nn.Module):
-    """Conv3d(C, D, (t, p, p), stride (t, p, p)) parameter applied as a GEMM on (p, q, t, c)-ordered tubelets."""
-
-    def __init__(self, in_chans: int, embed_dim: int, tubelet_size: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
-                              stride=(tubelet_size, patch_size, patch_size))
-
-    def forward(self, tubelets: Tensor) -> Tensor:
-        """tubelets: (N, L', p*p*t*C) -> (N, L', D)"""
-        w = self.proj.weight  # (D, C, t, p, q)
-        w = w.permute(0, 3, 4, 2, 1).reshape(w.shape[0], -1)
-        return F.linear(tubelets, w, self.proj.bias)
 
 
 def pair_frames(videos: Tensor, tubelet_size: int) -> Tensor:
@@ -139,7 +115,7 @@ class VideoMAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, tubelet_size * patch_size**2 * in_chans)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
-        self.apply(_init_module)
+        self.apply(init_weights)
         with torch.no_grad():
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, sincos_2d
-from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.layers import Block, init_weights, sincos_2d
+from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
 
@@ -60,7 +60,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                   residual_dtype=self.residual_dtype)
              for _ in range(decoder_depth)]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
@@ -70,7 +71,7 @@ class MaskedAutoencoderViT(VisionTransformer):
             self.decoder_pos_embed.copy_(table.unsqueeze(0))
             nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_module)
+            m.apply(init_weights)
 
     # ---- official helpers ---------------------------------------------------------------------------------
 
