@@ -270,10 +270,14 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(help_text(argv, PretrainConfig, None, usage))
         return 0
     try:
-        parse_overrides(argv)
+        cfg = parse_overrides(argv)
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    if cfg.dry_run:  # the plan for the target (GPUs, memory, time) without building data or touching a device
+        from fastmae.engine.plan import plan_main
+
+        return plan_main(argv)
     try:
         main(argv)
     except TrainingAborted as e:
