@@ -23,8 +23,16 @@ _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file safely (tensors, containers and argparse.Namespace only)."""
+    """Load a checkpoint file safely (tensors, containers and argparse.Namespace only).
+
+    A run folder stands for its latest ``checkpoint-*.pt`` (``--ckpt=runs/mae-tiny``).
+    """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("checkpoint-*.pt"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint-*.pt in run folder {path}")
+        path = found[-1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

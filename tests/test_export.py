@@ -98,3 +98,18 @@ def test_cli_writes_and_reports_bad_input(trained, tmp_path, capsys):
     assert main([f"--ckpt={ckpt}", f"--output_dir={tmp_path / 'y'}", "--format=onnx"]) == 2
     assert "format must be one of" in capsys.readouterr().err
     assert main([f"--ckpt={tmp_path / 'missing.pt'}", f"--output_dir={tmp_path / 'z'}"]) == 2
+
+
+def test_a_run_folder_stands_for_its_latest_checkpoint(trained, tmp_path):
+    import shutil
+
+    from fastmae.convert import read_checkpoint
+
+    _, ckpt = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "checkpoint-00000010.pt")
+    torch.save({"model": {}, "step": 20}, run / "checkpoint-00000020.pt")
+    assert read_checkpoint(run)["step"] == 20
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        read_checkpoint(tmp_path)
