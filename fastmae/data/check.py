@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from fastmae.config import help_text, parse_overrides
+from fastmae.flags import help_text, parse_flags
 
 from .sources import open_source
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(argv, DataCheckConfig, {}, "usage: fastmae data check DIR [--key=value ...]", __doc__))
         return 0
     try:
-        args = parse_overrides(argv, cls=DataCheckConfig, presets={})
+        args = parse_flags(argv, DataCheckConfig)
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
