@@ -19,6 +19,7 @@ import datetime as _dt
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import torch
 from _harness import append_csv
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from fastmae.flags import underscores
 
 BENCH_DIR = Path(__file__).resolve().parent
 CSV_FIELDS = [
@@ -57,11 +60,11 @@ class Case:
 def parse_args(description: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--batch", type=int, default=256, help="batch of the GPU runs and of the byte counts")
-    ap.add_argument("--cpu-batch", type=int, default=16, help="batch of the CPU eager-vs-compiled timings")
-    ap.add_argument("--peak-gbps", type=float, default=None, help="peak bandwidth (default: by device name)")
-    ap.add_argument("--no-csv", action="store_true", help="do not append to bench/results/")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
-    return ap.parse_args()
+    ap.add_argument("--cpu_batch", type=int, default=16, help="batch of the CPU eager-vs-compiled timings")
+    ap.add_argument("--peak_gbps", type=float, default=None, help="peak bandwidth (default: by device name)")
+    ap.add_argument("--no_csv", action="store_true", help="do not append to bench/results/")
+    ap.add_argument("--no_compile", action="store_true", help="skip the torch.compile'd reference")
+    return ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
 
 
 def env_info() -> dict[str, str]:

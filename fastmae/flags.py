@@ -281,3 +281,14 @@ def help_text(argv: list[str], cls, presets: dict[str, dict], usage: str, doc: s
         parts.append(f"presets: {', '.join(names)}")
     parts.append(f"keys ({note}):\n" + describe_keys(cls, cfg))
     return "\n\n".join(parts)
+
+
+def underscores(argv: list[str]) -> list[str]:
+    """``--img-size=3`` -> ``--img_size=3``: the spelling of every fastmae command, for argparse-based scripts (bench/)."""
+    out = []
+    for a in argv:
+        if a.startswith("--"):
+            key, eq, val = a[2:].partition("=")
+            a = f"--{key.replace('-', '_')}{eq}{val}"
+        out.append(a)
+    return out

@@ -100,3 +100,10 @@ def test_data_check_takes_the_same_flags(tmp_path, capsys):
     assert fastmae(["data", "check", str(tmp_path), "--img-size=32"]) == 0
     assert fastmae(["data", "check", f"--path={tmp_path}", "--img_size", "32", "--deep"]) == 0
     assert "OK: no problems found" in capsys.readouterr().out
+
+
+def test_bench_scripts_take_both_spellings():
+    from fastmae.flags import underscores
+
+    assert underscores(["--img-size=32", "--no-csv", "--cpu-batch", "16", "x-y"]) == [
+        "--img_size=32", "--no_csv", "--cpu_batch", "16", "x-y"]
