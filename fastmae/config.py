@@ -10,7 +10,8 @@ the resolved config is written into the run directory (``config.json``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fastmae import flags
@@ -20,6 +21,9 @@ from fastmae.methods.registry import get_method, list_methods
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")
+# Bounds that keep a typo from reaching a huge allocation (a 65536-px image is 51 GB of patches at batch 64).
+MAX_IMG_SIZE = 4096
+MAX_TOKENS = 65536
 LOADERS = ("torch", "dali", "synthetic")
 
 
@@ -89,7 +93,11 @@ class PretrainConfig:
             self.output_dir = default_output_dir(self.method, self.preset)
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line reason for any bad value."""
+        """Raise ValueError with a one-line reason for any bad value (ranges, finiteness, the output folder)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         checks = [
             (self.method in list_methods(), f"method must be one of {', '.join(list_methods())}, got {self.method!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -97,13 +105,16 @@ class PretrainConfig:
             (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
-            (self.img_size > 0, f"img_size must be positive, got {self.img_size}"),
+            (0 < self.img_size <= MAX_IMG_SIZE, f"img_size must be in [1, {MAX_IMG_SIZE}], got {self.img_size}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.accum_iter > 0, f"accum_iter must be positive, got {self.accum_iter}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.blr >= 0 and self.lr >= 0, f"blr and lr must be >= 0, got blr={self.blr}, lr={self.lr}"),
             (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
+            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
+            (self.min_lr <= (self.lr or math.inf), f"min_lr {self.min_lr} is above lr {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
@@ -114,7 +125,11 @@ class PretrainConfig:
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
-            (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+            (0 <= self.patch_size <= self.img_size,
+             f"patch_size must be in [0, img_size={self.img_size}], got {self.patch_size}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (1 <= self.num_vis <= 64, f"num_vis must be in [1, 64], got {self.num_vis}"),
+            (self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}"),
             (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
             (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
             (self.residual_dtype in RESIDUAL_DTYPES,
@@ -130,6 +145,12 @@ class PretrainConfig:
                 raise ValueError(reason)
         if self.patch_size and self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.patch_size and (self.img_size // self.patch_size) ** 2 > MAX_TOKENS:
+            raise ValueError(
+                f"img_size {self.img_size} / patch_size {self.patch_size} gives {(self.img_size // self.patch_size) ** 2} "
+                f"patches per image, more than {MAX_TOKENS}"
+            )
+        _check_output_dir(self.output_dir)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -141,6 +162,20 @@ class PretrainConfig:
 def default_output_dir(method: str, preset: str) -> str:
     """``runs/<method>-<preset>`` without the method repeated: mae + base -> runs/mae-base, simmim_tiny -> runs/simmim-tiny."""
     return f"runs/{method}-{preset.removeprefix(method + '_')}"
+
+
+def _check_output_dir(path: str) -> None:
+    """The run folder must be creatable: it may exist as a folder, or not yet, under folders only."""
+    if not path:
+        raise ValueError("output_dir must not be empty")
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if q.is_dir():
+                return
+            if q == p:
+                raise ValueError(f"output_dir {path!r} is a file, not a folder")
+            raise ValueError(f"output_dir {path!r} lies under {str(q)!r}, which is a file, not a folder")
 
 
 def pretrain_presets() -> dict[str, dict]:

@@ -37,20 +37,36 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named, on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path}: {first[:300]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict (a state dict or {{'model': ...}})")
+    return ckpt
 
 
 def model_state_dict(ckpt: dict) -> StateDict:
-    """The model weights inside an official or fastmae checkpoint (``{'model': ...}``) or a bare state dict."""
-    if "model" in ckpt and isinstance(ckpt["model"], dict):
-        return ckpt["model"]
-    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
-        return ckpt["state_dict"]
-    if all(isinstance(v, Tensor) for v in ckpt.values()):
-        return ckpt
-    raise ValueError(f"no model weights found in checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+    """The model weights inside an official or fastmae checkpoint (``{'model': ...}``) or a bare state dict.
+
+    Raises ValueError naming the problem when there are none, or when an entry is not a tensor.
+    """
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"expected a checkpoint dict, got a {type(ckpt).__name__}")
+    sd = None
+    for key in ("model", "state_dict"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            sd = ckpt[key]
+            break
+    if sd is None:
+        if not any(isinstance(v, Tensor) for v in ckpt.values()):
+            keys = sorted(map(str, ckpt))[:10]
+            raise ValueError(f"no model weights found in checkpoint (top-level keys: {keys}); expected {{'model': state dict}}")
+        sd = ckpt
+    bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"model weights must be named tensors; {len(bad)} entries are not: {', '.join(bad[:3])}")
+    return sd
 
 
 def is_encoder_key(key: str) -> bool:
@@ -236,7 +252,7 @@ def load_pretrained(
     """
     from timm.layers import resample_abs_pos_embed
 
-    sd = dict(source) if isinstance(source, dict) else model_state_dict(read_checkpoint(source))
+    sd = dict(model_state_dict(source if isinstance(source, dict) else read_checkpoint(source)))
     own = model.state_dict()
     if not any(k.startswith(_DECODER_PREFIXES) for k in own):
         sd = encoder_state_dict(sd)

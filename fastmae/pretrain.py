@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import closing
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,12 +25,19 @@ from fastmae import ops
 from fastmae.config import PretrainConfig, help_text, parse_overrides
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.engine import faults
-from fastmae.engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes
+from fastmae.engine.checkpoint import (
+    CheckpointWriteError,
+    check_position,
+    find_resume_checkpoint,
+    list_checkpoints,
+    remove_partial_writes,
+)
 from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
 from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.preemption import Preemption
+from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
 from fastmae.layers import attention_backend
@@ -39,12 +46,23 @@ from fastmae.threads import resolve_threads
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # ---- config ------------------------------------------------------------------------------------------
+    """Train; SIGTERM from the start on means "save at an agreed step and return", and rank 0 holds the run
+    folder's lock throughout (one run per folder)."""
     cfg = parse_overrides(sys.argv[1:] if argv is None else argv)
-    spec = get_method(cfg.method)
     info = init_distributed(cfg.device)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with Preemption(info) as preemption, RunLock(run_dir) if info.is_main else nullcontext():
+        result = train(cfg, info, run_dir, preemption)
+    shutdown(info)
+    return result
+
+
+def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemption) -> dict:
+    # ---- config ------------------------------------------------------------------------------------------
+    spec = get_method(cfg.method)
     device, sharded = info.device, info.enabled and cfg.fsdp
-    run_dir = prepare_run_dir(cfg.output_dir, info)
+    prepare_run_dir(run_dir, cfg.resume, info)
     torch.set_num_threads(resolve_threads(cfg.threads))
     # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
     torch.set_flush_denormal(True)
@@ -56,12 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     img_out = "uint8" if ops.kernel_backend(device) == "triton" else "float"
     train_loader = build_data(spec, cfg, info, "train", img_out)
     steps_per_epoch = optimizer_steps_per_epoch(train_loader, cfg)
-    if info.is_main:
-        cfg.save(run_dir / "config.json")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     # ---- model, optimizer, distributed wrapping, compile -------------------------------------------------
     model = spec.build_model(cfg).to(device)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     base_lr = cfg.lr or cfg.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
@@ -74,12 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- resume ------------------------------------------------------------------------------------------
     state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()))
-    resume_path = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    found = find_resume_checkpoint(run_dir, cfg.resume, warn=lambda msg: print(msg, file=sys.stderr) if info.is_main else None)
+    resume_path = found[0] if found else None
     notes = schedule_notes(cfg)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        start_step = state.load_state_dict(ckpt)
-        notes += resume_notes(cfg, ckpt.get("config") or {}, start_step, steps_per_epoch, total_steps, base_lr)
+    if found:
+        check_position(found[1], total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter,
+                       loader_steps_per_epoch=getattr(train_loader, "steps_per_epoch", None))
+        start_step = state.load_state_dict(found[1])
+        notes += resume_notes(cfg, found[1].get("config") or {}, start_step, steps_per_epoch, total_steps, base_lr)
     else:
         start_step = 0
         train_loader.set_epoch(0)
@@ -89,10 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
         if info.is_main:
             print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
                   f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
-        shutdown(info)
         return {"status": "nothing to do", "step": start_step, "run_dir": str(run_dir)}
+    # The run has started: only now may it leave traces (a failed resume rewrites nothing).
+    if info.is_main:
+        cfg.save(run_dir / "config.json")
     log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress, tensorboard=cfg.tensorboard,
                     wandb=cfg.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
+    if found:
+        log.resume_at(start_step)  # rows the interrupted run logged after its checkpoint would appear twice
     peak = peak_flops(device)
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
@@ -110,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     next_batch = BatchStream(train_loader, device)
     step = start_step
     model.train()
-    with Preemption() as preemption, closing(log):
+    with closing(log):
         while step < total_steps:
             faults.set_step(step)
             lr_t.fill_(lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr))
@@ -121,12 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
             window.tick()
             log.advance()
             faults.point("after_step")
+            stop = preemption.stop_now()
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info)))
                 window.check_bad_run(cfg.max_bad_steps)
-            if step % cfg.ckpt_every == 0 or step == total_steps or preemption.requested:
+            if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
-                if preemption.requested:
+                if stop:
                     log.info(f"SIGTERM: saved {path} at step {step}; exiting")
                     return {"status": "preempted", "step": step, "checkpoint": str(path)}
 
@@ -144,17 +167,16 @@ def main(argv: list[str] | None = None) -> dict:
             summary["curves"] = str(curves)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(summary_text(summary))
-    shutdown(info)
     return summary
 
 
-def prepare_run_dir(path: str, info: DistInfo) -> Path:
-    """Create the run directory; rank 0 deletes what a killed checkpoint write left behind."""
-    run_dir = Path(path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
+    """Refuse a fresh run in a folder with checkpoints; rank 0 (holding the lock) deletes what killed
+    checkpoint writes of this folder left behind."""
+    if not resume and list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints of another run; use --resume=auto or a new --output_dir")
     if info.is_main:
         remove_partial_writes(run_dir)
-    return run_dir
 
 
 def build_data(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, split: str, output: str):
@@ -174,10 +196,15 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
 
 
 def compile_forward(model, cfg: PretrainConfig, info: DistInfo):
-    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model."""
+    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model.
+
+    CUDA graphs stay off with gradient accumulation: gradients accumulated across replays of a graphed
+    backward live in the graph's memory pool and are overwritten (DESIGN.md, hazard; ``fastmae.engine.plan``).
+    """
     if not cfg.compile:
         return model
-    mode = "reduce-overhead" if info.device.type == "cuda" and cfg.cuda_graphs else None
+    graphs = info.device.type == "cuda" and cfg.cuda_graphs and cfg.accum_iter == 1
+    mode = "reduce-overhead" if graphs else None
     return torch.compile(model, fullgraph=not info.enabled, mode=mode)
 
 
@@ -287,4 +314,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         # Configuration problems found while setting up (data, device, checkpoint) are the user's to fix.
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 1
     return 0

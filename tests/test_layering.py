@@ -19,9 +19,12 @@ import pytest
 ROOT = Path(__file__).parent.parent
 PROGRAMS = ("fastmae.pretrain", "fastmae.config", "fastmae.cli")
 
-# (importing file, private name) -> why it is still allowed. Empty this at merge.
-KNOWN_PRIVATE_IMPORTS = {
-    ("fastmae/data/api.py", "_import_dali"): "issue 10: data room (being edited by the data helper); make it public",
+# Known violations in rooms being edited by others, each with its issue; empty these at merge.
+# (importing file, private name) -> why it is still allowed.
+KNOWN_PRIVATE_IMPORTS: dict[tuple[str, str], str] = {}
+# (importing file, imported module) -> why it is still allowed.
+KNOWN_LAYER_IMPORTS = {
+    ("fastmae/engine/plan.py", "fastmae.config"): "issue 10: plan_main is a command (GPU room); move it beside pretrain.cli_main",
 }
 
 
@@ -87,6 +90,8 @@ def _violations(path: Path) -> list[str]:
             (("fastmae/methods/",), ("fastmae.eval", *PROGRAMS), "methods"),
         ]
         for dirs, banned, who in rules:
+            if (rel, target) in KNOWN_LAYER_IMPORTS:
+                continue
             if rel.startswith(dirs) and any(_within(t, banned) for t in targets):
                 found.append(f"{where}: {who} must not import it")
         for name in names:
@@ -105,8 +110,9 @@ def test_imports_point_one_way():
 
 def test_known_exceptions_are_still_needed():
     """An allow-list entry whose import is gone must be removed (so the list only shrinks)."""
-    present = {(_rel(p), n) for p in _sources() for _, _, names in _imports(p) for n in names}
-    assert set(KNOWN_PRIVATE_IMPORTS) <= present
+    imports = [(_rel(p), target, names) for p in _sources() for _, target, names in _imports(p)]
+    assert set(KNOWN_PRIVATE_IMPORTS) <= {(rel, n) for rel, _, names in imports for n in names}
+    assert set(KNOWN_LAYER_IMPORTS) <= {(rel, target) for rel, target, _ in imports}
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from PIL import Image
 from fastmae.flags import help_text, parse_flags
 
 from .sources import open_source
+from .text import printable
 
 
 @dataclass
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             src = open_source(args.path, split, min_size=args.min_size, crop=args.img_size, warn=False)
         except (ValueError, FileNotFoundError) as e:
-            print(f"[{split}] ERROR: {e}")
+            print(f"[{split}] ERROR: {printable(e)}")
             return 2
         bad = list(src.bad)
         if args.deep:
@@ -73,21 +74,21 @@ def main(argv: list[str] | None = None) -> int:
                     bad.append((src.names[i], f"decode failed ({type(e).__name__}: {str(e)[:60]})"))
         per_class = Counter(src.labels)
         print(
-            f"[{split}] {src.root}: {len(src) - (len(bad) - len(src.bad))} usable images, "
+            f"[{split}] {printable(src.root)}: {len(src) - (len(bad) - len(src.bad))} usable images, "
             f"{len(src.classes)} classes, {len(bad)} bad file(s), {len(src.empty_classes)} empty class folder(s)"
         )
         if src.kind == "folder" and src.classes:
             counts = [per_class.get(i, 0) for i in range(len(src.classes))]
             print(f"[{split}]   images per class: min {min(counts)}, max {max(counts)}")
         for cls in src.empty_classes[: args.show]:
-            print(f"[{split}]   EMPTY class folder: {cls}")
+            print(f"[{split}]   EMPTY class folder: {printable(cls)}")
         for path, why in bad[: args.show]:
-            print(f"[{split}]   BAD {path}: {why}")
+            print(f"[{split}]   BAD {printable(path)}: {printable(why)}")
         if len(bad) > args.show:
             print(f"[{split}]   ... and {len(bad) - args.show} more bad file(s)")
         kinds = Counter(n.split(" (")[0] for _, note in src.notes for n in note.split("; "))
         for kind, n in sorted(kinds.items()):
-            print(f"[{split}]   note: {n} image(s): {kind} (handled by the loaders)")
+            print(f"[{split}]   note: {n} image(s): {printable(kind)} (handled by the loaders)")
         problems += len(bad) + len(src.empty_classes)
     print("OK: no problems found" if problems == 0 else f"FOUND {problems} problem(s)")
     return 0 if problems == 0 else 1

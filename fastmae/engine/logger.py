@@ -67,6 +67,33 @@ class RunLogger:
                 parts.append(f"{shown['img_s']} img/s")
             print("  ".join(parts), flush=True)
 
+    def resume_at(self, step: int) -> int:
+        """Make metrics.jsonl the history of a run resumed at ``step``; returns how many rows were dropped.
+
+        Rows logged after the checkpoint by the interrupted run would be logged again (and differently
+        timed) by this one, and a SIGKILL may have torn the last line: both go. A ``{"event": "resume"}``
+        row marks the seam.
+        """
+        if not self.enabled:
+            return 0
+        kept, dropped = [], 0
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
+                except (ValueError, TypeError):
+                    keep = False
+                if keep:
+                    kept.append(line)
+                else:
+                    dropped += 1
+        kept.append(json.dumps({"event": "resume", "step": step, "time": time.time()}))
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(kept) + "\n")
+        os.replace(tmp, self.metrics_path)
+        return dropped
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)

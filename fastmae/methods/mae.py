@@ -28,7 +28,7 @@ PRESETS: dict[str, dict] = {
 
 
 def model_kwargs(cfg) -> dict:
-    return {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss}
+    return {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss, "residual_dtype": cfg.residual_dtype}
 
 
 def noise_shape(model: nn.Module, batch: Tensor) -> tuple[int, int]:

@@ -147,7 +147,7 @@ PRESETS: dict[str, dict] = {
 
 def model_kwargs(cfg) -> dict:
     """``mask_patch_size`` 0 keeps the model's cell size."""
-    kw = image_model_kwargs(cfg)
+    kw = {**image_model_kwargs(cfg), "residual_dtype": cfg.residual_dtype}
     if cfg.mask_patch_size:
         kw["mask_patch_size"] = cfg.mask_patch_size
     return kw

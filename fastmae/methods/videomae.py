@@ -295,11 +295,17 @@ def noise_shape(model: VideoMAE, batch: Tensor) -> tuple[int, int]:
 
 def clip_loader(cfg, rank: int, world_size: int, device, split: str, output: str):
     """Clips (float (N, C, T, H, W) normalized, or uint8 (N, T, H, W, C)) of a run config."""
-    from types import SimpleNamespace
+    from fastmae.data import build_video_loader
 
-    from fastmae.methods.video_data import build_video_loader
-
-    return build_video_loader(cfg, SimpleNamespace(rank=rank, world_size=world_size, device=device), split, output)
+    tubelet = cfg.tubelet_size or 2
+    if cfg.num_frames % tubelet:
+        raise ValueError(f"num_frames {cfg.num_frames} is not divisible by the tubelet size {tubelet}")
+    train = split == "train"
+    return build_video_loader(
+        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, num_frames=cfg.num_frames,
+        frame_stride=cfg.frame_stride, loader=cfg.loader, output=output, train=train, num_workers=cfg.num_workers,
+        seed=cfg.seed, rank=rank, world_size=world_size, device=str(device), drop_last=train,
+    )
 
 
 register_method(MethodSpec(

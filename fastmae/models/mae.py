@@ -104,6 +104,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         len_keep = int(L * (1 - mask_ratio))
         if len_keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {L}")
+        if noise is not None and not isinstance(noise, Tensor):
+            raise ValueError(f"noise must be a tensor of shape (N, L) = {(N, L)}, got a {type(noise).__name__}")
         if noise is not None and tuple(noise.shape) != (N, L):
             raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
         return N, grid, len_keep
@@ -133,7 +135,12 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Official signature. imgs, pred (N, L, P), mask (N, L) 1 = removed -> scalar loss."""
-        L = mask.shape[1]
+        N, grid = self.check_images(imgs)
+        L, P = grid[0] * grid[1], self.patch_size**2 * self.in_chans
+        for name, t, shape in (("pred", pred, (N, L, P)), ("mask", mask, (N, L))):
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape {shape} for these images, got {got}")
         n_masked = L - int(round(L * (1 - mask[0].mean().item())))  # host sync: a convenience API, not the training path
         ids_masked = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :n_masked]
         return self._loss(imgs, pred, ids_masked)
