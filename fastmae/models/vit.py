@@ -14,11 +14,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
-from fastmae.layers import Block, PatchEmbed, init_weights, resize_pos_embed, sincos_2d
+from fastmae.layers import Block, PatchEmbed, init_weights, sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -122,7 +123,7 @@ class VisionTransformer(nn.Module):
         if tuple(grid) == self.patch_embed.grid_size:
             return self.pos_embed
         if self.pos_embed.requires_grad:
-            return resize_pos_embed(self.pos_embed, grid)
+            return resample_abs_pos_embed(self.pos_embed, list(grid), num_prefix_tokens=1)
         table = sincos_2d(self.embed_dim, grid, cls_token=True).unsqueeze(0)
         return table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
 
