@@ -30,6 +30,7 @@ from _harness import append_csv, stamp  # noqa: E402
 
 from fastmae.data import build_loader, prepare_demo_dataset  # noqa: E402
 from fastmae.data.demo import sample_photos  # noqa: E402
+from fastmae.flags import underscores  # noqa: E402
 
 
 def make_imagenet_like(root: Path, n: int = 500, classes: int = 10) -> Path:
@@ -255,17 +256,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--img_size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=5, help="measured epochs per loader (after 1 warm-up)")
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", default="uint8", choices=["uint8", "float"])
-    ap.add_argument("--data-dir", default="/tmp/fastmae-bench-data")
-    ap.add_argument("--no-diagnostic", action="store_true", help="skip the DALI triangular-resize row")
-    ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--data_dir", default="/tmp/fastmae-bench-data")
+    ap.add_argument("--no_diagnostic", action="store_true", help="skip the DALI triangular-resize row")
+    ap.add_argument("--no_csv", action="store_true")
     ap.add_argument("--ops", action="store_true", help="also print a per-stage CPU-cost breakdown")
     ap.add_argument("--setup", action="store_true", help="only the DALI per-epoch setup comparison (demo set)")
-    args = ap.parse_args()
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     if args.setup:
         setup_bench(prepare_demo_dataset(Path(args.data_dir)), args)
         return

@@ -12,7 +12,7 @@ import torch
 
 from .demo import demo_cache_dir, prepare_demo_dataset
 from .loader import BaseLoader, ImageDataset, SyntheticLoader, TorchLoader
-from .sources import open_source
+from .sources import has_split, holdout, open_source
 from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
@@ -62,6 +62,7 @@ def build_loader(
     augment: str | None = None,
     classes: list[str] | None = None,
     require_labels: bool = False,
+    holdout_fraction: float = 0.0,
 ) -> BaseLoader:
     """Build a loader yielding ``(imgs, labels)``.
 
@@ -80,6 +81,9 @@ def build_loader(
     ``require_labels``: fail at build time on tar samples without a ``.cls`` label (evaluation).
     ``shuffle`` defaults to ``train``. ``num_samples``/``num_classes`` only apply to ``loader="synthetic"``.
     ``index_cache``: optional directory keeping folder scans between runs (large data sets start faster).
+    ``holdout_fraction``: for data without a ``val/`` split, a seeded share of the files (:func:`holdout`) is the
+    val split and is left out of train; the loader's ``holdout_fraction`` then says so (0 = a real split).
+    The loader's ``source`` is the scanned file table it reads.
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
     _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
@@ -117,11 +121,18 @@ def build_loader(
         from .dali import DaliLoader, import_dali
 
         import_dali()  # fail on a missing extra before scanning a large dataset
-        src = open_source(root_or_spec, split, **scan)
-        return DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
-    src = open_source(root_or_spec, split, **scan)
-    dataset = ImageDataset(src, img_size, augment, seed)
-    return TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
+    carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
+    src = open_source(root_or_spec, "train" if carve else split, **scan)
+    if carve:
+        src = holdout(src, holdout_fraction, seed, split)
+    if loader == "dali":
+        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+    else:
+        dataset = ImageDataset(src, img_size, augment, seed)
+        ld = TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
+    ld.source = src
+    ld.holdout_fraction = holdout_fraction if carve else 0.0
+    return ld
 
 
 def build_video_loader(

@@ -7,27 +7,48 @@ is clean, 1 when any file would be skipped or a class folder is empty, 2 when it
 
 from __future__ import annotations
 
-import argparse
 import io
+import sys
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image
+
+from fastmae.flags import help_text, parse_flags
 
 from .sources import open_source
 from .text import printable
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fastmae data check", description=__doc__.splitlines()[0])
-    ap.add_argument("path", help="ImageFolder directory or tar shard pattern")
-    ap.add_argument("--split", default=None, help="train or val (default: every split present)")
-    ap.add_argument("--deep", action="store_true", help="fully decode every image (slow)")
-    ap.add_argument("--img-size", type=int, default=224, help="crop size, for the 'smaller than crop' notes")
-    ap.add_argument("--min-size", type=int, default=8, help="images below this many px on a side are bad")
-    ap.add_argument("--show", type=int, default=10, help="list at most this many paths per problem kind")
-    args = ap.parse_args(argv)
+@dataclass
+class DataCheckConfig:
+    positional: ClassVar[tuple[str, ...]] = ("path",)  # `fastmae data check DIR` = `--path=DIR`
+    path: str = field(default="", metadata={"help": "ImageFolder directory or tar shard pattern (also the first argument)"})
+    split: str = field(default="", metadata={"help": "train or val; '' = every split present"})
+    deep: bool = field(default=False, metadata={"help": "fully decode every image (slow; catches corrupt entropy data)"})
+    img_size: int = field(default=224, metadata={"help": "crop size, for the 'smaller than crop' notes"})
+    min_size: int = field(default=8, metadata={"help": "images below this many px on a side are bad"})
+    show: int = field(default=10, metadata={"help": "list at most this many paths per problem kind"})
 
-    from pathlib import Path
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("give the data set: fastmae data check DIR (or --path=DIR)")
+        if self.split not in ("", "train", "val"):
+            raise ValueError(f"split must be train or val, got {self.split!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(argv, DataCheckConfig, {}, "usage: fastmae data check DIR [--key=value ...]", __doc__))
+        return 0
+    try:
+        args = parse_flags(argv, DataCheckConfig)
+    except ValueError as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 2
 
     p = Path(args.path)
     if args.split:

@@ -93,6 +93,8 @@ class BaseLoader:
     """Position bookkeeping, sharding plan and output conversion shared by all loaders."""
 
     kind = "base"
+    holdout_fraction = 0.0  # > 0: this split was carved from the training files (no val/ split; build_loader)
+    source = None  # the scanned file table (a data.sources.Source) of file-based loaders; set by build_loader
 
     def __init__(
         self,

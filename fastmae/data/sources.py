@@ -28,18 +28,19 @@ Bad input, two layers:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
 import json
 import logging
 import os
-import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
 from PIL import Image
 
 from ..constants import IMAGE_EXTENSIONS
@@ -94,18 +95,7 @@ class Source:
 
 def expand_braces(pattern: str) -> list[str]:
     """Expand webdataset brace patterns: ``a-{000..003}.tar`` (zero-padded ranges) and ``{x,y}``."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [p for it in items for p in expand_braces(head + it + tail)]
+    return list(braceexpand(pattern))
 
 
 def check_bytes(head: bytes, tail: bytes, total: int, min_size: int) -> tuple[str | None, tuple | None, str]:
@@ -408,6 +398,30 @@ def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path
     if p.is_file() and spec.endswith(".tar"):
         return "tar", [spec]
     raise FileNotFoundError(f"dataset not found: {printable(spec)} (expected a directory or a .tar shard pattern)")
+
+
+def has_split(root_or_spec: str | os.PathLike, split: str) -> bool:
+    """Whether the data set has its own ``split`` folder (``ROOT/val/``); tar shards have no splits."""
+    return Path(os.fspath(root_or_spec), split).is_dir()
+
+
+def holdout(src: Source, fraction: float, seed: int, split: str) -> Source:
+    """A fixed held-out part of ``src`` (``split="val"``) or the rest (``"train"``), for data with no val split.
+
+    A file is held out when a seeded hash of its name falls below ``fraction``: the choice does not
+    depend on file order or on which other files exist, so adding files never moves one across.
+    """
+    def held(name: str) -> bool:
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < fraction
+
+    keep = [i for i, name in enumerate(src.names) if held(name) == (split == "val")]
+    if not keep:
+        raise ValueError(f"{src.root}: holding out {fraction:.0%} of {len(src)} files leaves no {split} images; "
+                         f"add a val/ split or change holdout_fraction")
+    pick = lambda xs: [xs[i] for i in keep]
+    return dataclasses.replace(src, locs=pick(src.locs), labels=pick(src.labels), sizes=pick(src.sizes),
+                               names=pick(src.names))
 
 
 def open_source(
