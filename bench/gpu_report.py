@@ -1,6 +1,6 @@
 """One-command GPU report: environment, kernels, training step, profile, data loader, residual dtype.
 
-    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, ~5-8 minutes on an H100, offline
+    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, offline; sized for < 8 minutes on an H100 (unmeasured)
     python bench/gpu_report.py --quick                           # the same code at tiny sizes on CPU (CI)
     python bench/gpu_report.py --sections kernels,step           # a subset
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -345,9 +345,6 @@ class Plan:
     total_images: int
     wall_hours: float | None
     assumptions: tuple[str, ...] = field(default=ASSUMPTIONS)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _world_size(cfg) -> int:
