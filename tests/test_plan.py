@@ -259,6 +259,12 @@ def test_plan_bad_input_is_one_line(capsys):
     assert "not divisible" in capsys.readouterr().err
 
 
+def test_plan_refuses_non_mae_models_in_one_line(capsys):
+    assert planmod.plan_main(["--preset=simmim_tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error: fastmae plan models MAE runs only; 'simmim_vit_tiny'") and err.count("\n") == 1
+
+
 def test_plan_on_cpu_has_no_time_estimate(capsys):
     assert planmod.plan_main(["--preset=tiny", "--device=cpu"]) == 0
     out = capsys.readouterr().out
