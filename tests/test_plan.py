@@ -184,6 +184,15 @@ def test_the_preset_table_is_what_the_layout_overrides():
     assert base["accum_iter"] > 1 and base["compile"] and base["eff_batch"] == 4096
 
 
+def test_layout_for_a_config_is_the_plans_layout():
+    cfg = parse_overrides(["--preset=base", "--device=cuda", "--world_size=8", "--gpu=h100"])
+    lay = planmod.layout_for(cfg)
+    assert lay == planmod.build_plan(cfg).layout and (lay.batch_size, lay.accum_iter) == (512, 1)
+    assert planmod.layout_for(cfg, world_size=2).accum_iter > 1  # the launched world overrides the config's
+    tiny = planmod.layout_for(parse_overrides(["--preset=tiny", "--device=cpu"]))
+    assert (tiny.batch_size, tiny.accum_iter, tiny.cuda_graphs) == (32, 1, False)
+
+
 def test_layout_off_gpu_and_explicit_split():
     _, _, _, cpu = _layout("base", 1, device="cpu")
     assert not cpu.cuda_graphs and "device is cpu" in cpu.reason and cpu.max_batch is None
