@@ -73,12 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- resume ------------------------------------------------------------------------------------------
     state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()))
     resume_path = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume_path is not None:
-        start_step = state.load_state_dict(load_checkpoint(resume_path))
-    else:
-        start_step = 0
-        train_loader.set_epoch(0)
-        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # different masks on every rank, reproducible from the seed
+    # A fresh run seeds different masks on every rank, reproducible from the seed.
+    start_step = state.start(resume_path and load_checkpoint(resume_path), fresh_seed=cfg.seed * 1000 + info.rank + 1)
 
     log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress)
     peak = peak_flops(device)
