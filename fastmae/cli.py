@@ -7,6 +7,7 @@ code 2, never a traceback; failures during a run keep their traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # subcommand -> (module, function, one-line help)
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
+    "sweep": ("fastmae.eval.sweep", "main", "one evaluation per value of a key (tune_blocks, mask_ratio, ...): CSV + curve"),
 }
 
 
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    if name == "pretrain":
+        # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         entry = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:

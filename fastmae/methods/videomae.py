@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.layers import Block, TubeletEmbed, init_weights, sinusoid_table
-from fastmae.methods.masks import tube_mask
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
+from fastmae.models.masks import tube_mask
 from fastmae.models.vit import LayerNorm6
 
 TARGET_NORMS = ("tubelet", "channel", "none")
@@ -166,7 +166,7 @@ class VideoMAE(nn.Module):
         return self.patch_embed.proj.weight.dtype
 
     def tubelet_mask(self, videos: Tensor, mask_ratio: float = 0.9, noise: Tensor | None = None):
-        """-> (ids_keep_s, ids_masked_s, ids_keep, ids_masked, mask) of :func:`fastmae.methods.masks.tube_mask`."""
+        """-> (ids_keep_s, ids_masked_s, ids_keep, ids_masked, mask) of :func:`fastmae.models.masks.tube_mask`."""
         N, _, _, _ = self.check_videos(videos)
         Tp, gh, gw = self.grid_size
         Ls = gh * gw
@@ -295,11 +295,17 @@ def noise_shape(model: VideoMAE, batch: Tensor) -> tuple[int, int]:
 
 def clip_loader(cfg, rank: int, world_size: int, device, split: str, output: str):
     """Clips (float (N, C, T, H, W) normalized, or uint8 (N, T, H, W, C)) of a run config."""
-    from types import SimpleNamespace
+    from fastmae.data import build_video_loader
 
-    from fastmae.methods.video_data import build_video_loader
-
-    return build_video_loader(cfg, SimpleNamespace(rank=rank, world_size=world_size, device=device), split, output)
+    tubelet = cfg.tubelet_size or 2
+    if cfg.num_frames % tubelet:
+        raise ValueError(f"num_frames {cfg.num_frames} is not divisible by the tubelet size {tubelet}")
+    train = split == "train"
+    return build_video_loader(
+        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, num_frames=cfg.num_frames,
+        frame_stride=cfg.frame_stride, loader=cfg.loader, output=output, train=train, num_workers=cfg.num_workers,
+        seed=cfg.seed, rank=rank, world_size=world_size, device=str(device), drop_last=train,
+    )
 
 
 register_method(MethodSpec(

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
-from fastmae.layers import Block, PatchEmbed, init_weights, resize_pos_embed, sincos_2d
+from fastmae.layers import Block, PatchEmbed, init_weights, sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -122,7 +123,7 @@ class VisionTransformer(nn.Module):
         if tuple(grid) == self.patch_embed.grid_size:
             return self.pos_embed
         if self.pos_embed.requires_grad:
-            return resize_pos_embed(self.pos_embed, grid)
+            return resample_abs_pos_embed(self.pos_embed, list(grid), num_prefix_tokens=1)
         table = sincos_2d(self.embed_dim, grid, cls_token=True).unsqueeze(0)
         return table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
 
@@ -164,3 +165,12 @@ class VisionTransformer(nn.Module):
     def forward(self, imgs: Tensor) -> Tensor:
         """imgs -> logits (N, num_classes), or pooled features (N, D) without a head."""
         return self.forward_head(self.forward_features(imgs))
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's optimizer helpers: embeddings, each block, then norm / fc_norm / head together.
+
+        MAE's layer-wise lr decay puts the final norm in the head's layer (timm's own ViT puts it with the last block).
+        """
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=r"^blocks\.(\d+)", head=r"^norm|^fc_norm|^head")
+
