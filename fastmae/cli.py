@@ -13,12 +13,14 @@ import sys
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
+    "plan": ("fastmae.engine.plan", "plan_main", "what a run resolves to on a target GPU setup (= pretrain --dry_run)"),
     "data check": ("fastmae.data.check", "main", "list a dataset's problems (corrupt, unreadable, too small) before a long run"),
     "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
+    "sweep": ("fastmae.eval.sweep", "main", "one evaluation per value of a key (tune_blocks, mask_ratio, ...): CSV + curve"),
 }
 
 

@@ -11,7 +11,7 @@ from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_me
 from fastmae.models import MODELS
 
 # Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
-OFFICIAL_RECIPE = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, blr=1.5e-4,
+OFFICIAL_RECIPE = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, eff_batch=4096, blr=1.5e-4,
                        weight_decay=0.05, norm_pix_loss=True, mask_ratio=0.75, loader="dali", num_workers=10,
                        log_every=50, ckpt_every=1000, compile=True, precision="auto")
 
@@ -28,7 +28,14 @@ PRESETS: dict[str, dict] = {
 
 
 def model_kwargs(cfg) -> dict:
-    return {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss}
+    kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss, "residual_dtype": cfg.residual_dtype}
+    # The MAE paper's ablations (fields of PretrainConfig; 0 = the model's decoder shape).
+    for key in ("mask_type", "loss_on", "encoder_mask_tokens"):
+        kw[key] = getattr(cfg, key)
+    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if getattr(cfg, key):
+            kw[key] = getattr(cfg, key)
+    return kw
 
 
 def noise_shape(model: nn.Module, batch: Tensor) -> tuple[int, int]:
