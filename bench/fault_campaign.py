@@ -100,13 +100,12 @@ def trial(i: int, kind: str, at_step: int, delay: float, base: Path, cmd_for, en
     done_before = max([r["step"] for r in logged_steps(out) if "loss" in r], default=0)
     row = {"trial": i, "kind": kind, "after_step": at_step, "delay_s": round(delay, 2), "interrupted": interrupted,
            "exit": p.returncode, "steps_done": done_before}
-    resumed_ok, resume_step = False, None
+    # --resume=auto starts from the newest checkpoint (saves are atomic: none is damaged here).
+    resume_step = max([int(c.name[11:19]) for c in out.glob("checkpoint-*.pt")], default=0)
+    resumed_ok = False
     for _ in range(3):  # a resume that is itself complete ends the loop; SIGTERM runs may exit 0 mid-way
         r = subprocess.run(cmd_for(out) + ["--resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=timeout)
-        if resume_step is None:
-            events = [e["step"] for e in logged_steps(out) if e.get("event") == "resume"]
-            resume_step = events[0] if events else 0
         if r.returncode != 0:
             row["resume_error"] = r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else str(r.returncode)
             break
@@ -115,7 +114,7 @@ def trial(i: int, kind: str, at_step: int, delay: float, base: Path, cmd_for, en
             break
     row["resumed"] = resumed_ok
     row["resumed_from"] = resume_step
-    row["lost_steps"] = max(0, done_before - (resume_step or 0))
+    row["lost_steps"] = max(0, done_before - resume_step)
     row["identical"] = resumed_ok and identical(ref, final_state(out, steps))
     if not row["identical"] and kind == "SIGTERM" and p.returncode != 0:
         row["stderr"] = err[-500:]
