@@ -15,6 +15,7 @@ AdamW kernel (``found_inf``) instead of an ``if`` on the host.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from contextlib import closing, nullcontext
 from pathlib import Path
@@ -326,4 +327,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 1
+    # The run is complete and saved: a SIGTERM now must not turn exit 0 into death by signal (Python restores
+    # the default action of signals with Python handlers while it shuts down; an ignored one stays ignored).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
