@@ -29,7 +29,7 @@ def reconstruct(model, imgs: Tensor, mask_ratio: float = 0.75, noise: Tensor | N
     p = model.patch_size
     grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
     pred = pred.float()
-    if model.norm_pix_loss:
+    if getattr(model, "norm_pix_loss", False):  # SimMIM predicts the normalized image itself
         target = patchify(imgs.float(), p)
         mu = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
