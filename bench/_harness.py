@@ -74,22 +74,16 @@ def append_csv(rows: list[dict]) -> Path:
     return path
 
 
-def make_train_step(model, device: torch.device, amp_dtype: torch.dtype, loss_fn: Callable) -> Callable[[], None]:
-    """A full training step as train.py runs it: autocast forward, backward, fused AdamW with found_inf."""
+def make_train_step(model, device: torch.device, amp_dtype: torch.dtype, forward: Callable, batch: torch.Tensor,
+                    mask_ratio: float) -> Callable[[], None]:
+    """The training step ``fastmae pretrain`` runs (``fastmae.engine.step.train_step``: autocast forward, backward,
+    gradient norm, fused AdamW with found_inf) on a fixed batch; ``forward(batch, mask_ratio=...)[0]`` is the loss."""
     from fastmae.engine.optim import build_adamw
+    from fastmae.engine.step import train_step
 
     opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
-    found_inf = torch.zeros((), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss = loss_fn(model)
-        loss.backward()
-        opt.found_inf = found_inf
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    params = [p for p in model.parameters() if p.requires_grad]
+    return lambda: train_step(forward, opt, params, lambda: batch, mask_ratio=mask_ratio, amp_dtype=amp_dtype)
 
 
 def stamp(device: torch.device) -> dict:

@@ -3,6 +3,7 @@
     python bench/bench_step.py                       # tiny ViT at 224/16, batch 8, CPU or CUDA
     python bench/bench_step.py --model mae_vit_base_patch16 --batch 64 --device cuda
 
+Every fastmae mode runs ``fastmae.engine.step.train_step``, the step of ``fastmae pretrain``.
 Modes: eager fp32 (the reference path: eager ops), eager bf16 (autocast),
 compiled fp32, compiled bf16 (torch.compile fullgraph; CUDA graphs on CUDA),
 and HF ViTMAE fp32 with torch's default AdamW as the outside reference.
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import sys
 
 import torch
 from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
 
 from fastmae.convert import hf_config_kwargs, to_hf_vitmae
+from fastmae.flags import underscores
 from fastmae.models import create_model
 
 
@@ -27,7 +31,7 @@ def make_step(model, device, amp_dtype, compiled: bool, x, noise):
     if compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None
         fwd = torch.compile(model, fullgraph=True, mode=mode)
-    return make_train_step(model, device, amp_dtype, lambda m: fwd(x, 0.75, noise)[0])
+    return make_train_step(model, device, amp_dtype, functools.partial(fwd, noise=noise), x, 0.75)
 
 
 def main() -> None:
@@ -40,7 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--modes", nargs="+", default=["eager_fp32", "eager_bf16", "compiled_fp32", "compiled_bf16", "hf_fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ embedding, a mask-token lerp, a 1x1 conv + PixelShuffle head and the pixel-mask 
 over the whole clip, visible tokens gathered after embedding, and the target built by a tubelet rearrange.
 fastmae's models embed patches as a GEMM on patchify+gather output (only visible tubelets for VideoMAE), use a
 Linear head, and compute the loss from the images with the fused-loss op (the Triton kernels on CUDA).
+Every contender runs ``fastmae.engine.step.train_step`` (the step of ``fastmae pretrain``).
 Rounds are interleaved and medians taken after warm-up; a Markdown table goes to stdout, rows to bench/results/family_step.csv.
 """
 
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
 
+from fastmae.flags import underscores
 from fastmae.methods.reference_family import simmim_l1_loss, simmim_pixel_mask, videomae_loss
 from fastmae.methods.simmim import simmim_vit_base_patch16, simmim_vit_tiny
 from fastmae.methods.videomae import videomae_vit_base_patch16, videomae_vit_tiny
@@ -82,7 +86,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
@@ -102,12 +106,14 @@ def main() -> None:
     steps, meta = {}, {}
     for prec in args.precisions:
         amp = {"fp32": torch.float32, "bf16": torch.bfloat16}[prec]
-        steps[f"simmim_official_{prec}"] = make_train_step(copy.deepcopy(sim), device, amp,
-                                                     lambda m: simmim_official_loss(m, x, sim_noise, 0.6))
-        steps[f"simmim_fastmae_{prec}"] = make_train_step(copy.deepcopy(sim), device, amp, lambda m: m(x, 0.6, sim_noise)[0])
-        steps[f"videomae_official_{prec}"] = make_train_step(copy.deepcopy(vid), device, amp,
-                                                       lambda m: videomae_official_loss(m, v, vid_noise, 0.9))
-        steps[f"videomae_fastmae_{prec}"] = make_train_step(copy.deepcopy(vid), device, amp, lambda m: m(v, 0.9, vid_noise)[0])
+        s_off, s_ours, v_off, v_ours = (copy.deepcopy(m) for m in (sim, sim, vid, vid))
+        steps[f"simmim_official_{prec}"] = make_train_step(
+            s_off, device, amp, lambda b, mask_ratio, m=s_off: (simmim_official_loss(m, b, sim_noise, mask_ratio),), x, 0.6)
+        steps[f"simmim_fastmae_{prec}"] = make_train_step(s_ours, device, amp, functools.partial(s_ours, noise=sim_noise), x, 0.6)
+        steps[f"videomae_official_{prec}"] = make_train_step(
+            v_off, device, amp, lambda b, mask_ratio, m=v_off: (videomae_official_loss(m, b, vid_noise, mask_ratio),), v, 0.9)
+        steps[f"videomae_fastmae_{prec}"] = make_train_step(
+            v_ours, device, amp, functools.partial(v_ours, noise=vid_noise), v, 0.9)
         for k in list(steps)[-4:]:
             meta[k] = (k.split("_")[0], k.split("_")[1], prec)
     times = interleaved(steps, device, args.warmup, args.repeats)

@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration of fastmae for sm_80 and sm_90 on a machine without a GPU.
 
 For each kernel the launchers pick (BLOCK, num_warps) from the shape
-(``block_config`` / ``fwd_config`` / ``bwd_config``), and the pointer dtypes
+(``block_config`` / ``bwd_config``), and the pointer dtypes
 and compile-time flags from the inputs; this script enumerates those choices,
 compiles each with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 and reads registers / stack / local (spill) memory from the cubin with
@@ -9,7 +9,8 @@ and reads registers / stack / local (spill) memory from the cubin with
 only filled in when a binary is loaded on a device). Shared memory comes from
 the compiled metadata.
 
-    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--json out.json] [--workers 2]
+    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--only gather_queries ...]
+                                          [--json out.json] [--workers 2]
 
 Exit status 1 if any configuration fails to compile or spills.
 """
@@ -44,26 +45,31 @@ def _promote(a: str, b: str) -> str:
     return a if a == b else "fp32"
 
 
-def _k1_fwd_jobs(subset: str):
-    from fastmae.kernels.patchify_gather import block_config
+def k1_fwd_job(C: int, p: int, src: str, out: str, label: str = "") -> tuple:
+    """(kernel, jit function name, signature, constexprs, num_warps, description) of K1's forward for one config."""
+    from fastmae.kernels._common import block_config
 
+    P = p * p * C
+    block, warps = block_config(P)
+    sig = {
+        "img_ptr": DTYPES[src], "ids_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
+        "out_ptr": DTYPES[out], **{k: "i32" for k in ("L_vis", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl")},
+        "P": "constexpr", "C": "constexpr", "PATCH": "constexpr", "NORMALIZE": "constexpr", "BLOCK_P": "constexpr",
+    }
+    const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": src == "u8", "BLOCK_P": block}
+    return "K1 patchify_gather fwd", "_patchify_gather_fwd_kernel", sig, const, warps, f"{label}P={P} {src}->{out}"
+
+
+def _k1_fwd_jobs(subset: str):
     dtype_pairs = [(i, o) for i in ("u8",) + FLOATS for o in FLOATS]
     for (C, p), (src, out) in itertools.product(PATCHES, dtype_pairs):
         if subset == "ci" and (C, p) != TYPICAL_PATCH and (src, out) != ("u8", "bf16"):
             continue
-        P = p * p * C
-        block, warps = block_config(P)
-        sig = {
-            "img_ptr": DTYPES[src], "ids_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
-            "out_ptr": DTYPES[out], **{k: "i32" for k in ("L_vis", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl")},
-            "P": "constexpr", "C": "constexpr", "PATCH": "constexpr", "NORMALIZE": "constexpr", "BLOCK_P": "constexpr",
-        }
-        const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": src == "u8", "BLOCK_P": block}
-        yield "K1 patchify_gather fwd", "_patchify_gather_fwd_kernel", sig, const, warps, f"P={P} {src}->{out}"
+        yield k1_fwd_job(C, p, src, out)
 
 
 def _k1_bwd_jobs(subset: str):
-    from fastmae.kernels.patchify_gather import block_config
+    from fastmae.kernels._common import block_config
 
     for (C, p), g, img in itertools.product(PATCHES, FLOATS, FLOATS):
         if subset == "ci" and (C, p) != TYPICAL_PATCH and (g, img) != ("bf16", "fp32"):
@@ -80,12 +86,12 @@ def _k1_bwd_jobs(subset: str):
 
 
 def _k2_fwd_jobs(subset: str):
-    from fastmae.kernels.unshuffle_scatter import fwd_config
+    from fastmae.kernels._common import block_config
 
     for D, x, pos in itertools.product(WIDTHS, FLOATS, FLOATS):
         if subset == "ci" and D != TYPICAL_WIDTH and (x, pos) != ("bf16", "fp32"):
             continue
-        block, warps = fwd_config(D)
+        block, warps = block_config(D, "embedding dim")
         out = _promote(x, pos)
         sig = {
             "x_ptr": DTYPES[x], "mask_token_ptr": DTYPES[x], "ids_restore_ptr": "*i64", "pos_ptr": DTYPES[pos],
@@ -112,11 +118,36 @@ def _k2_bwd_jobs(subset: str):
             {"BLOCK_T": block_t, "BLOCK_D": block_d}, warps, f"tile {block_t}x{block_d} grad {g} -> x {x}"
 
 
-def _k3_jobs(subset: str):
-    from fastmae.kernels.masked_recon_loss import block_config
+_K3_INTS = ("w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl", "s_pn", "s_pl")
+_K3_FLAGS = ("P", "C", "PATCH", "NORMALIZE", "NORM_PIX", "L1", "PRED_FULL", "BLOCK_P")
 
-    flag_sets = list(itertools.product((False, True), repeat=4))  # NORM_PIX, L1, PRED_FULL, WITH_GRAD
-    default_flags = (True, False, True, True)
+
+def k3_job(kind: str, C: int, p: int, img: str, pred: str, norm_pix: bool, l1: bool, full: bool, label: str = "") -> tuple:
+    """(kernel, jit function name, signature, constexprs, num_warps, description) of K3's ``kind`` ('fwd' or 'bwd')."""
+    from fastmae.kernels._common import block_config
+
+    P = p * p * C
+    block, warps = block_config(P)
+    images = {"pred_ptr": DTYPES[pred], "img_ptr": DTYPES[img]}
+    norm = {"shift_ptr": "*fp32", "scale_ptr": "*fp32"}
+    if kind == "fwd":
+        sig = {**images, "ids_ptr": "*i64", **norm, "loss_ptr": "*fp32", "L_mask": "i32",
+               **{k: "i32" for k in _K3_INTS}, "eps": "fp32"}
+    else:
+        # Without full predictions the launcher passes a placeholder (the fp32 upstream gradient) as the mask.
+        sig = {"grad_loss_ptr": "*fp32", **images, "ids_ptr": "*i64", "is_masked_ptr": "*u8" if full else "*fp32", **norm,
+               "grad_ptr": DTYPES[pred], "L_pred": "i32", **{k: "i32" for k in _K3_INTS}, "count": "fp32", "eps": "fp32"}
+    sig.update({k: "constexpr" for k in _K3_FLAGS})
+    const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": img == "u8", "NORM_PIX": norm_pix, "L1": l1, "PRED_FULL": full,
+             "BLOCK_P": block}
+    desc = (f"{label}P={P} img {img} pred {pred} {'normpix' if norm_pix else 'raw'} {'l1' if l1 else 'mse'} "
+            f"{'full' if full else 'masked-only'}")
+    return f"K3 masked_recon_loss {kind}", f"_masked_recon_loss_{kind}_kernel", sig, const, warps, desc
+
+
+def _k3_jobs(subset: str):
+    flag_sets = list(itertools.product((False, True), repeat=3))  # NORM_PIX, L1, PRED_FULL
+    default_flags = (True, False, True)
     jobs = []
     for (C, p), flags in itertools.product(PATCHES, flag_sets):
         for img in ("u8", "fp32"):
@@ -132,41 +163,67 @@ def _k3_jobs(subset: str):
             continue
         if subset == "ci" and (C, p) == TYPICAL_PATCH and pred != "fp32" and flags != default_flags:
             continue
-        norm_pix, l1, full, with_grad = flags
-        P = p * p * C
-        block, warps = block_config(P)
-        sig = {
-            "pred_ptr": DTYPES[pred], "img_ptr": DTYPES[img], "ids_ptr": "*i64", "shift_ptr": "*fp32",
-            "scale_ptr": "*fp32", "loss_ptr": "*fp32", "grad_ptr": DTYPES[pred] if with_grad else "*fp32",
-            **{k: "i32" for k in ("L_mask", "L_pred", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl", "s_pn", "s_pl")},
-            "inv_count": "fp32", "eps": "fp32",
-            **{k: "constexpr" for k in ("P", "C", "PATCH", "NORMALIZE", "NORM_PIX", "L1", "PRED_FULL", "WITH_GRAD",
-                                        "BLOCK_P")},
-        }
-        const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": img == "u8", "NORM_PIX": norm_pix, "L1": l1,
-                 "PRED_FULL": full, "WITH_GRAD": with_grad, "BLOCK_P": block}
-        desc = (f"P={P} img {img} pred {pred} {'normpix' if norm_pix else 'raw'} {'l1' if l1 else 'mse'} "
-                f"{'full' if full else 'masked-only'} {'fwd+bwd' if with_grad else 'fwd'}")
-        yield "K3 masked_recon_loss", "_masked_recon_loss_kernel", sig, const, warps, desc
+        for kind in ("fwd", "bwd"):
+            yield k3_job(kind, C, p, img, pred, *flags)
 
+
+def _gq_fwd_jobs(subset: str):
+    from fastmae.kernels._common import block_config
+
+    for D, mt, pos in itertools.product(WIDTHS, FLOATS, FLOATS):
+        if subset == "ci" and D != TYPICAL_WIDTH and (mt, pos) != ("fp32", "fp32"):
+            continue
+        block, warps = block_config(D, "embedding dim")
+        out = _promote(mt, pos)
+        sig = {"mask_token_ptr": DTYPES[mt], "pos_ptr": DTYPES[pos], "ids_ptr": "*i64", "out_ptr": DTYPES[out],
+               **{k: "i32" for k in ("L_t", "D", "s_idn", "s_idl", "s_pt")}, "BLOCK_D": "constexpr"}
+        yield "gather_queries fwd", "_gather_queries_fwd_kernel", sig, {"BLOCK_D": block}, warps, \
+            f"D={D} mask token {mt} + pos {pos} -> {out}"
+
+
+def _gq_bwd_jobs(subset: str):
+    from fastmae.kernels.gather_queries import bwd_config
+
+    blocks = sorted({bwd_config(D) for D in WIDTHS})
+    for (block_n, block_d, warps), g, pos, write_pos in itertools.product(blocks, FLOATS, FLOATS, (False, True)):
+        if subset == "ci" and block_d != bwd_config(TYPICAL_WIDTH)[1] and (g, pos, write_pos) != ("fp32", "fp32", True):
+            continue
+        sig = {"grad_out_ptr": DTYPES[g], "slot_ptr": "*i32", "partial_ptr": "*fp32",
+               "grad_pos_ptr": DTYPES[pos] if write_pos else "*fp32", **{k: "i32" for k in ("N", "L", "L_t", "D")},
+               **{k: "constexpr" for k in ("BLOCK_N", "BLOCK_D", "WRITE_POS", "CAST_POS")}}
+        const = {"BLOCK_N": block_n, "BLOCK_D": block_d, "WRITE_POS": write_pos, "CAST_POS": write_pos and g != pos}
+        yield "gather_queries bwd", "_gather_queries_bwd_kernel", sig, const, warps, \
+            f"tile {block_n}x{block_d} grad {g}" + (f" -> pos {pos}" if write_pos else " (mask token only)")
+
+
+_GENERATORS = {
+    "patchify_gather": (_k1_fwd_jobs, _k1_bwd_jobs),
+    "unshuffle_scatter": (_k2_fwd_jobs, _k2_bwd_jobs),
+    "masked_recon_loss": (_k3_jobs,),
+    "gather_queries": (_gq_fwd_jobs, _gq_bwd_jobs),
+}
 
 _MODULES = {
     "_patchify_gather_fwd_kernel": "fastmae.kernels.patchify_gather",
     "_patchify_gather_bwd_kernel": "fastmae.kernels.patchify_gather",
     "_unshuffle_scatter_fwd_kernel": "fastmae.kernels.unshuffle_scatter",
     "_unshuffle_scatter_bwd_kernel": "fastmae.kernels.unshuffle_scatter",
-    "_masked_recon_loss_kernel": "fastmae.kernels.masked_recon_loss",
+    "_masked_recon_loss_fwd_kernel": "fastmae.kernels.masked_recon_loss",
+    "_masked_recon_loss_bwd_kernel": "fastmae.kernels.masked_recon_loss",
+    "_gather_queries_fwd_kernel": "fastmae.kernels.gather_queries",
+    "_gather_queries_bwd_kernel": "fastmae.kernels.gather_queries",
 }
 
 
-def all_jobs(subset: str, archs: list[int]) -> list[dict]:
-    jobs = []
-    for gen in (_k1_fwd_jobs, _k1_bwd_jobs, _k2_fwd_jobs, _k2_bwd_jobs, _k3_jobs):
-        for kernel, fn_name, sig, const, warps, desc in gen(subset):
-            for arch in archs:
-                jobs.append(dict(kernel=kernel, fn=fn_name, signature=sig, constexprs=const, num_warps=warps,
-                                 config=desc, arch=arch))
-    return jobs
+def as_jobs(specs, archs: list[int]) -> list[dict]:
+    """Compile jobs (dicts for ``compile_one``) of each (kernel, fn, signature, constexprs, warps, config) spec, per arch."""
+    return [dict(kernel=kernel, fn=fn_name, signature=sig, constexprs=const, num_warps=warps, config=desc, arch=arch)
+            for kernel, fn_name, sig, const, warps, desc in specs for arch in archs]
+
+
+def all_jobs(subset: str, archs: list[int], only: list[str] | None = None) -> list[dict]:
+    gens = [gen for name, pair in _GENERATORS.items() if not only or name in only for gen in pair]
+    return as_jobs([spec for gen in gens for spec in gen(subset)], archs)
 
 
 def _cuobjdump() -> str | None:
@@ -215,8 +272,8 @@ def compile_one(job: dict) -> dict:
     return row
 
 
-def run(subset: str, archs: list[int], workers: int) -> list[dict]:
-    jobs = all_jobs(subset, archs)
+def run(subset: str, archs: list[int], workers: int, only: list[str] | None = None) -> list[dict]:
+    jobs = all_jobs(subset, archs, only)
     if workers <= 1:
         return [compile_one(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
@@ -246,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", choices=("ci", "full"), default="full")
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--only", nargs="+", choices=sorted(_GENERATORS), default=None, help="compile these kernel modules only")
     ap.add_argument("--json", type=Path, default=None, help="write every row here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run(args.subset, args.arch, args.workers)
+    rows = run(args.subset, args.arch, args.workers, args.only)
     elapsed = time.perf_counter() - t0
     print(summarize(rows))
     bad = [r for r in rows if r["error"] is not None or r["spills"]]

@@ -1,39 +1,52 @@
 """Typed run configuration: named presets plus ``--key=value`` overrides.
 
-A preset is a plain dict of field overrides on :class:`PretrainConfig`; the
-command line picks one with ``--preset=NAME`` and overrides any field. Every
+A preset is a plain dict of field overrides on :class:`PretrainConfig`; every
+registered method brings its own (:func:`pretrain_presets`). The command line
+picks one with ``--preset=NAME`` and overrides any field. Every
 value is parsed to the field's type and checked before any work starts, and
 the resolved config is written into the run directory (``config.json``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from fastmae.methods import METHOD_PRESETS
+from fastmae import flags
+from fastmae.engine.flops import GPUS
+from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
+from fastmae.methods.registry import get_method, list_methods
+from fastmae.models.masks import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESIDUAL_DTYPES = ("fp32", "bf16")
+# Bounds that keep a typo from reaching a huge allocation (a 65536-px image is 51 GB of patches at batch 64).
+MAX_IMG_SIZE = 4096
+MAX_TOKENS = 65536
 LOADERS = ("torch", "dali", "synthetic")
+# The MAE paper's augmentation table: none, fixed-size crop, random-resized crop + flip (MAE), + color jitter.
+AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
 
 
 @dataclass
 class PretrainConfig:
     # run
     preset: str = "tiny"
-    method: str = "mae"  # mae | simmim | videomae
-    output_dir: str = "runs/pretrain"
+    method: str = "mae"  # a registered method (fastmae.methods.list_methods())
+    output_dir: str = ""  # "" = runs/<method>-<preset> (default_output_dir)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = the cores free now (fastmae.engine.threads)
     resume: str = ""  # "" (fresh run), "auto" (latest checkpoint in output_dir), or a checkpoint path
     # data
     data: str = "demo"  # "demo" (built offline from photos shipped in installed packages), a folder, or shard pattern
     loader: str = "torch"
     num_workers: int = 2
     img_size: int = 64
+    augment: str = ""  # pretraining augmentation (MAE paper Table 1e): "" = loader's | none | crop | crop_flip | crop_color
+    holdout_fraction: float = 0.05  # held out of training when the data has no val/ split
     # model
     model: str = "mae_vit_tiny"
     patch_size: int = 0  # 0: the model's default
@@ -44,12 +57,24 @@ class PretrainConfig:
     frame_stride: int = 4  # VideoMAE frame sampling stride
     tubelet_size: int = 0  # VideoMAE tubelet depth; 0 = the model's (2)
     video_target_norm: str = ""  # "" = tubelet if norm_pix_loss else none | tubelet | channel | none
+    residual_dtype: str = "fp32"  # residual stream under autocast: fp32 (official numerics) | bf16
+    # MAE paper ablations (MAE; mask_type and the decoder keys also CrossMAE): 0 / "" = the model's
+    mask_type: str = "random"  # random | block (BEiT-style blocks, exact count) | grid (keep 1 of every 2x2; mask_ratio 0.75)
+    loss_on: str = "masked"  # masked (MAE) | all (loss on visible patches too: the paper's "w/o masked only")
+    encoder_mask_tokens: bool = False  # the encoder sees every patch, masked ones as a mask token (~3.3x encoder FLOPs)
+    decoder_embed_dim: int = 0  # decoder width
+    decoder_depth: int = 0  # decoder blocks
+    decoder_num_heads: int = 0  # decoder attention heads
+    # CrossMAE
+    prediction_ratio: float = 0.0  # fraction of all patches decoded in training (a subset of the masked); 0 = model's (0.25)
+    feature_fusion: str = ""  # inter-block feature maps: "" = the model's (on) | true | false
     # optimization (official MAE recipe: lr = blr * effective batch / 256)
     epochs: int = 30
     max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
     warmup_epochs: float = 3.0
     batch_size: int = 64  # per device
     accum_iter: int = 1
+    eff_batch: int = 0  # target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory
     blr: float = 1.5e-4
     lr: float = 0.0  # absolute lr; 0 = derive from blr
     min_lr: float = 0.0
@@ -63,6 +88,10 @@ class PretrainConfig:
     cuda_graphs: bool = True  # with compile on CUDA
     fsdp: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before aborting
+    # planning (`fastmae plan`, `pretrain --dry_run`): resolve everything for a target without touching a GPU
+    dry_run: bool = False
+    world_size: int = 0  # 0 = from the environment (WORLD_SIZE, else 1)
+    gpu: str = ""  # target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; "" = this machine's
     # logging and checkpoints
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps; the final step always saves
@@ -70,42 +99,84 @@ class PretrainConfig:
     vis_every_epochs: int = 0  # 0 = only at the end
     num_vis: int = 8
     progress: bool = True
+    tensorboard: bool = True
+    wandb: str = ""  # W&B project; "" = off
+
+    def __post_init__(self):
+        if not self.output_dir:
+            self.output_dir = default_output_dir(self.method, self.preset)
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line reason for any bad value."""
+        """Raise ValueError with a one-line reason for any bad value (ranges, finiteness, the output folder)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         checks = [
-            (self.method in ("mae", "simmim", "videomae"), f"method must be mae, simmim or videomae, got {self.method!r}"),
+            (self.method in list_methods(), f"method must be one of {', '.join(list_methods())}, got {self.method!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
-            (self.img_size > 0, f"img_size must be positive, got {self.img_size}"),
+            (0 < self.img_size <= MAX_IMG_SIZE, f"img_size must be in [1, {MAX_IMG_SIZE}], got {self.img_size}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.accum_iter > 0, f"accum_iter must be positive, got {self.accum_iter}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.blr >= 0 and self.lr >= 0, f"blr and lr must be >= 0, got blr={self.blr}, lr={self.lr}"),
             (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
+            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
+            (self.min_lr <= (self.lr or math.inf), f"min_lr {self.min_lr} is above lr {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
             (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
             (self.ckpt_every > 0, f"ckpt_every must be positive, got {self.ckpt_every}"),
             (self.keep_ckpts > 0, f"keep_ckpts must be positive, got {self.keep_ckpts}"),
+            (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
+            (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
-            (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+            (0 <= self.patch_size <= self.img_size,
+             f"patch_size must be in [0, img_size={self.img_size}], got {self.patch_size}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (1 <= self.num_vis <= 64, f"num_vis must be in [1, 64], got {self.num_vis}"),
+            (self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}"),
             (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
             (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
+            (self.residual_dtype in RESIDUAL_DTYPES,
+             f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}"),
+            (self.eff_batch >= 0, f"eff_batch must be >= 0, got {self.eff_batch}"),
+            (self.world_size >= 0, f"world_size must be >= 0, got {self.world_size}"),
+            (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
             (self.video_target_norm in ("", "tubelet", "channel", "none"),
              f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
+            (self.augment in ("",) + AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
+            (self.mask_type in MASK_TYPES, f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}"),
+            (self.mask_type != "grid" or self.mask_ratio == 0.75,
+             f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, got {self.mask_ratio}"),
+            (self.loss_on in ("masked", "all"), f"loss_on must be masked or all, got {self.loss_on!r}"),
+            (min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) >= 0,
+             "decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)"),
+            (not (self.decoder_embed_dim and self.decoder_num_heads) or self.decoder_embed_dim % self.decoder_num_heads == 0,
+             f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by decoder_num_heads {self.decoder_num_heads}"),
+            (0.0 <= self.prediction_ratio <= 1.0,
+             f"prediction_ratio must be in [0, 1] (0 = the model's), got {self.prediction_ratio}"),
+            (self.feature_fusion in ("", "true", "false"), f"feature_fusion must be true or false, got {self.feature_fusion!r}"),
         ]
         for ok, reason in checks:
             if not ok:
                 raise ValueError(reason)
         if self.patch_size and self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.patch_size and (self.img_size // self.patch_size) ** 2 > MAX_TOKENS:
+            raise ValueError(
+                f"img_size {self.img_size} / patch_size {self.patch_size} gives {(self.img_size // self.patch_size) ** 2} "
+                f"patches per image, more than {MAX_TOKENS}"
+            )
+        _check_output_dir(self.output_dir)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -114,87 +185,58 @@ class PretrainConfig:
         Path(path).write_text(self.to_json() + "\n")
 
 
-# Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
-_OFFICIAL = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, blr=1.5e-4,
-                 weight_decay=0.05, norm_pix_loss=True, mask_ratio=0.75, loader="dali", num_workers=10,
-                 log_every=50, ckpt_every=1000, compile=True, precision="auto")
-
-PRESETS: dict[str, dict] = {
-    # CPU-sized: the embedded demo in a few minutes on 2 cores.
-    "tiny": dict(model="mae_vit_tiny", img_size=64, patch_size=8, epochs=100, warmup_epochs=5.0, batch_size=32,
-                 blr=1.5e-3, log_every=10, ckpt_every=100),
-    "small": dict(model="mae_vit_small_patch16", img_size=96, patch_size=16, epochs=50, warmup_epochs=5.0,
-                  batch_size=32, blr=1.5e-3, log_every=10, ckpt_every=200),
-    "base": dict(model="mae_vit_base_patch16", **_OFFICIAL),
-    "large": dict(model="mae_vit_large_patch16", **_OFFICIAL),
-    "huge": dict(model="mae_vit_huge_patch14", **{**_OFFICIAL, "batch_size": 32, "accum_iter": 16, "fsdp": True}),
-    **METHOD_PRESETS,  # simmim_* and videomae_*
-}
+def default_output_dir(method: str, preset: str) -> str:
+    """``runs/<method>-<preset>`` without the method repeated: mae + base -> runs/mae-base, simmim_tiny -> runs/simmim-tiny."""
+    return f"runs/{method}-{preset.removeprefix(method + '_')}"
 
 
-def _parse_value(name: str, text: str, typ: type):
-    if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects true/false, got {text!r}")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+def _check_output_dir(path: str) -> None:
+    """The run folder must be creatable: it may exist as a folder, or not yet, under folders only."""
+    if not path:
+        raise ValueError("output_dir must not be empty")
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if q.is_dir():
+                return
+            if q == p:
+                raise ValueError(f"output_dir {path!r} is a file, not a folder")
+            raise ValueError(f"output_dir {path!r} lies under {str(q)!r}, which is a file, not a folder")
 
 
-def _field_types(cls) -> dict[str, type]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
+def pretrain_presets() -> dict[str, dict]:
+    """Every registered method's presets by name (MAE's ``tiny`` ... ``huge``, ``simmim_*``, ``videomae_*``, ...)."""
+    out: dict[str, dict] = {}
+    for method in list_methods():
+        for name, preset in get_method(method).presets.items():
+            if name in out:
+                raise ValueError(f"preset {name!r} is defined by two methods")
+            out[name] = preset
+    return out
 
 
-def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict] = PRESETS):
-    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls``.
-
-    ``--key value`` is accepted too. Unknown keys and unparsable values raise
-    ValueError naming them (the CLI turns that into a one-line message).
-    """
-    types = _field_types(cls)
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, eq, val = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ValueError(f"--{key} needs a value (--{key}=VALUE)")
-            val = argv[i + 1]
-            i += 1
-        key = key.replace("-", "_")
-        if key not in types:
-            close = [k for k in types if k.startswith(key[:3])]
-            hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
-            raise ValueError(f"unknown config key --{key}{hint}")
-        pairs.append((key, val))
-        i += 1
-    given = dict(pairs)
-    default = getattr(cls(), "preset", None)
-    # `--method=simmim` alone picks that method's CPU preset rather than MAE's.
-    if "preset" not in given and f"{given.get('method')}_tiny" in presets:
-        default = f"{given['method']}_tiny"
-    preset = given.get("preset", default)
-    base = {}
-    if preset is not None:
-        if preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-        base = dict(presets[preset])
-    values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in pairs}}
-    cfg = dataclasses.replace(cls(), **values)
-    cfg.validate()
-    return cfg
+def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict] | None = None):
+    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls`` (:func:`fastmae.flags.parse_flags`;
+    presets default to :func:`pretrain_presets`). ``--method=simmim`` alone picks that method's default preset."""
+    presets = pretrain_presets() if presets is None else presets
+    default = None
+    if cls is PretrainConfig:
+        given = dict(split_args(argv, cls))
+        if "preset" not in given and "method" in given:
+            default = get_method(given["method"]).default_preset or None
+    return parse_flags(argv, cls, presets, default_preset=default)
 
 
-def describe_keys(cls=PretrainConfig) -> str:
-    """One line per key with its default, for --help."""
-    d = cls()
-    return "\n".join(f"  --{f.name}={getattr(d, f.name)!r}" for f in fields(cls))
+def describe_keys(cls=PretrainConfig, cfg=None) -> str:
+    """One line per key with its value and description, for --help (:func:`fastmae.flags.describe_keys`)."""
+    return flags.describe_keys(cls, cfg)
+
+
+def help_text(argv: list[str], cls, presets: dict[str, dict] | None, usage: str, doc: str = "") -> str:
+    """``--help`` of a command whose values resolve like :func:`parse_overrides` (pretraining's presets by default)."""
+    presets = pretrain_presets() if presets is None else presets
+    return flags.help_text(argv, cls, presets, usage, doc, parse=lambda a, c, p: parse_overrides(a, c, p))
+
+
+__all__ = ["ALIASES", "KEY_HELP", "PretrainConfig", "default_output_dir", "describe_keys", "help_text", "key_help",
+           "parse_overrides", "pretrain_presets", "split_args"]

@@ -1,12 +1,16 @@
 """Public fused ops of fastmae, one entry point per op, with the device dispatch.
 
+This module is the single owner of the ops' autograd: the kernel modules hold only
+``@triton.jit`` kernels and their launchers (``*_fwd`` / ``*_bwd``), and every test,
+benchmark and model reaches a kernel through the functions here.
+
 Each op runs either its Triton kernel (``fastmae.kernels``) or its eager twin
 (``fastmae.reference``), with the reference's signature:
 
 - CUDA tensors use the Triton kernels (when triton is installed);
 - CPU tensors use the reference;
 - ``FASTMAE_KERNELS=triton`` forces the kernels everywhere (on CPU this needs
-  ``TRITON_INTERPRET=1`` in the environment before the kernels are imported),
+  ``TRITON_INTERPRET=1`` in the environment before triton is imported, i.e. before fastmae),
   ``FASTMAE_KERNELS=torch`` forces the reference. The variable is read once.
 
 The Triton path goes through ``torch.library.custom_op`` ops (``fastmae::*``)
@@ -29,7 +33,7 @@ from torch import Tensor
 
 from fastmae import reference
 
-__all__ = ["patchify_gather", "unshuffle_scatter", "masked_recon_loss", "kernel_backend", "ENV_VAR"]
+__all__ = ["patchify_gather", "unshuffle_scatter", "gather_queries", "masked_recon_loss", "kernel_backend", "ENV_VAR"]
 
 ENV_VAR = "FASTMAE_KERNELS"
 _CHOICES = ("auto", "triton", "torch")
@@ -76,7 +80,7 @@ def _check_runnable(t: Tensor) -> None:
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors, got {t.device}; on CPU set TRITON_INTERPRET=1 before "
-            f"importing fastmae.kernels, or {ENV_VAR}=torch"
+            f"triton is imported (importing fastmae imports it), or {ENV_VAR}=torch"
         )
 
 
@@ -211,6 +215,66 @@ def unshuffle_scatter(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_em
     return _unshuffle_scatter_op(x, mask_token, ids_restore, pos_embed)
 
 
+# ---- CrossMAE decoder queries: mask token + positions of the patches to predict ---------------------------
+
+
+@torch.library.custom_op("fastmae::gather_queries", mutates_args=())
+def _gather_queries_op(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
+    _check_runnable(mask_token)
+    from fastmae.kernels.gather_queries import gather_queries_fwd
+
+    return gather_queries_fwd(mask_token, pos_embed, ids)
+
+
+@_gather_queries_op.register_fake
+def _(mask_token, pos_embed, ids):
+    shape = (ids.shape[0], ids.shape[1], mask_token.shape[0])
+    return mask_token.new_empty(shape, dtype=torch.result_type(mask_token, pos_embed))
+
+
+@torch.library.custom_op("fastmae::gather_queries_backward", mutates_args=())
+def _gather_queries_backward_op(
+    grad: Tensor, ids: Tensor, num_patches: int, mask_token_dtype: torch.dtype, pos_dtype: torch.dtype, with_pos: bool
+) -> tuple[Tensor, Tensor]:
+    _check_runnable(grad)
+    from fastmae.kernels.gather_queries import gather_queries_bwd
+
+    return gather_queries_bwd(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos)
+
+
+@_gather_queries_backward_op.register_fake
+def _(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos):
+    D = grad.shape[2]
+    grad_pos = grad.new_empty((1, num_patches + 1, D), dtype=pos_dtype) if with_pos else grad.new_empty((0,))
+    return grad.new_empty((D,), dtype=mask_token_dtype), grad_pos
+
+
+def _gather_queries_setup(ctx, inputs, output):
+    mask_token, pos_embed, ids = inputs
+    ctx.save_for_backward(ids)
+    ctx.meta = (pos_embed.shape[1] - 1, mask_token.dtype, pos_embed.dtype)
+
+
+def _gather_queries_backward(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    num_patches, mt_dtype, pos_dtype = ctx.meta
+    with_pos = ctx.needs_input_grad[1]
+    grad_mt, grad_pos = _gather_queries_backward_op(grad, ids, num_patches, mt_dtype, pos_dtype, with_pos)
+    return (grad_mt if ctx.needs_input_grad[0] else None), (grad_pos if with_pos else None), None
+
+
+_gather_queries_op.register_autograd(_gather_queries_backward, setup_context=_gather_queries_setup)
+
+
+def gather_queries(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
+    """CrossMAE decoder queries ``mask_token + pos_embed[0, ids + 1]``. mask_token: (D,); pos_embed: (1, 1+L, D)
+    with the cls slot at row 0 (patch l's position is row l + 1); ids: (N, L_t) patch ids in [0, L)
+    -> (N, L_t, D) in the promoted dtype of mask_token and pos_embed."""
+    if _backend_for(mask_token.device.type) == "torch":
+        return reference.gather_queries(mask_token, pos_embed, ids)
+    return _gather_queries_op(mask_token, pos_embed, ids)
+
+
 # ---- K3: masked reconstruction loss ----------------------------------------------------------------------
 
 
@@ -225,30 +289,58 @@ def _masked_recon_loss_op(
     mean: Tensor | None,
     std: Tensor | None,
     eps: float,
-    with_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """Returns (loss, d loss / d pred for a unit upstream gradient, or an empty tensor without ``with_grad``)."""
+) -> Tensor:
     _check_runnable(pred)
     from fastmae.kernels.masked_recon_loss import masked_recon_loss_fwd
 
-    return masked_recon_loss_fwd(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps, with_grad)
+    return masked_recon_loss_fwd(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
 
 
 @_masked_recon_loss_op.register_fake
-def _(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps, with_grad):
-    grad = pred.new_empty(pred.shape) if with_grad else pred.new_empty((0,))
-    return pred.new_empty((), dtype=torch.float32), grad
+def _(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::masked_recon_loss_backward", mutates_args=())
+def _masked_recon_loss_backward_op(
+    grad_loss: Tensor,
+    pred: Tensor,
+    imgs: Tensor,
+    ids_masked: Tensor,
+    patch_size: int,
+    norm_pix: bool,
+    loss_type: str,
+    mean: Tensor | None,
+    std: Tensor | None,
+    eps: float,
+) -> Tensor:
+    _check_runnable(pred)
+    from fastmae.kernels.masked_recon_loss import masked_recon_loss_bwd
+
+    return masked_recon_loss_bwd(grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
+
+
+@_masked_recon_loss_backward_op.register_fake
+def _(grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
+    return pred.new_empty(pred.shape)
 
 
 def _masked_recon_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+    pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps = inputs
+    # The backward recomputes the target from the images (see kernels/masked_recon_loss.py): no gradient is saved.
+    ctx.save_for_backward(pred, imgs, ids_masked, mean, std)
+    ctx.args = (patch_size, norm_pix, loss_type, eps)
 
 
-def _masked_recon_loss_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    grad_pred = grad * grad_loss if ctx.needs_input_grad[0] else None
-    return grad_pred, None, None, None, None, None, None, None, None, None
+def _masked_recon_loss_backward(ctx, grad_loss):
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        pred, imgs, ids_masked, mean, std = ctx.saved_tensors
+        patch_size, norm_pix, loss_type, eps = ctx.args
+        grad_pred = _masked_recon_loss_backward_op(
+            grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps
+        )
+    return grad_pred, None, None, None, None, None, None, None, None
 
 
 _masked_recon_loss_op.register_autograd(_masked_recon_loss_backward, setup_context=_masked_recon_loss_setup)
@@ -269,8 +361,4 @@ def masked_recon_loss(
     imgs: float (N, C, H, W) or uint8 (N, H, W, C) with mean/std (C,); ids_masked: (N, L_mask)."""
     if _backend_for(pred.device.type) == "torch":
         return reference.masked_recon_loss(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
-    with_grad = torch.is_grad_enabled() and pred.requires_grad
-    loss, _ = _masked_recon_loss_op(
-        pred, imgs, ids_masked, patch_size, bool(norm_pix), loss_type, mean, std, float(eps), with_grad
-    )
-    return loss
+    return _masked_recon_loss_op(pred, imgs, ids_masked, patch_size, bool(norm_pix), loss_type, mean, std, float(eps))

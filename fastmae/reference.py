@@ -33,6 +33,7 @@ __all__ = [
     "normalize_uint8",
     "patchify_gather",
     "unshuffle_scatter",
+    "gather_queries",
     "masked_recon_loss",
 ]
 
@@ -140,6 +141,19 @@ def unshuffle_scatter(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_em
     x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
     x = torch.cat([x[:, :1, :], x_], dim=1)
     return x + pos_embed
+
+
+def gather_queries(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
+    """CrossMAE decoder queries: the mask token plus the position of each patch to predict.
+
+    mask_token: (D,)
+    pos_embed: (1, 1+L, D) with the cls slot at row 0, so patch l's position is row l + 1
+    ids: (N, L_t) patch ids in [0, L), e.g. a subset of the masked ones
+    returns (N, L_t, D) in the promoted dtype of mask_token and pos_embed
+    """
+    N, L_t = ids.shape
+    pos = torch.index_select(pos_embed[0, 1:], 0, ids.reshape(-1)).reshape(N, L_t, -1)
+    return mask_token + pos
 
 
 def masked_recon_loss(

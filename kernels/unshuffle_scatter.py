@@ -29,31 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = [
-    "FLOAT_DTYPES",
-    "MAX_BLOCK_D",
-    "fwd_config",
-    "bwd_config",
-    "unshuffle_scatter_fwd",
-    "unshuffle_scatter_bwd",
-    "unshuffle_scatter",
-]
+from ._common import FLOAT_DTYPES, block_config, check_ids
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_BLOCK_D = 4096
+__all__ = ["bwd_config", "unshuffle_scatter_fwd", "unshuffle_scatter_bwd"]
+
 # Backward tiles: BLOCK_T rows x BLOCK_D columns, loaded at once (no serial row loop, so many
 # loads are in flight), with one fp32 partial sum of the masked rows per tile.
 BWD_BLOCK_D = 128
 BWD_TILE = 4096
-
-
-def fwd_config(D: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) of the forward kernel for width D."""
-    block = max(16, triton.next_power_of_2(D))
-    if block > MAX_BLOCK_D:
-        raise ValueError(f"embedding dim {D} exceeds the kernel limit {MAX_BLOCK_D}")
-    num_warps = 1 if block <= 128 else 2 if block <= 512 else 4 if block <= 2048 else 8
-    return block, num_warps
 
 
 def bwd_config(D: int) -> tuple[int, int, int]:
@@ -138,10 +121,7 @@ def _check(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor
     if x.dim() != 3:
         raise ValueError(f"x must be (N, 1+L_vis, D), got {tuple(x.shape)}")
     N, n_tok, D = x.shape
-    if ids_restore.dim() != 2 or ids_restore.shape[0] != N:
-        raise ValueError(f"ids_restore must be (N, L) with N = {N}, got {tuple(ids_restore.shape)}")
-    if ids_restore.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"ids_restore must be int64 or int32, got {ids_restore.dtype}")
+    check_ids(ids_restore, N, x, "ids_restore")
     L = ids_restore.shape[1]
     if not 1 <= n_tok <= L + 1:
         raise ValueError(f"x has {n_tok} tokens; expected cls + 0..{L} visible tokens")
@@ -158,7 +138,7 @@ def _check(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor
 def unshuffle_scatter_fwd(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
     """x: (N, 1+L_vis, D), mask_token: (D,), ids_restore: (N, L), pos_embed: (1, 1+L, D) -> (N, 1+L, D)."""
     N, L_vis, L, D = _check(x, mask_token, ids_restore, pos_embed)
-    block, num_warps = fwd_config(D)
+    block, num_warps = block_config(D, "embedding dim")
     if x.stride(2) != 1:
         x = x.contiguous()
     pos = pos_embed[0]
@@ -198,33 +178,3 @@ def unshuffle_scatter_bwd(
     # The reference sums the expanded mask tokens in x's dtype, then casts to the parameter's dtype.
     grad_mt = partial.sum((0, 1)).to(x_dtype).to(mask_token_dtype)
     return grad_x, grad_mt
-
-
-def pos_embed_grad(grad_out: Tensor, pos_dtype: torch.dtype) -> Tensor:
-    """(N, 1+L, D) -> (1, 1+L, D): the broadcast add's gradient, as autograd forms it."""
-    return grad_out.sum(0, keepdim=True).to(pos_dtype)
-
-
-class UnshuffleScatterFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mask_token, ids_restore, pos_embed):
-        out = unshuffle_scatter_fwd(x, mask_token, ids_restore, pos_embed)
-        ctx.save_for_backward(ids_restore)
-        ctx.meta = (x.shape[1] - 1, x.dtype, mask_token.dtype, pos_embed.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (ids_restore,) = ctx.saved_tensors
-        n_vis, x_dtype, mt_dtype, pos_dtype = ctx.meta
-        grad_x = grad_mt = grad_pos = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x, grad_mt = unshuffle_scatter_bwd(grad_out, ids_restore, n_vis, x_dtype, mt_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_pos = pos_embed_grad(grad_out, pos_dtype)
-        return grad_x, grad_mt, None, grad_pos
-
-
-def unshuffle_scatter(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
-    """Eager autograd entry point (same signature as ``fastmae.reference.unshuffle_scatter``)."""
-    return UnshuffleScatterFunction.apply(x, mask_token, ids_restore, pos_embed)

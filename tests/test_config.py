@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fastmae import mae_vit_tiny
-from fastmae.config import PRESETS, PretrainConfig, parse_overrides
+from fastmae.config import PretrainConfig, parse_overrides, pretrain_presets
 from fastmae.engine.optim import lr_at, param_groups
 
 
@@ -16,7 +16,7 @@ def test_presets_and_overrides():
     assert cfg.model == "mae_vit_base_patch16" and cfg.img_size == 224
     assert cfg.epochs == 2 and cfg.compile is False and cfg.blr == 1e-4
     assert cfg.batch_size * cfg.accum_iter * 8 == 4096  # the official effective batch on 8 GPUs
-    for name in PRESETS:
+    for name in pretrain_presets():
         parse_overrides([f"--preset={name}"])
 
 

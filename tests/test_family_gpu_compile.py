@@ -21,40 +21,20 @@ _SCRIPT = r"""
 import json, sys
 sys.path.insert(0, "bench")
 import kernel_compile_report as R
-from fastmae.kernels.masked_recon_loss import block_config as k3_block
-from fastmae.kernels.patchify_gather import block_config as k1_block
 
-I32 = {k: "i32" for k in ("L_vis", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl")}
-jobs = []
-for arch in (80, 90):
-    for C, p in ((6, 16), (6, 8)):  # VideoMAE 2x16x16 (ViT-B) and 2x8x8 (tiny) tubelets as paired frames
-        P = p * p * C
-        block, warps = k1_block(P)
-        sig = {"img_ptr": "*u8", "ids_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*bf16", **I32,
-               **{k: "constexpr" for k in ("P", "C", "PATCH", "NORMALIZE", "BLOCK_P")}}
-        jobs.append(dict(kernel="K1 patchify_gather fwd", fn="_patchify_gather_fwd_kernel", signature=sig, num_warps=warps,
-                         constexprs={"P": P, "C": C, "PATCH": p, "NORMALIZE": True, "BLOCK_P": block},
-                         config=f"videomae P={P} u8->bf16", arch=arch))
-    # K3: (C, p, img, pred, NORM_PIX, L1, PRED_FULL): VideoMAE tubelet/none targets on masked-only rows; SimMIM L1.
-    for C, p, img, pred, norm_pix, l1, full, name in (
-        (6, 16, "*u8", "*bf16", True, False, False, "videomae tubelet-norm"),
-        (6, 16, "*fp32", "*fp32", False, False, False, "videomae raw"),
-        (3, 16, "*u8", "*bf16", False, True, True, "simmim l1"),
-        (3, 16, "*fp32", "*fp32", False, True, True, "simmim l1 fp32"),
-    ):
-        P = p * p * C
-        block, warps = k3_block(P)
-        sig = {"pred_ptr": pred, "img_ptr": img, "ids_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
-               "loss_ptr": "*fp32", "grad_ptr": pred,
-               **{k: "i32" for k in ("L_mask", "L_pred", "w", "s_n", "s_c", "s_h", "s_w", "s_idn", "s_idl", "s_pn", "s_pl")},
-               "inv_count": "fp32", "eps": "fp32",
-               **{k: "constexpr" for k in ("P", "C", "PATCH", "NORMALIZE", "NORM_PIX", "L1", "PRED_FULL", "WITH_GRAD",
-                                           "BLOCK_P")}}
-        const = {"P": P, "C": C, "PATCH": p, "NORMALIZE": img == "*u8", "NORM_PIX": norm_pix, "L1": l1,
-                 "PRED_FULL": full, "WITH_GRAD": True, "BLOCK_P": block}
-        jobs.append(dict(kernel="K3 masked_recon_loss", fn="_masked_recon_loss_kernel", signature=sig, constexprs=const,
-                         num_warps=warps, config=f"{name} P={P}", arch=arch))
-rows = [R.compile_one(j) for j in jobs]
+specs = []
+for C, p in ((6, 16), (6, 8)):  # VideoMAE 2x16x16 (ViT-B) and 2x8x8 (tiny) tubelets as paired frames
+    specs.append(R.k1_fwd_job(C, p, "u8", "bf16", label="videomae "))
+# K3: (C, p, img, pred, NORM_PIX, L1, PRED_FULL): VideoMAE tubelet/none targets on masked-only rows; SimMIM L1.
+for C, p, img, pred, norm_pix, l1, full, name in (
+    (6, 16, "u8", "bf16", True, False, False, "videomae tubelet-norm "),
+    (6, 16, "fp32", "fp32", False, False, False, "videomae raw "),
+    (3, 16, "u8", "bf16", False, True, True, "simmim l1 "),
+    (3, 16, "fp32", "fp32", False, True, True, "simmim l1 fp32 "),
+):
+    for kind in ("fwd", "bwd"):
+        specs.append(R.k3_job(kind, C, p, img, pred, norm_pix, l1, full, label=name))
+rows = [R.compile_one(j) for j in R.as_jobs(specs, [80, 90])]
 json.dump(rows, open(sys.argv[1], "w"))
 """
 
@@ -66,7 +46,7 @@ def test_family_kernel_shapes_compile_for_gpu(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 12
+    assert len(rows) == 20
     for r in rows:
         assert r["error"] is None, f"sm_{r['arch']} {r['kernel']} {r['config']}: {r['error']}"
         assert not r["spills"] and r["local"] == 0 and r["stack"] == 0, f"spill in {r}"

@@ -38,7 +38,7 @@ def _check(rows: list[dict]) -> None:
     kernels = {r["kernel"] for r in rows}
     assert kernels == {
         "K1 patchify_gather fwd", "K1 patchify_gather bwd", "K2 unshuffle_scatter fwd", "K2 unshuffle_scatter bwd",
-        "K3 masked_recon_loss",
+        "K3 masked_recon_loss fwd", "K3 masked_recon_loss bwd", "gather_queries fwd", "gather_queries bwd",
     }
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:

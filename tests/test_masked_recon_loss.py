@@ -1,4 +1,5 @@
-"""K3 (masked reconstruction loss, forward + backward in one kernel) against the eager reference.
+"""K3 (masked reconstruction loss) against the eager reference, through ``fastmae.ops.masked_recon_loss``
+with the Triton backend forced (the custom op and its registered autograd; the interpreter on CPU).
 
 Both accumulate in fp32, in different orders, so the loss and the gradient are compared with
 tolerances: fp32 ~1e-6 relative. With bf16/fp16 predictions the loss is still an fp32
@@ -13,12 +14,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, INTERPRETER, images, kernel_downcast, kernel_module, masking, ulp
+from kernel_helpers import DEVICE, INTERPRETER, images, kernel_downcast, masking, ulp
 
+from fastmae import ops
 from fastmae import reference as R
 
-_K = kernel_module("masked_recon_loss")
-masked_recon_loss, masked_recon_loss_fwd = _K.masked_recon_loss, _K.masked_recon_loss_fwd
+masked_recon_loss = ops.masked_recon_loss
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(use_backend):
+    use_backend("triton")
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RTOL32 = 2e-6
@@ -107,11 +113,65 @@ def test_low_precision_pred_against_fp32_oracle(pred_dtype, kind, loss_type):
         assert err <= 2 * err_eager + ulp(grad_o.abs().max(), torch.float32)
 
 
-def test_upstream_gradient_scales():
-    pred, imgs, ids, mean, std = _case(2, 3, 32, 32, 8, 0.5, "fp32", True, seed=7)
-    _, grad = _run(pred, imgs, ids, 8, True, "mse", mean, std, masked_recon_loss, upstream=-3.5)
-    _, grad_r = _run(pred, imgs, ids, 8, True, "mse", mean, std, R.masked_recon_loss, upstream=-3.5)
-    _assert_close32(grad, grad_r, "grad")
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("full,loss_type", [(True, "mse"), (False, "mse"), (True, "l1")])
+def test_gradient_with_upstream_scale(dt, full, loss_type):
+    """The backward reads the upstream gradient (here 3.7, then -0.25) on the device and folds it in."""
+    pred, imgs, ids, mean, std = _case(2, 3, 32, 32, 8, 0.5, "uint8", full, DT[dt], seed=7)
+    for upstream in (3.7, -0.25):
+        _, grad = _run(pred, imgs, ids, 8, True, loss_type, mean, std, masked_recon_loss, upstream)
+        _, grad_o = _run(pred.float(), imgs, ids, 8, True, loss_type, mean, std, R.masked_recon_loss, upstream)
+        assert grad.dtype == DT[dt] and grad.shape == pred.shape
+        if dt == "fp32":
+            _assert_close32(grad, grad_o, "grad")
+        else:
+            # One rounding to pred's dtype, the kernel's way, of the fp32 oracle: within one ulp.
+            assert ((grad.float() - kernel_downcast(grad_o, DT[dt]).float()).abs() <= ulp(grad_o, DT[dt])).all()
+
+
+def test_gradient_inside_a_bigger_graph():
+    """The loss feeds several consumers, so its upstream gradient is a computed tensor (3.7 + 2 * loss), and pred
+    comes from a product whose factors need gradients: every leaf's gradient matches the reference's autograd."""
+    N, p, ratio = 2, 8, 0.75
+    imgs, mean, std = images(N, 3, 32, 32, "uint8", seed=8)
+    _, _, ids = masking(N, 16, ratio, seed=8)
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(N, 16, 24, generator=g).to(DEVICE)
+    W = (torch.randn(24, p * p * 3, generator=g) * 0.2).to(DEVICE)
+
+    def grads(impl):
+        h_, W_ = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        pred = h_ @ W_
+        loss = impl(pred, imgs, ids, p, True, "mse", mean, std)
+        total = 3.7 * loss + loss * loss + 0.1 * pred.square().mean()
+        return torch.autograd.grad(total, (h_, W_))
+
+    for got, want, name in zip(grads(masked_recon_loss), grads(R.masked_recon_loss), ("h", "W"), strict=True):
+        _assert_close32(got, want, name)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_crossmae_target_subset(dt):
+    """CrossMAE predicts a random subset of the masked patches: ids_target (N, L_t) with pred (N, L_t, P), row j <->
+    patch ids_target[n, j]. Loss and gradient match the reference on the same ids and an fp32 oracle."""
+    N, p, L = 3, 8, 16
+    imgs, mean, std = images(N, 3, 32, 32, "uint8", seed=12)
+    _, _, ids_masked = masking(N, L, 0.75, seed=12)
+    g = torch.Generator().manual_seed(13)
+    pick = torch.argsort(torch.rand(N, ids_masked.shape[1], generator=g), dim=1)[:, :5].to(DEVICE)
+    ids_target = torch.gather(ids_masked, 1, pick)  # 5 of the 12 masked patches, in random order
+    pred = torch.randn(N, 5, p * p * 3, generator=g).to(DEVICE, DT[dt])
+    loss, grad = _run(pred, imgs, ids_target, p, True, "mse", mean, std, masked_recon_loss, 2.5)
+    loss_o, grad_o = _run(pred.float(), imgs, ids_target, p, True, "mse", mean, std, R.masked_recon_loss, 2.5)
+    _assert_close32(loss, loss_o, "loss")
+    if dt == "fp32":
+        _assert_close32(grad, grad_o, "grad")
+    else:
+        assert ((grad.float() - kernel_downcast(grad_o, DT[dt]).float()).abs() <= ulp(grad_o, DT[dt])).all()
+    # The same patches scored through a full (N, L, P) prediction give the same loss.
+    full = torch.zeros(N, L, p * p * 3, device=DEVICE, dtype=pred.dtype)
+    full.scatter_(1, ids_target.unsqueeze(-1).expand(-1, -1, p * p * 3), pred)
+    _assert_close32(masked_recon_loss(full, imgs, ids_target, p, True, "mse", mean, std), loss_o, "loss (full pred)")
 
 
 def test_matches_official_mask_weighted_formula():
@@ -129,14 +189,13 @@ def test_matches_official_mask_weighted_formula():
         _assert_close32(got, want, f"norm_pix={norm_pix}")
 
 
-def test_no_grad_path_writes_no_gradient():
+def test_no_grad_forward():
     pred, imgs, ids, mean, std = _case(1, 3, 32, 32, 8, 0.75, "uint8", True)
-    loss, grad = masked_recon_loss_fwd(pred, imgs, ids, 8, True, "mse", mean, std, with_grad=False)
-    assert grad.numel() == 0
-    _assert_close32(loss, R.masked_recon_loss(pred, imgs, ids, 8, True, "mse", mean, std), "loss")
     with torch.no_grad():
         leaf = pred.clone().requires_grad_(True)
-        assert not masked_recon_loss(leaf, imgs, ids, 8, True, "mse", mean, std).requires_grad
+        loss = masked_recon_loss(leaf, imgs, ids, 8, True, "mse", mean, std)
+    assert not loss.requires_grad
+    _assert_close32(loss, R.masked_recon_loss(pred, imgs, ids, 8, True, "mse", mean, std), "loss")
 
 
 @pytest.mark.parametrize(
@@ -164,4 +223,4 @@ def test_bad_input_raises(case, exc, match):
         "empty": (pred, imgs, ids[:, :0], 8),
     }[case]
     with pytest.raises(exc, match=match):
-        masked_recon_loss_fwd(*args)
+        masked_recon_loss(*args)

@@ -152,9 +152,11 @@ def test_opcheck_all_ops():
         (f.unshuffle_scatter, (x, mt, ids_r, pb["pos"])),
         (f.unshuffle_scatter, (x.detach().bfloat16().requires_grad_(True), mt, ids_r, pos_trainable)),
         (f.unshuffle_scatter_backward, (torch.randn(2, 17, 24, device=DEVICE), ids_r, 4, torch.float32, torch.float32)),
-        (f.masked_recon_loss, (pred, pb["imgs"], ids_m, p, True, "mse", None, None, 1e-6, True)),
-        (f.masked_recon_loss, (pred_masked, u8, ids_m, p, False, "l1", mean, std, 1e-6, True)),
-        (f.masked_recon_loss, (pred.detach(), u8, ids_m, p, True, "mse", mean, std, 1e-6, False)),
+        (f.masked_recon_loss, (pred, pb["imgs"], ids_m, p, True, "mse", None, None, 1e-6)),
+        (f.masked_recon_loss, (pred_masked, u8, ids_m, p, False, "l1", mean, std, 1e-6)),
+        (f.masked_recon_loss, (pred.detach(), u8, ids_m, p, True, "mse", mean, std, 1e-6)),
+        (f.masked_recon_loss_backward, (torch.tensor(3.7, device=DEVICE), pred.detach(), u8, ids_m, p, True, "mse",
+                                        mean, std, 1e-6)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

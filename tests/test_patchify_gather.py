@@ -1,21 +1,29 @@
 """K1 (patchify + normalize + gather) against the eager reference: forward and gradient bit for bit.
 
-Runs under the Triton interpreter on CPU (``kernel_helpers`` sets ``TRITON_INTERPRET=1``
-before the kernels are imported). Outputs converted to bf16 inside the kernel are compared
-with the reference's fp32 result downcast the way the interpreter does it (truncation, see
-``kernel_helpers.kernel_downcast``); everything else must be identical.
+Everything goes through ``fastmae.ops.patchify_gather`` with the Triton backend forced (the
+custom op and its registered autograd, i.e. what trains), under the Triton interpreter on CPU
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before the kernels are imported). Outputs
+converted to bf16 inside the kernel are compared with the reference's fp32 result downcast the
+way the interpreter does it (truncation, see ``kernel_helpers.kernel_downcast``); everything
+else must be identical.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, INTERPRETER, images, kernel_downcast, kernel_module, masking
+import torch.nn.functional as F
+from kernel_helpers import DEVICE, INTERPRETER, images, kernel_downcast, masking
 
+from fastmae import ops
 from fastmae import reference as R
 
-_K = kernel_module("patchify_gather")
-patchify_gather, patchify_gather_fwd = _K.patchify_gather, _K.patchify_gather_fwd
+patchify_gather = ops.patchify_gather
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(use_backend):
+    use_backend("triton")
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,7 +52,7 @@ def test_uint8_nhwc_normalized_bit_exact(N, C, H, W, p, ratio, out):
     imgs, mean, std = images(N, C, H, W, "uint8")
     ids_keep, _, _ = masking(N, (H // p) * (W // p), ratio)
     out_dtype = DT.get(out)
-    got = patchify_gather_fwd(imgs, ids_keep, p, mean, std, out_dtype)
+    got = patchify_gather(imgs, ids_keep, p, mean, std, out_dtype)
     want = _expected(imgs, ids_keep, p, mean, std, out_dtype)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got, want)
@@ -83,7 +91,7 @@ def test_interpreter_bf16_downcast_truncates():
     If a Triton upgrade fixes the interpreter, this test fails and the truncation allowance can go."""
     imgs, _, _ = images(2, 3, 32, 32, "fp32")
     ids_keep, _, _ = masking(2, 16, 0.5)
-    got = patchify_gather_fwd(imgs, ids_keep, 8, out_dtype=torch.bfloat16)
+    got = patchify_gather(imgs, ids_keep, 8, out_dtype=torch.bfloat16)
     rne = R.patchify_gather(imgs, ids_keep, 8, out_dtype=torch.bfloat16)
     trunc = (R.patchify_gather(imgs, ids_keep, 8).view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
     if INTERPRETER:
@@ -93,22 +101,33 @@ def test_interpreter_bf16_downcast_truncates():
         assert torch.equal(got, rne)
 
 
+def test_matches_unfold_formula():
+    """An independent statement of the patch layout: ``F.unfold`` gives (c, p, q) columns per patch, reordered to
+    (p, q, c), then the kept rows picked by plain indexing."""
+    imgs, _, _ = images(3, 3, 32, 48, "fp32", seed=4)
+    ids_keep, _, _ = masking(3, 24, 0.5, seed=4)
+    cols = F.unfold(imgs, kernel_size=8, stride=8)  # (N, C*8*8, L), rows (c, p, q), patches row-major
+    patches = cols.reshape(3, 3, 8, 8, 24).permute(0, 4, 2, 3, 1).reshape(3, 24, 192)
+    want = patches[torch.arange(3, device=DEVICE)[:, None], ids_keep]
+    assert torch.equal(patchify_gather(imgs, ids_keep, 8), want)
+
+
 def test_strided_inputs_bit_exact():
     """channels-last float images and a non-contiguous ids slice need no copy and give the same patches."""
     imgs, _, _ = images(2, 3, 32, 48, "fp32")
     cl = imgs.to(memory_format=torch.channels_last)
     _, _, ids_masked = masking(2, 24, 0.5)
     ids = ids_masked[:, ::2]  # non-contiguous (N, 6)
-    assert torch.equal(patchify_gather_fwd(cl, ids, 8), R.patchify_gather(imgs, ids, 8))
+    assert torch.equal(patchify_gather(cl, ids, 8), R.patchify_gather(imgs, ids, 8))
     u8, mean, std = images(2, 3, 32, 48, "uint8")
     u8_strided = u8.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # NHWC view of NCHW memory
-    assert torch.equal(patchify_gather_fwd(u8_strided, ids, 8, mean, std), R.patchify_gather(u8, ids, 8, mean, std))
+    assert torch.equal(patchify_gather(u8_strided, ids, 8, mean, std), R.patchify_gather(u8, ids, 8, mean, std))
 
 
 def test_keep_all_and_int32_ids():
     imgs, _, _ = images(1, 3, 16, 16, "fp16")
     ids = torch.arange(4, device=DEVICE).flip(0).reshape(1, 4)
-    assert torch.equal(patchify_gather_fwd(imgs, ids.to(torch.int32), 8), R.patchify_gather(imgs, ids, 8))
+    assert torch.equal(patchify_gather(imgs, ids.to(torch.int32), 8), R.patchify_gather(imgs, ids, 8))
 
 
 @pytest.mark.parametrize(
@@ -141,4 +160,4 @@ def test_bad_input_raises_before_compute(case, exc, match):
         "patch_too_big": (torch.zeros(1, 3, 64, 64, device=DEVICE), ids[:1], 64),
     }[case]
     with pytest.raises(exc, match=match):
-        patchify_gather_fwd(*args)
+        patchify_gather(*args)

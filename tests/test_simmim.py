@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastmae.engine.optim import build_adamw
-from fastmae.methods import METHOD_PRESETS, build_method_model
+from fastmae.methods import get_method
 from fastmae.methods.reference_family import simmim_l1_loss, simmim_pixel_mask
 from fastmae.methods.simmim import SimMIMViT, simmim_vit_tiny
 from fastmae.reference import normalize_uint8
@@ -111,22 +111,22 @@ def test_bad_input_raises_clear_errors(kw, call, msg):
         model(imgs, **call)
 
 
-def test_build_method_model_and_presets():
+def test_build_model_and_presets():
     from fastmae.config import PretrainConfig
 
-    merged = {**METHOD_PRESETS["simmim_tiny"]}
-    cfg = PretrainConfig(**merged)
+    spec = get_method("simmim")
+    cfg = PretrainConfig(**spec.presets["simmim_tiny"])
     cfg.validate()
-    model = build_method_model(cfg)
+    model = spec.build_model(cfg)
     assert isinstance(model, SimMIMViT) and model.mask_patch_size == 16 and model.patch_size == 8
-    base = METHOD_PRESETS["simmim_vit_base_patch16"]
+    base = spec.presets["simmim_vit_base_patch16"]
     assert base["blr"] * 512 / 256 == pytest.approx(1e-4)  # lr 1e-4 per 512 images
     PretrainConfig(**base).validate()
     # --method=simmim on the default MAE preset picks the same-size SimMIM model.
-    fallback = build_method_model(PretrainConfig(method="simmim", model="mae_vit_tiny", img_size=64, patch_size=8))
+    fallback = spec.build_model(PretrainConfig(method="simmim", model="mae_vit_tiny", img_size=64, patch_size=8))
     assert isinstance(fallback, SimMIMViT)
     with pytest.raises(ValueError, match="not a simmim model"):
-        build_method_model(types.SimpleNamespace(method="simmim", model="videomae_vit_tiny", img_size=64, patch_size=8))
+        spec.build_model(types.SimpleNamespace(method="simmim", model="videomae_vit_tiny", img_size=64, patch_size=8))
 
 
 def test_tiny_training_run_decreases_loss():
@@ -166,16 +166,15 @@ def test_linear_head_equals_conv1x1_pixel_shuffle():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_evaluate_family_uses_fixed_masks_and_leaves_training_rng_alone():
-    from fastmae.methods.evaluate import evaluate_family
-
+def test_evaluate_uses_fixed_masks_and_leaves_training_rng_alone():
+    evaluate = get_method("simmim").evaluate
     torch.manual_seed(6)
     model = _tiny()
     loader = [(torch.randn(2, 3, 32, 32), torch.zeros(2)) for _ in range(2)]
     state = torch.random.get_rng_state()
-    a = evaluate_family(model, loader, torch.device("cpu"), 0.6)
-    b = evaluate_family(model, loader, torch.device("cpu"), 0.6)
+    a = evaluate(model, loader, torch.device("cpu"), 0.6)
+    b = evaluate(model, loader, torch.device("cpu"), 0.6)
     assert torch.equal(state, torch.random.get_rng_state()) and model.training
-    assert a == b and a["val_samples"] == 4 and a["val_loss"] > 0
-    c = evaluate_family(model, loader, torch.device("cpu"), 0.6, seed=7)
-    assert c["val_loss"] != a["val_loss"]
+    assert a == b and a["count"] == 4 and a["loss"] > 0 and a["unit"] == "images"
+    c = evaluate(model, loader, torch.device("cpu"), 0.6, seed=7)
+    assert c["loss"] != a["loss"]

@@ -1,4 +1,5 @@
-"""K2 (unshuffle scatter + mask token + positions) against the eager reference.
+"""K2 (unshuffle scatter + mask token + positions) against the eager reference, through
+``fastmae.ops.unshuffle_scatter`` with the Triton backend forced (the interpreter on CPU).
 
 Forward, the visible tokens' gradient and the position table's gradient must be identical to
 the reference (bf16 outputs under the interpreter: see ``kernel_helpers.kernel_downcast``).
@@ -13,12 +14,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, kernel_downcast, kernel_module, masking, ulp
+from kernel_helpers import DEVICE, kernel_downcast, masking, ulp
 
+from fastmae import ops
 from fastmae import reference as R
 
-_K = kernel_module("unshuffle_scatter")
-unshuffle_scatter, unshuffle_scatter_fwd = _K.unshuffle_scatter, _K.unshuffle_scatter_fwd
+unshuffle_scatter = ops.unshuffle_scatter
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(use_backend):
+    use_backend("triton")
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,16 +64,29 @@ def _expected_forward(x, mt, ids_restore, pos):
 @pytest.mark.parametrize("xd,pd", DTYPES[:2])
 def test_forward_bit_exact(N, L, ratio, D, xd, pd):
     x, mt, ids_restore, pos = _inputs(N, L, ratio, D, xd, pd)
-    got = unshuffle_scatter_fwd(x, mt, ids_restore, pos)
+    got = unshuffle_scatter(x, mt, ids_restore, pos)
     want = _expected_forward(x, mt, ids_restore, pos)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got, want)
 
 
+def test_matches_masked_select_formula():
+    """An independent statement of the semantics: start from mask tokens everywhere, write each visible token
+    ``x[n, 1+k]`` at its patch ``ids_shuffle[n, k]`` (the inverse of ids_restore), then add the positions."""
+    x, mt, ids_restore, pos = _inputs(3, 36, 0.75, 40, "fp32", "fp32", seed=6)
+    N, n_tok, D = x.shape
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    want = mt.expand(N, 37, D).clone()
+    want[:, 0] = x[:, 0]
+    for n in range(N):
+        want[n, 1 + ids_shuffle[n, : n_tok - 1]] = x[n, 1:]
+    assert torch.equal(unshuffle_scatter(x, mt, ids_restore, pos), want + pos)
+
+
 @pytest.mark.parametrize("xd,pd", DTYPES[2:])
 def test_forward_low_precision_bit_exact(xd, pd):
     x, mt, ids_restore, pos = _inputs(2, 49, 0.75, 192, xd, pd)
-    assert torch.equal(unshuffle_scatter_fwd(x, mt, ids_restore, pos), _expected_forward(x, mt, ids_restore, pos))
+    assert torch.equal(unshuffle_scatter(x, mt, ids_restore, pos), _expected_forward(x, mt, ids_restore, pos))
 
 
 def _mask_token_oracle(grad_out, ids_restore, n_vis, x_dtype, downcast):
@@ -139,10 +158,10 @@ def test_no_visible_token_and_strided_x():
     x, mt, ids_restore, pos = _inputs(2, 12, 0.75, 40, "fp32", "fp32")
     wide = torch.randn(2, 4, 80, device=DEVICE)
     x_view = wide[:, :, ::2]  # stride 2 on D: the launcher copies
-    assert torch.equal(unshuffle_scatter_fwd(x_view, mt, ids_restore, pos), R.unshuffle_scatter(x_view, mt, ids_restore, pos))
+    assert torch.equal(unshuffle_scatter(x_view, mt, ids_restore, pos), R.unshuffle_scatter(x_view, mt, ids_restore, pos))
     x1 = x[:, :1]
     all_masked = torch.arange(12, device=DEVICE).repeat(2, 1)
-    assert torch.equal(unshuffle_scatter_fwd(x1, mt, all_masked, pos), R.unshuffle_scatter(x1, mt, all_masked, pos))
+    assert torch.equal(unshuffle_scatter(x1, mt, all_masked, pos), R.unshuffle_scatter(x1, mt, all_masked, pos))
 
 
 @pytest.mark.parametrize(
@@ -167,4 +186,4 @@ def test_bad_input_raises(case, exc, match):
         "x_int": (x.to(torch.int32), mt, ids_restore, pos),
     }[case]
     with pytest.raises(exc, match=match):
-        unshuffle_scatter_fwd(*args)
+        unshuffle_scatter(*args)

@@ -12,20 +12,8 @@ import math
 import re
 
 from fastmae.convert import load_pretrained, model_state_dict, read_checkpoint
+from fastmae.methods.registry import build_meta_model
 from fastmae.models.vit import VisionTransformer
-
-# Heads of the named architectures (official MAE names; timm names map to the same widths).
-HEADS_BY_NAME = {
-    "mae_vit_tiny": 3,
-    "mae_vit_small_patch16": 6,
-    "mae_vit_base_patch16": 12,
-    "mae_vit_large_patch16": 16,
-    "mae_vit_huge_patch14": 16,
-    "vit_small_patch16": 6,
-    "vit_base_patch16": 12,
-    "vit_large_patch16": 16,
-    "vit_huge_patch14": 16,
-}
 
 # The encoder of the digits demo: width 64, depth 4, patch 4 on 16 px grayscale digits.
 DIGITS_ARCH = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
@@ -54,6 +42,19 @@ def _model_name(meta: dict) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def named_heads(name: str | None) -> tuple[int, int | None] | None:
+    """(encoder heads, decoder heads or None) of a registered model name, or None if unknown.
+
+    timm-style encoder names (``vit_base_patch16``) stand for the MAE model of the same architecture.
+    """
+    for candidate in (name, f"mae_{name}") if name else ():
+        model = build_meta_model(candidate)
+        if model is not None:
+            decoder = getattr(model, "decoder_blocks", None)
+            return model.blocks[0].attn.num_heads, decoder[0].attn.num_heads if decoder else None
+    return None
+
+
 def infer_arch(sd: dict, meta: dict) -> dict:
     """Encoder keyword arguments read from the shapes of a ViT/MAE state dict (num_heads from metadata)."""
     need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
@@ -70,11 +71,11 @@ def infer_arch(sd: dict, meta: dict) -> dict:
     if g * g == L:
         arch["img_size"] = g * p
     recorded = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
-    name = _model_name(meta)
+    heads = named_heads(_model_name(meta))
     if recorded.get("num_heads"):
         arch["num_heads"] = int(recorded["num_heads"])
-    elif name and (name in HEADS_BY_NAME or f"mae_{name}" in HEADS_BY_NAME):
-        arch["num_heads"] = HEADS_BY_NAME.get(name) or HEADS_BY_NAME[f"mae_{name}"]
+    elif heads is not None:
+        arch["num_heads"] = heads[0]
     if recorded.get("img_size"):
         arch["img_size"] = int(recorded["img_size"])
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}

@@ -30,13 +30,13 @@ from torch import Tensor
 
 from fastmae.eval.analyze import load_images
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.models import infer_arch, resolve_arch
-from fastmae.methods.simmim import SIMMIM_MODELS, SimMIMViT
+from fastmae.eval.models import infer_arch, named_heads, resolve_arch
+from fastmae.methods.registry import build_meta_model
+from fastmae.methods.simmim import SimMIMViT
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import LayerNorm6
 
-# Decoder heads of the named architectures (the state dict does not record them).
-DECODER_HEADS = {"mae_vit_tiny": 4, "mae_vit_small_patch16": 8}
+# Decoder heads of an unnamed checkpoint (the state dict does not record them): the official models'.
 OFFICIAL_DECODER_HEADS = 16
 
 
@@ -76,13 +76,11 @@ def build_simmim(sd: dict, meta: dict, cfg: VisualizeConfig) -> SimMIMViT:
     """The SimMIM model of a checkpoint: the cell size and heads from its config (or the named model's defaults)."""
     cfg_meta = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     name = cfg_meta.get("model")
-    defaults = {}
-    if name in SIMMIM_MODELS:
-        m = SIMMIM_MODELS[name](depth=1)  # the named model's defaults, from a one-block instance
-        defaults = {"mask_patch_size": m.mask_patch_size, "num_heads": m.blocks[0].attn.num_heads}
+    named = build_meta_model(name) if name else None
     recorded_heads = infer_arch(sd, meta).get("num_heads")
-    arch = resolve_arch(sd, meta, {"num_heads": cfg.num_heads or recorded_heads or defaults.get("num_heads", 0)})
-    cell = cfg.mask_patch_size or int(cfg_meta.get("mask_patch_size") or 0) or defaults.get("mask_patch_size")
+    named_heads = named.blocks[0].attn.num_heads if named is not None else 0
+    arch = resolve_arch(sd, meta, {"num_heads": cfg.num_heads or recorded_heads or named_heads})
+    cell = cfg.mask_patch_size or int(cfg_meta.get("mask_patch_size") or 0) or getattr(named, "mask_patch_size", 0)
     if not cell:
         raise ValueError("the checkpoint does not record SimMIM's mask cell size: pass --mask_patch_size=PX")
     C = arch["in_chans"]
@@ -106,7 +104,8 @@ def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderVi
     ddepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k)))
     cfg_meta = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     name = cfg_meta.get("model") or getattr(meta.get("args"), "model", None)
-    dheads = cfg.decoder_num_heads or dec.get("decoder_num_heads") or DECODER_HEADS.get(name or "", OFFICIAL_DECODER_HEADS)
+    named = named_heads(name)
+    dheads = cfg.decoder_num_heads or dec.get("decoder_num_heads") or (named and named[1]) or OFFICIAL_DECODER_HEADS
     if cfg.norm_pix_loss != "auto":
         npl = cfg.norm_pix_loss == "true"
     elif "norm_pix_loss" in dec:

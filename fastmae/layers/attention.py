@@ -1,53 +1,146 @@
-"""Multi-head self-attention with one backend choice for the whole process.
+"""Multi-head self-attention with the kernel chosen per shape.
 
-Backends:
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (default; on
-  CUDA it picks FlashAttention/memory-efficient kernels itself);
-- ``flash``: the ``flash-attn`` package's packed-QKV kernel, used when it is
-  installed, the tensor is on CUDA and in fp16/bf16 (it supports nothing
-  else; other calls fall back to SDPA);
+The user picks a policy once per process (``FASTMAE_ATTN``, or
+:func:`set_attention_backend`):
+
+- ``auto`` (default): the flash-attn packages where installed and suited to the
+  shape, else ``torch.nn.functional.scaled_dot_product_attention`` with the
+  kernel that fits the shape;
+- ``sdpa``: SDPA only (kernel chosen per shape as in ``auto``);
+- ``flash``: the flash-attn package wherever it supports the shape (needs it installed and a GPU);
 - ``eager``: softmax(QK^T / sqrt(d)) V spelled out, for debugging.
 
-The choice is resolved once, from ``FASTMAE_ATTN`` (``auto`` by default:
-``flash`` where installed and a GPU is present, else ``sdpa``), and reported
-by :func:`attention_backend` so logs say what ran.
+Within the policy, :func:`choose_attention_backend` picks the kernel for one
+(head_dim, seq_len, dtype, device) from the capabilities this process has
+(:func:`attention_capabilities`, one check per backend). The dtype is the one
+the kernel will see, i.e. ``qkv``'s: under autocast the block input is fp32
+(LayerNorm output) while the qkv projection is bf16. MAE's decoder heads are
+32-dim (512 / 16), which FlashAttention-3 does not cover, so encoder and
+decoder can run different kernels; :func:`describe_attention` lists the choice
+per shape for logs and reports.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_BACKENDS = ("auto", "sdpa", "flash", "eager")
+_POLICIES = ("auto", "sdpa", "flash", "eager")
+KERNELS = ("flash_attn_3", "flash_attn_2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa", "eager")
+# FlashAttention-3 (Hopper) head dims; 32 (MAE's decoder) is not among them.
+FA3_HEAD_DIMS = (64, 96, 128, 192, 256)
+# Below ~256 tokens FlashAttention-2 ties or loses to SDPA's kernels (DESIGN.md); MAE's 50/197 stay on SDPA.
+FA2_MIN_SEQ = 256
+_HALF = (torch.float16, torch.bfloat16)
+
 _override: str | None = None
 _resolved: str | None = None
+_caps: AttnCaps | None = None
 
 
-def _flash_available() -> bool:
+@dataclass(frozen=True)
+class AttnCaps:
+    """What this process can run; each field is one capability check."""
+
+    cuda: bool = False
+    sm: int = 0  # compute capability, major * 10 + minor
+    flash_attn_3: bool = False  # `flash_attn_interface` (FA3, Hopper build) importable on sm_90
+    flash_attn_2: bool = False  # `flash_attn` importable on sm_80+
+    sdpa_cudnn: bool = False  # SDPBackend.CUDNN_ATTENTION exists and is enabled, sm_80+
+    sdpa_flash: bool = False  # SDPA's FlashAttention-2 kernel, sm_80+
+    sdpa_efficient: bool = False  # SDPA's memory-efficient kernel (any CUDA GPU, fp32 too)
+    sdpa_priority: bool = False  # sdpa_kernel(..., set_priority=True) (torch >= 2.6)
+
+
+def detect_capabilities() -> AttnCaps:
+    """Probe the installed packages and the current GPU (no kernel runs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    priority = "set_priority" in inspect.signature(sdpa_kernel).parameters
     if not torch.cuda.is_available():
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return AttnCaps(sdpa_priority=priority)
+    major, minor = torch.cuda.get_device_capability()
+    sm = major * 10 + minor
+    cuda_be = torch.backends.cuda
+    return AttnCaps(
+        cuda=True,
+        sm=sm,
+        flash_attn_3=sm == 90 and importlib.util.find_spec("flash_attn_interface") is not None,
+        flash_attn_2=sm >= 80 and importlib.util.find_spec("flash_attn") is not None,
+        sdpa_cudnn=sm >= 80 and hasattr(SDPBackend, "CUDNN_ATTENTION") and cuda_be.cudnn_sdp_enabled(),
+        sdpa_flash=sm >= 80 and cuda_be.flash_sdp_enabled(),
+        sdpa_efficient=cuda_be.mem_efficient_sdp_enabled(),
+        sdpa_priority=priority,
+    )
+
+
+def attention_capabilities() -> AttnCaps:
+    """The process's capabilities, probed once (tests replace them with :func:`set_attention_capabilities`)."""
+    global _caps
+    if _caps is None:
+        _caps = detect_capabilities()
+    return _caps
+
+
+def set_attention_capabilities(caps: AttnCaps | None) -> None:
+    """Pretend to have ``caps`` (None re-probes on next use). For tests and what-if plans."""
+    global _caps
+    _caps = caps
+
+
+def choose_attention_backend(
+    head_dim: int, seq_len: int, dtype: torch.dtype, device_type: str, caps: AttnCaps, policy: str = "auto"
+) -> str:
+    """The kernel (one of ``KERNELS``) for one shape. Pure: the same inputs give the same answer."""
+    if policy == "eager":
+        return "eager"
+    if device_type != "cuda":
+        return "sdpa"  # CPU: torch picks its flash/math kernels
+    half = dtype in _HALF
+    aligned = head_dim % 8 == 0
+    if policy in ("auto", "flash") and half:
+        if caps.flash_attn_3 and head_dim in FA3_HEAD_DIMS:
+            return "flash_attn_3"
+        if caps.flash_attn_2 and aligned and head_dim <= 256 and (policy == "flash" or seq_len >= FA2_MIN_SEQ):
+            return "flash_attn_2"
+    if half and aligned and caps.sdpa_cudnn and caps.sm >= 90 and head_dim <= 128:
+        return "sdpa_cudnn"
+    if half and aligned and caps.sdpa_flash and head_dim <= 256:
+        return "sdpa_flash"
+    if caps.sdpa_efficient:
+        return "sdpa_efficient"
+    return "sdpa"
+
+
+def describe_attention(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, device_type: str,
+                       caps: AttnCaps | None = None) -> dict[str, str]:
+    """{name: kernel} for named (head_dim, seq_len) shapes, e.g. {"encoder": (64, 50), "decoder": (32, 197)}."""
+    caps = caps or attention_capabilities()
+    return {name: choose_attention_backend(hd, t, dtype, device_type, caps, attention_backend())
+            for name, (hd, t) in shapes.items()}
 
 
 def _resolve(requested: str) -> str:
-    if requested not in _BACKENDS:
-        raise ValueError(f"attention backend must be one of {_BACKENDS}, got {requested!r}")
+    if requested not in _POLICIES:
+        raise ValueError(f"attention backend must be one of {_POLICIES}, got {requested!r}")
+    if requested == "flash":
+        caps = attention_capabilities()
+        if not (caps.flash_attn_2 or caps.flash_attn_3):
+            raise ValueError("attention backend 'flash' needs the flash-attn package and a CUDA GPU (pip install '.[flash]')")
     if requested == "auto":
-        return "flash" if _flash_available() else "sdpa"
-    if requested == "flash" and not _flash_available():
-        raise ValueError("attention backend 'flash' needs the flash-attn package and a CUDA GPU (pip install '.[flash]')")
+        return "auto"
     return requested
 
 
 def attention_backend() -> str:
-    """The backend every Attention module uses in this process (resolved on first use, then fixed)."""
+    """The policy every Attention module uses in this process (resolved on first use, then fixed)."""
     global _resolved
     if _resolved is None:
         _resolved = _resolve(_override or os.environ.get("FASTMAE_ATTN", "auto"))
@@ -61,6 +154,18 @@ def set_attention_backend(name: str | None) -> None:
     _override = name
 
 
+def _sdpa_context(kernel: str, caps: AttnCaps):
+    """Prefer one SDPA kernel; the efficient and math kernels stay allowed as torch's fallbacks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
+    if kernel not in first:
+        return nullcontext()
+    order = [getattr(SDPBackend, first[kernel]), SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = list(dict.fromkeys(order))
+    return sdpa_kernel(order, set_priority=True) if caps.sdpa_priority else sdpa_kernel(order)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -71,7 +176,8 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        attention_backend()  # resolve (and validate) the process-wide choice before any forward is traced
+        attention_backend()  # resolve (and validate) the process-wide policy before any forward is traced
+        attention_capabilities()
 
     def _qkv(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, 3, H, Dh)"""
@@ -81,18 +187,26 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D)"""
         B, T, D = x.shape
-        qkv = self._qkv(x)
-        backend = attention_backend()
-        if backend == "flash" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        qkv = self._qkv(x)  # the dtype the kernel sees: bf16 under autocast even when x is fp32
+        caps = attention_capabilities()
+        kernel = choose_attention_backend(self.head_dim, T, qkv.dtype, qkv.device.type, caps, attention_backend())
+        if kernel == "flash_attn_3":
+            from flash_attn_interface import flash_attn_func
+
+            q, k, v = qkv.unbind(2)  # each (B, T, H, Dh)
+            out = flash_attn_func(q, k, v, softmax_scale=self.scale)
+            out = (out[0] if isinstance(out, tuple) else out).reshape(B, T, D)
+        elif kernel == "flash_attn_2":
             from flash_attn import flash_attn_qkvpacked_func
 
             out = flash_attn_qkvpacked_func(qkv, softmax_scale=self.scale).reshape(B, T, D)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
-            if backend == "eager":
+            if kernel == "eager":
                 out = self._eager_probs(q, k) @ v
             else:
-                out = F.scaled_dot_product_attention(q, k, v)
+                with _sdpa_context(kernel, caps):
+                    out = F.scaled_dot_product_attention(q, k, v)
             out = out.transpose(1, 2).reshape(B, T, D)
         return self.proj(out)
 

@@ -1,5 +1,6 @@
 """MAE and ViT models with the official parameter names."""
 
+from fastmae.models.crossmae import CROSSMAE_MODELS, CrossMAE, crossmae_vit_base_patch16, crossmae_vit_tiny
 from fastmae.models.mae import (
     MAE,
     MODELS,
@@ -11,13 +12,15 @@ from fastmae.models.mae import (
     mae_vit_small_patch16,
     mae_vit_tiny,
 )
-from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+from fastmae.models.vit import VisionTransformer
 
 __all__ = [
+    "CROSSMAE_MODELS",
+    "CrossMAE",
+    "crossmae_vit_base_patch16",
+    "crossmae_vit_tiny",
     "MAE",
     "MODELS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MaskedAutoencoderViT",
     "VisionTransformer",
     "create_model",

@@ -6,6 +6,14 @@ One training forward:
          --decoder_embed, unshuffle scatter + mask token + positions (fused)--> (N, 1+L, D_dec)
          --decoder--> pred (N, L, p*p*C)
          --masked loss (fused, target built from imgs)--> loss
+
+The MAE paper's ablations are constructor switches (each keeps every shape static):
+- ``mask_type``: ``random`` (MAE), ``block`` (BEiT-style blocks) or ``grid`` (keep one of every 2x2), the
+  paper's Fig. 6; see :func:`fastmae.models.masks.mae_mask_keys` for how the counts stay exact;
+- ``loss_on``: ``masked`` (MAE) or ``all`` (the loss on every patch, the paper's "w/o masked only");
+- ``encoder_mask_tokens``: the encoder embeds every patch and replaces the masked ones by ``mask_token``
+  (1, 1, D) before adding positions (the paper's "encoder w/ [M]", ~3.3x the encoder's FLOPs); the
+  decoder then reads the encoder's full sequence plus its positions and has no mask token of its own.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, sincos_2d
-from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.layers import Block, init_weights, sincos_2d
+from fastmae.models.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
 
@@ -37,6 +46,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         norm_pix_loss: bool = False,
         loss_type: str = "mse",
+        mask_type: str = "random",
+        loss_on: str = "masked",
+        encoder_mask_tokens: bool = False,
         **vit_kwargs,
     ):
         super().__init__(
@@ -52,15 +64,23 @@ class MaskedAutoencoderViT(VisionTransformer):
         )
         if loss_type not in ("mse", "l1"):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if loss_on not in ("masked", "all"):
+            raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
         self.norm_pix_loss = norm_pix_loss
         self.loss_type = loss_type
+        self.mask_type = mask_type
+        self.loss_on = loss_on
+        self.encoder_mask_tokens = encoder_mask_tokens
         self.decoder_embed_dim = decoder_embed_dim
         num_patches = self.patch_embed.num_patches
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim if encoder_mask_tokens else decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                   residual_dtype=self.residual_dtype)
              for _ in range(decoder_depth)]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
@@ -70,7 +90,7 @@ class MaskedAutoencoderViT(VisionTransformer):
             self.decoder_pos_embed.copy_(table.unsqueeze(0))
             nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_module)
+            m.apply(init_weights)
 
     # ---- official helpers ---------------------------------------------------------------------------------
 
@@ -103,6 +123,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         len_keep = int(L * (1 - mask_ratio))
         if len_keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {L}")
+        if noise is not None and not isinstance(noise, Tensor):
+            raise ValueError(f"noise must be a tensor of shape (N, L) = {(N, L)}, got a {type(noise).__name__}")
         if noise is not None and tuple(noise.shape) != (N, L):
             raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
         return N, grid, len_keep
@@ -112,7 +134,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         if noise is None:
             # The default generator keeps masking capturable in CUDA graphs and seeded by torch.manual_seed.
             noise = torch.rand(N, grid[0] * grid[1], device=imgs.device)
-        ids_keep, ids_restore, mask, ids_shuffle = random_masking(noise, len_keep)
+        ids_keep, ids_restore, mask, ids_shuffle = random_masking(mae_mask_keys(noise, grid, len_keep, self.mask_type), len_keep)
         return grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle
 
     def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,14 +147,33 @@ class MaskedAutoencoderViT(VisionTransformer):
         grid = grid or self.patch_embed.grid_size
         x = self.decoder_embed(x)
         x = ops.unshuffle_scatter(x, self.mask_token.reshape(-1), ids_restore, self.decoder_pos_embed_for(grid))
+        return self._decode(x)
+
+    def _decode(self, x: Tensor) -> Tensor:
+        """x: (N, 1+L, D_dec) decoder input -> pred (N, L, p*p*C)"""
         for blk in self.decoder_blocks:
             x = blk(x)
         # Only patch tokens are predicted: the cls row is dropped before the last norm and projection.
         return self.decoder_pred(self.decoder_norm(x[:, 1:, :]))
 
+    def forward_encoder_with_mask_tokens(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The "encoder w/ [M]" ablation. mask: (N, L) 1 = removed -> latent (N, 1+L, D) in patch order, normalized."""
+        x = self.embed_patches(imgs, None, grid)
+        pos = self.pos_embed_for(grid)[:, 1:, :]
+        tokens = torch.where(mask.unsqueeze(-1) > 0, (self.mask_token + pos).to(x.dtype), x[:, 1:, :])
+        x = torch.cat([x[:, :1, :], tokens], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Official signature. imgs, pred (N, L, P), mask (N, L) 1 = removed -> scalar loss."""
-        L = mask.shape[1]
+        N, grid = self.check_images(imgs)
+        L, P = grid[0] * grid[1], self.patch_size**2 * self.in_chans
+        for name, t, shape in (("pred", pred, (N, L, P)), ("mask", mask, (N, L))):
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape {shape} for these images, got {got}")
         n_masked = L - int(round(L * (1 - mask[0].mean().item())))  # host sync: a convenience API, not the training path
         ids_masked = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :n_masked]
         return self._loss(imgs, pred, ids_masked)
@@ -152,9 +193,18 @@ class MaskedAutoencoderViT(VisionTransformer):
         Returns loss (fp32 scalar), pred (N, L, p*p*C), mask (N, L) with 1 = removed.
         """
         grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle = self._masking(imgs, mask_ratio, noise)
-        latent = self.forward_features(imgs, ids_keep)
-        pred = self.forward_decoder(latent, ids_restore, grid)
-        loss = self._loss(imgs, pred, ids_shuffle[:, len_keep:])
+        if self.encoder_mask_tokens:
+            latent = self.forward_encoder_with_mask_tokens(imgs, mask, grid)
+            pred = self._decode(self.decoder_embed(latent) + self.decoder_pos_embed_for(grid))
+        else:
+            latent = self.forward_features(imgs, ids_keep)
+            pred = self.forward_decoder(latent, ids_restore, grid)
+        if self.loss_on == "all":
+            N, L = mask.shape
+            ids_loss = torch.arange(L, device=mask.device).expand(N, L)
+        else:
+            ids_loss = ids_shuffle[:, len_keep:]
+        loss = self._loss(imgs, pred, ids_loss)
         return loss, pred, mask
 
 

@@ -14,13 +14,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, PatchEmbed, resize_pos_embed, sincos_2d
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.layers import Block, PatchEmbed, init_weights, sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -43,8 +42,10 @@ class VisionTransformer(nn.Module):
         learn_pos_embed: bool = False,
         pixel_mean: tuple[float, ...] = IMAGENET_MEAN,
         pixel_std: tuple[float, ...] = IMAGENET_STD,
+        residual_dtype: str = "fp32",
     ):
         super().__init__()
+        self.residual_dtype = residual_dtype  # "fp32" (official numerics) | "bf16" (residual stream in bf16 under autocast)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
@@ -54,9 +55,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed sin-cos table for pretraining (as in MAE); fine-tuning may learn it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=learn_pos_embed)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # no tensor: builds on meta/fake devices
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer,
+                   residual_dtype=residual_dtype)
              for i in range(depth)]
         )
         # The official fine-tuning model replaces the final norm by fc_norm after pooling.
@@ -78,7 +80,7 @@ class VisionTransformer(nn.Module):
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_module)
+        self.apply(init_weights)
 
     # ---- input handling -------------------------------------------------------------------------------
 
@@ -121,7 +123,7 @@ class VisionTransformer(nn.Module):
         if tuple(grid) == self.patch_embed.grid_size:
             return self.pos_embed
         if self.pos_embed.requires_grad:
-            return resize_pos_embed(self.pos_embed, grid)
+            return resample_abs_pos_embed(self.pos_embed, list(grid), num_prefix_tokens=1)
         table = sincos_2d(self.embed_dim, grid, cls_token=True).unsqueeze(0)
         return table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
 
@@ -172,32 +174,3 @@ class VisionTransformer(nn.Module):
         """
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=r"^blocks\.(\d+)", head=r"^norm|^fc_norm|^head")
 
-
-def _init_module(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def vit_tiny(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), **kw})
-
-
-def vit_small_patch16(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), **kw})
-
-
-def vit_base_patch16(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), **kw})
-
-
-def vit_large_patch16(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kw})
-
-
-def vit_huge_patch14(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), **kw})

@@ -1,0 +1,492 @@
+"""Resolve a run for a target machine without touching a GPU: layout, memory, kernels, time.
+
+``fastmae plan --preset=base --device=cuda --world_size=8 --gpu=h100`` (and
+``fastmae pretrain ... --dry_run``) prints what the run would do: per-GPU batch,
+accumulation, learning rate, compile mode and whether CUDA graphs are on (and
+why not), attention kernel per encoder/decoder shape, precision, parameter
+count (model built on the meta device), FLOPs per image, memory per GPU, and a
+roofline estimate of img/s and wall time.
+
+Two decisions here guard the first GPU run:
+
+- :func:`resolve_layout` reaches the effective batch with GPUs before
+  accumulation, sized by an activation-memory model, and turns CUDA graphs off
+  whenever ``accum_iter > 1``: gradients accumulated across replays of a
+  graphed backward live in the graph's memory pool (pytorch/pytorch#169545;
+  silently wrong sums in #96693).
+- :func:`estimate_step` is a roofline of one step (GEMMs at an assumed
+  efficiency, attention at another, elementwise bytes at memory bandwidth),
+  the same model as DESIGN.md's step table; its assumptions print with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastmae.engine.flops import GPUS, GpuSpec, gpu_spec, mae_forward_flops
+from fastmae.models.mae import MaskedAutoencoderViT, create_model
+
+# ---- assumptions of the memory and time models (printed with every plan) ----------------------------------------
+
+# Usable share of device memory: the caching allocator and NCCL keep the rest.
+MEM_USABLE = 0.92
+# CUDA context, cuBLAS/cuDNN workspaces, compile autotuning buffers.
+FIXED_OVERHEAD_GIB = 1.5
+# GEMMs at 60% of the dense peak: DESIGN.md's ViT-B estimate (decoder K/N = 512 sit below H100's balance point).
+GEMM_EFF = 0.60
+# Attention at 15% of peak: 50- and 197-token sequences with 64- and 32-dim heads (DESIGN.md: ~4.5 ms of a ViT-B step).
+ATTN_EFF = 0.15
+# Streaming kernels reach ~75% of HBM bandwidth.
+BW_EFF = 0.75
+# Norm/bias/GELU/residual/cast traffic per token-channel per block, forward + backward, eager with an fp32
+# residual (DESIGN.md: ~143 B, ~46 GB per ViT-B step at batch 256). A bf16 residual halves 8 fp32 accesses.
+ELEMENTWISE_BYTES_EAGER = 143.0
+BF16_RESIDUAL_SAVING = 16.0
+# Inductor fuses casts into norms and bias+GELU+residual chains: assumed 30% fewer bytes (unmeasured).
+COMPILE_ELEMENTWISE_FACTOR = 0.70
+# Fused AdamW: read param, grad, m, v; write param, m, v (28 B) + the gradient norm's read (4 B), fp32.
+OPTIMIZER_BYTES_PER_PARAM = 32.0
+# fp32 param + fp32 grad + AdamW m and v = 16 B; autocast's bf16 weight copies 2 B.
+STATE_BYTES_PER_PARAM = 16.0
+CAST_BYTES_PER_PARAM = 2.0
+# DALI with nvJPEG decodes ~6,000-7,000 ImageNet JPEGs/s per A100/H100 (DESIGN.md); the model caps at this.
+LOADER_IMG_S = 6500.0
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+ASSUMPTIONS = (
+    f"GEMMs at {GEMM_EFF:.0%} of the dense bf16 peak, attention at {ATTN_EFF:.0%}",
+    f"norm/bias/GELU/residual/cast traffic {ELEMENTWISE_BYTES_EAGER:.0f} B per token-channel per block (fwd+bwd, eager, "
+    f"fp32 residual; -{BF16_RESIDUAL_SAVING:.0f} B with a bf16 residual; x{COMPILE_ELEMENTWISE_FACTOR} compiled, unmeasured) "
+    f"at {BW_EFF:.0%} of HBM bandwidth",
+    f"fused AdamW + norm {OPTIMIZER_BYTES_PER_PARAM:.0f} B/param at the same bandwidth; DDP all-reduce overlapped with backward",
+    f"memory: {MEM_USABLE:.0%} of the device usable, {FIXED_OVERHEAD_GIB} GiB fixed, {STATE_BYTES_PER_PARAM:.0f}+"
+    f"{CAST_BYTES_PER_PARAM:.0f} B/param of state, saved activations counted per block (see activation_bytes_per_image)",
+    f"data: a DALI/nvJPEG loader caps a GPU at ~{LOADER_IMG_S:.0f} img/s; an epoch = {IMAGENET_TRAIN_IMAGES:,} images "
+    "(ImageNet-1k train)",
+)
+
+
+# ---- model shape -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an MAE that the memory and time models need."""
+
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+    mlp_ratio: float
+    mask_ratio: float
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_visible(self) -> int:
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+    def attention_shapes(self) -> dict[str, tuple[int, int]]:
+        """{"encoder"/"decoder": (head_dim, tokens)} as the attention kernels see them."""
+        return {
+            "encoder": (self.embed_dim // self.num_heads, 1 + self.num_visible),
+            "decoder": (self.decoder_embed_dim // self.decoder_num_heads, 1 + self.num_patches),
+        }
+
+
+def model_shape(model, img_size: int, mask_ratio: float) -> ModelShape:
+    """Read the shape off a (meta-device) MaskedAutoencoderViT."""
+    enc, dec = model.blocks[0], model.decoder_blocks[0]
+    return ModelShape(
+        img_size=img_size, patch_size=model.patch_size, in_chans=model.in_chans, embed_dim=model.embed_dim,
+        depth=len(model.blocks), num_heads=enc.attn.num_heads, decoder_embed_dim=model.decoder_embed_dim,
+        decoder_depth=len(model.decoder_blocks), decoder_num_heads=dec.attn.num_heads,
+        mlp_ratio=enc.mlp.fc1.out_features / model.embed_dim, mask_ratio=mask_ratio,
+    )
+
+
+def build_meta_model(model_name: str, img_size: int, patch_size: int = 0):
+    """The MAE on the meta device: shapes and parameter count without allocating a byte."""
+    kw = {"img_size": img_size, **({"patch_size": patch_size} if patch_size else {})}
+    with torch.device("meta"):
+        return create_model(model_name, **kw)
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+
+
+def _block_saved_bytes(tokens: int, dim: int, heads: int, mlp_ratio: float, residual_bytes: int, eager_attn: bool) -> float:
+    """Bytes one pre-norm block saves for backward per image under bf16 autocast.
+
+    norm1 input (residual dtype), qkv input (bf16) and output (3 x bf16), attention output (bf16, + fp32 log-sum-exp
+    per head and token for flash kernels), norm2 input (residual dtype), fc1 input (bf16), fc1 output and fc2 input
+    (mlp_ratio x bf16 each). Eager attention also keeps the fp32 softmax and its bf16 copy (T x T per head).
+    """
+    per_tc = 2 * residual_bytes + 2 + 6 + 2 + 2 + 4 * mlp_ratio
+    saved = tokens * dim * per_tc + 4 * heads * tokens
+    if eager_attn:
+        saved += heads * tokens * tokens * (4 + 2)
+    return saved
+
+
+def activation_bytes_per_image(shape: ModelShape, residual_dtype: str = "fp32", attention: str = "auto") -> float:
+    """Saved activations of one training image (encoder, decoder, patch/pred/loss tensors), bf16 autocast."""
+    res = 4 if residual_dtype == "fp32" else 2
+    eager = attention == "eager"
+    t_enc, t_dec = 1 + shape.num_visible, 1 + shape.num_patches
+    total = shape.depth * _block_saved_bytes(t_enc, shape.embed_dim, shape.num_heads, shape.mlp_ratio, res, eager)
+    total += shape.decoder_depth * _block_saved_bytes(
+        t_dec, shape.decoder_embed_dim, shape.decoder_num_heads, shape.mlp_ratio, res, eager
+    )
+    # K1 patches (bf16), embed output, decoder_embed in/out, K2 output, pred (bf16) and K3's fp32 gradient.
+    total += shape.num_visible * shape.patch_dim * 2 + t_enc * shape.embed_dim * (res + 2)
+    total += t_enc * shape.decoder_embed_dim * 2 + t_dec * shape.decoder_embed_dim * res
+    total += shape.num_patches * shape.patch_dim * (2 + 4)
+    total += shape.img_size**2 * shape.in_chans  # the uint8 batch
+    return float(total)
+
+
+def state_bytes(n_params: int, fsdp: bool, world_size: int) -> float:
+    """Parameters, gradients, AdamW moments (sharded under FSDP) and autocast's bf16 weight copies."""
+    shard = world_size if fsdp else 1
+    return n_params * (STATE_BYTES_PER_PARAM / shard + CAST_BYTES_PER_PARAM)
+
+
+def max_batch_that_fits(act_per_image: float, state: float, gpu_mem_gib: float) -> int:
+    budget = gpu_mem_gib * 2**30 * MEM_USABLE - FIXED_OVERHEAD_GIB * 2**30 - state
+    return max(int(budget // act_per_image), 0)
+
+
+# ---- layout ----------------------------------------------------------------------------------------------------
+
+GRAPHS_ACCUM_REASON = (
+    "gradients accumulated across CUDA-graph replays live in the graph's memory pool "
+    "(pytorch/pytorch#169545; silently wrong sums in #96693)"
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    batch_size: int  # per GPU (per process) and micro-step
+    accum_iter: int
+    eff_batch: int  # batch_size * accum_iter * world_size
+    cuda_graphs: bool
+    compile_mode: str  # "reduce-overhead" | "default" | "none"
+    reason: str  # why CUDA graphs are (not) on; log it
+    note: str  # how the batch was split (or a memory warning)
+    max_batch: int | None  # the memory model's largest per-GPU batch (None off-GPU)
+
+
+def _smallest_split(per_gpu: int, max_batch: int) -> tuple[int, int] | None:
+    """(batch, accum) with batch * accum == per_gpu, batch <= max_batch, accum as small as possible."""
+    for accum in range(1, per_gpu + 1):
+        if per_gpu % accum == 0 and per_gpu // accum <= max_batch:
+            return per_gpu // accum, accum
+    return None
+
+
+def resolve_layout(
+    shape: ModelShape,
+    n_params: int,
+    *,
+    target_eff_batch: int,
+    world_size: int,
+    device_type: str,
+    gpu_mem_gib: float | None,
+    compile: bool,
+    cuda_graphs: bool,
+    batch_size: int,
+    accum_iter: int,
+    fsdp: bool = False,
+    residual_dtype: str = "fp32",
+    attention: str = "auto",
+) -> Layout:
+    """Per-GPU batch, accumulation and CUDA-graph decision. Pure: no device is touched.
+
+    ``target_eff_batch > 0`` on CUDA: the per-GPU share of the target is split into the largest batch the memory
+    model fits and the fewest accumulation steps. ``target_eff_batch == 0``, or off-GPU: ``batch_size`` and
+    ``accum_iter`` as given (off-GPU with a target, ``batch_size`` caps the micro-batch). Raises ValueError for a
+    target the world size cannot split or a model that does not fit one image.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    max_batch = None
+    note = ""
+    if device_type == "cuda" and gpu_mem_gib:
+        act = activation_bytes_per_image(shape, residual_dtype, attention)
+        max_batch = max_batch_that_fits(act, state_bytes(n_params, fsdp, world_size), gpu_mem_gib)
+        if max_batch < 1:
+            raise ValueError(f"one image needs {act / 2**30:.1f} GiB of activations beyond the model state: "
+                             f"it does not fit {gpu_mem_gib:.0f} GiB")
+    if target_eff_batch > 0:
+        if target_eff_batch % world_size:
+            raise ValueError(f"eff_batch {target_eff_batch} is not divisible by world_size {world_size}")
+        per_gpu = target_eff_batch // world_size
+        cap = max_batch if max_batch is not None else batch_size
+        batch, accum = _smallest_split(per_gpu, cap)  # cap >= 1, so accum == per_gpu always qualifies
+        why = "the memory model's limit" if max_batch is not None else "batch_size"
+        note = f"{per_gpu} images per GPU per step; largest batch within {why}: {cap}"
+    else:
+        batch, accum = batch_size, accum_iter
+        if max_batch is not None and batch > max_batch:
+            note = f"warning: batch_size {batch} exceeds the memory model's {max_batch} per GPU"
+    if device_type != "cuda":
+        graphs, why_graphs = False, f"CUDA graphs off: device is {device_type}"
+    elif not compile:
+        graphs, why_graphs = False, "CUDA graphs off: compile is off (graphs come with compile's reduce-overhead mode)"
+    elif not cuda_graphs:
+        graphs, why_graphs = False, "CUDA graphs off: cuda_graphs=false"
+    elif accum > 1:
+        graphs, why_graphs = False, f"CUDA graphs off: accum_iter={accum} > 1; {GRAPHS_ACCUM_REASON}"
+    else:
+        graphs, why_graphs = True, "CUDA graphs on: compile mode reduce-overhead, no accumulation"
+    mode = "reduce-overhead" if graphs else ("default" if compile else "none")
+    return Layout(batch, accum, batch * accum * world_size, graphs, mode, why_graphs, note, max_batch)
+
+
+# ---- time ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """Roofline of one optimizer step on one GPU (all accumulation micro-steps), milliseconds."""
+
+    gemm_ms: float
+    attention_ms: float
+    elementwise_ms: float
+    kernels_ms: float  # K1-K3
+    optimizer_ms: float
+    step_ms: float
+    img_s: float  # per GPU, after the loader cap
+    mfu: float
+    data_bound: bool
+
+
+def attention_flops_per_image(shape: ModelShape) -> float:
+    """Forward QK^T and AV FLOPs per image (part of mae_forward_flops)."""
+    t_enc, t_dec = 1 + shape.num_visible, 1 + shape.num_patches
+    return 4.0 * (shape.depth * t_enc**2 * shape.embed_dim + shape.decoder_depth * t_dec**2 * shape.decoder_embed_dim)
+
+
+def kernel_bytes_per_image(shape: ModelShape) -> float:
+    """Ideal HBM traffic of K1-K3 per image, forward + backward (uint8 images, bf16 activations, fp32 loss grad)."""
+    L, V, P = shape.num_patches, shape.num_visible, shape.patch_dim
+    k1 = V * P * (1 + 2)  # read visible uint8 pixels, write bf16 patches
+    k2 = 2 * ((1 + V) + (1 + L)) * shape.decoder_embed_dim * 2  # scatter forward, gather backward
+    k3 = L * P * (2 + 4) + (L - V) * P  # read pred, write fp32 grad, read masked pixels
+    return float(k1 + k2 + k3)
+
+
+def estimate_step(
+    shape: ModelShape,
+    n_params: int,
+    forward_flops: float,
+    layout: Layout,
+    gpu: GpuSpec,
+    compile: bool,
+    residual_dtype: str = "fp32",
+) -> StepEstimate:
+    """Roofline time of one step of ``layout`` on ``gpu`` (see ASSUMPTIONS); ``forward_flops`` per image."""
+    images = layout.batch_size * layout.accum_iter
+    peak, bw = gpu.peak_tflops * 1e12, gpu.hbm_tbs * 1e12 * BW_EFF
+    attn_fwd = attention_flops_per_image(shape)
+    gemm_ms = 3 * (forward_flops - attn_fwd) * images / (peak * GEMM_EFF) * 1e3
+    attention_ms = 3.5 * attn_fwd * images / (peak * ATTN_EFF) * 1e3  # backward recomputes the scores
+    per_tc = ELEMENTWISE_BYTES_EAGER - (BF16_RESIDUAL_SAVING if residual_dtype == "bf16" else 0.0)
+    per_tc *= COMPILE_ELEMENTWISE_FACTOR if compile else 1.0
+    token_channels = (shape.depth * (1 + shape.num_visible) * shape.embed_dim
+                      + shape.decoder_depth * (1 + shape.num_patches) * shape.decoder_embed_dim)
+    elementwise_ms = per_tc * token_channels * images / bw * 1e3
+    kernels_ms = kernel_bytes_per_image(shape) * images / bw * 1e3
+    optimizer_ms = OPTIMIZER_BYTES_PER_PARAM * n_params / bw * 1e3
+    step_ms = gemm_ms + attention_ms + elementwise_ms + kernels_ms + optimizer_ms
+    compute_img_s = images / (step_ms / 1e3)
+    img_s = min(compute_img_s, LOADER_IMG_S)
+    mfu = img_s * 3 * forward_flops / peak
+    return StepEstimate(gemm_ms, attention_ms, elementwise_ms, kernels_ms, optimizer_ms, step_ms, img_s, mfu,
+                        compute_img_s > LOADER_IMG_S)
+
+
+# ---- the whole plan --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    gpu: str  # label of the target GPU, or "" off-GPU
+    gpu_note: str
+    world_size: int
+    layout: Layout
+    lr: float
+    precision: str
+    kernels: str
+    attention: dict[str, str]
+    n_params: int
+    train_gflops_per_image: float
+    activation_gib: float  # per GPU at the layout's batch
+    state_gib: float  # params, grads, optimizer (sharded under FSDP), bf16 copies
+    estimate: StepEstimate | None
+    total_images: int
+    wall_hours: float | None
+    assumptions: tuple[str, ...] = field(default=ASSUMPTIONS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _world_size(cfg) -> int:
+    return cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _target(cfg) -> tuple[str, GpuSpec | None, str]:
+    """(device type, GPU spec or None, a note on where the GPU came from)."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device.split(":")[0]
+    if device != "cuda":
+        return device, None, ""
+    if cfg.gpu:
+        return device, GPUS[cfg.gpu], f"--gpu={cfg.gpu}"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        spec = gpu_spec(name)
+        if spec is not None:
+            return device, spec, f"this machine's {name}"
+        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return device, None, f"this machine's {name} ({mem:.0f} GiB) has no entry in the peak table: no time estimate"
+    return device, GPUS["h100"], "no GPU here and no --gpu: assuming an H100 SXM"
+
+
+def _target_caps(spec: GpuSpec | None):
+    """Attention capabilities of the target: this machine's when it is the target, else the GPU's generation
+    with the flash-attn packages as installed here."""
+    import importlib.util
+
+    from fastmae.layers.attention import AttnCaps, attention_capabilities
+
+    here = attention_capabilities()
+    if here.cuda or spec is None:
+        return here
+    sm = {"h100": 90, "h100_pcie": 90, "h100_nvl": 90, "h200": 90, "h200_nvl": 90, "l40s": 89, "b200": 100}.get(spec.key, 80)
+    return AttnCaps(
+        cuda=True, sm=sm,
+        flash_attn_3=sm == 90 and importlib.util.find_spec("flash_attn_interface") is not None,
+        flash_attn_2=importlib.util.find_spec("flash_attn") is not None,
+        sdpa_cudnn=True, sdpa_flash=True, sdpa_efficient=True, sdpa_priority=here.sdpa_priority,
+    )
+
+
+def build_plan(cfg) -> Plan:
+    """Everything a run of ``cfg`` would resolve to, for its target (``cfg.device``, ``cfg.gpu``, ``cfg.world_size``)."""
+    from fastmae import ops
+    from fastmae.layers.attention import attention_backend, describe_attention
+
+    device, spec, note = _target(cfg)
+    world = _world_size(cfg)
+    model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    if not isinstance(model, MaskedAutoencoderViT):
+        # The roofline and memory models describe the MAE encoder-decoder step only.
+        raise ValueError(f"fastmae plan models MAE runs only; {cfg.model!r} is a {type(model).__name__}")
+    n_params = sum(p.numel() for p in model.parameters())
+    shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
+    fwd_flops = mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
+    policy = attention_backend()
+    layout = resolve_layout(
+        shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device,
+        gpu_mem_gib=spec.mem_gib if spec else None, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+        batch_size=cfg.batch_size, accum_iter=cfg.accum_iter, fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype,
+        attention=policy,
+    )
+    if cfg.precision != "auto":
+        precision = cfg.precision
+    elif device == "cuda":
+        precision = "bf16"  # every GPU in the peak table computes bf16 natively
+    else:
+        precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    attention = describe_attention(shape.attention_shapes(), dtype, device, _target_caps(spec))
+    act = activation_bytes_per_image(shape, cfg.residual_dtype, policy) * layout.batch_size
+    estimate = None
+    if spec is not None:
+        estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype)
+    steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
+    total_images = steps * layout.eff_batch
+    wall = total_images / (estimate.img_s * world) / 3600 if estimate else None
+    return Plan(
+        model=cfg.model, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
+        lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=precision, kernels=ops.kernel_backend(device),
+        attention=attention, n_params=n_params, train_gflops_per_image=3 * fwd_flops / 1e9,
+        activation_gib=act / 2**30, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
+        estimate=estimate, total_images=total_images, wall_hours=wall,
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    lay, est = plan.layout, plan.estimate
+    shapes = ", ".join(f"{k}: {v}" for k, v in plan.attention.items())
+    gpu = f"{plan.gpu} ({plan.gpu_note})" if plan.gpu else (plan.gpu_note or "-")
+    lines = [
+        f"== fastmae plan: {plan.model} on {plan.world_size} x {plan.device} ==",
+        f"target GPU        {gpu}",
+        f"batch per GPU     {lay.batch_size} x accum_iter {lay.accum_iter} x world {plan.world_size} = "
+        f"effective batch {lay.eff_batch}" + (f" ({lay.note})" if lay.note else ""),
+        f"learning rate     {plan.lr:.4g}",
+        f"compile mode      {lay.compile_mode}",
+        f"cuda graphs       {lay.reason}",
+        f"precision         {plan.precision}",
+        f"kernels           {plan.kernels}",
+        f"attention         {shapes}",
+        f"parameters        {plan.n_params / 1e6:.1f} M",
+        f"train FLOPs/img   {plan.train_gflops_per_image:.1f} GFLOP (matmuls, 3x forward)",
+        f"memory per GPU    activations {plan.activation_gib:.1f} GiB + state {plan.state_gib:.1f} GiB"
+        + (f" (the model fits up to {lay.max_batch} images)" if lay.max_batch is not None else ""),
+    ]
+    if est is not None:
+        lines += [
+            f"step estimate     {est.step_ms:.1f} ms = GEMM {est.gemm_ms:.1f} + attention {est.attention_ms:.1f} + "
+            f"elementwise {est.elementwise_ms:.1f} + K1-K3 {est.kernels_ms:.2f} + optimizer {est.optimizer_ms:.1f}",
+            f"throughput        {est.img_s:,.0f} img/s per GPU ({est.mfu:.0%} MFU)"
+            + (" - data-bound: the loader caps it" if est.data_bound else ""),
+            f"wall time         {plan.wall_hours:.1f} h for {plan.total_images:,} images",
+        ]
+    else:
+        lines.append("time estimate     none (no GPU target: pass --device=cuda --gpu=NAME)")
+    lines.append("assumptions       " + "\n                  ".join(plan.assumptions))
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """``fastmae plan`` / ``fastmae pretrain --dry_run``: every pretrain key, plus --world_size, --gpu, --device."""
+    from fastmae.config import describe_keys, parse_overrides
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: fastmae plan [--preset=NAME] [--device=cuda] [--world_size=N] [--gpu={'|'.join(GPUS)}] "
+              f"[--key=value ...]\n\nkeys:\n{describe_keys()}")
+        return 0
+    try:
+        plan = build_plan(parse_overrides(argv))
+    except ValueError as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(plan_main())

@@ -1,0 +1,265 @@
+"""GPU readiness on CPU: the layout/plan decisions, MFU peaks by exact device name, norm-only gradient clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastmae.engine import flops
+from fastmae.engine.optim import grad_norm_
+
+# ---- MFU peaks: exact device names ---------------------------------------------------------------------------
+
+# Strings as torch.cuda.get_device_name returns them on each part.
+DEVICE_NAMES = {
+    "NVIDIA H100 80GB HBM3": 989.4,
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H200": 989.4,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.05,
+    "NVIDIA B200": 2250.0,
+}
+
+
+@pytest.mark.parametrize("name,tflops", DEVICE_NAMES.items())
+def test_peak_flops_by_exact_device_name(monkeypatch, name, tflops):
+    monkeypatch.delenv("FASTMAE_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert flops.peak_flops(torch.device("cuda", 0)) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA GeForce RTX 4090", "H100", "Tesla V100-SXM2-16GB"])
+def test_unknown_or_partial_names_have_no_peak(monkeypatch, name):
+    # A MIG slice has a fraction of the peak: no MFU beats a wrong one.
+    monkeypatch.delenv("FASTMAE_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert flops.peak_flops(torch.device("cuda", 0)) is None
+
+
+def test_peak_override_and_cpu(monkeypatch):
+    monkeypatch.delenv("FASTMAE_PEAK_TFLOPS", raising=False)
+    assert flops.peak_flops(torch.device("cpu")) is None
+    monkeypatch.setenv("FASTMAE_PEAK_TFLOPS", "500")
+    assert flops.peak_flops(torch.device("cpu")) == 500e12
+
+
+# ---- grad_norm_: measure without writing when not clipping -------------------------------------------------------
+
+
+def _net_with_grads() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    net(torch.randn(5, 8)).square().sum().backward()
+    return net
+
+
+def test_norm_only_writes_no_gradient_and_matches_torch():
+    net = _net_with_grads()
+    grads = [p.grad for p in net.parameters()]
+    before = [g._version for g in grads]
+    snapshot = [g.clone() for g in grads]
+    norm = grad_norm_(net.parameters(), 0.0)
+    assert [g._version for g in grads] == before
+    for g, s in zip(grads, snapshot, strict=True):
+        assert torch.equal(g, s)
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in snapshot]))
+    torch.testing.assert_close(norm, expected)
+    assert isinstance(norm, torch.Tensor) and norm.device == grads[0].device
+    # The control: torch's clip_grad_norm_ with an infinite bound still rescales (writes) every gradient.
+    torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"), foreach=True)
+    assert [g._version for g in grads] != before
+
+
+def test_positive_max_norm_clips_like_torch():
+    a, b = _net_with_grads(), _net_with_grads()
+    n_ours = grad_norm_(a.parameters(), 0.1)
+    n_torch = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1, foreach=True)
+    torch.testing.assert_close(n_ours, n_torch)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in a.parameters()]))
+    torch.testing.assert_close(clipped, torch.tensor(0.1), rtol=1e-4, atol=0)
+
+
+def test_negative_max_norm_is_refused():
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        grad_norm_(_net_with_grads().parameters(), -1.0)
+
+
+# ---- residual dtype under autocast ----------------------------------------------------------------------------
+
+
+def test_residual_stream_is_fp32_by_default_and_bf16_on_request():
+    from fastmae.layers.block import Block
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    dtypes = {}
+    for name in ("fp32", "bf16"):
+        torch.manual_seed(1)
+        blk = Block(32, 4, residual_dtype=name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes[name] = blk(x).dtype
+        assert blk(x).dtype == torch.float32  # without autocast nothing changes
+    assert dtypes == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        Block(32, 4, residual_dtype="fp16")
+
+
+def test_mae_residual_option_reaches_encoder_and_decoder_blocks():
+    from fastmae.models.mae import create_model
+
+    model = create_model("mae_vit_tiny", residual_dtype="bf16")
+    blocks = list(model.blocks) + list(model.decoder_blocks)
+    assert {b.residual_dtype for b in blocks} == {torch.bfloat16}
+    assert {b.residual_dtype for b in create_model("mae_vit_tiny").decoder_blocks} == {None}
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = model(imgs)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+# ---- layout: effective batch from GPUs first, never CUDA graphs with accumulation -------------------------------
+
+from fastmae.config import parse_overrides, pretrain_presets  # noqa: E402
+from fastmae.engine import plan as planmod  # noqa: E402
+
+MAE_PRESETS = ("tiny", "small", "base", "large", "huge")
+
+
+def _layout(preset: str, world: int, device: str = "cuda", gpu: str = "h100", **over):
+    cfg = parse_overrides([f"--preset={preset}", f"--device={device}", f"--world_size={world}", f"--gpu={gpu}",
+                           *[f"--{k}={v}" for k, v in over.items()]])
+    model = planmod.build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    shape = planmod.model_shape(model, cfg.img_size, cfg.mask_ratio)
+    n_params = sum(p.numel() for p in model.parameters())
+    spec = flops.GPUS[gpu]
+    layout = planmod.resolve_layout(
+        shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device,
+        gpu_mem_gib=spec.mem_gib, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size,
+        accum_iter=cfg.accum_iter, fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype,
+    )
+    return cfg, shape, n_params, layout
+
+
+@pytest.mark.parametrize("world", [1, 8, 64])
+@pytest.mark.parametrize("preset", MAE_PRESETS)
+def test_layout_never_combines_graphs_with_accumulation(preset, world):
+    cfg, shape, n_params, lay = _layout(preset, world)
+    assert lay.eff_batch == lay.batch_size * lay.accum_iter * world
+    if cfg.eff_batch:
+        assert lay.eff_batch == cfg.eff_batch == 4096  # the official recipe's effective batch at any world size
+        assert lay.batch_size <= lay.max_batch  # what the memory model says fits
+    else:
+        assert (lay.batch_size, lay.accum_iter) == (cfg.batch_size, cfg.accum_iter)
+    if lay.accum_iter > 1:
+        assert not lay.cuda_graphs and lay.compile_mode != "reduce-overhead"
+        assert "accum_iter" in lay.reason and "169545" in lay.reason
+    elif cfg.compile and cfg.cuda_graphs:
+        assert lay.cuda_graphs and lay.compile_mode == "reduce-overhead"
+    else:
+        assert not lay.cuda_graphs and "compile is off" in lay.reason
+
+
+@pytest.mark.parametrize("preset", ["base", "large", "huge"])
+def test_official_presets_split_across_gpus_before_accumulating(preset):
+    # Eight 80 GB GPUs hold 512 images of ViT-B/L each: the official effective batch needs no accumulation there.
+    _, _, _, w8 = _layout(preset, 8)
+    _, _, _, w64 = _layout(preset, 64)
+    _, _, _, w1 = _layout(preset, 1)
+    assert w64.accum_iter == 1 and w64.batch_size == 64 and w64.cuda_graphs
+    if preset != "huge":
+        assert w8.accum_iter == 1 and w8.batch_size == 512 and w8.cuda_graphs
+    assert w1.accum_iter > 1 and not w1.cuda_graphs
+    assert w1.batch_size == w1.eff_batch // w1.accum_iter
+
+
+def test_the_preset_table_is_what_the_layout_overrides():
+    # Without the layout, the official presets would run accum_iter=8 under reduce-overhead on 8 GPUs.
+    base = pretrain_presets()["base"]
+    assert base["accum_iter"] > 1 and base["compile"] and base["eff_batch"] == 4096
+
+
+def test_layout_off_gpu_and_explicit_split():
+    _, _, _, cpu = _layout("base", 1, device="cpu")
+    assert not cpu.cuda_graphs and "device is cpu" in cpu.reason and cpu.max_batch is None
+    assert cpu.batch_size <= 64 and cpu.eff_batch == 4096
+    _, _, _, given = _layout("base", 8, eff_batch=0, batch_size=128, accum_iter=4)
+    assert (given.batch_size, given.accum_iter, given.eff_batch, given.cuda_graphs) == (128, 4, 4096, False)
+    _, _, _, off = _layout("base", 8, cuda_graphs="false")
+    assert not off.cuda_graphs and "cuda_graphs=false" in off.reason and off.compile_mode == "default"
+
+
+def test_layout_errors_name_the_problem():
+    with pytest.raises(ValueError, match="not divisible by world_size 3"):
+        _layout("base", 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        _layout("huge", 1, img_size=3584, gpu="l40s", fsdp="false")
+
+
+def test_activation_model_matches_a_published_fit():
+    # optimized-mae (eminorhan, FlashAttention-2 + bf16): ViT-H/14 at 1792 px, mask 0.8, fits batch 8 on one 80 GB A100.
+    model = planmod.build_meta_model("mae_vit_huge_patch14", 1792)
+    shape = planmod.model_shape(model, 1792, 0.8)
+    n = sum(p.numel() for p in model.parameters())
+    fit = planmod.max_batch_that_fits(planmod.activation_bytes_per_image(shape), planmod.state_bytes(n, False, 1),
+                                      flops.GPUS["a100"].mem_gib)
+    assert 6 <= fit <= 10
+
+
+def test_bf16_residual_and_eager_attention_move_the_memory_model():
+    shape = _layout("base", 8)[1]
+    fp32 = planmod.activation_bytes_per_image(shape)
+    assert planmod.activation_bytes_per_image(shape, "bf16") < fp32 < planmod.activation_bytes_per_image(shape, "fp32", "eager")
+
+
+def test_roofline_reproduces_the_design_step_table():
+    # DESIGN.md: ViT-B, batch 256, bf16, H100 SXM, eager: ~49 ms = ~5,300 img/s (~31% MFU).
+    cfg, shape, n, _ = _layout("base", 16)
+    lay = planmod.Layout(256, 1, 256 * 16, True, "reduce-overhead", "", "", None)
+    model = planmod.build_meta_model(cfg.model, 224)
+    est = planmod.estimate_step(shape, n, flops.mae_forward_flops(model, 224, 0.75), lay, flops.GPUS["h100"], compile=False)
+    assert 44 < est.step_ms < 54 and 4800 < est.img_s < 5800 and 0.27 < est.mfu < 0.35
+    assert 21 < est.gemm_ms < 27 and 15 < est.elementwise_ms < 21
+    faster = planmod.estimate_step(shape, n, flops.mae_forward_flops(model, 224, 0.75), lay, flops.GPUS["h100"],
+                                   compile=True, residual_dtype="bf16")
+    assert faster.step_ms < est.step_ms
+
+
+# ---- fastmae plan -----------------------------------------------------------------------------------------------
+
+
+def test_plan_prints_for_eight_h100s_without_accumulation(capsys):
+    assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "512 x accum_iter 1 x world 8 = effective batch 4096" in out
+    assert "compile mode      reduce-overhead" in out and "CUDA graphs on" in out
+    for key in ("learning rate     0.0024", "attention         encoder:", "decoder:", "parameters        111.", "img/s per GPU",
+                "wall time", "assumptions", "memory per GPU", "kernels", "precision         bf16"):
+        assert key in out, key
+
+
+def test_plan_for_one_gpu_shows_accumulation_and_why_graphs_are_off(capsys):
+    assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=1", "--gpu=a100"]) == 0
+    out = capsys.readouterr().out
+    assert "x world 1 = effective batch 4096" in out and "accum_iter 1 " not in out
+    assert "CUDA graphs off: accum_iter=" in out and "graph's memory pool" in out
+    assert "compile mode      default" in out and "A100 SXM4 80GB (--gpu=a100)" in out
+
+
+def test_plan_bad_input_is_one_line(capsys):
+    assert planmod.plan_main(["--preset=base", "--gpu=tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error: gpu must be one of") and err.count("\n") == 1
+    assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=3"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+
+
+def test_plan_on_cpu_has_no_time_estimate(capsys):
+    assert planmod.plan_main(["--preset=tiny", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "32 x accum_iter 1 x world 1" in out and "device is cpu" in out and "time estimate     none" in out
