@@ -292,12 +292,12 @@ def build_data(cfg: EvalConfig, arch: dict, info: DistInfo, split: LabelledSplit
                          "give other layouts as --train_data=... --val_data=...")
     train_spec, val_spec = (cfg.data, cfg.data) if cfg.data else (cfg.train_data, cfg.val_data)
     augment = cfg.augment if cfg.augment != "auto" else ("linprobe" if cfg.tune_blocks == 0 else "finetune")
-    train, val, n_cls = stream_loaders(
+    train, val = stream_loaders(
         train_spec, val_spec, img_size=arch["img_size"], batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         augment=augment, loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, device=info.device)
-    return EvalData(train, val, None, n_cls, list(train.classes), IMAGENET_MEAN, IMAGENET_STD, val.num_samples,
-                    f"{train.source.kind} stream")
+    return EvalData(train, val, None, len(train.classes), list(train.classes), IMAGENET_MEAN, IMAGENET_STD,
+                    val.num_samples, f"{train.source.kind} stream")
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
