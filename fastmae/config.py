@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fastmae.engine.flops import GPUS
-from fastmae.methods.masks import MASK_TYPES
 from fastmae.methods.registry import get_method, list_methods
+from fastmae.models.masking import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")

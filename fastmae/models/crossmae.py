@@ -36,7 +36,7 @@ from fastmae import ops
 from fastmae.layers import sincos_2d
 from fastmae.layers.cross_block import CrossBlock
 from fastmae.layers.feature_fusion import FeatureFusion
-from fastmae.methods.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.masking import MASK_TYPES, mae_mask_keys
 from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
 from fastmae.reference import patchify, random_masking, unpatchify
 

@@ -9,7 +9,7 @@ One training forward:
 
 The MAE paper's ablations are constructor switches (each keeps every shape static):
 - ``mask_type``: ``random`` (MAE), ``block`` (BEiT-style blocks) or ``grid`` (keep one of every 2x2), the
-  paper's Fig. 6; see :func:`fastmae.methods.masks.mae_mask_keys` for how the counts stay exact;
+  paper's Fig. 6; see :func:`fastmae.models.masking.mae_mask_keys` for how the counts stay exact;
 - ``loss_on``: ``masked`` (MAE) or ``all`` (the loss on every patch, the paper's "w/o masked only");
 - ``encoder_mask_tokens``: the encoder embeds every patch and replaces the masked ones by ``mask_token``
   (1, 1, D) before adding positions (the paper's "encoder w/ [M]", ~3.3x the encoder's FLOPs); the
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.layers import Block, sincos_2d
-from fastmae.methods.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.masking import MASK_TYPES, mae_mask_keys
 from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
 from fastmae.reference import patchify, random_masking, unpatchify
 
