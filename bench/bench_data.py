@@ -2,6 +2,7 @@
 
     python bench/bench_data.py                         # 2 threads/workers, 224 px, batch 64, CPU
     python bench/bench_data.py --threads 8 --device cuda
+    python bench/bench_data.py --setup                 # DALI per-epoch setup: one pipeline vs one per epoch
 
 Both loaders run the same training augmentation (random-resized crop 0.2-1 with the same windows,
 bicubic resize, flip) at the same thread / worker count, on two sets: ~500 generated ImageNet-like
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import append_csv, stamp  # noqa: E402
 
 from fastmae.data import build_loader, prepare_demo_dataset  # noqa: E402
-from fastmae.data.demo import _photos  # noqa: E402
+from fastmae.data.demo import sample_photos  # noqa: E402
+from fastmae.flags import underscores  # noqa: E402
 
 
 def make_imagenet_like(root: Path, n: int = 500, classes: int = 10) -> Path:
@@ -37,7 +39,7 @@ def make_imagenet_like(root: Path, n: int = 500, classes: int = 10) -> Path:
     if (out / "train").is_dir():
         return out
     tmp = root / f".tmp-{out.name}-{time.time_ns()}"
-    photos = list(_photos().values())
+    photos = list(sample_photos().values())
     rng = np.random.default_rng(0)
     for i in range(n):
         img = photos[i % len(photos)]
@@ -162,20 +164,112 @@ def op_breakdown(root: Path, img_size: int, n: int = 64, rounds: int = 5) -> lis
     return [f"| {k} | {statistics.median(v):.2f} |" for k, v in cost.items()]
 
 
+def _per_sample_windows(seed: int, epoch: int, ids, sizes) -> list:
+    """The previous crop-window draw, for reference: a numpy Generator per sample and a Python loop of up
+    to ten attempts (torchvision's algorithm), one sample at a time on the main thread."""
+    import math
+
+    out = []
+    for i in ids:
+        rng = np.random.default_rng((seed, epoch, int(i), 0x41554721))
+        width, height = sizes[i]
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(0.2, 1.0)
+            ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < w <= width and 0 < h <= height:
+                out.append((int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h, rng.random() < 0.5))
+                break
+        else:
+            out.append((0, 0, width, height, rng.random() < 0.5))
+    return out
+
+
+def setup_bench(root: Path, args) -> None:
+    """DALI per-epoch setup: time from the start of an epoch's iteration to its first batch, and the whole
+    epoch, with the one persistent pipeline vs a pipeline rebuilt at every epoch (the previous design),
+    interleaved epoch by epoch; plus the main-thread cost of drawing a batch's crop windows."""
+    from fastmae.data.augment import train_params_batch
+
+    kw = dict(
+        loader="dali",
+        batch_size=args.batch,
+        img_size=args.img_size,
+        output=args.output,
+        num_workers=args.threads,
+        device=args.device,
+    )
+    loaders = {"one pipeline per loader": build_loader(root, **kw), "rebuilt every epoch (previous)": build_loader(root, **kw)}
+    first: dict[str, list[float]] = {k: [] for k in loaders}
+    whole: dict[str, list[float]] = {k: [] for k in loaders}
+    for ld in loaders.values():
+        run_epoch(ld)  # warm-up: first build, page cache
+    for e in range(1, args.epochs + 1):
+        for k, ld in loaders.items():
+            if k.startswith("rebuilt"):
+                ld._pipe = None  # what the previous loader did at every epoch start
+                ld._inflight.clear()
+            ld.set_epoch(e)
+            t0 = time.perf_counter()
+            it = iter(ld)
+            x, _ = next(it)
+            t1 = time.perf_counter()
+            for batch in it:
+                x = batch[0]
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)  # deliberate: the timer must include the last batch
+            first[k].append(t1 - t0)
+            whole[k].append(time.perf_counter() - t0)
+    builds = {k: ld.builds for k, ld in loaders.items()}
+    ref = "rebuilt every epoch (previous)"
+    print(
+        f"\nDALI per-epoch setup, {root.name}, batch {args.batch}, {args.img_size} px, {args.threads} threads, "
+        f"device {args.device}, median of {args.epochs} epochs after 1 warm-up\n"
+    )
+    print("| pipeline | builds | epoch start -> first batch (ms) | whole epoch (ms) | first batch vs previous |")
+    print("|---|---|---|---|---|")
+    for k in loaders:
+        f, w = statistics.median(first[k]) * 1e3, statistics.median(whole[k]) * 1e3
+        print(f"| {k} | {builds[k]} | {f:.1f} | {w:.0f} | {f / (statistics.median(first[ref]) * 1e3):.3f}x |")
+    src = loaders[ref].source
+    ids = np.arange(min(len(src), args.batch))
+    wh = np.asarray(src.sizes)[ids]
+    cost = {"per-sample Generator + Python loop (previous)": [], "one vectorized call per batch": []}
+    for _ in range(20):
+        c0 = time.perf_counter()
+        _per_sample_windows(0, 1, ids, src.sizes)
+        c1 = time.perf_counter()
+        train_params_batch(0, 1, ids, wh[:, 0], wh[:, 1])
+        c2 = time.perf_counter()
+        cost["per-sample Generator + Python loop (previous)"].append((c1 - c0) * 1e6 / len(ids))
+        cost["one vectorized call per batch"].append((c2 - c1) * 1e6 / len(ids))
+    base = statistics.median(cost["per-sample Generator + Python loop (previous)"])
+    print(f"\ncrop windows of a batch of {len(ids)} on the main thread\n")
+    print("| method | us per sample (median of 20) | vs previous |")
+    print("|---|---|---|")
+    for k, v in cost.items():
+        print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / base:.3f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--img_size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=5, help="measured epochs per loader (after 1 warm-up)")
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", default="uint8", choices=["uint8", "float"])
-    ap.add_argument("--data-dir", default="/tmp/fastmae-bench-data")
-    ap.add_argument("--no-diagnostic", action="store_true", help="skip the DALI triangular-resize row")
-    ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--data_dir", default="/tmp/fastmae-bench-data")
+    ap.add_argument("--no_diagnostic", action="store_true", help="skip the DALI triangular-resize row")
+    ap.add_argument("--no_csv", action="store_true")
     ap.add_argument("--ops", action="store_true", help="also print a per-stage CPU-cost breakdown")
-    args = ap.parse_args()
+    ap.add_argument("--setup", action="store_true", help="only the DALI per-epoch setup comparison (demo set)")
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
+    if args.setup:
+        setup_bench(prepare_demo_dataset(Path(args.data_dir)), args)
+        return
 
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,14 @@ Prints a markdown table and appends rows to bench/results/<bench>.csv.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from _harness import append_csv, interleaved, median_ms, stamp
 
 from fastmae import mae_vit_base_patch16, mae_vit_tiny
 from fastmae.convert import hf_config_kwargs, to_hf_vitmae
+from fastmae.flags import underscores
 
 CONFIGS = {
     "vit_b16": lambda: mae_vit_base_patch16(norm_pix_loss=True),
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
     rows = [run(c, args.batch, args.warmup, args.repeats, device) for c in args.configs]

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import sys
 
 import torch
 from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
 
 from fastmae.convert import hf_config_kwargs, to_hf_vitmae
+from fastmae.flags import underscores
 from fastmae.models import create_model
 
 
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--modes", nargs="+", default=["eager_fp32", "eager_bf16", "compiled_fp32", "compiled_bf16", "hf_fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)

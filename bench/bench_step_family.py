@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
 
+from fastmae.flags import underscores
 from fastmae.methods.reference_family import simmim_l1_loss, simmim_pixel_mask, videomae_loss
 from fastmae.methods.simmim import simmim_vit_base_patch16, simmim_vit_tiny
 from fastmae.methods.videomae import videomae_vit_base_patch16, videomae_vit_tiny
@@ -84,7 +86,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     device = torch.device(args.device)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)

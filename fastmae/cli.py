@@ -7,17 +7,20 @@ code 2, never a traceback; failures during a run keep their traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
+    "plan": ("fastmae.engine.plan", "plan_main", "what a run resolves to on a target GPU setup (= pretrain --dry_run)"),
     "data check": ("fastmae.data.check", "main", "list a dataset's problems (corrupt, unreadable, too small) before a long run"),
     "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
+    "sweep": ("fastmae.eval.sweep", "main", "one evaluation per value of a key (tune_blocks, mask_ratio, ...): CSV + curve"),
 }
 
 
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    if name == "pretrain":
+        # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         entry = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:

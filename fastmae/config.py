@@ -9,18 +9,22 @@ the resolved config is written into the run directory (``config.json``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from fastmae import flags
 from fastmae.engine.flops import GPUS
+from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
 from fastmae.methods.registry import get_method, list_methods
-from fastmae.models.masking import MASK_TYPES
+from fastmae.models.masks import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")
+# Bounds that keep a typo from reaching a huge allocation (a 65536-px image is 51 GB of patches at batch 64).
+MAX_IMG_SIZE = 4096
+MAX_TOKENS = 65536
 LOADERS = ("torch", "dali", "synthetic")
 # The MAE paper's augmentation table: none, fixed-size crop, random-resized crop + flip (MAE), + color jitter.
 AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
@@ -31,9 +35,10 @@ class PretrainConfig:
     # run
     preset: str = "tiny"
     method: str = "mae"  # a registered method (fastmae.methods.list_methods())
-    output_dir: str = "runs/pretrain"
+    output_dir: str = ""  # "" = runs/<method>-<preset> (default_output_dir)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = the cores free now (fastmae.engine.threads)
     resume: str = ""  # "" (fresh run), "auto" (latest checkpoint in output_dir), or a checkpoint path
     # data
     data: str = "demo"  # "demo" (built offline from photos shipped in installed packages), a folder, or shard pattern
@@ -41,6 +46,7 @@ class PretrainConfig:
     num_workers: int = 2
     img_size: int = 64
     augment: str = ""  # pretraining augmentation (MAE paper Table 1e): "" = loader's | none | crop | crop_flip | crop_color
+    holdout_fraction: float = 0.05  # held out of training when the data has no val/ split
     # model
     model: str = "mae_vit_tiny"
     patch_size: int = 0  # 0: the model's default
@@ -93,9 +99,19 @@ class PretrainConfig:
     vis_every_epochs: int = 0  # 0 = only at the end
     num_vis: int = 8
     progress: bool = True
+    tensorboard: bool = True
+    wandb: str = ""  # W&B project; "" = off
+
+    def __post_init__(self):
+        if not self.output_dir:
+            self.output_dir = default_output_dir(self.method, self.preset)
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line reason for any bad value."""
+        """Raise ValueError with a one-line reason for any bad value (ranges, finiteness, the output folder)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         checks = [
             (self.method in list_methods(), f"method must be one of {', '.join(list_methods())}, got {self.method!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -103,22 +119,31 @@ class PretrainConfig:
             (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
-            (self.img_size > 0, f"img_size must be positive, got {self.img_size}"),
+            (0 < self.img_size <= MAX_IMG_SIZE, f"img_size must be in [1, {MAX_IMG_SIZE}], got {self.img_size}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.accum_iter > 0, f"accum_iter must be positive, got {self.accum_iter}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.blr >= 0 and self.lr >= 0, f"blr and lr must be >= 0, got blr={self.blr}, lr={self.lr}"),
             (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
+            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
+            (self.min_lr <= (self.lr or math.inf), f"min_lr {self.min_lr} is above lr {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
             (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
             (self.ckpt_every > 0, f"ckpt_every must be positive, got {self.ckpt_every}"),
             (self.keep_ckpts > 0, f"keep_ckpts must be positive, got {self.keep_ckpts}"),
+            (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
+            (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
-            (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+            (0 <= self.patch_size <= self.img_size,
+             f"patch_size must be in [0, img_size={self.img_size}], got {self.patch_size}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (1 <= self.num_vis <= 64, f"num_vis must be in [1, 64], got {self.num_vis}"),
+            (self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}"),
             (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
             (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
             (self.residual_dtype in RESIDUAL_DTYPES,
@@ -146,12 +171,37 @@ class PretrainConfig:
                 raise ValueError(reason)
         if self.patch_size and self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.patch_size and (self.img_size // self.patch_size) ** 2 > MAX_TOKENS:
+            raise ValueError(
+                f"img_size {self.img_size} / patch_size {self.patch_size} gives {(self.img_size // self.patch_size) ** 2} "
+                f"patches per image, more than {MAX_TOKENS}"
+            )
+        _check_output_dir(self.output_dir)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
+
+
+def default_output_dir(method: str, preset: str) -> str:
+    """``runs/<method>-<preset>`` without the method repeated: mae + base -> runs/mae-base, simmim_tiny -> runs/simmim-tiny."""
+    return f"runs/{method}-{preset.removeprefix(method + '_')}"
+
+
+def _check_output_dir(path: str) -> None:
+    """The run folder must be creatable: it may exist as a folder, or not yet, under folders only."""
+    if not path:
+        raise ValueError("output_dir must not be empty")
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if q.is_dir():
+                return
+            if q == p:
+                raise ValueError(f"output_dir {path!r} is a file, not a folder")
+            raise ValueError(f"output_dir {path!r} lies under {str(q)!r}, which is a file, not a folder")
 
 
 def pretrain_presets() -> dict[str, dict]:
@@ -165,72 +215,28 @@ def pretrain_presets() -> dict[str, dict]:
     return out
 
 
-def _parse_value(name: str, text: str, typ: type):
-    if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects true/false, got {text!r}")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
-
-
-def _field_types(cls) -> dict[str, type]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
 def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict] | None = None):
-    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls`` (presets: default
-    :func:`pretrain_presets`).
-
-    ``--key value`` is accepted too. Unknown keys and unparsable values raise
-    ValueError naming them (the CLI turns that into a one-line message).
-    """
-    types = _field_types(cls)
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, eq, val = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ValueError(f"--{key} needs a value (--{key}=VALUE)")
-            val = argv[i + 1]
-            i += 1
-        key = key.replace("-", "_")
-        if key not in types:
-            close = [k for k in types if k.startswith(key[:3])]
-            hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
-            raise ValueError(f"unknown config key --{key}{hint}")
-        pairs.append((key, val))
-        i += 1
-    given = dict(pairs)
+    """``['--preset=base', '--epochs=1', ...]`` -> a validated config of type ``cls`` (:func:`fastmae.flags.parse_flags`;
+    presets default to :func:`pretrain_presets`). ``--method=simmim`` alone picks that method's default preset."""
     presets = pretrain_presets() if presets is None else presets
-    default = getattr(cls(), "preset", None)
-    # `--method=simmim` alone picks that method's preset rather than the default method's.
-    if "preset" not in given and "method" in given:
-        default = get_method(given["method"]).default_preset or default
-    preset = given.get("preset", default)
-    base = {}
-    if preset is not None:
-        if preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-        # The config records the preset it was built from, also when --method chose it.
-        base = {**presets[preset], **({"preset": preset} if "preset" in types else {})}
-    values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in pairs}}
-    cfg = dataclasses.replace(cls(), **values)
-    cfg.validate()
-    return cfg
+    default = None
+    if cls is PretrainConfig:
+        given = dict(split_args(argv, cls))
+        if "preset" not in given and "method" in given:
+            default = get_method(given["method"]).default_preset or None
+    return parse_flags(argv, cls, presets, default_preset=default)
 
 
-def describe_keys(cls=PretrainConfig) -> str:
-    """One line per key with its default, for --help."""
-    d = cls()
-    return "\n".join(f"  --{f.name}={getattr(d, f.name)!r}" for f in fields(cls))
+def describe_keys(cls=PretrainConfig, cfg=None) -> str:
+    """One line per key with its value and description, for --help (:func:`fastmae.flags.describe_keys`)."""
+    return flags.describe_keys(cls, cfg)
+
+
+def help_text(argv: list[str], cls, presets: dict[str, dict] | None, usage: str, doc: str = "") -> str:
+    """``--help`` of a command whose values resolve like :func:`parse_overrides` (pretraining's presets by default)."""
+    presets = pretrain_presets() if presets is None else presets
+    return flags.help_text(argv, cls, presets, usage, doc, parse=lambda a, c, p: parse_overrides(a, c, p))
+
+
+__all__ = ["ALIASES", "KEY_HELP", "PretrainConfig", "default_output_dir", "describe_keys", "help_text", "key_help",
+           "parse_overrides", "pretrain_presets", "split_args"]

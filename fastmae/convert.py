@@ -23,26 +23,50 @@ _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file safely (tensors, containers and argparse.Namespace only)."""
+    """Load a checkpoint file safely (tensors, containers and argparse.Namespace only).
+
+    A run folder stands for its latest ``checkpoint-*.pt`` (``--ckpt=runs/mae-tiny``).
+    """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("checkpoint-*.pt"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint-*.pt in run folder {path}")
+        path = found[-1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named, on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path}: {first[:300]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict (a state dict or {{'model': ...}})")
+    return ckpt
 
 
 def model_state_dict(ckpt: dict) -> StateDict:
-    """The model weights inside an official or fastmae checkpoint (``{'model': ...}``) or a bare state dict."""
-    if "model" in ckpt and isinstance(ckpt["model"], dict):
-        return ckpt["model"]
-    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
-        return ckpt["state_dict"]
-    if all(isinstance(v, Tensor) for v in ckpt.values()):
-        return ckpt
-    raise ValueError(f"no model weights found in checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+    """The model weights inside an official or fastmae checkpoint (``{'model': ...}``) or a bare state dict.
+
+    Raises ValueError naming the problem when there are none, or when an entry is not a tensor.
+    """
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"expected a checkpoint dict, got a {type(ckpt).__name__}")
+    sd = None
+    for key in ("model", "state_dict"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            sd = ckpt[key]
+            break
+    if sd is None:
+        if not any(isinstance(v, Tensor) for v in ckpt.values()):
+            keys = sorted(map(str, ckpt))[:10]
+            raise ValueError(f"no model weights found in checkpoint (top-level keys: {keys}); expected {{'model': state dict}}")
+        sd = ckpt
+    bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"model weights must be named tensors; {len(bad)} entries are not: {', '.join(bad[:3])}")
+    return sd
 
 
 def is_encoder_key(key: str) -> bool:
@@ -182,9 +206,9 @@ def from_hf_vitmae(hf_sd: StateDict) -> StateDict:
 
 
 def hf_config_kwargs(model: nn.Module) -> dict:
-    """``ViTMAEConfig`` keyword arguments describing a fastmae MAE (layer_norm_eps from the model)."""
-    blk, dblk = model.blocks[0], model.decoder_blocks[0]
-    return dict(
+    """``ViTMAEConfig`` keyword arguments describing a fastmae MAE or encoder (layer_norm_eps from the model)."""
+    blk = model.blocks[0]
+    kw = dict(
         hidden_size=model.embed_dim,
         num_hidden_layers=len(model.blocks),
         num_attention_heads=blk.attn.num_heads,
@@ -192,17 +216,22 @@ def hf_config_kwargs(model: nn.Module) -> dict:
         image_size=model.patch_embed.img_size[0],
         patch_size=model.patch_size,
         num_channels=model.in_chans,
-        decoder_hidden_size=model.decoder_embed_dim,
-        decoder_num_hidden_layers=len(model.decoder_blocks),
-        decoder_num_attention_heads=dblk.attn.num_heads,
-        decoder_intermediate_size=dblk.mlp.fc1.out_features,
         layer_norm_eps=blk.norm1.eps,
-        norm_pix_loss=model.norm_pix_loss,
         qkv_bias=True,
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    if hasattr(model, "decoder_blocks"):
+        dblk = model.decoder_blocks[0]
+        kw.update(
+            decoder_hidden_size=model.decoder_embed_dim,
+            decoder_num_hidden_layers=len(model.decoder_blocks),
+            decoder_num_attention_heads=dblk.attn.num_heads,
+            decoder_intermediate_size=dblk.mlp.fc1.out_features,
+            norm_pix_loss=model.norm_pix_loss,
+        )
+    return kw
 
 
 def load_pretrained(
@@ -221,9 +250,9 @@ def load_pretrained(
     grid are regenerated when the model's table is the fixed sin-cos one, and
     bicubically resized when it is learned. Returns the state dict that was loaded.
     """
-    from fastmae.layers import resize_pos_embed
+    from timm.layers import resample_abs_pos_embed
 
-    sd = dict(source) if isinstance(source, dict) else model_state_dict(read_checkpoint(source))
+    sd = dict(model_state_dict(source if isinstance(source, dict) else read_checkpoint(source)))
     own = model.state_dict()
     if not any(k.startswith(_DECODER_PREFIXES) for k in own):
         sd = encoder_state_dict(sd)
@@ -235,7 +264,7 @@ def load_pretrained(
                 continue  # a width mismatch is reported by load_into
             if params[key].requires_grad:
                 grid = model.patch_embed.grid_size
-                sd[key] = resize_pos_embed(sd[key], grid)
+                sd[key] = resample_abs_pos_embed(sd[key], list(grid), num_prefix_tokens=1)
             else:
                 sd[key] = own[key]
     load_into(model, sd, strict=strict, allow_missing=allow_missing)

@@ -16,34 +16,54 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import closing
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
 
 from fastmae import ops
-from fastmae.config import PretrainConfig, describe_keys, parse_overrides, pretrain_presets
+from fastmae.config import PretrainConfig, help_text, parse_overrides
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.engine import faults
-from fastmae.engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes
+from fastmae.engine.checkpoint import (
+    CheckpointWriteError,
+    check_position,
+    find_resume_checkpoint,
+    list_checkpoints,
+    remove_partial_writes,
+)
 from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
 from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.preemption import Preemption
+from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
 from fastmae.layers import attention_backend
 from fastmae.methods.registry import MethodSpec, get_method
+from fastmae.threads import resolve_threads
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # ---- config ------------------------------------------------------------------------------------------
+    """Train; SIGTERM from the start on means "save at an agreed step and return", and rank 0 holds the run
+    folder's lock throughout (one run per folder)."""
     cfg = parse_overrides(sys.argv[1:] if argv is None else argv)
-    spec = get_method(cfg.method)
     info = init_distributed(cfg.device)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with Preemption(info) as preemption, RunLock(run_dir) if info.is_main else nullcontext():
+        result = train(cfg, info, run_dir, preemption)
+    shutdown(info)
+    return result
+
+
+def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemption) -> dict:
+    # ---- config ------------------------------------------------------------------------------------------
+    spec = get_method(cfg.method)
     device, sharded = info.device, info.enabled and cfg.fsdp
-    run_dir = prepare_run_dir(cfg.output_dir, info)
+    prepare_run_dir(run_dir, cfg.resume, info)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
     torch.set_flush_denormal(True)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -54,12 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     img_out = "uint8" if ops.kernel_backend(device) == "triton" else "float"
     train_loader = build_data(spec, cfg, info, "train", img_out)
     steps_per_epoch = optimizer_steps_per_epoch(train_loader, cfg)
-    if info.is_main:
-        cfg.save(run_dir / "config.json")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     # ---- model, optimizer, distributed wrapping, compile -------------------------------------------------
     model = spec.build_model(cfg).to(device)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     base_lr = cfg.lr or cfg.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
@@ -72,29 +90,49 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- resume ------------------------------------------------------------------------------------------
     state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()))
-    resume_path = latest_checkpoint(run_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume_path is not None:
-        start_step = state.load_state_dict(load_checkpoint(resume_path))
+    found = find_resume_checkpoint(run_dir, cfg.resume, warn=lambda msg: print(msg, file=sys.stderr) if info.is_main else None)
+    resume_path = found[0] if found else None
+    notes = schedule_notes(cfg)
+    if found:
+        check_position(found[1], total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter,
+                       loader_steps_per_epoch=getattr(train_loader, "steps_per_epoch", None))
+        start_step = state.load_state_dict(found[1])
+        notes += resume_notes(cfg, found[1].get("config") or {}, start_step, steps_per_epoch, total_steps, base_lr)
     else:
         start_step = 0
         train_loader.set_epoch(0)
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # different masks on every rank, reproducible from the seed
 
-    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress)
+    if start_step >= total_steps:
+        if info.is_main:
+            print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
+                  f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
+        return {"status": "nothing to do", "step": start_step, "run_dir": str(run_dir)}
+    # The run has started: only now may it leave traces (a failed resume rewrites nothing).
+    if info.is_main:
+        cfg.save(run_dir / "config.json")
+    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress, tensorboard=cfg.tensorboard,
+                    wandb=cfg.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
+    if found:
+        log.resume_at(start_step)  # rows the interrupted run logged after its checkpoint would appear twice
     peak = peak_flops(device)
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
-        f"fastmae pretrain: {cfg.model} on {device} ({info.world_size} proc), {amp_dtype}, kernels={ops.kernel_backend(device)}, "
-        f"attention={attention_backend()}, compile={cfg.compile}, steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), "
-        f"effective batch {eff_batch}, lr {base_lr:.3g}" + (f", resumed from {resume_path.name}" if resume_path else "")
+        f"fastmae pretrain: {cfg.model} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), {amp_dtype}, "
+        f"kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.compile}, "
+        f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
+        + (f", resumed from {resume_path.name}" if resume_path else "")
     )
+    log.info(f"run folder {run_dir}; " + ", ".join(log.backends))
+    for note in notes:
+        log.info(f"warning: {note}")
 
     # ---- step loop ---------------------------------------------------------------------------------------
     stats = StepStats.zeros(device)
     next_batch = BatchStream(train_loader, device)
     step = start_step
     model.train()
-    with Preemption() as preemption, closing(log):
+    with closing(log):
         while step < total_steps:
             faults.set_step(step)
             lr_t.fill_(lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr))
@@ -105,34 +143,40 @@ def main(argv: list[str] | None = None) -> dict:
             window.tick()
             log.advance()
             faults.point("after_step")
+            stop = preemption.stop_now()
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info)))
                 window.check_bad_run(cfg.max_bad_steps)
-            if step % cfg.ckpt_every == 0 or step == total_steps or preemption.requested:
+            if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
-                if preemption.requested:
+                if stop:
                     log.info(f"SIGTERM: saved {path} at step {step}; exiting")
                     return {"status": "preempted", "step": step, "checkpoint": str(path)}
 
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
     summary = {"status": "done", "step": step, "train_loss": window.last_row.get("loss"),
-               "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir)}
+               "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
+               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included"}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
+        from fastmae.viz import save_curves
+
+        curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.method} {cfg.preset}")
+        if curves is not None:
+            summary["curves"] = str(curves)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(summary_text(summary))
-    shutdown(info)
     return summary
 
 
-def prepare_run_dir(path: str, info: DistInfo) -> Path:
-    """Create the run directory; rank 0 deletes what a killed checkpoint write left behind."""
-    run_dir = Path(path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
+    """Refuse a fresh run in a folder with checkpoints; rank 0 (holding the lock) deletes what killed
+    checkpoint writes of this folder left behind."""
+    if not resume and list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints of another run; use --resume=auto or a new --output_dir")
     if info.is_main:
         remove_partial_writes(run_dir)
-    return run_dir
 
 
 def build_data(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, split: str, output: str):
@@ -152,25 +196,78 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
 
 
 def compile_forward(model, cfg: PretrainConfig, info: DistInfo):
-    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model."""
+    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model.
+
+    CUDA graphs stay off with gradient accumulation: gradients accumulated across replays of a graphed
+    backward live in the graph's memory pool and are overwritten (DESIGN.md, hazard; ``fastmae.engine.plan``).
+    """
     if not cfg.compile:
         return model
-    mode = "reduce-overhead" if info.device.type == "cuda" and cfg.cuda_graphs else None
+    graphs = info.device.type == "cuda" and cfg.cuda_graphs and cfg.accum_iter == 1
+    mode = "reduce-overhead" if graphs else None
     return torch.compile(model, fullgraph=not info.enabled, mode=mode)
 
 
 def evaluate(spec: MethodSpec, cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype) -> dict:
-    """Held-out loss with fixed masks and, where the method draws them, reconstructions of the first images."""
+    """Held-out loss with fixed masks and, where the method draws them, reconstructions of a seeded choice of images."""
     val = build_data(spec, cfg, info, "val", "float")
     ev = spec.evaluate(model, val, info.device, cfg.mask_ratio, amp_dtype, keep=cfg.num_vis)
-    out = {"val_loss": ev["loss"], "val_images": ev["count"], "val_unit": ev["unit"]}
-    if "sample" in ev:
-        batch, noise = ev["sample"]
-        path = run_dir / "reconstructions.png" if info.is_main else None
-        written = spec.visualize(model, batch, cfg.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
-        if written is not None:
-            out["reconstructions"] = str(written)
+    held = getattr(val, "holdout_fraction", 0.0)
+    out = {"val_loss": ev["loss"], "val_images": ev["count"], "val_unit": ev["unit"],
+           "val_source": f"a seeded {held:.0%} of the training files, excluded from training (no val/ split)" if held
+           else "the data set's val split"}
+    if "sample" not in ev:
+        return out
+    batch, noise = ev["sample"]
+    names = None
+    source = getattr(val, "source", None)
+    if source is not None and spec.unit == "images" and batch.ndim == 4:
+        # A fixed, seeded choice of held-out images (not the first files), with their names beside the picture.
+        from fastmae.viz import pick_images
+
+        batch, names = pick_images(source, min(cfg.num_vis, len(source)), cfg.img_size, cfg.seed, IMAGENET_MEAN, IMAGENET_STD)
+        batch = batch.to(info.device)
+        noise = torch.rand(spec.noise_shape(model, batch), generator=torch.Generator().manual_seed(cfg.seed)).to(info.device)
+    path = run_dir / "reconstructions.png" if info.is_main else None
+    written = spec.visualize(model, batch, cfg.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
+    if written is not None:
+        out["reconstructions"] = str(written)
+        if names is not None:
+            _add_row_names(Path(written).with_suffix(".json"), names)
     return out
+
+
+def _add_row_names(info_path: Path, names: list[str]) -> None:
+    """Name the image of each row in the JSON the grid writes beside itself."""
+    if not info_path.is_file():
+        return
+    info = json.loads(info_path.read_text())
+    info["rows"] = [{"row": i, "file": n} for i, n in enumerate(names)]
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def schedule_notes(cfg: PretrainConfig) -> list[str]:
+    """Warnings about a schedule that cannot do what its keys suggest."""
+    notes = []
+    if cfg.warmup_epochs >= cfg.epochs:
+        notes.append(f"warmup_epochs={cfg.warmup_epochs:g} >= epochs={cfg.epochs}: the learning rate only ramps up and "
+                     f"never decays (lower --warmup_epochs)")
+    return notes
+
+
+def resume_notes(cfg: PretrainConfig, old: dict, step: int, steps_per_epoch: int, total_steps: int, base_lr: float) -> list[str]:
+    """What resuming with another schedule length does: the cosine is recomputed for the new length."""
+    keys = ("epochs", "max_steps", "warmup_epochs")
+    changed = {k: (old[k], getattr(cfg, k)) for k in keys if k in old and old[k] != getattr(cfg, k)}
+    if not changed:
+        return []
+    lr_old = lr_at(step, steps_per_epoch, old.get("warmup_epochs", cfg.warmup_epochs), old.get("epochs", cfg.epochs),
+                   base_lr, cfg.min_lr)
+    lr_new = lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr)
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    return [f"resuming with {what}: the schedule is recomputed for the new length, so at step {step} the learning "
+            f"rate jumps from {lr_old:.3g} to {lr_new:.3g} and the run now ends at step {total_steps} "
+            f"(a stretched schedule, not the one a fresh run of this length would follow)"]
 
 
 def summary_text(s: dict) -> str:
@@ -179,8 +276,9 @@ def summary_text(s: dict) -> str:
         "== fastmae pretrain summary ==",
         f"steps            {s['step']} (skipped non-finite: {s['skipped_steps']})",
         f"train loss       {fmt(s.get('train_loss'))}  (masked patches, last log window)",
-        f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks)",
-        f"throughput       {fmt(s.get('img_s'))} img/s (after warm-up)",
+        f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks; "
+        f"{s.get('val_source', 'val split')})",
+        f"throughput       {fmt(s.get('img_s'))} img/s ({s.get('img_s_note', 'after warm-up')})",
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)
@@ -195,13 +293,18 @@ def cli_main(argv: list[str] | None = None) -> int:
     """Entry point with the CLI's error contract: config errors are one line, exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: fastmae pretrain [--preset={'|'.join(pretrain_presets())}] [--key=value ...]\n\nkeys:\n" + describe_keys())
+        usage = "usage: fastmae pretrain [--preset=NAME] [--key=value ...]  (python train.py is the same program)"
+        print(help_text(argv, PretrainConfig, None, usage))
         return 0
     try:
-        parse_overrides(argv)
+        cfg = parse_overrides(argv)
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    if cfg.dry_run:  # the plan for the target (GPUs, memory, time) without building data or touching a device
+        from fastmae.engine.plan import plan_main
+
+        return plan_main(argv)
     try:
         main(argv)
     except TrainingAborted as e:
@@ -211,4 +314,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         # Configuration problems found while setting up (data, device, checkpoint) are the user's to fix.
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -16,10 +16,10 @@ from kernel_helpers import DEVICE, INTERPRETER, kernel_module, step_outputs
 from fastmae.config import parse_overrides
 from fastmae.convert import encoder_state_dict
 from fastmae.layers import set_attention_backend
-from fastmae.methods.masks import mae_mask_keys
 from fastmae.methods.registry import get_method
 from fastmae.methods.simmim import simmim_vit_tiny
 from fastmae.models import mae_vit_tiny
+from fastmae.models.masks import mae_mask_keys
 from fastmae.reference import masked_recon_loss_official, random_masking, unpatchify
 
 ROOT = Path(__file__).parent.parent

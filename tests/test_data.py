@@ -14,7 +14,7 @@ from PIL import Image
 from test_data_helpers import write_bad_folder, write_folder, write_tars
 
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, build_loader, prepare_demo_dataset
-from fastmae.data.augment import rrc_params, sample_rng, train_params
+from fastmae.data.augment import rrc_windows, sample_uniforms, train_params, train_params_batch
 from fastmae.data.check import main as check_main
 from fastmae.data.loader import rank_indices
 from fastmae.data.sources import expand_braces, open_source
@@ -119,8 +119,14 @@ def test_augmentation_statistics():
     assert abs(scale.mean() - tv_scale.mean()) < 0.02
     assert abs(np.median(scale) - np.median(tv_scale)) < 0.03
     # The fallback (no window fits in ten tries) still returns an in-range window.
-    left, top, w, h = rrc_params(sample_rng(0, 0, 0), 1000, 10)
+    left, top, w, h = rrc_windows(sample_uniforms(0, 0, [0], 40), [1000], [10])[0]
     assert 0 <= left and left + w <= 1000 and h == 10 and abs(w / h - 4 / 3) < 0.1
+    # One vectorized call over a batch gives exactly the per-sample windows, whatever the batch.
+    idx = np.array([7, 3, 3000, 11])
+    wh = np.array([[500, 375], [40, 1000], [1000, 10], [64, 64]])
+    batch = train_params_batch(0, 2, idx, wh[:, 0], wh[:, 1])
+    assert [tuple(r) for r in batch.tolist()] == [train_params(0, 2, i, w, h) for i, (w, h) in zip(idx, wh, strict=True)]
+    assert np.array_equal(train_params_batch(0, 2, idx[::-1], wh[::-1, 0], wh[::-1, 1]), batch[::-1])
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

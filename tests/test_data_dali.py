@@ -100,3 +100,56 @@ def test_dali_partial_last_batch_eval(folder):
     t = _collect(build_loader(folder, loader="torch", **kw))
     assert [len(y) for _, y in d] == [len(y) for _, y in t] == [8, 8, 8, 6]
     assert torch.equal(torch.cat([y for _, y in d]), torch.cat([y for _, y in t]))
+
+
+def test_one_pipeline_for_many_epochs(folder):
+    """Three epochs through one pipeline: each epoch equals a freshly built loader's run of that epoch
+    (nothing leaks across the boundary DALI prefetches over) and tracks the torch loader's crops."""
+    kw = dict(batch_size=8, img_size=IMG, output="uint8", seed=6, num_workers=1)
+    ld = build_loader(folder, loader="dali", **kw)
+    tl = build_loader(folder, loader="torch", **{**kw, "num_workers": 0})
+    for epoch in range(3):
+        got = _collect(ld)  # a bare loop: each exhausted epoch rolls over to the next
+        assert ld.epoch == epoch and len(got) == 3
+        fresh = build_loader(folder, loader="dali", **kw)
+        fresh.set_epoch(epoch)
+        tl.set_epoch(epoch)
+        for (x, y), (xf, yf), (xt, yt) in zip(got, _collect(fresh), _collect(tl), strict=True):
+            assert torch.equal(x, xf) and torch.equal(y, yf) and torch.equal(y, yt)
+            assert (x.float() - xt.float()).abs().mean() < 1.5
+    assert ld.builds == 1
+
+
+def test_jumps_and_resume_on_a_live_pipeline(folder):
+    """Abandoned epochs, set_epoch jumps and load_state_dict on a loader whose pipeline holds prefetched
+    batches: the stale batches are drained, the results stay exact, and nothing is rebuilt."""
+    kw = dict(loader="dali", batch_size=4, img_size=IMG, output="uint8", seed=2, num_workers=1)
+    ref = {}
+    for epoch in (0, 1, 5):
+        r = build_loader(folder, **kw)
+        r.set_epoch(epoch)
+        ref[epoch] = _collect(r)
+    ld = build_loader(folder, **kw)
+    _collect(ld, n=2)  # abandon epoch 0 after two batches
+    ld.set_epoch(5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(_collect(ld), ref[5], strict=True))
+    ld.load_state_dict({"epoch": 1, "step": 3})  # back to the middle of epoch 1
+    tail = _collect(ld)
+    assert len(tail) == len(ref[1]) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(tail, ref[1][3:], strict=True))
+    assert ld.builds == 1
+
+
+def test_mixed_decoder_gets_the_preallocation_hints():
+    from nvidia.dali import backend
+
+    from fastmae.data.dali import decoder_kwargs
+
+    mixed, cpu = decoder_kwargs(True, 0.5), decoder_kwargs(False, 0.5)
+    assert cpu == {"device": "cpu"}
+    assert mixed["device"] == "mixed" and mixed["hw_decoder_load"] == 0.5
+    assert mixed["preallocate_width_hint"] == 5980 and mixed["preallocate_height_hint"] == 6430
+    assert mixed["device_memory_padding"] > 0 and mixed["host_memory_padding"] > 0
+    for op in ("decoders__ImageSlice", "decoders__Image"):
+        schema = backend.GetSchema(op)
+        assert all(schema.HasArgument(k) for k in mixed if k != "device")

@@ -110,3 +110,34 @@ def test_log_window_reads_the_mean_loss_of_good_steps_and_aborts_on_a_bad_run():
     window.check_bad_run(2)
     with pytest.raises(TrainingAborted, match="1 consecutive steps"):
         window.check_bad_run(1)
+
+
+class _GradProbe(torch.optim.SGD):
+    """Fused SGD that records, at step time, whether any gradient was rewritten since backward accumulated it."""
+
+    def __init__(self, params):
+        params = list(params)
+        super().__init__(params, lr=0.0, fused=True)
+        self.after_backward, self.rewritten = {}, None
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: self.after_backward.__setitem__(p, _grad_version(p)))
+
+    def step(self, closure=None):
+        self.rewritten = [p for p, v in self.after_backward.items() if _grad_version(p) != v]
+        return super().step(closure)
+
+
+def _grad_version(p):
+    return p.grad.data_ptr(), p.grad._version
+
+
+@pytest.mark.parametrize("clip_grad,rewritten", [(0.0, False), (1e-3, True)])
+def test_no_clipping_only_reads_the_gradients(clip_grad, rewritten):
+    # clip_grad_norm_(params, inf) would multiply every gradient by 1.0: a full read-write pass for nothing.
+    model = _model()
+    x, noise = _data(4)
+    probe = _GradProbe(_params(model))
+    _, bad = train_step(lambda b, mask_ratio: model(b, mask_ratio, noise), probe, _params(model), lambda: x,
+                        clip_grad=clip_grad)
+    assert bad.item() == 0 and len(probe.after_backward) == len(_params(model))
+    assert bool(probe.rewritten) is rewritten

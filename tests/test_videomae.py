@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from fastmae.engine.optim import build_adamw
+from fastmae.layers import sinusoid_table
 from fastmae.methods import get_method
 from fastmae.methods.reference_family import tubelet_patchify, videomae_loss
-from fastmae.methods.videomae import VideoMAE, pair_frames, sinusoid_table
+from fastmae.methods.videomae import VideoMAE, pair_frames
 from fastmae.reference import patchify
 
 

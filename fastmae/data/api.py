@@ -1,16 +1,41 @@
-"""``build_loader``: the one switch between the torch, DALI and synthetic loaders."""
+"""``build_loader`` (images) and ``build_video_loader`` (clips): the one switch between the torch, DALI
+and synthetic loaders. Both return a :class:`fastmae.data.loader.BaseLoader` with the same position,
+resume, sharding, output and bad-file contract."""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import torch
 
-from .loader import BaseLoader, SyntheticLoader, TorchLoader
-from .sources import open_source
+from .demo import demo_cache_dir, prepare_demo_dataset
+from .loader import BaseLoader, ImageDataset, SyntheticLoader, TorchLoader
+from .sources import has_split, holdout, open_source
+from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
 OUTPUTS = ("float", "uint8")
+AUGMENTS = ("mae", "linprobe", "finetune", "eval")
+
+log = logging.getLogger("fastmae.data")
+
+__all__ = ["build_loader", "build_video_loader", "LOADERS", "OUTPUTS", "AUGMENTS"]
+
+
+def _check_common(loader: str, output: str, batch_size, img_size, world_size, rank, num_workers) -> None:
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    for name, v in (("batch_size", batch_size), ("img_size", img_size), ("world_size", world_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
 
 
 def build_loader(
@@ -34,26 +59,39 @@ def build_loader(
     min_size: int = 8,
     hw_decoder_load: float = 0.65,
     index_cache: str | os.PathLike | None = None,
+    augment: str | None = None,
+    classes: list[str] | None = None,
+    require_labels: bool = False,
+    holdout_fraction: float = 0.0,
 ) -> BaseLoader:
     """Build a loader yielding ``(imgs, labels)``.
 
     imgs: float32 (N, 3, img_size, img_size) normalized with ImageNet mean/std (``output="float"``) or
-    uint8 (N, img_size, img_size, 3) (``output="uint8"``); labels: int64 (N,).
+    uint8 (N, img_size, img_size, 3) (``output="uint8"``); labels: int64 (N,), ``-1`` on the padding
+    that ``drop_last=False`` adds to even out ranks (count ``labels >= 0``; see ``loader.py``).
+    ``root_or_spec``: a class-folder tree (``ROOT/<class>/*`` or ``ROOT/{train,val}/<class>/*``, ids =
+    sorted class names shared by both splits), tar shards with a ``.cls`` text-integer label (a
+    pattern, one file, a directory of them, or ``ROOT/{train,val}/*.tar``), or ``"demo"`` (the
+    embedded photo demo, built once under :func:`demo_cache_dir`).
+    ``augment``: ``"mae"`` (random-resized crop 0.2-1 + flip; the default when ``train``),
+    ``"linprobe"`` (crop 0.08-1 + flip), ``"finetune"`` (timm's RandAugment fine-tuning transform, float
+    output only; the DALI loader hands it to the torch loader), ``"eval"`` (resize to img_size/0.875,
+    center crop; the default otherwise). Every draw is a pure function of (seed, epoch, index).
+    ``classes``: pin the class names (e.g. the train loader's ``classes`` for a separate val spec).
+    ``require_labels``: fail at build time on tar samples without a ``.cls`` label (evaluation).
     ``shuffle`` defaults to ``train``. ``num_samples``/``num_classes`` only apply to ``loader="synthetic"``.
     ``index_cache``: optional directory keeping folder scans between runs (large data sets start faster).
+    ``holdout_fraction``: for data without a ``val/`` split, a seeded share of the files (:func:`holdout`) is the
+    val split and is left out of train; the loader's ``holdout_fraction`` then says so (0 = a real split).
+    The loader's ``source`` is the scanned file table it reads.
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
-    if loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    for name, v in (("batch_size", batch_size), ("img_size", img_size), ("world_size", world_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
+    augment = augment or ("mae" if train else "eval")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    if augment == "finetune" and output != "float":
+        raise ValueError("augment='finetune' needs output='float' (random erasing fills boxes with normalized noise)")
     common = dict(
         batch_size=batch_size,
         img_size=img_size,
@@ -70,11 +108,107 @@ def build_loader(
         return SyntheticLoader(num_samples=num_samples, num_classes=num_classes, **common)
     if root_or_spec is None:
         raise ValueError(f"loader={loader!r} needs a dataset directory or shard pattern")
+    if os.fspath(root_or_spec) == "demo":
+        root_or_spec = prepare_demo_dataset(demo_cache_dir() / "demo")
+    if loader == "dali" and augment == "finetune":
+        log.warning(
+            "augment='finetune' runs on the torch loader: DALI has no operator-for-operator equivalent of timm's "
+            "RandAugment (rand-m9-mstd0.5-inc1) and random erasing"
+        )
+        loader = "torch"
+    scan = dict(min_size=min_size, crop=img_size, index_cache=index_cache, classes=classes, require_labels=require_labels)
     if loader == "dali":
-        from .dali import DaliLoader, _import_dali
+        from .dali import DaliLoader, import_dali
 
-        _import_dali()  # fail on a missing extra before scanning a large dataset
-        src = open_source(root_or_spec, split, min_size=min_size, crop=img_size, index_cache=index_cache)
-        return DaliLoader(src, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
-    src = open_source(root_or_spec, split, min_size=min_size, crop=img_size, index_cache=index_cache)
-    return TorchLoader(src, num_workers=num_workers, **common)
+        import_dali()  # fail on a missing extra before scanning a large dataset
+    carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
+    src = open_source(root_or_spec, "train" if carve else split, **scan)
+    if carve:
+        src = holdout(src, holdout_fraction, seed, split)
+    if loader == "dali":
+        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+    else:
+        dataset = ImageDataset(src, img_size, augment, seed)
+        ld = TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
+    ld.source = src
+    ld.holdout_fraction = holdout_fraction if carve else 0.0
+    return ld
+
+
+def build_video_loader(
+    root_or_spec: str | os.PathLike | None,
+    *,
+    split: str,
+    batch_size: int,
+    img_size: int,
+    num_frames: int,
+    frame_stride: int,
+    loader: str = "torch",
+    output: str = "float",
+    train: bool = True,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    drop_last: bool = True,
+    shuffle: bool | None = None,
+    num_samples: int = 1024,
+    num_classes: int = 400,
+) -> BaseLoader:
+    """Build a clip loader yielding ``(clips, labels)``.
+
+    clips: float32 (N, 3, num_frames, img_size, img_size) normalized with ImageNet mean/std
+    (``output="float"``) or uint8 (N, num_frames, img_size, img_size, 3); labels: int64 (N,).
+    ``root_or_spec``: ``ROOT/{train,val}/<class>/*.webm|mkv|avi|mp4|mov`` (or ``ROOT/<class>/*``), or
+    ``"demo"`` (embedded VP9 clips, built once under :func:`demo_cache_dir`). ``loader="torch"`` decodes
+    with PyAV in ``num_workers`` processes, ``"dali"`` with DALI's CPU video decoder (VP8/VP9/MJPEG;
+    ``num_workers`` threads), ``"synthetic"`` yields seeded random clips without files
+    (``num_samples``/``num_classes`` apply to it only).
+    """
+    from .video import ClipDataset, DaliVideoLoader, scan_videos
+
+    _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
+    for name, v in (("num_frames", num_frames), ("frame_stride", frame_stride)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    common = dict(
+        batch_size=batch_size,
+        img_size=img_size,
+        output=output,
+        train=train,
+        shuffle=train if shuffle is None else shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        drop_last=drop_last,
+    )
+    if loader == "synthetic":
+        return SyntheticLoader(num_samples=num_samples, num_classes=num_classes, num_frames=num_frames, **common)
+    if root_or_spec is None:
+        raise ValueError(f"loader={loader!r} needs a clip directory")
+    if os.fspath(root_or_spec) == "demo":
+        from .video_demo import prepare_video_demo
+
+        root_or_spec = prepare_video_demo(demo_cache_dir())
+    if loader == "dali":
+        from .dali import import_dali
+
+        import_dali()  # fail on a missing extra before probing every clip
+    root = Path(root_or_spec)
+    folder = root / split if (root / split).is_dir() else root
+    if split == "val" and folder == root and (root / "train").is_dir():
+        raise FileNotFoundError(f"clip set {printable(root)} has a train/ split but no val/ split")
+    span = (num_frames - 1) * frame_stride + 1
+    items, bad, classes = scan_videos(folder, span, loader)
+    if not items:
+        reasons = "; ".join(f"{printable(Path(p).name)}: {printable(r)}" for p, r in bad[:3])
+        where = printable(folder)
+        raise ValueError(f"no usable clip of {span} frames in {where}" + (f" ({len(bad)} skipped: {reasons})" if bad else ""))
+    dataset = ClipDataset(items, img_size=img_size, num_frames=num_frames, frame_stride=frame_stride, train=train, seed=seed)
+    if loader == "dali":
+        return DaliVideoLoader(dataset, classes=classes, skipped=bad, num_workers=num_workers, **common)
+    return TorchLoader(dataset, classes=classes, skipped=bad, num_workers=num_workers, **common)

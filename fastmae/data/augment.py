@@ -1,14 +1,16 @@
 """Augmentation geometry, shared by every loader.
 
-All randomness is a pure function of ``(seed, epoch, sample index)``: each sample gets its own
-generator, so crops and flips do not depend on worker count, batch composition or where a run was
-resumed. The crop windows are drawn on the host and handed to the decoder (PIL here, DALI's ROI decode
-in ``dali.py``), so both loaders cut exactly the same pixels out of the same file.
+All randomness is a pure function of ``(seed, epoch, sample index)``: every draw is a counter-based
+hash of ``(seed, epoch, index, draw number)`` (:func:`sample_uniforms`), so crops and flips do not
+depend on worker count, batch composition or where a run was resumed, and a whole batch's windows are
+computed in a few vectorized numpy operations (the DALI feed) or one sample at a time (torch workers)
+with identical results. The crop windows are handed to the decoder (PIL here, DALI's ROI decode in
+``dali.py``), so both loaders cut exactly the same pixels out of the same file.
 
-Train (official MAE): random-resized-crop with scale (0.2, 1), log-uniform aspect ratio (3/4, 4/3),
-ten attempts then a center-crop fallback (torchvision's algorithm); bicubic resize to ``img_size``;
-horizontal flip with p = 0.5. Eval: resize the short side to ``int(img_size / 0.875)`` (256 for 224,
-bicubic) then center crop ``img_size``.
+Train (official MAE): random-resized-crop with scale (0.2, 1) (``"linprobe"``: (0.08, 1)), log-uniform
+aspect ratio (3/4, 4/3), ten attempts then a center-crop fallback (torchvision's algorithm); bicubic
+resize to ``img_size``; horizontal flip with p = 0.5. Eval: resize the short side to
+``int(img_size / 0.875)`` (256 for 224, bicubic) then center crop ``img_size``.
 """
 
 from __future__ import annotations
@@ -19,52 +21,100 @@ import numpy as np
 from PIL import Image
 
 SCALE = (0.2, 1.0)
+# The random-resized-crop scale range of each crop-based augmentation (build_loader's ``augment``).
+AUGMENT_SCALES = {"mae": SCALE, "linprobe": (0.08, 1.0)}
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_CROP_PCT = 0.875
-_AUG_STREAM = 0x41554721
+ATTEMPTS = 10
+FLIP_DRAW = 4 * ATTEMPTS  # draws 0..39: (area, log-ratio, top, left) per attempt; 40: flip; 41+: free
 _PERM_STREAM = 0x5045524D
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
 
-__all__ = ["sample_rng", "epoch_permutation", "rrc_params", "train_params", "eval_params", "pil_apply"]
+__all__ = [
+    "AUGMENT_SCALES",
+    "sample_uniforms",
+    "sample_seed",
+    "epoch_permutation",
+    "rrc_windows",
+    "train_params",
+    "train_params_batch",
+    "eval_params",
+    "pil_apply",
+]
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng((int(seed), int(epoch), int(index), _AUG_STREAM))
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _sample_keys(seed: int, epoch: int, indices) -> np.ndarray:
+    key = _mix(np.array([int(seed) & _MASK64], np.uint64) + _GOLDEN)
+    key = _mix(key ^ np.array([int(epoch) & _MASK64], np.uint64))
+    return _mix(key ^ (np.asarray(indices, np.int64).reshape(-1).astype(np.uint64) * _GOLDEN))
+
+
+def sample_uniforms(seed: int, epoch: int, indices, n: int) -> np.ndarray:
+    """-> float64 (len(indices), n) in [0, 1): draw k of sample i, a pure function of (seed, epoch, i, k)."""
+    x = _mix(_sample_keys(seed, epoch, indices)[:, None] + np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for third-party RNGs (python ``random``, torch) for one sample."""
+    return int(_mix(_sample_keys(seed, epoch, [index]) ^ np.uint64(0x5EED))[0] >> np.uint64(1))
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng((int(seed), int(epoch), _PERM_STREAM)).permutation(n)
 
 
-def rrc_params(rng: np.random.Generator, width: int, height: int, scale=SCALE, ratio=RATIO) -> tuple[int, int, int, int]:
-    """-> (left, top, w, h) of a random-resized-crop window inside a width x height image."""
-    area = width * height
+def rrc_windows(u: np.ndarray, widths, heights, scale=SCALE, ratio=RATIO) -> np.ndarray:
+    """Random-resized-crop windows. u: (N, >= 40) uniforms; widths, heights: (N,) -> int64 (N, 4)
+    (left, top, w, h): the first of ten attempts that fits, else the largest central window whose
+    aspect ratio lies in ``ratio``."""
+    W = np.asarray(widths, np.int64).reshape(-1)
+    H = np.asarray(heights, np.int64).reshape(-1)
+    n = len(W)
+    area = (W * H).astype(np.float64)[:, None]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        ar = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * ar)))
-        h = int(round(math.sqrt(target / ar)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    # Fallback: the largest central window whose aspect ratio lies in the allowed range.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:FLIP_DRAW:4])
+    ar = np.exp(log_lo + (log_hi - log_lo) * u[:, 1:FLIP_DRAW:4])
+    w = np.rint(np.sqrt(target * ar)).astype(np.int64)
+    h = np.rint(np.sqrt(target / ar)).astype(np.int64)
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    k = fits.argmax(1)
+    rows = np.arange(n)
+    cw, ch = w[rows, k], h[rows, k]
+    top = np.floor(u[rows, 4 * k + 2] * (H - ch + 1)).astype(np.int64)
+    left = np.floor(u[rows, 4 * k + 3] * (W - cw + 1)).astype(np.int64)
+    out = np.stack([left, top, cw, ch], 1)
+    miss = ~fits.any(1)
+    if miss.any():
+        fw, fh = W[miss], H[miss]
+        in_ratio = fw / fh
+        lo, hi = min(ratio), max(ratio)
+        fbw = np.where(in_ratio < lo, fw, np.where(in_ratio > hi, np.rint(fh * hi).astype(np.int64), fw))
+        fbh = np.where(in_ratio < lo, np.rint(fw / lo).astype(np.int64), fh)
+        out[miss] = np.stack([(fw - fbw) // 2, (fh - fbh) // 2, fbw, fbh], 1)
+    return out
 
 
-def train_params(seed: int, epoch: int, index: int, width: int, height: int) -> tuple[int, int, int, int, int]:
-    """-> (left, top, w, h, flip) for sample ``index`` of ``epoch``."""
-    rng = sample_rng(seed, epoch, index)
-    left, top, w, h = rrc_params(rng, width, height)
-    flip = int(rng.random() < 0.5)
-    return left, top, w, h, flip
+def train_params_batch(seed: int, epoch: int, indices, widths, heights, scale=SCALE) -> np.ndarray:
+    """-> int64 (N, 5): (left, top, w, h, flip) of samples ``indices`` of ``epoch`` on their image sizes."""
+    u = sample_uniforms(seed, epoch, indices, FLIP_DRAW + 1)
+    flip = (u[:, FLIP_DRAW] < 0.5).astype(np.int64)
+    return np.concatenate([rrc_windows(u, widths, heights, scale), flip[:, None]], 1)
+
+
+def train_params(seed: int, epoch: int, index: int, width: int, height: int, scale=SCALE) -> tuple[int, int, int, int, int]:
+    """-> (left, top, w, h, flip) for sample ``index`` of ``epoch`` (one row of :func:`train_params_batch`)."""
+    return tuple(int(v) for v in train_params_batch(seed, epoch, [index], [width], [height], scale)[0])
 
 
 def eval_params(width: int, height: int, img_size: int) -> tuple[int, int, int, int]:
@@ -79,11 +129,12 @@ def eval_params(width: int, height: int, img_size: int) -> tuple[int, int, int, 
     return rw, rh, left, top
 
 
-def pil_apply(im: Image.Image, img_size: int, train: bool, params) -> np.ndarray:
-    """Decode-side transform for the PIL loader. -> uint8 (img_size, img_size, 3)."""
+def pil_apply(im: Image.Image, img_size: int, params) -> np.ndarray:
+    """Decode-side transform for the PIL loader. params: (left, top, w, h, flip) of a train crop, or
+    (resize_w, resize_h, left, top) of the eval geometry. -> uint8 (img_size, img_size, 3)."""
     if im.mode != "RGB":
         im = im.convert("RGB")
-    if train:
+    if len(params) == 5:
         left, top, w, h, flip = params
         im = im.crop((left, top, left + w, top + h)).resize((img_size, img_size), Image.BICUBIC)
         if flip:

@@ -7,26 +7,48 @@ is clean, 1 when any file would be skipped or a class folder is empty, 2 when it
 
 from __future__ import annotations
 
-import argparse
 import io
+import sys
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image
 
+from fastmae.flags import help_text, parse_flags
+
 from .sources import open_source
+from .text import printable
+
+
+@dataclass
+class DataCheckConfig:
+    positional: ClassVar[tuple[str, ...]] = ("path",)  # `fastmae data check DIR` = `--path=DIR`
+    path: str = field(default="", metadata={"help": "ImageFolder directory or tar shard pattern (also the first argument)"})
+    split: str = field(default="", metadata={"help": "train or val; '' = every split present"})
+    deep: bool = field(default=False, metadata={"help": "fully decode every image (slow; catches corrupt entropy data)"})
+    img_size: int = field(default=224, metadata={"help": "crop size, for the 'smaller than crop' notes"})
+    min_size: int = field(default=8, metadata={"help": "images below this many px on a side are bad"})
+    show: int = field(default=10, metadata={"help": "list at most this many paths per problem kind"})
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("give the data set: fastmae data check DIR (or --path=DIR)")
+        if self.split not in ("", "train", "val"):
+            raise ValueError(f"split must be train or val, got {self.split!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fastmae data check", description=__doc__.splitlines()[0])
-    ap.add_argument("path", help="ImageFolder directory or tar shard pattern")
-    ap.add_argument("--split", default=None, help="train or val (default: every split present)")
-    ap.add_argument("--deep", action="store_true", help="fully decode every image (slow)")
-    ap.add_argument("--img-size", type=int, default=224, help="crop size, for the 'smaller than crop' notes")
-    ap.add_argument("--min-size", type=int, default=8, help="images below this many px on a side are bad")
-    ap.add_argument("--show", type=int, default=10, help="list at most this many paths per problem kind")
-    args = ap.parse_args(argv)
-
-    from pathlib import Path
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(argv, DataCheckConfig, {}, "usage: fastmae data check DIR [--key=value ...]", __doc__))
+        return 0
+    try:
+        args = parse_flags(argv, DataCheckConfig)
+    except ValueError as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 2
 
     p = Path(args.path)
     if args.split:
@@ -40,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             src = open_source(args.path, split, min_size=args.min_size, crop=args.img_size, warn=False)
         except (ValueError, FileNotFoundError) as e:
-            print(f"[{split}] ERROR: {e}")
+            print(f"[{split}] ERROR: {printable(e)}")
             return 2
         bad = list(src.bad)
         if args.deep:
@@ -52,21 +74,21 @@ def main(argv: list[str] | None = None) -> int:
                     bad.append((src.names[i], f"decode failed ({type(e).__name__}: {str(e)[:60]})"))
         per_class = Counter(src.labels)
         print(
-            f"[{split}] {src.root}: {len(src) - (len(bad) - len(src.bad))} usable images, "
+            f"[{split}] {printable(src.root)}: {len(src) - (len(bad) - len(src.bad))} usable images, "
             f"{len(src.classes)} classes, {len(bad)} bad file(s), {len(src.empty_classes)} empty class folder(s)"
         )
         if src.kind == "folder" and src.classes:
             counts = [per_class.get(i, 0) for i in range(len(src.classes))]
             print(f"[{split}]   images per class: min {min(counts)}, max {max(counts)}")
         for cls in src.empty_classes[: args.show]:
-            print(f"[{split}]   EMPTY class folder: {cls}")
+            print(f"[{split}]   EMPTY class folder: {printable(cls)}")
         for path, why in bad[: args.show]:
-            print(f"[{split}]   BAD {path}: {why}")
+            print(f"[{split}]   BAD {printable(path)}: {printable(why)}")
         if len(bad) > args.show:
             print(f"[{split}]   ... and {len(bad) - args.show} more bad file(s)")
         kinds = Counter(n.split(" (")[0] for _, note in src.notes for n in note.split("; "))
         for kind, n in sorted(kinds.items()):
-            print(f"[{split}]   note: {n} image(s): {kind} (handled by the loaders)")
+            print(f"[{split}]   note: {n} image(s): {printable(kind)} (handled by the loaders)")
         problems += len(bad) + len(src.empty_classes)
     print("OK: no problems found" if problems == 0 else f"FOUND {problems} problem(s)")
     return 0 if problems == 0 else 1

@@ -1,50 +1,52 @@
 """DALI loader: ROI JPEG decode fused with the random-resized crop, bicubic resize, flip.
 
 One capability check (:func:`_dali_device`) picks the backend: with a CUDA ``device`` and a visible GPU
-the decoder runs ``mixed`` (nvJPEG, ``hw_decoder_load`` of the work on the A100/H100 hardware decoder)
-and the resize/flip on the GPU; otherwise ``device_id=None`` and the same operators run on the CPU.
+the decoder runs ``mixed`` (nvJPEG, ``hw_decoder_load`` of the work on the A100/H100 hardware decoder,
+nvJPEG buffers preallocated for ImageNet's largest image as NVIDIA's ImageNet examples do) and the
+resize/flip on the GPU; otherwise ``device_id=None`` and the same operators run on the CPU.
 
 Why ``decoders.image_slice`` and not ``decoders.image_random_crop``: the latter draws crops from a
 per-pipeline RNG whose state advances with every sample, so a crop depends on everything decoded
-before it and a mid-epoch resume cannot reproduce it. Here the crop windows are drawn on the host as
-a pure function of ``(seed, epoch, index)`` (``augment.train_params``, the same windows the torch
-loader uses) and passed to the ROI decoder, which decodes only the window - the same saving.
+before it and a mid-epoch resume cannot reproduce it. Here the crop windows are a pure function of
+``(seed, epoch, index)``, drawn for a whole batch in one vectorized call (``ImageDataset.params``, the
+call the torch loader makes) and passed to the ROI decoder, which decodes only the window.
 
-Readers: folders use ``fn.readers.file`` over this rank's ordered file list for the remaining steps of
-the epoch (no reader-side shuffle; the pipeline is rebuilt per epoch and on resume); tar shards are
-read by an external source with ``os.pread`` at offsets indexed by the scan. A file that passes the
-scan but fails to decode stops the batch; the loader then finds the culprit, substitutes the next good
-index (the torch loader's rule), rebuilds the pipeline at the current step and carries on.
+One pipeline per loader, built on first use. Everything that changes per batch or per epoch - the
+encoded file (folders: its path, read by ``fn.io.file.read`` in DALI's threads; tar shards: bytes read
+with ``os.pread`` at offsets indexed by the scan) and the crop/flip or eval geometry - enters through
+one external source fed from an endless stream of batch plans: the rest of the current epoch, then
+the following epochs. DALI prefetches across epoch boundaries, so consecutive epochs cost no setup.
+When iteration starts somewhere the stream is not (``load_state_dict``, ``set_epoch`` to another
+epoch, an abandoned epoch), the stream is re-pointed and the few prefetched batches are drained.
+A file that passes the scan but fails to decode stops the pipeline; the loader finds the culprit,
+substitutes the next good index (the torch loader's rule), rebuilds the pipeline at the current step
+and carries on (the only rebuild).
 """
 
 from __future__ import annotations
 
 import io
+from collections import deque
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .augment import eval_params, train_params
-from .loader import BaseLoader
+from .loader import BaseLoader, ImageDataset
 from .sources import Source
+from .text import printable
+
+__all__ = ["DaliLoader", "import_dali"]
 
 
-def _import_dali():
+def import_dali():
+    """-> (fn, pipeline_def, types); an ImportError naming the extra when DALI is absent."""
     try:
         import nvidia.dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as e:
         raise ImportError("loader='dali' needs NVIDIA DALI: pip install 'fastmae[dali]' (nvidia-dali-cuda130)") from e
     return fn, pipeline_def, types
-
-
-def dali_available() -> bool:
-    try:
-        _import_dali()
-    except ImportError:
-        return False
-    return True
 
 
 def _dali_device(device: torch.device) -> int | None:
@@ -58,6 +60,24 @@ _ROI_START = (np.array([0.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
 _ROI_END = (np.array([1.0, 1.0], np.float32), np.array([1.0, 0.0], np.float32))
 
 
+# NVIDIA's ImageNet examples: nvJPEG buffers sized for the largest ImageNet image, so the mixed decoder
+# never reallocates at run time. Only the mixed (GPU) decoder takes them.
+_MIXED_DECODER_HINTS = dict(
+    device_memory_padding=211025920,
+    host_memory_padding=140544512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
+
+
+def decoder_kwargs(mixed: bool, hw_decoder_load: float) -> dict:
+    """Keyword arguments of the image decoders: the backend, and for ``mixed`` the hardware-decoder share
+    and the preallocation hints."""
+    if not mixed:
+        return {"device": "cpu"}
+    return {"device": "mixed", "hw_decoder_load": hw_decoder_load, **_MIXED_DECODER_HINTS}
+
+
 class DaliLoader(BaseLoader):
     kind = "dali"
 
@@ -65,6 +85,7 @@ class DaliLoader(BaseLoader):
         self,
         src: Source,
         *,
+        augment: str = "mae",
         num_workers: int = 2,
         hw_decoder_load: float = 0.65,
         prefetch: int = 2,
@@ -75,16 +96,22 @@ class DaliLoader(BaseLoader):
         departs from the MAE recipe's bicubic resize."""
         if resize_filter not in ("cubic", "triangular"):
             raise ValueError(f"resize_filter must be 'cubic' or 'triangular', got {resize_filter!r}")
-        self._fn, self._pipeline_def, self._types = _import_dali()
+        self._fn, self._pipeline_def, self._types = import_dali()
         super().__init__(num_samples=len(src), classes=src.classes, skipped=src.bad, **kw)
         self.source = src
-        self.dataset = src
+        self.dataset = ImageDataset(src, self.img_size, augment, self.seed)
+        self.augment = augment
         self.num_threads = max(1, num_workers)
         self.hw_decoder_load = hw_decoder_load
         self.prefetch = prefetch
         self.resize_filter = resize_filter
         self.device_id = _dali_device(self.device)
+        self.builds = 0  # pipelines built so far: 1 for a whole run without decode failures
         self._known_bad: dict[int, str] = {}
+        self._pipe = None
+        self._stream = None
+        self._stream_pos: tuple[int, int] | None = None  # (epoch, step) of the next plan the stream feeds
+        self._inflight: deque = deque()  # plans fed to DALI whose batch has not been returned yet
 
     # -- plan -------------------------------------------------------------------------------------
     def _replacement(self, i: int) -> int:
@@ -93,60 +120,56 @@ class DaliLoader(BaseLoader):
             j = (i + k) % n
             if j not in self._known_bad:
                 return j
-        raise RuntimeError(f"no decodable image left in {self.source.root}")
+        raise RuntimeError(f"no decodable image left in {printable(self.source.root)}")
 
-    def _plan(self, epoch: int, start: int):
-        """-> per remaining step: (original ids, ids to decode, n_valid), both padded to the batch.
-
-        Only index bookkeeping happens upfront; crop windows are drawn per batch in the feed."""
-        idx = self.epoch_indices(epoch)
+    def _plans(self, epoch: int, step: int):
+        """Endless stream of ``(epoch, step, original ids, n_valid)`` from ``(epoch, step)`` on; ids are
+        padded to the batch size with the last one (a short final batch is sliced after decoding)."""
         bs = self.batch_size
-        steps = []
-        for s in range(start, self.steps_per_epoch):
-            orig = idx[s * bs : (s + 1) * bs].tolist()
-            n_valid = len(orig)
-            orig = orig + [orig[-1]] * (bs - n_valid)
-            use = [self._replacement(i) for i in orig] if self._known_bad else orig
-            steps.append((orig, use, n_valid))
-        return steps
+        while True:
+            idx = self.epoch_indices(epoch)
+            for s in range(step, self.steps_per_epoch):
+                orig = idx[s * bs : (s + 1) * bs].tolist()
+                n_valid = len(orig)
+                self._stream_pos = (epoch, s + 1) if s + 1 < self.steps_per_epoch else (epoch + 1, 0)
+                yield epoch, s, orig + [orig[-1]] * (bs - n_valid), n_valid
+            epoch, step = epoch + 1, 0
 
-    def _params(self, epoch: int, orig, use):
-        sizes = self.source.sizes
-        if self.train:
-            return [train_params(self.seed, epoch, i, *sizes[j]) for i, j in zip(orig, use, strict=True)]
-        return [eval_params(*sizes[j], self.img_size) for j in use]
+    def _point_stream(self, epoch: int, step: int) -> None:
+        self._stream = self._plans(epoch, step)
+        self._stream_pos = (epoch, step)
+
+    def _feed(self):
+        """The external source: called by DALI (on this thread) each time it schedules a batch."""
+        epoch, step, orig, n_valid = next(self._stream)
+        use = [self._replacement(i) for i in orig] if self._known_bad else orig
+        params = self.dataset.params(epoch, orig, use)
+        self._inflight.append((epoch, step, orig, use, n_valid))
+        src = self.source
+        if src.kind == "folder":
+            cols = [[np.frombuffer(src.locs[j].encode(), dtype=np.uint8) for j in use]]
+        else:
+            cols = [[np.frombuffer(src.read_bytes(j), dtype=np.uint8) for j in use]]
+        if params.shape[1] == 5:
+            cols.append(list(params[:, 0:2].astype(np.float32)))  # anchor (x, y)
+            cols.append(list(params[:, 2:4].astype(np.float32)))  # shape (w, h)
+            # the flip is fused into the resize: a relative ROI running right to left, (H, W) order
+            cols.append([_ROI_START[f] for f in params[:, 4]])
+            cols.append([_ROI_END[f] for f in params[:, 4]])
+        else:
+            cols.append(list(params[:, 0].astype(np.float32)))
+            cols.append(list(params[:, 1].astype(np.float32)))
+            cols.append(list(params[:, 2:4].astype(np.float32)))
+        return tuple(cols)
 
     # -- pipeline ---------------------------------------------------------------------------------
-    def _build(self, epoch: int, steps):
+    def _build(self):
         fn, pipeline_def, types = self._fn, self._pipeline_def, self._types
-        src, s = self.source, self.img_size
-        folder = src.kind == "folder"
-        train = self.train
-        feed_iter = iter(steps)
-
-        def feed():
-            orig, use, _ = next(feed_iter)
-            params = self._params(epoch, orig, use)
-            cols = []
-            if not folder:
-                cols.append([np.frombuffer(src.read_bytes(j), dtype=np.uint8) for j in use])
-            if train:
-                cols.append([np.array(p[0:2], np.float32) for p in params])  # anchor (x, y)
-                cols.append([np.array(p[2:4], np.float32) for p in params])  # shape (w, h)
-                # the flip is fused into the resize: a relative ROI running right to left, (H, W) order
-                cols.append([_ROI_START[p[4]] for p in params])
-                cols.append([_ROI_END[p[4]] for p in params])
-            else:
-                cols.append([np.array(p[0], np.float32) for p in params])
-                cols.append([np.array(p[1], np.float32) for p in params])
-                cols.append([np.array(p[2:4], np.float32) for p in params])
-            return tuple(cols)
-
-        n_ext = (0 if folder else 1) + (4 if train else 3)
+        s = self.img_size
+        folder = self.source.kind == "folder"
+        train = self.augment != "eval"
         mixed = self.device_id is not None
-        dec_kw = {"device": "mixed" if mixed else "cpu", "output_type": types.RGB, "adjust_orientation": False}
-        if mixed:
-            dec_kw["hw_decoder_load"] = self.hw_decoder_load
+        dec_kw = {"output_type": types.RGB, "adjust_orientation": False, **decoder_kwargs(mixed, self.hw_decoder_load)}
         if self.resize_filter == "cubic":
             rs_kw = {"interp_type": types.INTERP_CUBIC, "antialias": True}
         else:
@@ -159,15 +182,10 @@ class DaliLoader(BaseLoader):
             prefetch_queue_depth=self.prefetch,
         )
         def pipe():
-            ext = fn.external_source(source=feed, num_outputs=n_ext, batch=True)
-            if folder:
-                files = [src.locs[j] for st in steps for j in st[1]]
-                enc, _ = fn.readers.file(files=files, random_shuffle=False, name="reader")
-                rest = list(ext)
-            else:
-                enc, rest = ext[0], list(ext[1:])
+            ext = fn.external_source(source=self._feed, num_outputs=5 if train else 4, batch=True)
+            enc = fn.io.file.read(ext[0]) if folder else ext[0]
             if train:
-                anchor, shape, roi_start, roi_end = rest
+                anchor, shape, roi_start, roi_end = ext[1:]
                 img = fn.decoders.image_slice(enc, anchor, shape, normalized_anchor=False, normalized_shape=False, **dec_kw)
                 img = fn.resize(
                     img,
@@ -179,7 +197,7 @@ class DaliLoader(BaseLoader):
                     **rs_kw,
                 )
             else:
-                rw, rh, anchor = rest
+                rw, rh, anchor = ext[1:]
                 img = fn.decoders.image(enc, **dec_kw)
                 img = fn.resize(img, resize_x=rw, resize_y=rh, **rs_kw)
                 img = fn.slice(img, anchor, np.array([s, s], np.float32), normalized_anchor=False, normalized_shape=False)
@@ -187,6 +205,7 @@ class DaliLoader(BaseLoader):
 
         p = pipe()
         p.build()
+        self.builds += 1
         return p
 
     def _to_torch(self, out) -> torch.Tensor:
@@ -233,28 +252,40 @@ class DaliLoader(BaseLoader):
         return found
 
     # -- iteration --------------------------------------------------------------------------------
+    def _position_pipeline(self, epoch: int, step: int) -> None:
+        """Make the next batch the pipeline returns the one at ``(epoch, step)``."""
+        if self._pipe is None:
+            self._point_stream(epoch, step)
+            self._pipe = self._build()
+            return
+        head = self._inflight[0][:2] if self._inflight else self._stream_pos
+        if head == (epoch, step):
+            return
+        stale = len(self._inflight)
+        self._point_stream(epoch, step)
+        for _ in range(stale):  # batches DALI prefetched from the old position: decoded, discarded
+            self._pipe.run()
+            self._inflight.popleft()
+
     def _batches(self, epoch, start):
         step = start
         while step < self.steps_per_epoch:
-            plan = self._plan(epoch, step)
-            pipe = self._build(epoch, plan)
+            self._position_pipeline(epoch, step)
             try:
-                for k, (orig, use, n_valid) in enumerate(plan):
-                    try:
-                        (out,) = pipe.run()
-                    except Exception:  # a decode error inside DALI: find it, substitute, rebuild here
-                        # prefetching may surface a later batch's error: search the batches in flight
-                        ahead = [j for _, u, _ in plan[k : k + self.prefetch + 1] for j in u]
-                        if not self._find_culprits(ahead):
-                            raise
-                        break
-                    imgs = self._to_torch(out)[:n_valid]
-                    self._note_substitutions(orig[:n_valid])
-                    step += 1
-                    labels = torch.tensor([self.source.labels[j] for j in use[:n_valid]], dtype=torch.int64)
-                    yield self._finish(imgs, labels)
-            finally:
-                del pipe
+                (out,) = self._pipe.run()
+            except Exception:  # a decode error inside DALI: find it, substitute, rebuild at this step
+                # prefetching may surface a later batch's error: search every batch in flight
+                ahead = [j for plan in self._inflight for j in plan[3]]
+                self._pipe, self._inflight = None, deque()
+                if not self._find_culprits(ahead):
+                    raise
+                continue
+            _, _, orig, use, n_valid = self._inflight.popleft()
+            imgs = self._to_torch(out)[:n_valid]
+            self._note_substitutions(orig[:n_valid])
+            step += 1
+            labels = torch.tensor([self.source.labels[j] for j in use[:n_valid]], dtype=torch.int64)
+            yield self._finish(imgs, labels)
 
     def _note_substitutions(self, orig) -> None:
         if self._known_bad:

@@ -24,7 +24,7 @@ VAL_PER_CLASS = 6
 _SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
 
-def _photos() -> dict[str, np.ndarray]:
+def sample_photos() -> dict[str, np.ndarray]:
     """name -> uint8 (H, W, 3). Only sources present in this install are used (all are bundled)."""
     out: dict[str, np.ndarray] = {}
     try:
@@ -68,7 +68,7 @@ def _crops(rng: np.random.Generator, img: np.ndarray, count: int, lo: int, hi: i
 
 
 def _build(dst: Path) -> None:
-    photos = _photos()
+    photos = sample_photos()
     if len(photos) < 2:
         raise RuntimeError("demo dataset needs scikit-image or scikit-learn sample images (pip install 'fastmae[dev]')")
     rng = np.random.default_rng(20251122)
@@ -87,9 +87,17 @@ def _build(dst: Path) -> None:
                 Image.fromarray(crop).save(d / f"{name}_{k:03d}.jpg", quality=90)
 
 
+def demo_cache_dir() -> Path:
+    """Where the image and video demo sets are built: ``$FASTMAE_CACHE``, else ``~/.cache/fastmae``."""
+    env = os.environ.get("FASTMAE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fastmae"
+
+
 def prepare_demo_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Build (once) and return the demo ImageFolder root with ``train/`` and ``val/`` splits."""
-    base = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "fastmae"
+    """Build (once) and return the demo ImageFolder root with ``train/`` and ``val/`` splits.
+
+    ``cache_dir`` defaults to ``demo_cache_dir() / "demo"``."""
+    base = Path(cache_dir) if cache_dir is not None else demo_cache_dir() / "demo"
     root = base / f"demo-v{DEMO_VERSION}"
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root

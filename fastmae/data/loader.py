@@ -13,30 +13,53 @@ every epoch, including the resumed one, still resumes mid-epoch). Iterating a lo
 exhausted without calling ``set_epoch`` first moves it to ``(epoch + 1, 0)``, so a bare
 ``for epoch ...: for batch in loader`` loop still reshuffles every epoch.
 
+Bad files (one meaning for image and video loaders): ``bad_files`` lists ``(path, reason)`` for every
+distinct file left out - first the scan's finds, then files that passed the scan but failed to decode
+at runtime, each listed once; ``bad_count`` is ``len(bad_files)``. ``substitutions`` counts the runtime
+replacements performed (a bad file visited in three epochs counts three times).
+
 Sharding: the epoch permutation of all N samples is split round-robin over ``world_size`` ranks after
 truncating it to a multiple of ``world_size`` (``drop_last=True``; the same few samples are left out of
 every rank), or padding it by wrap-around (``drop_last=False``). Each rank then drops its last partial
 batch (``drop_last=True``), so ``steps_per_epoch`` is exact, equal on all ranks and known upfront.
+
+Validity (``drop_last=False``, for evaluation): the wrap-around padding keeps every rank at the same
+number of equally shaped batches (collectives stay in step), and its samples come out with label
+``-1``; every real sample is yielded by exactly one rank with its true label. Count ``labels >= 0``
+(e.g. ``cross_entropy(..., ignore_index=-1)``). ``num_valid`` is this rank's real samples per epoch.
+(Tar samples without a ``.cls`` member are also ``-1``; evaluation loaders pass ``require_labels=True``.)
 """
 
 from __future__ import annotations
 
+import io
 import math
+import random
+import signal
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..reference import normalize_uint8
-from .augment import epoch_permutation, eval_params, pil_apply, train_params
+from .augment import AUGMENT_SCALES, epoch_permutation, eval_params, pil_apply, sample_seed, train_params_batch
 from .sources import Source
+from .text import printable
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BaseLoader", "TorchLoader", "SyntheticLoader", "rank_indices"]
+__all__ = [
+    "BaseLoader",
+    "TorchLoader",
+    "SyntheticLoader",
+    "ImageDataset",
+    "rank_indices",
+    "rank_valid_count",
+    "finetune_transform",
+    "seeded_global_rngs",
+]
 
 
 def rank_indices(
@@ -53,6 +76,13 @@ def rank_indices(
     return padded[rank::world_size]
 
 
+def rank_valid_count(n: int, *, rank: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """How many of this rank's ``rank_indices`` are real samples; the rest (a suffix) is padding."""
+    if drop_last:
+        return (n // world_size) // batch_size * batch_size
+    return max(0, -(-(n - rank) // world_size))
+
+
 def steps_for(n: int, world_size: int, batch_size: int, drop_last: bool) -> int:
     if drop_last:
         return (n // world_size) // batch_size
@@ -63,6 +93,8 @@ class BaseLoader:
     """Position bookkeeping, sharding plan and output conversion shared by all loaders."""
 
     kind = "base"
+    holdout_fraction = 0.0  # > 0: this split was carved from the training files (no val/ split; build_loader)
+    source = None  # the scanned file table (a data.sources.Source) of file-based loaders; set by build_loader
 
     def __init__(
         self,
@@ -95,6 +127,9 @@ class BaseLoader:
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.steps_per_epoch = steps_for(num_samples, world_size, batch_size, drop_last)
+        self.num_valid = rank_valid_count(
+            num_samples, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last
+        )
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{num_samples} samples give no full batch: world_size {world_size} x batch_size {batch_size} "
@@ -102,7 +137,7 @@ class BaseLoader:
             )
         # (path, reason) of every file left out: first the scan's finds, then decode failures met at runtime
         self.bad_files: list[tuple[str, str]] = list(skipped)
-        self.bad_count = 0  # substitutions performed at runtime (a bad file counts once per visit)
+        self.substitutions = 0  # runtime replacements performed (a bad file counts once per visit)
         self._bad_seen: set[str] = {p for p, _ in self.bad_files}
         self._epoch = 0
         self._step = 0
@@ -111,6 +146,11 @@ class BaseLoader:
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    @property
+    def bad_count(self) -> int:
+        """Distinct files left out so far (scan + runtime): ``len(bad_files)``."""
+        return len(self.bad_files)
 
     @property
     def epoch(self) -> int:
@@ -165,6 +205,10 @@ class BaseLoader:
         self._restored = False
         epoch, start = self._epoch, self._step
         for imgs, labels in self._batches(epoch, start):
+            real = self.num_valid - self._step * self.batch_size
+            if real < len(labels):  # wrap-around padding (drop_last=False): marked, never counted
+                labels = labels.clone()
+                labels[max(real, 0) :] = -1
             self._step += 1
             yield imgs, labels
 
@@ -173,56 +217,119 @@ class BaseLoader:
 
     def _record_bad(self, items) -> None:
         for path, reason in items:
-            self.bad_count += 1
+            self.substitutions += 1
             if path not in self._bad_seen:
                 self._bad_seen.add(path)
                 self.bad_files.append((path, reason))
 
     def _finish(self, u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u8: uint8 (N, H, W, 3) -> uint8 (N, H, W, 3) or normalized float32 (N, 3, H, W) on the device."""
+        """On the device: images uint8 (N, H, W, 3) -> as is, or normalized float32 (N, 3, H, W);
+        clips uint8 (N, T, H, W, 3) -> as is, or normalized float32 (N, 3, T, H, W); float32 images
+        (already normalized by the transform, ``augment="finetune"``) -> as is."""
         if u8.device != self.device:
             u8 = u8.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-        if self.output == "uint8":
+        if self.output == "uint8" or u8.is_floating_point():
             return u8, labels
         if self._mean is None:
             self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device)
             self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device)
+        if u8.dim() == 5:
+            n, t = u8.shape[:2]
+            x = normalize_uint8(u8.flatten(0, 1), self._mean, self._std)  # (N*T, 3, H, W)
+            return x.unflatten(0, (n, t)).transpose(1, 2).contiguous(), labels
         return normalize_uint8(u8, self._mean, self._std).contiguous(), labels
 
 
-class _PILDataset(torch.utils.data.Dataset):
-    """Map-style dataset addressed by ``(global index, epoch)`` -> (uint8 HWC, label, bad list)."""
+def finetune_transform(img_size: int):
+    """timm's fine-tuning transform with the official MAE fine-tuning settings: RandomResizedCrop
+    (0.08-1, bicubic) + flip + RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25 (pixel mode,
+    one box), normalized with ImageNet mean/std. PIL image -> float32 (3, img_size, img_size)."""
+    from timm.data import create_transform
 
-    def __init__(self, src: Source, img_size: int, train: bool, seed: int) -> None:
-        self.src, self.img_size, self.train, self.seed = src, img_size, train, seed
+    return create_transform(
+        input_size=img_size,
+        is_training=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+@contextmanager
+def seeded_global_rngs(seed: int):
+    """Seed the generators timm's transforms draw from - python ``random`` (crop, RandAugment magnitudes,
+    erasing boxes), numpy's global RNG (RandAugment's op choice) and torch's CPU generator (flip, erasing
+    noise) - so a sample's augmentation is a pure function of its seed, then restore them: with
+    ``num_workers=0`` this runs in the training process, whose generators draw the masks."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.random.default_generator.set_state(th)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style image dataset: ``batch_keys(epoch, indices)`` (main process) -> keys; ``dataset[key]``
+    (a worker) -> (uint8 HWC, or float32 CHW for ``augment="finetune"``, label, bad list).
+
+    The contract of every dataset :class:`TorchLoader` drives (images here, clips in ``video.py``).
+    Crop windows of a whole batch are drawn in the main process in one vectorized call from the
+    scanned image sizes, the same call the DALI loader makes; a worker draws one itself only for a
+    substitute (a file that failed to decode), from the failed sample's stream."""
+
+    def __init__(self, src: Source, img_size: int, augment: str, seed: int) -> None:
+        self.src, self.img_size, self.augment, self.seed = src, img_size, augment, seed
+        self.sizes = np.asarray(src.sizes, dtype=np.int64).reshape(-1, 2)
+        self.finetune = finetune_transform(img_size) if augment == "finetune" else None
 
     def __len__(self) -> int:
         return len(self.src)
 
-    def load(self, idx: int, epoch: int, orig: int) -> np.ndarray:
-        import io
+    def params(self, epoch: int, orig, use) -> np.ndarray:
+        """int64 (N, 5) train windows or (N, 4) eval geometry for samples ``orig`` decoded from files ``use``."""
+        wh = self.sizes[np.asarray(use, dtype=np.int64)]
+        if self.augment == "eval":
+            return np.array([eval_params(int(w), int(h), self.img_size) for w, h in wh], dtype=np.int64).reshape(-1, 4)
+        return train_params_batch(self.seed, epoch, orig, wh[:, 0], wh[:, 1], AUGMENT_SCALES[self.augment])
 
-        with Image.open(io.BytesIO(self.src.read_bytes(idx))) as im:
+    def batch_keys(self, epoch: int, indices: np.ndarray) -> list:
+        if self.finetune is not None:
+            return [(i, epoch, None) for i in indices.tolist()]
+        rows = self.params(epoch, indices, indices).tolist()
+        return [(i, epoch, row) for i, row in zip(indices.tolist(), rows, strict=True)]
+
+    def load(self, j: int, epoch: int, idx: int, params) -> np.ndarray:
+        """File ``j`` as sample ``idx`` of ``epoch``: uint8 (S, S, 3), or float32 (3, S, S) for finetune."""
+        with Image.open(io.BytesIO(self.src.read_bytes(j))) as im:
             im.load()
-            w, h = im.size
-            if self.train:
-                params = train_params(self.seed, epoch, orig, w, h)
-            else:
-                params = eval_params(w, h, self.img_size)
-            return pil_apply(im, self.img_size, self.train, params)
+            if self.finetune is not None:
+                with seeded_global_rngs(sample_seed(self.seed, epoch, idx)):
+                    return self.finetune(im.convert("RGB")).numpy()
+            if params is None or j != idx:
+                params = self.params(epoch, [idx], [j])[0].tolist()
+            return pil_apply(im, self.img_size, params)
 
-    def __getitem__(self, key: tuple[int, int]):
-        idx, epoch = key
+    def __getitem__(self, key):
+        idx, epoch, params = key
         bad = []
         n = len(self.src)
         for k in range(n):
             j = (idx + k) % n
             try:
-                return self.load(j, epoch, idx), self.src.labels[j], bad
+                return self.load(j, epoch, idx, params), self.src.labels[j], bad
             except Exception as e:  # any decode failure: substitute deterministically, keep training
                 bad.append((self.src.names[j], f"decode failed ({type(e).__name__}: {str(e)[:80]})"))
-        raise RuntimeError(f"no decodable image left in {self.src.root}")
+        raise RuntimeError(f"no decodable image left in {printable(self.src.root)}")
 
 
 def _collate(items):
@@ -234,9 +341,10 @@ def _collate(items):
 
 class _PlanSampler:
     """Batch sampler whose plan (this rank's order, epoch, first step) is set by the loader before each
-    iteration; it lives in the main process and yields ``[(index, epoch), ...]`` lazily."""
+    iteration; it lives in the main process and yields each batch's keys (``dataset.batch_keys``) lazily."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, dataset, batch_size: int) -> None:
+        self.dataset = dataset
         self.batch_size = batch_size
         self.indices = np.zeros(0, dtype=np.int64)
         self.epoch = self.start = self.stop = 0
@@ -244,26 +352,61 @@ class _PlanSampler:
     def __iter__(self):
         bs, e = self.batch_size, self.epoch
         for s in range(self.start, self.stop):
-            yield [(i, e) for i in self.indices[s * bs : (s + 1) * bs].tolist()]
+            yield self.dataset.batch_keys(e, self.indices[s * bs : (s + 1) * bs])
 
     def __len__(self) -> int:
         return self.stop - self.start
 
 
+def _worker_context():
+    """How DataLoader workers start. Forking is the fast default, but a child forked while DALI's
+    thread pools run (a DALI pipeline lives as long as its loader) can hang or crash; once DALI is
+    loaded in this process, workers start from a fork server instead (a fresh interpreter with torch
+    and the datasets preloaded; a few seconds once per process)."""
+    import multiprocessing as mp
+    import sys
+
+    if "nvidia.dali" not in sys.modules:
+        return None
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "fastmae.data.loader", "fastmae.data.video"])
+    return ctx
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: preemption (SIGTERM to the process group) is the main process's to
+    handle; a worker that died of it would abort the final save. Workers end with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader(BaseLoader):
+    """A torch DataLoader over a dataset addressed by ``(index, epoch)`` (images or clips), with workers."""
+
     kind = "torch"
 
-    def __init__(self, src: Source, *, num_workers: int = 2, prefetch_factor: int = 2, **kw) -> None:
-        super().__init__(num_samples=len(src), classes=src.classes, skipped=src.bad, **kw)
-        self.dataset = _PILDataset(src, self.img_size, self.train, self.seed)
-        self.source = src
-        self._sampler = _PlanSampler(self.batch_size)
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        classes: list[str],
+        skipped: Iterable[tuple[str, str]] = (),
+        num_workers: int = 2,
+        prefetch_factor: int = 2,
+        **kw,
+    ) -> None:
+        super().__init__(num_samples=len(dataset), classes=classes, skipped=skipped, **kw)
+        self.dataset = dataset
+        self._sampler = _PlanSampler(self.dataset, self.batch_size)
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+        self._workers_started = False
         self._dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self._sampler,
             num_workers=num_workers,
             collate_fn=_collate,
+            worker_init_fn=ignore_sigterm,
             pin_memory=self.device.type == "cuda",
             # A private generator: DataLoader otherwise draws its worker base seed from the global RNG on
             # every iter(), which would shift the training masks and break bit-exact resume.
@@ -274,6 +417,9 @@ class TorchLoader(BaseLoader):
     def _batches(self, epoch, start):
         sp = self._sampler
         sp.indices, sp.epoch, sp.start, sp.stop = self.epoch_indices(epoch), epoch, start, self.steps_per_epoch
+        if self._dl.num_workers > 0 and not self._workers_started:
+            self._dl.multiprocessing_context = _worker_context()  # decided when the (persistent) workers start
+            self._workers_started = True
         for imgs, labels, bad in self._dl:
             if bad:
                 self._record_bad(bad)
@@ -281,15 +427,17 @@ class TorchLoader(BaseLoader):
 
 
 class SyntheticLoader(BaseLoader):
-    """Device-resident random images generated once; every step yields the same tensors (compute only)."""
+    """Device-resident random images (or clips of ``num_frames``) generated once; every step yields the
+    same tensors (compute only)."""
 
     kind = "synthetic"
 
-    def __init__(self, *, num_samples: int = 1024, num_classes: int = 1000, **kw) -> None:
+    def __init__(self, *, num_samples: int = 1024, num_classes: int = 1000, num_frames: int = 0, **kw) -> None:
         super().__init__(num_samples=num_samples, classes=[str(i) for i in range(num_classes)], **kw)
         self.dataset = None
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.rank)
-        shape = (self.batch_size, self.img_size, self.img_size, 3)
+        frames = (num_frames,) if num_frames else ()
+        shape = (self.batch_size, *frames, self.img_size, self.img_size, 3)
         u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
         labels = torch.randint(0, num_classes, (self.batch_size,), dtype=torch.int64, generator=g)
         self._batch = self._finish(u8, labels)

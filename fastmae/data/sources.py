@@ -6,8 +6,9 @@ samples by their global index into it, so the order is a pure function of (seed,
 worker count, file-system listing order or tar streaming order. Tar shards are indexed once (member
 offsets) and read by offset with ``os.pread``: sample-level shuffling across all shards, which needs
 seekable storage (local disk, NFS, Lustre), not a byte stream. A webdataset sample is the members
-sharing a key (path up to the first dot of the basename): one image member, and ``.cls`` as the label
-(-1 when absent).
+sharing a key (path up to the first dot of the basename): one image member, and ``.cls`` (a text
+integer) as the label (-1 when absent). Class-folder ids are the sorted folder names, shared by the
+``train/`` and ``val/`` splits of one root (see :func:`open_source`).
 
 Bad input, two layers:
 
@@ -15,6 +16,8 @@ Bad input, two layers:
    few KB read), and its tail is checked for the format's end marker (JPEG ``FFD9``, PNG ``IEND``), which
    catches truncated downloads without decoding. Non-images, truncated JPEG/PNG, unreadable files and
    images smaller than ``min_size`` px on a side are left out of the table and listed in ``bad``.
+   Reads are bounded: a 64 KiB head (16 MiB for JPEGs with large metadata blocks), a 64 B tail, and for
+   a suspected truncation either a full decode (files up to 16 MiB) or a search of the last 1 MiB.
    Grayscale, CMYK, RGBA/palette and PNG files are valid: both loaders convert them to RGB.
    Empty class folders keep their class id (so labels stay stable) and are listed in ``empty_classes``.
 2. Runtime fallback (in the loaders): a file that passes the scan but fails to decode (corrupt entropy
@@ -25,28 +28,37 @@ Bad input, two layers:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
+import json
 import logging
 import os
-import pickle
-import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
 from PIL import Image
+
+from ..constants import IMAGE_EXTENSIONS
+from .text import printable
 
 log = logging.getLogger("fastmae.data")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _HEAD_BYTES = 1 << 16
 _TAIL_BYTES = 64
-_INDEX_VERSION = 1
+# JPEGs may carry large APPn blocks (EXIF, ICC, XMP) before the frame header: the retry window.
+_MAX_HEADER_BYTES = 16 << 20
+# A missing end marker is confirmed by a full decode only up to this size; beyond it, by looking for
+# the marker (followed by a trailer) in the last _TRAILER_SEARCH bytes. Reads stay bounded either way.
+_MAX_CONFIRM_BYTES = 16 << 20
+_TRAILER_SEARCH = 1 << 20
+_INDEX_VERSION = 2
 
-__all__ = ["Source", "open_source", "expand_braces", "check_bytes", "IMAGE_EXTS"]
+__all__ = ["Source", "open_source", "resolve_spec", "split_classes", "expand_braces", "check_bytes"]
 
 
 @dataclass
@@ -83,18 +95,7 @@ class Source:
 
 def expand_braces(pattern: str) -> list[str]:
     """Expand webdataset brace patterns: ``a-{000..003}.tar`` (zero-padded ranges) and ``{x,y}``."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [p for it in items for p in expand_braces(head + it + tail)]
+    return list(braceexpand(pattern))
 
 
 def check_bytes(head: bytes, tail: bytes, total: int, min_size: int) -> tuple[str | None, tuple | None, str]:
@@ -114,35 +115,40 @@ def check_bytes(head: bytes, tail: bytes, total: int, min_size: int) -> tuple[st
     return None, size, mode
 
 
-def _still_bad(problem: str | None, read_all) -> str | None:
-    """Files without an end marker may carry a trailer after it (some cameras append data): only a
-    failed full decode confirms the truncation. This decode runs only for the few suspicious files."""
-    if problem is None or not problem.startswith("truncated"):
-        return problem
-    try:
-        with Image.open(io.BytesIO(read_all())) as im:
-            im.load()
-    except Exception:  # any decode failure confirms the problem
-        return problem
-    return None
+def _check_region(fd: int, offset: int, total: int, min_size: int) -> tuple[str | None, tuple | None, str]:
+    """Check the ``total`` bytes at ``offset`` of an open file (a whole file, or a tar member), reading a
+    bounded head and tail only (a multi-GB file costs the same as a small one)."""
+    head = os.pread(fd, min(total, _HEAD_BYTES), offset)
+    tail = os.pread(fd, min(total, _TAIL_BYTES), offset + max(0, total - _TAIL_BYTES))
+    problem, size, mode = check_bytes(head, tail, total, min_size)
+    if problem is not None and problem.startswith("not an image") and total > len(head) and head.startswith(b"\xff\xd8\xff"):
+        problem, size, mode = check_bytes(os.pread(fd, min(total, _MAX_HEADER_BYTES), offset), tail, total, min_size)
+    if problem is not None and problem.startswith("truncated"):
+        # Files without an end marker may carry a trailer after it (some cameras append data).
+        if total <= _MAX_CONFIRM_BYTES:
+            try:
+                with Image.open(io.BytesIO(os.pread(fd, total, offset))) as im:
+                    im.load()
+                problem = None
+            except Exception:  # any decode failure confirms the truncation
+                pass
+        else:
+            marker = b"\xff\xd9" if problem.startswith("truncated JPEG") else b"IEND"
+            n = min(total, _TRAILER_SEARCH)
+            if marker in os.pread(fd, n, offset + total - n):
+                problem = None
+    return problem, size, mode
 
 
 def _check_file(path: str, min_size: int) -> tuple[str | None, tuple | None, str]:
     try:
         with open(path, "rb") as f:
             total = os.fstat(f.fileno()).st_size
-            head = f.read(_HEAD_BYTES)
-            tail = os.pread(f.fileno(), _TAIL_BYTES, max(0, total - _TAIL_BYTES))
+            if total == 0:
+                return "empty file", None, ""
+            return _check_region(f.fileno(), 0, total, min_size)
     except OSError as e:
         return f"unreadable ({e.strerror})", None, ""
-    if total == 0:
-        return "empty file", None, ""
-    res = check_bytes(head, tail, total, min_size)
-    if res[0] is not None and res[0].startswith("not an image") and total > _HEAD_BYTES:
-        # Some JPEGs carry large EXIF/ICC blocks before the frame header: retry with the whole file.
-        with open(path, "rb") as f:
-            res = check_bytes(f.read(), tail, total, min_size)
-    return (_still_bad(res[0], lambda: Path(path).read_bytes()), res[1], res[2])
 
 
 def _note_for(path: str, mode: str, size, crop: int | None) -> str | None:
@@ -156,33 +162,85 @@ def _note_for(path: str, mode: str, size, crop: int | None) -> str | None:
 
 def _index_path(cache_dir: str | os.PathLike, root: Path, min_size: int) -> Path:
     key = hashlib.sha1(f"{root.resolve()}|{min_size}|{_INDEX_VERSION}".encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"scan-{key}.pkl"
+    return Path(cache_dir) / f"scan-{key}.json"
 
 
-def _load_index(path: Path) -> dict:
+def _load_index(path: Path, root: Path, min_size: int) -> dict[str, tuple[tuple[int, int], tuple]]:
+    """A previous scan of ``root`` as {path: ((size, mtime_ns), (problem, (w, h) or None, mode))}.
+
+    JSON, never pickle: anyone who can write to a shared cache directory must not be able to run code
+    in every trainer. The file is checked against the data it describes (format version, root,
+    min_size, entry count, field types); a missing, malformed or foreign index is ignored (with a
+    warning unless absent) and the scan rebuilds it. Each entry is reused only while its file's
+    size and mtime are unchanged."""
+    if not path.is_file():
+        return {}
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("version") != _INDEX_VERSION:
+            raise ValueError("unknown format")
+        if data.get("root") != str(root.resolve()) or data.get("min_size") != min_size:
+            raise ValueError(f"written for {data.get('root')!r} with min_size {data.get('min_size')!r}")
+        entries = data["entries"]
+        if not isinstance(entries, dict) or data.get("count") != len(entries):
+            raise ValueError("entry count mismatch")
+        out = {}
+        for name, (size, mtime, problem, wh, mode) in entries.items():
+            ok = (
+                isinstance(size, int)
+                and isinstance(mtime, int)
+                and (problem is None or isinstance(problem, str))
+                and (wh is None or (isinstance(wh, list) and len(wh) == 2 and all(isinstance(v, int) and v > 0 for v in wh)))
+                and isinstance(mode, str)
+                and (problem is not None or wh is not None)
+            )
+            if not ok:
+                raise ValueError(f"malformed entry for {name!r}")
+            out[name] = ((size, mtime), (problem, tuple(wh) if wh is not None else None, mode))
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the scan index %s (%s); rescanning", printable(path), printable(e))
         return {}
 
 
-def _save_index(path: Path, data: dict) -> None:
+def _save_index(path: Path, root: Path, min_size: int, entries: dict) -> None:
     """Atomic (temp file + rename): ranks scanning the same data at once never read a partial index."""
+    data = {
+        "version": _INDEX_VERSION,
+        "root": str(root.resolve()),
+        "min_size": min_size,
+        "count": len(entries),
+        "entries": {f: [sig[0], sig[1], res[0], list(res[1]) if res[1] else None, res[2]] for f, (sig, res) in entries.items()},
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache location only costs the next run a rescan
-        log.warning("could not write the scan index %s: %s", path, e)
+        log.warning("could not write the scan index %s: %s", printable(path), printable(e))
 
 
-def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cache_dir: str | os.PathLike | None = None) -> Source:
+def _scan_folder(
+    root: Path,
+    min_size: int,
+    threads: int,
+    crop: int | None,
+    cache_dir: str | os.PathLike | None = None,
+    classes: list[str] | None = None,
+) -> Source:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if class_dirs:
+    if classes is not None:
+        known = {c: i for i, c in enumerate(classes)}
+        unknown = [d.name for d in class_dirs if d.name not in known]
+        if unknown or not class_dirs:
+            what = f"class folder(s) {printable(unknown[:3])}" if unknown else "no class folder"
+            raise ValueError(f"{printable(root)}: {what} not among the {len(classes)} given classes")
+        classes = list(classes)
+        groups = [(known[d.name], d) for d in class_dirs]
+    elif class_dirs:
         classes = [d.name for d in class_dirs]
         groups = [(ci, d) for ci, d in enumerate(class_dirs)]
     else:
@@ -194,7 +252,7 @@ def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cach
         if not files:
             empty.append(classes[ci])
         for f in files:
-            if f.lower().endswith(IMAGE_EXTS):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
                 entries.append((ci, f))
             else:
                 bad.append((f, "not an image (extension)"))
@@ -204,7 +262,7 @@ def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cach
     else:
         # Reuse the previous scan for files whose (size, mtime) did not change; check only the rest.
         ipath = _index_path(cache_dir, root, min_size)
-        old = _load_index(ipath)
+        old = _load_index(ipath, root, min_size)
         sigs = []
         for _, f in entries:
             st = os.stat(f)
@@ -214,7 +272,7 @@ def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cach
             fresh = dict(zip(todo, ex.map(lambda k: _check_file(entries[k][1], min_size), todo), strict=True))
         results = [fresh[k] if k in fresh else old[f][1] for k, (_, f) in enumerate(entries)]
         if todo or len(old) != len(entries):
-            _save_index(ipath, {f: (sigs[k], results[k]) for k, (_, f) in enumerate(entries)})
+            _save_index(ipath, root, min_size, {f: (sigs[k], results[k]) for k, (_, f) in enumerate(entries)})
     src = Source("folder", str(root), [], [], [], [], classes, bad, [], empty)
     for (ci, f), (problem, size, mode) in zip(entries, results, strict=True):
         if problem is not None:
@@ -230,7 +288,7 @@ def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cach
     return src
 
 
-def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> Source:
+def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None, classes: list[str] | None = None) -> Source:
     src = Source("tar", spec, [], [], [], [], [])
     raw_labels: list[int] = []
     for tp in tars:
@@ -259,17 +317,15 @@ def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> S
             for key in order:
                 members = samples[key]
                 name = f"{tp}:{key}"
-                img_ext = next((e for e in members if "." + e in IMAGE_EXTS), None)
+                img_ext = next((e for e in members if "." + e in IMAGE_EXTENSIONS), None)
                 if img_ext is None:
                     src.bad.append((name, "no image member (" + ",".join(sorted(members)) + ")"))
                     continue
                 m = members[img_ext]
-                head = os.pread(fd, min(m.size, _HEAD_BYTES), m.offset_data)
-                tail = os.pread(fd, min(m.size, _TAIL_BYTES), m.offset_data + max(0, m.size - _TAIL_BYTES))
-                problem, size, mode = check_bytes(head, tail, m.size, min_size)
-                if problem is not None and problem.startswith("not an image") and m.size > _HEAD_BYTES:
-                    problem, size, mode = check_bytes(os.pread(fd, m.size, m.offset_data), tail, m.size, min_size)
-                problem = _still_bad(problem, lambda m=m, fd=fd: os.pread(fd, m.size, m.offset_data))
+                if m.size == 0:
+                    problem, size, mode = "empty file", None, ""
+                else:
+                    problem, size, mode = _check_region(fd, m.offset_data, m.size, min_size)
                 label = -1
                 if "cls" in members:
                     txt = os.pread(fd, members["cls"].size, members["cls"].offset_data).strip()
@@ -287,11 +343,28 @@ def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> S
                 note = _note_for(name, mode, size, crop)
                 if note:
                     src.notes.append((name, note))
-    # Labels come from the .cls integers; classes are their sorted distinct values as strings.
-    distinct = sorted({lb for lb in raw_labels if lb >= 0})
-    src.classes = [str(c) for c in distinct]
+    # Labels are the .cls integers; classes "0" .. str(max label) (or the given names, one per label).
+    top = max(raw_labels, default=-1)
+    if classes is not None and top >= len(classes):
+        raise ValueError(f"{printable(spec)}: label {top} in the shards, but only {len(classes)} classes were given")
+    src.classes = list(classes) if classes is not None else [str(c) for c in range(top + 1)]
     src.labels = raw_labels
     return src
+
+
+def split_classes(root_or_spec: str | os.PathLike) -> list[str] | None:
+    """The class names of a ``ROOT/{train,val}/<class>/`` tree: the sorted union of both splits' class
+    folders, so a class id names the same class in both splits even when one split lacks a folder.
+    None for any other layout (a single class-folder tree numbers its own sorted folder names)."""
+    p = Path(os.fspath(root_or_spec))
+    if not p.is_dir():
+        return None
+    names: set[str] = set()
+    for split in ("train", "val"):
+        d = p / split
+        if d.is_dir():
+            names.update(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+    return sorted(names) or None
 
 
 def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path | list[str]]:
@@ -305,25 +378,50 @@ def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path
         if sub.is_dir():
             p = sub
         elif split == "val" and (p / "train").is_dir():
-            raise FileNotFoundError(f"dataset {spec} has a train/ split but no val/ split")
+            raise FileNotFoundError(f"dataset {printable(spec)} has a train/ split but no val/ split")
         tars = sorted(str(t) for t in p.glob("*.tar"))
         has_dirs = any(d.is_dir() for d in p.iterdir())
         if tars and not has_dirs:
             return "tar", tars
         if not any(p.iterdir()):
-            raise ValueError(f"dataset directory is empty: {p}")
+            raise ValueError(f"dataset directory is empty: {printable(p)}")
         return "folder", p
     if any(ch in spec for ch in "{*?["):
         paths = sorted({q for pat in expand_braces(spec) for q in glob.glob(pat)})
         if not paths:
-            raise FileNotFoundError(f"shard pattern matches no files: {spec}")
+            raise FileNotFoundError(f"shard pattern matches no files: {printable(spec)}")
         missing = [q for q in expand_braces(spec) if not any(c in q for c in "*?[") and not os.path.exists(q)]
         if missing:
-            raise FileNotFoundError(f"shard pattern {spec}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+            first = printable(missing[0])
+            raise FileNotFoundError(f"shard pattern {printable(spec)}: {len(missing)} shard(s) missing, e.g. {first}")
         return "tar", paths
     if p.is_file() and spec.endswith(".tar"):
         return "tar", [spec]
-    raise FileNotFoundError(f"dataset not found: {spec} (expected a directory or a .tar shard pattern)")
+    raise FileNotFoundError(f"dataset not found: {printable(spec)} (expected a directory or a .tar shard pattern)")
+
+
+def has_split(root_or_spec: str | os.PathLike, split: str) -> bool:
+    """Whether the data set has its own ``split`` folder (``ROOT/val/``); tar shards have no splits."""
+    return Path(os.fspath(root_or_spec), split).is_dir()
+
+
+def holdout(src: Source, fraction: float, seed: int, split: str) -> Source:
+    """A fixed held-out part of ``src`` (``split="val"``) or the rest (``"train"``), for data with no val split.
+
+    A file is held out when a seeded hash of its name falls below ``fraction``: the choice does not
+    depend on file order or on which other files exist, so adding files never moves one across.
+    """
+    def held(name: str) -> bool:
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < fraction
+
+    keep = [i for i, name in enumerate(src.names) if held(name) == (split == "val")]
+    if not keep:
+        raise ValueError(f"{src.root}: holding out {fraction:.0%} of {len(src)} files leaves no {split} images; "
+                         f"add a val/ split or change holdout_fraction")
+    pick = lambda xs: [xs[i] for i in keep]
+    return dataclasses.replace(src, locs=pick(src.locs), labels=pick(src.labels), sizes=pick(src.sizes),
+                               names=pick(src.names))
 
 
 def open_source(
@@ -335,26 +433,38 @@ def open_source(
     crop: int | None = None,
     warn: bool = True,
     index_cache: str | os.PathLike | None = None,
+    classes: list[str] | None = None,
+    require_labels: bool = False,
 ) -> Source:
     """Scan a folder or tar shards into a clean :class:`Source`; raises if no usable sample remains.
 
+    Class ids: folders number their class-folder names in sorted order; in a ``ROOT/{train,val}``
+    tree, the sorted union of both splits' folder names (:func:`split_classes`), so ids agree across
+    splits. ``classes`` pins the names (and order) instead, e.g. a train set's ``classes`` for a
+    validation set given separately; folders outside it are an error. Tar shards take the integer in
+    each sample's ``.cls`` member (``-1`` when absent; ``require_labels=True`` makes that an error).
     ``index_cache``: a directory where folder scans are kept; later scans re-check only files whose
     size or mtime changed (the directory walk itself still runs, so added/removed files are seen)."""
     kind, where = resolve_spec(root_or_spec, split)
     if kind == "folder":
-        src = _scan_folder(where, min_size, threads, crop, index_cache)
+        src = _scan_folder(where, min_size, threads, crop, index_cache, classes or split_classes(root_or_spec))
     else:
-        src = _scan_tars(os.fspath(root_or_spec), where, min_size, crop)
+        src = _scan_tars(os.fspath(root_or_spec), where, min_size, crop, classes)
     if len(src) == 0:
-        why = f"; {len(src.bad)} bad file(s), e.g. {src.bad[0][0]}: {src.bad[0][1]}" if src.bad else ""
-        raise ValueError(f"no usable images in {root_or_spec} (split {split!r}){why}")
+        why = f"; {len(src.bad)} bad file(s), e.g. {printable(src.bad[0][0])}: {printable(src.bad[0][1])}" if src.bad else ""
+        raise ValueError(f"no usable images in {printable(root_or_spec)} (split {split!r}){why}")
+    unlabeled = [n for n, lb in zip(src.names, src.labels, strict=True) if lb < 0]
+    if require_labels and unlabeled:
+        first = printable(unlabeled[0])
+        raise ValueError(f"{len(unlabeled)} sample(s) in {printable(root_or_spec)} have no .cls label, e.g. {first}")
     if warn and (src.bad or src.empty_classes):
-        first = "; ".join(f"{p}: {r}" for p, r in src.bad[:3])
+        first = "; ".join(f"{printable(p)}: {printable(r)}" for p, r in src.bad[:3])
+        empty = ", ".join(printable(c) for c in src.empty_classes[:5])
         log.warning(
             "skipping %d bad file(s) in %s (%s)%s",
             len(src.bad),
-            src.root,
+            printable(src.root),
             first or "none",
-            f"; empty class folders: {src.empty_classes[:5]}" if src.empty_classes else "",
+            f"; empty class folders: {empty}" if src.empty_classes else "",
         )
     return src

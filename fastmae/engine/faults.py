@@ -4,7 +4,9 @@
 - ``after_step@K`` / ``during_save@K``: the process kills itself with SIGKILL
   right after optimizer step K completes / while writing checkpoint K;
 - ``nan_loss@K`` or ``nan_loss@K+``: the loss of the step that starts with K
-  steps completed (and, with ``+``, of every later one) is replaced by NaN.
+  steps completed (and, with ``+``, of every later one) is replaced by NaN;
+- ``disk_full@K``: writing checkpoint K fails after 4 KiB with ENOSPC, raised by
+  the file object torch.save writes to (torch's own error path runs as on a full disk).
 Unset, every call costs one environment lookup.
 """
 
@@ -23,7 +25,7 @@ def set_step(step: int) -> None:
     _current_step = step
 
 
-def _active(name: str) -> bool:
+def active(name: str) -> bool:
     spec = os.environ.get("FASTMAE_FAULT")
     if not spec:
         return False
@@ -36,9 +38,9 @@ def _active(name: str) -> bool:
 
 
 def point(name: str) -> None:
-    if _active(name):
+    if active(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def poison(loss: torch.Tensor) -> torch.Tensor:
-    return loss * float("nan") if _active("nan_loss") else loss
+    return loss * float("nan") if active("nan_loss") else loss

@@ -1,30 +1,49 @@
-"""Run logging: JSON-lines metrics, TensorBoard when installed, a tqdm progress bar on rank 0."""
+"""Run logging on rank 0: JSON-lines metrics, TensorBoard when installed, optional Weights & Biases, progress.
+
+Progress is a tqdm bar only when stderr is a terminal; in a log file (a batch job, ``> log.txt``) each
+log window is one plain line instead of carriage-return redraws.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 
+def _is_terminal(stream) -> bool:
+    return bool(getattr(stream, "isatty", None)) and stream.isatty()
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
+                 tensorboard: bool = True, wandb: str = "", config: dict | None = None):
         self.enabled = enabled
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.total_steps = total_steps
         self._tb = None
+        self._wandb = None
         self._bar = None
+        self.backends: list[str] = []  # what this run logs to, for the start-up line
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
-        except ImportError:
-            self._tb = None
-        if progress:
+        if tensorboard:
+            self._tb = open_tensorboard(self.run_dir / "tb")
+            self.backends.append(f"tensorboard: {self.run_dir / 'tb'}" if self._tb is not None
+                                 else "tensorboard: off (pip install tensorboard)")
+        else:
+            self.backends.append("tensorboard: off (--tensorboard=false)")
+        if wandb:
+            self._wandb = open_wandb(wandb, self.run_dir, config or {})
+            self.backends.append(f"wandb: {wandb} ({os.environ.get('WANDB_MODE', 'online')})")
+        if progress and _is_terminal(sys.stderr):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        self._plain_progress = progress and self._bar is None
 
     def log(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -32,12 +51,48 @@ class RunLogger:
         row = {"step": step, "time": time.time(), **row}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        shown = {k: _fmt(row[k]) for k in ("loss", "lr", "img_s") if k in row}
         if self._bar is not None:
-            self._bar.set_postfix({k: _fmt(row[k]) for k in ("loss", "lr", "img_s") if k in row}, refresh=False)
+            self._bar.set_postfix(shown, refresh=False)
+        elif self._plain_progress:
+            pct = 100.0 * step / max(self.total_steps, 1)
+            parts = [f"step {step}/{self.total_steps} ({pct:.0f}%)"] + [f"{k} {shown[k]}" for k in ("loss", "lr") if k in shown]
+            if "img_s" in shown:
+                parts.append(f"{shown['img_s']} img/s")
+            print("  ".join(parts), flush=True)
+
+    def resume_at(self, step: int) -> int:
+        """Make metrics.jsonl the history of a run resumed at ``step``; returns how many rows were dropped.
+
+        Rows logged after the checkpoint by the interrupted run would be logged again (and differently
+        timed) by this one, and a SIGKILL may have torn the last line: both go. A ``{"event": "resume"}``
+        row marks the seam.
+        """
+        if not self.enabled:
+            return 0
+        kept, dropped = [], 0
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
+                except (ValueError, TypeError):
+                    keep = False
+                if keep:
+                    kept.append(line)
+                else:
+                    dropped += 1
+        kept.append(json.dumps({"event": "resume", "step": step, "time": time.time()}))
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(kept) + "\n")
+        os.replace(tmp, self.metrics_path)
+        return dropped
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -54,8 +109,45 @@ class RunLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def open_tensorboard(log_dir: Path):
+    """A SummaryWriter, or None when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def open_wandb(project: str, run_dir: Path, config: dict):
+    """A W&B run in ``project``. ``WANDB_MODE`` (offline, disabled) is wandb's own and is respected as set."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb={project} needs the wandb package (pip install 'fastmae[wandb]'), "
+                         f"or drop --wandb") from None
+    return wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name, resume="allow",
+                      id=_wandb_id(run_dir))
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One W&B run per run folder, so a resumed run appends to the same curves."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _fmt(v):

@@ -9,7 +9,6 @@ tensors that :class:`StepStats` accumulates and :class:`LogWindow` reads once pe
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastmae.engine import faults
+from fastmae.engine.optim import grad_norm_
 
 
 class TrainingAborted(RuntimeError):
@@ -102,7 +102,7 @@ def train_step(
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf, foreach=True)
+    gnorm = grad_norm_(params, clip_grad)  # clip_grad 0: the norm only, no pass that rewrites every gradient
     if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor norm; replicate it (a collective, not a host sync)
         gnorm = gnorm.full_tensor()
     bad = (~torch.isfinite(gnorm) | ~torch.isfinite(step_loss)).float()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from fastmae.config import describe_keys, parse_overrides
+from fastmae.config import help_text, parse_overrides
 
 
 def run_cli(argv: list[str], cls, presets: dict[str, dict], body: Callable, prog: str, doc: str) -> int:
@@ -15,8 +15,7 @@ def run_cli(argv: list[str], cls, presets: dict[str, dict], body: Callable, prog
     ``fastmae: error:`` line (plus any listed details, e.g. mismatching keys) and return 2.
     """
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: fastmae {prog} [--key=value ...]\n\n{doc.strip()}\n\npresets: {', '.join(presets)}\n\nkeys:")
-        print(describe_keys(cls))
+        print(help_text(argv, cls, presets, f"usage: fastmae {prog} [--key=value ...]", doc))
         return 0
     try:
         cfg = parse_overrides(argv, cls=cls, presets=presets)

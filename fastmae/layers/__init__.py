@@ -1,14 +1,19 @@
-"""Model building blocks, one concept per file (names follow timm and the official MAE)."""
+"""Model building blocks, one concept per file (names follow timm and the official MAE).
+
+``Mlp`` and ``DropPath`` are timm's own (same parameter names ``fc1``/``fc2`` as the official model).
+"""
+
+from timm.layers import DropPath, Mlp
 
 from fastmae.layers.attention import Attention, attention_backend, set_attention_backend
 from fastmae.layers.block import Block
 from fastmae.layers.cross_attention import CrossAttention
 from fastmae.layers.cross_block import CrossBlock
-from fastmae.layers.drop_path import DropPath
 from fastmae.layers.feature_fusion import FeatureFusion
-from fastmae.layers.mlp import Mlp
 from fastmae.layers.patch_embed import PatchEmbed
-from fastmae.layers.pos_embed import resize_pos_embed, sincos_2d
+from fastmae.layers.pos_embed import sincos_2d, sinusoid_table
+from fastmae.layers.tubelet_embed import TubeletEmbed
+from fastmae.layers.weight_init import init_weights
 
 __all__ = [
     "Attention",
@@ -19,8 +24,10 @@ __all__ = [
     "FeatureFusion",
     "Mlp",
     "PatchEmbed",
+    "TubeletEmbed",
     "attention_backend",
+    "init_weights",
     "set_attention_backend",
-    "resize_pos_embed",
     "sincos_2d",
+    "sinusoid_table",
 ]

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from fastmae.layers.attention import Attention
-from fastmae.layers.drop_path import DropPath
-from fastmae.layers.mlp import Mlp
 
 # None keeps whatever dtype arrives (fp32 under autocast, as the official code runs).
 RESIDUAL_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -39,7 +38,7 @@ class Block(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> GELU (erf) -> fc2
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

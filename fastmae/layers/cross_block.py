@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.layers import Mlp
 from torch import Tensor, nn
 
 from fastmae.layers.block import RESIDUAL_DTYPES
 from fastmae.layers.cross_attention import CrossAttention
-from fastmae.layers.mlp import Mlp
 
 
 class CrossBlock(nn.Module):

@@ -1,9 +1,11 @@
-"""Fixed 2-D sin-cos position embeddings (as in MAE and MoCo v3) and resizing of learned tables."""
+"""Fixed sin-cos position embeddings (2-D as in MAE and MoCo v3, 1-D as in VideoMAE).
+
+Learned tables are resized with timm's ``resample_abs_pos_embed``.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -36,19 +38,11 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool 
     return emb.to(torch.float32)
 
 
-def resize_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
-    """Bicubic resize of a learned table (1, num_prefix + gh*gw, D) to a new square-or-not grid.
+def sinusoid_table(n_position: int, dim: int) -> Tensor:
+    """(n_position, dim) float32: angle pos / 10000**(2*(j//2)/dim), sin on even j and cos on odd j (VideoMAE)."""
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.to(torch.float32)
 
-    The old grid is assumed square (as in every MAE/timm checkpoint).
-    """
-    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    n_old, D = grid.shape[1], grid.shape[2]
-    g_old = int(round(n_old**0.5))
-    if g_old * g_old != n_old:
-        raise ValueError(f"cannot resize a position table of {n_old} non-square grid tokens")
-    if (g_old, g_old) == tuple(new_grid):
-        return pos_embed
-    grid = grid.reshape(1, g_old, g_old, D).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.methods.masks import block_mask, block_mask_geometry
+from fastmae.layers import init_weights
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
-from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.models.masks import block_mask, block_mask_geometry
+from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import unpatchify
 
 
@@ -45,7 +46,7 @@ class SimMIMViT(VisionTransformer):
         self.decoder_pred = nn.Linear(self.embed_dim, self.patch_size**2 * self.in_chans)
         with torch.no_grad():
             nn.init.trunc_normal_(self.mask_token, std=0.02)
-        _init_module(self.decoder_pred)
+        init_weights(self.decoder_pred)
 
     def unpatchify(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         """x: (N, L, p*p*C) -> imgs: (N, C, H, W)"""
@@ -146,7 +147,7 @@ PRESETS: dict[str, dict] = {
 
 def model_kwargs(cfg) -> dict:
     """``mask_patch_size`` 0 keeps the model's cell size."""
-    kw = image_model_kwargs(cfg)
+    kw = {**image_model_kwargs(cfg), "residual_dtype": cfg.residual_dtype}
     if cfg.mask_patch_size:
         kw["mask_patch_size"] = cfg.mask_patch_size
     return kw

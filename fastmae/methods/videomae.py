@@ -35,40 +35,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block
-from fastmae.methods.masks import tube_mask
+from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.layers import Block, TubeletEmbed, init_weights, sinusoid_table
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
-from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, LayerNorm6, _init_module
+from fastmae.models.masks import tube_mask
+from fastmae.models.vit import LayerNorm6
 
 TARGET_NORMS = ("tubelet", "channel", "none")
-
-
-def sinusoid_table(n_position: int, dim: int) -> Tensor:
-    """(n_position, dim) float32: angle pos / 10000**(2*(j//2)/dim), sin on even j and cos on odd j (VideoMAE)."""
-    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
-    j = torch.arange(dim, dtype=torch.float64)[None, :]
-    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(j, 2, rounding_mode="floor") / dim)
-    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
-    return table.to(torch.float32)
-
-
-class TubeletEmbed(nn.Module):
-    """Conv3d(C, D, (t, p, p), stride (t, p, p)) parameter applied as a GEMM on (p, q, t, c)-ordered tubelets."""
-
-    def __init__(self, in_chans: int, embed_dim: int, tubelet_size: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
-                              stride=(tubelet_size, patch_size, patch_size))
-
-    def forward(self, tubelets: Tensor) -> Tensor:
-        """tubelets: (N, L', p*p*t*C) -> (N, L', D)"""
-        w = self.proj.weight  # (D, C, t, p, q)
-        w = w.permute(0, 3, 4, 2, 1).reshape(w.shape[0], -1)
-        return F.linear(tubelets, w, self.proj.bias)
 
 
 def pair_frames(videos: Tensor, tubelet_size: int) -> Tensor:
@@ -139,7 +115,7 @@ class VideoMAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, tubelet_size * patch_size**2 * in_chans)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
-        self.apply(_init_module)
+        self.apply(init_weights)
         with torch.no_grad():
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -190,7 +166,7 @@ class VideoMAE(nn.Module):
         return self.patch_embed.proj.weight.dtype
 
     def tubelet_mask(self, videos: Tensor, mask_ratio: float = 0.9, noise: Tensor | None = None):
-        """-> (ids_keep_s, ids_masked_s, ids_keep, ids_masked, mask) of :func:`fastmae.methods.masks.tube_mask`."""
+        """-> (ids_keep_s, ids_masked_s, ids_keep, ids_masked, mask) of :func:`fastmae.models.masks.tube_mask`."""
         N, _, _, _ = self.check_videos(videos)
         Tp, gh, gw = self.grid_size
         Ls = gh * gw
@@ -319,11 +295,17 @@ def noise_shape(model: VideoMAE, batch: Tensor) -> tuple[int, int]:
 
 def clip_loader(cfg, rank: int, world_size: int, device, split: str, output: str):
     """Clips (float (N, C, T, H, W) normalized, or uint8 (N, T, H, W, C)) of a run config."""
-    from types import SimpleNamespace
+    from fastmae.data import build_video_loader
 
-    from fastmae.methods.video_data import build_video_loader
-
-    return build_video_loader(cfg, SimpleNamespace(rank=rank, world_size=world_size, device=device), split, output)
+    tubelet = cfg.tubelet_size or 2
+    if cfg.num_frames % tubelet:
+        raise ValueError(f"num_frames {cfg.num_frames} is not divisible by the tubelet size {tubelet}")
+    train = split == "train"
+    return build_video_loader(
+        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, num_frames=cfg.num_frames,
+        frame_stride=cfg.frame_stride, loader=cfg.loader, output=output, train=train, num_workers=cfg.num_workers,
+        seed=cfg.seed, rank=rank, world_size=world_size, device=str(device), drop_last=train,
+    )
 
 
 register_method(MethodSpec(

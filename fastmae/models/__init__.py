@@ -12,7 +12,7 @@ from fastmae.models.mae import (
     mae_vit_small_patch16,
     mae_vit_tiny,
 )
-from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+from fastmae.models.vit import VisionTransformer
 
 __all__ = [
     "CROSSMAE_MODELS",
@@ -21,8 +21,6 @@ __all__ = [
     "crossmae_vit_tiny",
     "MAE",
     "MODELS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MaskedAutoencoderViT",
     "VisionTransformer",
     "create_model",

@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import sincos_2d
+from fastmae.layers import init_weights, sincos_2d
 from fastmae.layers.cross_block import CrossBlock
 from fastmae.layers.feature_fusion import FeatureFusion
-from fastmae.models.masking import MASK_TYPES, mae_mask_keys
-from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.models.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
 
@@ -94,7 +94,7 @@ class CrossMAE(VisionTransformer):
             self.decoder_pos_embed.copy_(sincos_2d(decoder_embed_dim, self.patch_embed.grid_size, cls_token=True).unsqueeze(0))
             nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_module)
+            m.apply(init_weights)
 
     # ---- helpers (as MAE's) ---------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ One training forward:
 
 The MAE paper's ablations are constructor switches (each keeps every shape static):
 - ``mask_type``: ``random`` (MAE), ``block`` (BEiT-style blocks) or ``grid`` (keep one of every 2x2), the
-  paper's Fig. 6; see :func:`fastmae.models.masking.mae_mask_keys` for how the counts stay exact;
+  paper's Fig. 6; see :func:`fastmae.models.masks.mae_mask_keys` for how the counts stay exact;
 - ``loss_on``: ``masked`` (MAE) or ``all`` (the loss on every patch, the paper's "w/o masked only");
 - ``encoder_mask_tokens``: the encoder embeds every patch and replaces the masked ones by ``mask_token``
   (1, 1, D) before adding positions (the paper's "encoder w/ [M]", ~3.3x the encoder's FLOPs); the
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, sincos_2d
-from fastmae.models.masking import MASK_TYPES, mae_mask_keys
-from fastmae.models.vit import LayerNorm6, VisionTransformer, _init_module
+from fastmae.layers import Block, init_weights, sincos_2d
+from fastmae.models.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
 
@@ -90,7 +90,7 @@ class MaskedAutoencoderViT(VisionTransformer):
             self.decoder_pos_embed.copy_(table.unsqueeze(0))
             nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_module)
+            m.apply(init_weights)
 
     # ---- official helpers ---------------------------------------------------------------------------------
 
@@ -123,6 +123,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         len_keep = int(L * (1 - mask_ratio))
         if len_keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {L}")
+        if noise is not None and not isinstance(noise, Tensor):
+            raise ValueError(f"noise must be a tensor of shape (N, L) = {(N, L)}, got a {type(noise).__name__}")
         if noise is not None and tuple(noise.shape) != (N, L):
             raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
         return N, grid, len_keep
@@ -166,7 +168,12 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Official signature. imgs, pred (N, L, P), mask (N, L) 1 = removed -> scalar loss."""
-        L = mask.shape[1]
+        N, grid = self.check_images(imgs)
+        L, P = grid[0] * grid[1], self.patch_size**2 * self.in_chans
+        for name, t, shape in (("pred", pred, (N, L, P)), ("mask", mask, (N, L))):
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape {shape} for these images, got {got}")
         n_masked = L - int(round(L * (1 - mask[0].mean().item())))  # host sync: a convenience API, not the training path
         ids_masked = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :n_masked]
         return self._loss(imgs, pred, ids_masked)

@@ -14,13 +14,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, PatchEmbed, resize_pos_embed, sincos_2d
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.layers import Block, PatchEmbed, init_weights, sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -81,7 +80,7 @@ class VisionTransformer(nn.Module):
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_module)
+        self.apply(init_weights)
 
     # ---- input handling -------------------------------------------------------------------------------
 
@@ -124,7 +123,7 @@ class VisionTransformer(nn.Module):
         if tuple(grid) == self.patch_embed.grid_size:
             return self.pos_embed
         if self.pos_embed.requires_grad:
-            return resize_pos_embed(self.pos_embed, grid)
+            return resample_abs_pos_embed(self.pos_embed, list(grid), num_prefix_tokens=1)
         table = sincos_2d(self.embed_dim, grid, cls_token=True).unsqueeze(0)
         return table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
 
@@ -167,32 +166,11 @@ class VisionTransformer(nn.Module):
         """imgs -> logits (N, num_classes), or pooled features (N, D) without a head."""
         return self.forward_head(self.forward_features(imgs))
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's optimizer helpers: embeddings, each block, then norm / fc_norm / head together.
 
-def _init_module(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        MAE's layer-wise lr decay puts the final norm in the head's layer (timm's own ViT puts it with the last block).
+        """
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=r"^blocks\.(\d+)", head=r"^norm|^fc_norm|^head")
 
-
-def vit_tiny(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), **kw})
-
-
-def vit_small_patch16(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), **kw})
-
-
-def vit_base_patch16(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), **kw})
-
-
-def vit_large_patch16(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kw})
-
-
-def vit_huge_patch14(**kw) -> VisionTransformer:
-    return VisionTransformer(**{**dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), **kw})

@@ -1,0 +1,609 @@
+"""One-command GPU report: environment, kernels, training step, profile, data loader, residual dtype.
+
+    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, ~5-8 minutes on an H100, offline
+    python bench/gpu_report.py --quick                           # the same code at tiny sizes on CPU (CI)
+    python bench/gpu_report.py --sections kernels,step           # a subset
+
+Writes ``bench/results/gpu_report.md`` and ``gpu_report.json`` (``--out DIR``). Every speed is a ratio
+against the reference measured in the same run: the kernels K1-K3 against their eager twins
+(``fastmae.reference``) and ``torch.compile`` of those twins; the training step against the eager
+reference path (fastmae's model with the reference ops) and HF ``ViTMAEForPreTraining`` when
+``transformers`` is installed. Optional parts that are missing (DALI, flash-attn, transformers) give
+"not installed" rows. Timing: ``triton.testing.do_bench`` on CUDA (median, p20, p80), a wall-clock
+timer on CPU. Every step goes through :func:`_step_fn`, i.e. ``fastmae.engine.step.train_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fastmae import ops, reference
+from fastmae.engine.flops import gpu_spec, mae_forward_flops
+from fastmae.engine.optim import build_adamw
+from fastmae.layers.attention import attention_capabilities, describe_attention
+from fastmae.models.mae import create_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("env", "kernels", "step", "profile", "data", "residual")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one run measures: GPU sizes by default, tiny CPU sizes with --quick."""
+
+    kernel_shapes: tuple[tuple[str, int, int, int], ...]  # (label, img_size, patch, decoder dim)
+    kernel_batch: int
+    step_models: tuple[tuple[str, str, int, int], ...]  # (label, model, img_size, patch)
+    step_batch: int
+    warmup: int
+    repeats: int
+    data_images: int
+    data_batch: int
+    residual_steps: int
+    residual_batch: int
+    compile_backend: str  # "inductor"; CI's --quick traces the same graphs with "aot_eager" (no C++ codegen)
+
+
+GPU_SIZES = Sizes(
+    kernel_shapes=(("ViT-B/16 and ViT-L/16", 224, 16, 512), ("ViT-H/14", 224, 14, 512)),
+    kernel_batch=256,
+    step_models=(("ViT-B/16", "mae_vit_base_patch16", 224, 16), ("ViT-L/16", "mae_vit_large_patch16", 224, 16)),
+    step_batch=256, warmup=3, repeats=10, data_images=1024, data_batch=256, residual_steps=300, residual_batch=32,
+    compile_backend="inductor",
+)
+QUICK_SIZES = Sizes(
+    kernel_shapes=(("tiny 64/8", 64, 8, 128),),
+    kernel_batch=4,
+    step_models=(("tiny", "mae_vit_tiny", 64, 8),),
+    step_batch=4, warmup=1, repeats=3, data_images=32, data_batch=8, residual_steps=10, residual_batch=8,
+    compile_backend="aot_eager",
+)
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+
+def _quantiles_ms(samples: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else [samples[0]] * 9
+    return statistics.median(samples), qs[1], qs[7]  # median, p20, p80
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+             do_bench: bool = True) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn``: triton's do_bench on CUDA (microbenchmarks: it sizes its own
+    repeats and flushes L2), CUDA events for whole steps (``do_bench=False``), a wall-clock timer off-GPU."""
+    if device.type == "cuda" and do_bench:
+        try:
+            from triton.testing import do_bench
+
+            res = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+            return tuple(float(v) for v in res)  # type: ignore[return-value]
+        except (ImportError, TypeError):  # no triton, or a do_bench without quantiles: CUDA events below
+            pass
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()  # deliberate: this is a timer
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles_ms(samples)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def kernel_backend(value: str):
+    """Run fastmae's ops with ``FASTMAE_KERNELS=value`` ('torch' = the eager reference ops) inside the block."""
+    old = os.environ.get(ops.ENV_VAR)
+    os.environ[ops.ENV_VAR] = value
+    ops._reset_kernel_backend()  # the switch is read once per process; this bench flips it between contenders
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ops.ENV_VAR, None)
+        else:
+            os.environ[ops.ENV_VAR] = old
+        ops._reset_kernel_backend()
+
+
+def _version(module: str) -> str:
+    try:
+        return str(importlib.import_module(module).__version__)
+    except ImportError:
+        return "not installed"
+    except Exception as e:  # a broken optional install must not stop the report
+        return f"unusable ({type(e).__name__})"
+
+
+# ---- sections ------------------------------------------------------------------------------------------------
+
+
+def section_env(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
+           "dali": _version("nvidia.dali"), "flash_attn": _version("flash_attn"),
+           "flash_attn_3": "installed" if importlib.util.find_spec("flash_attn_interface") else "not installed",
+           "transformers": _version("transformers"), "cuda": str(torch.version.cuda),
+           "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a"}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        spec = gpu_spec(name)
+        props = torch.cuda.get_device_properties(device)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            driver = "unknown"
+        env.update(gpu=name, driver=driver, sm=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                   peak_tflops=spec.peak_tflops if spec else None, peak_tbs=spec.hbm_tbs if spec else None)
+    else:
+        env.update(gpu="none", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    env["kernels"] = ops.kernel_backend(device)
+    env["attention_caps"] = {k: v for k, v in vars(attention_capabilities()).items()}
+    return env
+
+
+def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -> dict[str, dict]:
+    """Inputs, reference, fused op and ideal bytes of K1-K3 at one model shape, as the training step calls them."""
+    L = (img // p) ** 2
+    V = int(L * 0.25)
+    P = p * p * 3
+    g = torch.Generator(device="cpu").manual_seed(0)
+    imgs = torch.randint(0, 256, (batch, img, img, 3), generator=g, dtype=torch.uint8).to(device)
+    shuffle = torch.argsort(torch.rand(batch, L, generator=g), dim=1).to(device)
+    ids_keep, ids_masked = shuffle[:, :V], shuffle[:, V:]
+    ids_restore = torch.argsort(shuffle, dim=1)
+    mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
+    bf16 = torch.bfloat16
+    x = torch.randn(batch, 1 + V, dd, device=device, dtype=bf16, requires_grad=True)
+    mask_token = torch.zeros(dd, device=device, dtype=bf16, requires_grad=True)
+    pos = torch.randn(1, 1 + L, dd, device=device)
+    pred = torch.randn(batch, L, P, device=device, dtype=bf16, requires_grad=True)
+    ref_k3 = lambda: reference.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std)  # noqa: E731
+    # fastmae.ops' public entry points; kernel_backend("triton") routes them to the Triton custom ops.
+    fused = {
+        "K1": lambda: ops.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
+        "K2": lambda: ops.unshuffle_scatter(x, mask_token, ids_restore, pos),
+        "K3": lambda: ops.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std),
+    }
+    return {
+        # K1 on uint8 images has no backward (images need no gradient).
+        "K1 patchify+gather": dict(ref=lambda: reference.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
+                                   fused=fused["K1"], grad=None, bytes=(batch * V * P * 3 + batch * V * 8, 0)),
+        # As in the step: bf16 decoder_embed output + fp32 positions -> an fp32 decoder input.
+        "K2 unshuffle scatter": dict(ref=lambda: reference.unshuffle_scatter(x, mask_token, ids_restore, pos),
+                                     fused=fused["K2"], grad=x, grad_out=torch.ones(batch, 1 + L, dd, device=device),
+                                     bytes=(batch * ((1 + V) * dd * 2 + (1 + L) * dd * 4 + L * 8),
+                                            batch * ((1 + L) * dd * 4 + (1 + V) * dd * 2))),
+        # K3 reads the masked rows of pred (bf16) and their pixels (uint8); its backward reads them again and writes
+        # the gradient of pred (bf16; visible rows are zero wherever they are produced).
+        "K3 norm-pix loss": dict(ref=ref_k3, fused=fused["K3"], grad=pred, grad_out=torch.ones((), device=device),
+                                 bytes=(batch * (L - V) * P * 3, batch * ((L - V) * P * 3 + L * P * 2))),
+    }
+
+
+def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, compile_ref: bool) -> list[dict]:
+    runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    rows = []
+    for label, img, p, dd in sizes.kernel_shapes:
+        for name, case in _kernel_cases(img, p, dd, sizes.kernel_batch, device).items():
+            impls = {"eager reference": case["ref"]}
+            if compile_ref:
+                impls["compiled reference"] = torch.compile(case["ref"], fullgraph=True, backend=sizes.compile_backend)
+            if runnable:
+                impls["fused (Triton)"] = case["fused"]
+            for impl, fn in impls.items():
+                ctx = kernel_backend("triton") if impl.startswith("fused") else contextlib.nullcontext()
+                interpreted = impl.startswith("fused") and device.type != "cuda"
+                with ctx:  # the interpreter's time means nothing: one call checks the path
+                    row = _time_kernel(fn, case, device, replace(sizes, warmup=0, repeats=1) if interpreted else sizes)
+                row = dict(shape=label, kernel=name, impl=impl, batch=sizes.kernel_batch, **row)
+                row["pct_peak_bw"] = row["GBps"] / (peak_tbs * 1e3) if peak_tbs else None
+                if interpreted:
+                    row["note"] = "Triton interpreter: checks the code path, the time means nothing"
+                rows.append(row)
+            if not runnable:
+                rows.append(dict(shape=label, kernel=name, impl="fused (Triton)", note="needs CUDA or TRITON_INTERPRET=1"))
+    return rows
+
+
+def _time_kernel(fn: Callable, case: dict, device: torch.device, sizes: Sizes) -> dict:
+    """fwd (and fwd+bwd where the step runs a backward) quantiles and GB/s of one implementation."""
+    fwd = bench_ms(fn, device, sizes.warmup, sizes.repeats)
+    row = dict(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2])
+    fwd_b, bwd_b = case["bytes"]
+    if case["grad"] is not None:
+        t, g = case["grad"], case["grad_out"]
+        both = bench_ms(lambda: (fn().backward(g), setattr(t, "grad", None)), device, sizes.warmup, sizes.repeats)
+        row.update(bwd_ms=max(both[0] - fwd[0], 0.0), fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
+    row["GBps"] = (fwd_b + bwd_b) / ((row.get("fwd_bwd_ms") or fwd[0]) * 1e-3) / 1e9
+    return row
+
+
+def _step_fn(model: torch.nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+             amp_dtype: torch.dtype, mask_ratio: float = 0.75) -> torch.Tensor:
+    """One optimizer step as the training loop runs it (``fastmae.engine.step.train_step``: autocast forward,
+    backward, gradient norm, fused AdamW skipping non-finite steps on the device). Returns the loss, a device
+    tensor (no host sync). The one place the report touches the engine's step."""
+    from fastmae.engine.step import train_step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = train_step(forward, optimizer, params, lambda: imgs, mask_ratio=mask_ratio, amp_dtype=amp_dtype)
+    return loss
+
+
+def _hf_step(model, imgs_float: torch.Tensor, amp_dtype: torch.dtype):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from fastmae.convert import hf_config_kwargs, to_hf_vitmae
+
+    hf = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(model), mask_ratio=0.75)).to(imgs_float.device)
+    hf.load_state_dict(to_hf_vitmae(model.state_dict()))
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+    def step():
+        with torch.autocast(imgs_float.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss = hf(pixel_values=imgs_float).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _step_modes(device: torch.device) -> list[str]:
+    modes = ["reference (eager, reference ops)", "eager", "compiled"]
+    if device.type == "cuda":
+        modes.append("compiled + CUDA graphs")
+    return modes + ["HF ViTMAE (eager)"]
+
+
+def section_step(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype, peak_tflops: float | None) -> list[dict]:
+    rows = []
+    for label, name, img, p in sizes.step_models:
+        torch.manual_seed(0)
+        base = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
+        flops_img = 3 * mae_forward_flops(base, img, 0.75)
+        B = sizes.step_batch
+        u8 = torch.randint(0, 256, (B, img, img, 3), dtype=torch.uint8, device=device)
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        f32 = (u8.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        for mode in _step_modes(device):
+            row = dict(model=label, mode=mode, batch=B, dtype=str(amp_dtype).replace("torch.", ""))
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                model = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
+                model.load_state_dict(base.state_dict())
+                if mode.startswith("HF"):
+                    if _version("transformers") == "not installed":
+                        rows.append({**row, "note": "not installed"})
+                        continue
+                    step = _hf_step(model, f32, amp_dtype)
+                else:
+                    opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
+                    forward = model
+                    if mode.startswith("compiled"):
+                        kw = {"mode": "reduce-overhead"} if "graphs" in mode else {}
+                        forward = torch.compile(model, fullgraph=True, backend=sizes.compile_backend, **kw)
+                        row["compile"] = sizes.compile_backend
+                    graphs = "graphs" in mode and hasattr(torch.compiler, "cudagraph_mark_step_begin")
+                    # The reference path gets what it takes (float NCHW); the kernels read DALI's uint8 NHWC.
+                    x = f32 if mode.startswith("reference") else u8
+
+                    def step(model=model, forward=forward, opt=opt, x=x, graphs=graphs):
+                        if graphs:
+                            torch.compiler.cudagraph_mark_step_begin()
+                        return _step_fn(model, forward, opt, x, amp_dtype)
+
+                ctx = kernel_backend("torch") if mode.startswith("reference") else contextlib.nullcontext()
+                with ctx:
+                    ms = bench_ms(step, device, sizes.warmup, sizes.repeats, do_bench=False)
+                row.update(step_ms=ms[0], p20_ms=ms[1], p80_ms=ms[2], img_s=B / (ms[0] / 1e3))
+                row["mfu"] = row["img_s"] * flops_img / peak_tflops / 1e12 if peak_tflops else None
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            except Exception as e:  # one failing mode (e.g. out of memory) must not lose the report
+                row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+            torch._dynamo.reset()
+        ref = next((r for r in rows if r["model"] == label and r["mode"].startswith("reference") and "img_s" in r), None)
+        for r in rows:
+            if ref and r["model"] == label and "img_s" in r:
+                r["vs_reference"] = r["img_s"] / ref["img_s"]
+    return rows
+
+
+PROFILE_CATEGORIES = (
+    ("K1-K3", ("patchify_gather", "unshuffle_scatter", "masked_recon_loss")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_", "_fused_adamw")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "cublas", "mm", "addmm", "matmul", "linear", "nvjet")),
+    ("norm+elementwise", ("layer_norm", "elementwise", "vectorized", "triton_", "gelu", "add", "mul", "copy", "to_copy",
+                          "reduce", "native_layer", "fill", "cat", "gather", "index", "sum", "div", "sub")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in PROFILE_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def section_profile(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) -> dict:
+    """Share of one training step's time per category (device time on CUDA, CPU self time elsewhere)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    label, name, img, p = sizes.step_models[0]
+    torch.manual_seed(0)
+    model = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
+    opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
+    imgs = torch.randint(0, 256, (sizes.step_batch, img, img, 3), dtype=torch.uint8, device=device)
+    for _ in range(2):
+        _step_fn(model, model, opt, imgs, amp_dtype)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _step_fn(model, model, opt, imgs, amp_dtype)
+        _sync(device)
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if device.type == "cuda":  # kernels carry the self device time; host-side ops have none
+            t = getattr(evt, "self_device_time_total", None)
+            t = getattr(evt, "self_cuda_time_total", 0.0) if t is None else t
+        else:
+            t = evt.self_cpu_time_total
+            if not evt.key.startswith("aten::") and not evt.key.startswith("fastmae::"):
+                continue
+        if t:
+            totals[_category(evt.key)] = totals.get(_category(evt.key), 0.0) + t
+    total = sum(totals.values()) or 1.0
+    return {"model": label, "mode": "eager", "timer": "device" if device.type == "cuda" else "cpu self",
+            "share": {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}}
+
+
+def _make_jpegs(root: Path, n: int, size: int = 320) -> Path:
+    """n JPEG crops (q90, ~size px) of scikit-image's bundled photos in an ImageFolder layout."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    photos = [np.asarray(getattr(skdata, k)()) for k in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
+    photos = [ph if ph.ndim == 3 else np.stack([ph] * 3, -1) for ph in photos]
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(n if split == "train" else 2):
+            ph = photos[i % len(photos)]
+            h, w = ph.shape[:2]
+            ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            out = root / split / f"c{i % 4}"
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ph[y:y + ch, x:x + cw, :3]).resize((size, size * 3 // 4)).save(out / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def section_data(device: torch.device, sizes: Sizes, workers: int) -> list[dict]:
+    from fastmae.data import build_loader
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fastmae-gpu-report-") as tmp:
+        root = _make_jpegs(Path(tmp), sizes.data_images)
+        for loader in ("torch", "dali"):
+            row = dict(loader=loader, images=sizes.data_images, batch=sizes.data_batch, workers=workers)
+            if loader == "dali" and _version("nvidia.dali") == "not installed":
+                rows.append({**row, "note": "not installed"})
+                continue
+            try:
+                ld = build_loader(root, split="train", batch_size=sizes.data_batch, img_size=224, loader=loader,
+                                  output="uint8", num_workers=workers, device=str(device))
+                ld.set_epoch(0)
+                for _ in ld:  # warm-up epoch: worker start, DALI pipeline build
+                    pass
+                t0, n = time.perf_counter(), 0
+                for epoch in (1, 2):
+                    ld.set_epoch(epoch)
+                    for imgs, _ in ld:
+                        n += imgs.to(device, non_blocking=True).shape[0]
+                _sync(device)
+                row.update(img_s=n / (time.perf_counter() - t0),
+                           decode="mixed (nvJPEG)" if loader == "dali" and device.type == "cuda" else "cpu")
+            except Exception as e:  # an optional loader failing must not lose the report
+                row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+    torch_row = next((r for r in rows if r["loader"] == "torch" and "img_s" in r), None)
+    for r in rows:
+        if torch_row and "img_s" in r:
+            r["vs_torch"] = r["img_s"] / torch_row["img_s"]
+    return rows
+
+
+def residual_ab(device: torch.device, steps: int, amp_dtype: torch.dtype, batch: int = 32, seed: int = 0,
+                demo_cache: str | None = None) -> list[dict]:
+    """The tiny preset's loss after ``steps`` AdamW steps with an fp32 vs a bf16 residual stream, same seed and data.
+
+    Data: the embedded demo set (real photos), 64 px, as ``python train.py`` trains on; lr is the tiny preset's
+    (blr 1.5e-3 x 32/256) after a linear warm-up over the first tenth of the steps.
+    """
+    from fastmae.config import pretrain_presets
+    from fastmae.data import build_loader, prepare_demo_dataset
+
+    tiny = pretrain_presets()["tiny"]
+    cache = demo_cache or Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae")) / "demo"
+    root = prepare_demo_dataset(cache)  # built once from photos in installed packages (as train.py does)
+    rows = []
+    for residual in ("fp32", "bf16"):
+        torch.manual_seed(seed)
+        model = create_model(tiny["model"], img_size=tiny["img_size"], patch_size=tiny["patch_size"], norm_pix_loss=True,
+                             residual_dtype=residual).to(device)
+        lr = torch.tensor(0.0, device=device)
+        opt = build_adamw(model, lr, 0.05, (0.9, 0.95), device)
+        ld = build_loader(root, split="train", batch_size=batch, img_size=tiny["img_size"], loader="torch",
+                          output="float", num_workers=0, seed=seed, device=str(device))
+        base_lr = tiny["blr"] * batch / 256
+        losses, step, epoch = [], 0, 0
+        t0 = time.perf_counter()
+        while step < steps:
+            ld.set_epoch(epoch)
+            for imgs, _ in ld:
+                lr.fill_(base_lr * min(1.0, (step + 1) / max(steps // 10, 1)))
+                losses.append(_step_fn(model, model, opt, imgs.to(device), amp_dtype))
+                step += 1
+                if step == steps:
+                    break
+            epoch += 1
+        tail = torch.stack(losses[-max(steps // 10, 1):]).mean().item()  # deliberate: one read at the end
+        rows.append(dict(residual_dtype=residual, steps=steps, batch=batch, dtype=str(amp_dtype).replace("torch.", ""),
+                         final_loss=tail, first_loss=losses[0].item(), seconds=time.perf_counter() - t0))
+    rows[1]["delta_vs_fp32"] = rows[1]["final_loss"] - rows[0]["final_loss"]
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(report: dict) -> str:
+    out = [f"# fastmae GPU report ({report['mode']})", "", f"Command: `{report['command']}`", ""]
+    if "env" in report:
+        out += ["## Environment", "", _table([{"key": k, "value": v} for k, v in report["env"].items()], ["key", "value"]), ""]
+        if "attention" in report:
+            out += [f"Attention kernels (bf16): {report['attention']}", ""]
+    if "kernels" in report:
+        out += ["## Kernels K1-K3 (fwd; fwd+bwd where the step runs a backward)", "",
+                _table(report["kernels"], ["shape", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
+                                           "fwd_bwd_ms", "GBps", "pct_peak_bw", "note"]), ""]
+    if "step" in report:
+        cols = ["model", "mode", "compile", "batch", "dtype", "step_ms", "p20_ms", "p80_ms", "img_s", "vs_reference", "mfu",
+                "peak_mem_gib", "note"]
+        out += ["## Training step", "", _table(report["step"], cols), ""]
+    if "profile" in report:
+        prof = report["profile"]
+        out += [f"## Profile of one {prof['model']} step ({prof['mode']}, {prof['timer']} time)", "",
+                _table([{"category": k, "share": f"{v:.1%}"} for k, v in prof["share"].items()], ["category", "share"]), ""]
+    if "data" in report:
+        out += ["## Data loader (generated JPEGs, 224 px, uint8 output)", "",
+                _table(report["data"], ["loader", "decode", "images", "batch", "workers", "img_s", "vs_torch", "note"]), ""]
+    if "residual" in report:
+        out += ["## Residual stream dtype (tiny preset, demo data, same seed)", "",
+                _table(report["residual"], ["residual_dtype", "dtype", "steps", "batch", "first_loss", "final_loss",
+                                            "delta_vs_fp32", "seconds"]), ""]
+    if report.get("errors"):
+        out += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in report["errors"].items()] + [""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU (what CI runs)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--out", default=str(RESULTS), help="directory for gpu_report.md and gpu_report.json")
+    ap.add_argument("--device", default=None, help="default: cuda if present (cpu with --quick)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd kernel references")
+    ap.add_argument("--residual-steps", type=int, default=None, help="steps of the residual-dtype A/B")
+    ap.add_argument("--residual-batch", type=int, default=None, help="batch of the residual-dtype A/B")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: min(8, cores))")
+    ap.add_argument("--demo-cache", default=None, help="where the demo set lives (default: $FASTMAE_CACHE/demo)")
+    args = ap.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        print(f"fastmae: error: unknown sections {unknown}; choose from {SECTIONS}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fastmae: error: --device=cuda but no GPU is visible (use --quick on CPU)", file=sys.stderr)
+        return 2
+    sizes = QUICK_SIZES if args.quick else GPU_SIZES
+    torch.set_flush_denormal(True)
+    amp = torch.bfloat16
+    report: dict = {"mode": "quick (CPU, tiny sizes)" if args.quick else "full", "device": str(device),
+                    "command": " ".join(["python bench/gpu_report.py", *(argv if argv is not None else sys.argv[1:])]),
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "errors": {}}
+    env = section_env(device)
+    spec = gpu_spec(env.get("gpu", ""))
+    peak_tf = spec.peak_tflops if spec else None
+    peak_tbs = spec.hbm_tbs if spec else None
+    if "env" in sections:
+        report["env"] = env
+        _, _, img, p = sizes.step_models[0]
+        probe = create_model(sizes.step_models[0][1], img_size=img, patch_size=p)
+        shapes = {"encoder": (probe.embed_dim // probe.blocks[0].attn.num_heads, 1 + int((img // p) ** 2 * 0.25)),
+                  "decoder": (probe.decoder_embed_dim // probe.decoder_blocks[0].attn.num_heads, 1 + (img // p) ** 2)}
+        report["attention"] = describe_attention(shapes, amp, device.type)
+    workers = args.workers or min(8, os.cpu_count() or 1)
+    runs = {
+        "kernels": lambda: section_kernels(device, sizes, peak_tbs, not args.no_compile),
+        "step": lambda: section_step(device, sizes, amp, peak_tf),
+        "profile": lambda: section_profile(device, sizes, amp),
+        "data": lambda: section_data(device, sizes, workers),
+        "residual": lambda: residual_ab(device, args.residual_steps or sizes.residual_steps, amp,
+                                        batch=args.residual_batch or sizes.residual_batch, demo_cache=args.demo_cache),
+    }
+    for name in sections:
+        if name == "env":
+            continue
+        t0 = time.perf_counter()
+        try:
+            report[name] = runs[name]()
+        except Exception as e:  # keep every other section's figures
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+        print(f"gpu_report: {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md = to_markdown(report)
+    (out / "gpu_report.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""``--key=value`` command lines for any dataclass config: spellings, aliases, booleans, ``--config``, presets, help.
+
+Every fastmae command parses its flags here (``fastmae.config`` adds pretraining's presets), so the
+spellings are the same everywhere. Imports nothing of fastmae: any layer may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+# Flag names of the official MAE scripts (main_pretrain.py and friends) that differ from ours; every other
+# official name (--blr, --batch_size, --accum_iter, --output_dir, --resume, --model, --mask_ratio, --epochs,
+# --warmup_epochs, --weight_decay, --lr, --min_lr, --num_workers, --seed, --device) is already ours.
+ALIASES = {"data_path": "data", "input_size": "img_size", "out": "output_dir"}
+
+# One line per key for --help, shared by every command (a key means the same thing everywhere). A field's own
+# ``metadata={"help": ...}`` wins; every key of every command needs one of the two (tests/test_cli.py).
+KEY_HELP = {
+    # run
+    "preset": "named set of defaults; the values below are this preset's",
+    "method": "pretraining method (a registered one: mae, simmim, videomae, ...)",
+    "config": "a run's config.json to start from (later flags override it)",
+    "output_dir": "run folder (config, metrics, checkpoints, summary, pictures)",
+    "seed": "random seed (data order, masks, init)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "resume": "'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path",
+    "threads": "CPU threads for torch; 0 = the cores free now (affinity minus load)",
+    # data
+    "data": "'demo' (photos shipped in installed packages), a class-folder tree, or tar shards 'a-{000..009}.tar'",
+    "loader": "torch (PIL workers) | dali | synthetic (random images on the device, compute-only timing)",
+    "num_workers": "data loading worker processes",
+    "img_size": "input resolution in pixels (square)",
+    "holdout_fraction": "with no val/ split: this fraction of the files is held out (seeded), never trained on",
+    "test_fraction": "fraction of the labelled set used as the test split",
+    "images": "'digits' (held-out split), a folder, or comma-separated image files",
+    "num_images": "how many images to use",
+    # model
+    "model": "architecture name (fastmae.models / the method's models)",
+    "patch_size": "patch size in pixels; 0 = the model's",
+    "mask_ratio": "fraction of patches removed",
+    "norm_pix_loss": "predict per-patch normalized pixels (the official recipe)",
+    "mask_patch_size": "SimMIM mask cell in pixels (a multiple of patch_size); 0 = the model's",
+    "num_frames": "VideoMAE clip length in frames",
+    "frame_stride": "VideoMAE frame sampling stride",
+    "tubelet_size": "VideoMAE tubelet depth in frames; 0 = the model's",
+    "video_target_norm": "VideoMAE target: '' (tubelet if norm_pix_loss) | tubelet | channel | none",
+    "ckpt": "checkpoint file (fastmae or official MAE), or 'random'",
+    "ckpts": "comma-separated checkpoint files; 'random' = random init",
+    "in_chans": "input channels; 0 = from the checkpoint",
+    "embed_dim": "encoder width; 0 = from the checkpoint",
+    "depth": "encoder blocks; 0 = from the checkpoint",
+    "num_heads": "encoder attention heads; 0 = from the checkpoint",
+    "decoder_num_heads": "decoder attention heads; 0 = from the checkpoint",
+    "decoder_dim": "decoder width",
+    "decoder_depth": "decoder blocks",
+    "global_pool": "average the patch tokens (with fc_norm) instead of the cls token",
+    "learn_pos_embed": "train the position table (initialized sin-cos)",
+    "tune_blocks": "trainable encoder blocks: 0 = linear probe, k = last k, -1 = all",
+    # optimization
+    "epochs": "training epochs (the schedule's length)",
+    "max_steps": "stop after this many optimizer steps; 0 = epochs x steps per epoch",
+    "warmup_epochs": "linear learning-rate warmup, in epochs",
+    "batch_size": "images per device per micro-step",
+    "eval_batch_size": "images per evaluation batch",
+    "accum_iter": "micro-steps per optimizer step (effective batch = batch_size x accum_iter x GPUs)",
+    "blr": "base learning rate: lr = blr x effective batch / 256",
+    "lr": "absolute learning rate; 0 = from blr",
+    "min_lr": "learning rate at the end of the cosine schedule",
+    "weight_decay": "AdamW weight decay (none on biases and norms)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "momentum": "LARS momentum",
+    "clip_grad": "gradient norm clipping; 0 = none",
+    "layer_decay": "layer-wise learning-rate decay (full fine-tuning)",
+    "drop_path": "stochastic depth rate (fine-tuning)",
+    "smoothing": "label smoothing",
+    "mixup": "mixup alpha; 0 = off",
+    "cutmix": "cutmix alpha; 0 = off",
+    # step
+    "precision": "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)",
+    "compile": "torch.compile the model",
+    "cuda_graphs": "CUDA graphs with compile on CUDA (reduce-overhead)",
+    "fsdp": "shard parameters and optimizer state with FSDP2",
+    "max_bad_steps": "consecutive non-finite steps before the run aborts",
+    "residual_dtype": "residual stream under autocast: fp32 (official numerics) | bf16",
+    "eff_batch": "target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory",
+    "world_size": "processes for a plan (--dry_run); 0 = from the environment (WORLD_SIZE, else 1)",
+    "gpu": "target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; '' = this machine's",
+    # logging and checkpoints
+    "log_every": "optimizer steps per log line / metrics row",
+    "ckpt_every": "optimizer steps between checkpoints (the last step always saves)",
+    "keep_ckpts": "checkpoints kept in the run folder",
+    "vis_every_epochs": "reconstruction pictures every N epochs; 0 = only at the end",
+    "num_vis": "images in the reconstruction picture",
+    "progress": "progress bar on a terminal (plain lines otherwise)",
+    "tensorboard": "write TensorBoard events to output_dir/tb when tensorboard is installed",
+    "wandb": "Weights & Biases project to log to ('' = off; WANDB_MODE=offline is respected)",
+    "save_ckpt": "write the trained model",
+    "quiet": "print only the result",
+    "dry_run": "print what would run, run nothing",
+    # evaluation and tools
+    "labels": "comma-separated names for the figure (default: file names)",
+    "mask": "optional .npy/.pt mask (1 = removed); overrides mask_ratio",
+    "output": "file to write",
+    "scale": "pixel upscaling of the picture",
+    "format": "hf (transformers ViTMAE folder) | timm (timm model folder)",
+    "pretrain_epochs": "demo pretraining epochs",
+    "pretrain_batch": "demo pretraining batch size",
+    "pretrain_blr": "demo pretraining base learning rate",
+    "probe_epochs": "demo linear-probe epochs",
+    "partial_epochs": "demo partial fine-tuning epochs",
+    "finetune_epochs": "demo full fine-tuning epochs",
+    "analyze": "also run the attention analysis",
+}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_value(name: str, text: str, typ: type):
+    if typ is bool:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"--{name} expects true/false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _canonical(key: str, types: dict[str, type]) -> tuple[str, bool]:
+    """(field name, negated) for a flag name: dashes as underscores, official aliases, ``no_<bool key>``."""
+    key = key.replace("-", "_")
+    if key not in types and ALIASES.get(key) in types:
+        key = ALIASES[key]
+    if key not in types and key.startswith("no_") and types.get(key[3:]) is bool:
+        return key[3:], True
+    return key, False
+
+
+def parse_flags(argv: list[str], cls, presets: dict[str, dict] | None = None, default_preset: str | None = None):
+    """``['--preset=x', '--epochs=1', ...]`` -> a validated ``cls``.
+
+    Precedence: the class defaults < the preset (``--preset``, else ``default_preset``, else the class's
+    ``preset`` default) < ``--config=FILE`` < later flags (a flag after another flag of the same key wins).
+    Unknown keys and unparsable values raise ValueError naming them (the CLI turns that into a one-line
+    message). Spellings: :func:`split_args`.
+    """
+    types = _field_types(cls)
+    given = dict(split_args(argv, cls))
+    presets = presets or {}
+    preset = given.get("preset", default_preset or getattr(cls(), "preset", None))
+    base = {}
+    if preset is not None and (presets or "preset" in given):
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+        # The config records the preset it was built from, also when a default chose it.
+        base = {**presets[preset], **({"preset": preset} if "preset" in types else {})}
+    values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in given.items()}}
+    cfg = cls(**values)  # not replace(cls(), ...): defaults that depend on other keys are derived anew
+    cfg.validate()
+    return cfg
+
+
+def split_args(argv: list[str], cls) -> list[tuple[str, str]]:
+    """``argv`` -> [(field, text value)] in order; ``--config=FILE`` expands in place to the file's values.
+
+    Accepted: ``--key=value``, ``--key value``, ``--img-size`` for ``--img_size``, the official MAE names
+    (:data:`ALIASES`), bare booleans (``--norm_pix_loss``, ``--no_norm_pix_loss``), and leading
+    positional values for the fields a class lists in ``positional`` (e.g. ``fastmae data check DIR``).
+    """
+    types = _field_types(cls)
+    positional = list(getattr(cls, "positional", ()))
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            if not positional:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            pairs.append((positional.pop(0), arg))
+            continue
+        raw, eq, val = arg[2:].partition("=")
+        key, negated = _canonical(raw, types)
+        if key == "config" and "config" not in types:
+            pairs += _config_file_pairs(val if eq else (argv[i] if i < len(argv) else ""), types)
+            i += 0 if eq else 1
+            continue
+        if key not in types:
+            close = [k for k in types if k.startswith(key[:3])]
+            hint = f"; did you mean {', '.join('--' + k for k in close[:3])}?" if close else ""
+            raise ValueError(f"unknown config key --{raw}{hint}")
+        if types[key] is bool:
+            if negated:
+                if eq:
+                    raise ValueError(f"--{raw} takes no value (it sets {key}=false)")
+                val = "false"
+            elif not eq:
+                # A bare boolean flag; `--compile false` (a literal after it) still works.
+                nxt = argv[i].lower() if i < len(argv) else ""
+                val, i = (nxt, i + 1) if nxt in _TRUE + _FALSE else ("true", i)
+        elif not eq:
+            if i >= len(argv) or argv[i].startswith("--"):
+                raise ValueError(f"--{raw} needs a value (--{raw}=VALUE)")
+            val = argv[i]
+            i += 1
+        pairs.append((key, val))
+    return pairs
+
+
+def _config_file_pairs(path: str, types: dict[str, type]) -> list[tuple[str, str]]:
+    """The values of a run's ``config.json`` as (field, text) pairs; keys this command lacks are an error."""
+    p = Path(path)
+    if not path or not p.is_file():
+        raise ValueError(f"--config: no such file {path!r} (give a run's config.json)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config: {p} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {p} must hold a JSON object")
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ValueError(f"--config: {p} has keys this command does not take: {', '.join(unknown)}")
+    return [(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in data.items()]
+
+
+def key_help(cls, name: str) -> str:
+    """The one-line description of a key (field metadata first, then :data:`KEY_HELP`)."""
+    f = {f.name: f for f in fields(cls)}[name]
+    return f.metadata.get("help") or KEY_HELP.get(name, "")
+
+
+def describe_keys(cls, cfg=None) -> str:
+    """One line per key: ``--key=value`` (``cfg``'s, e.g. preset-resolved; default: the class defaults) and its help."""
+    cfg = cfg if cfg is not None else cls()
+    cells = [(f"  --{f.name}={_show(getattr(cfg, f.name))}", key_help(cls, f.name)) for f in fields(cls)]
+    width = min(max(len(c) for c, _ in cells), 44)
+    return "\n".join(f"{c.ljust(width)}  {h}" if len(c) <= width else f"{c}\n{' ' * width}  {h}" for c, h in cells)
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v) if not isinstance(v, str) or v else "''"
+
+
+def help_text(argv: list[str], cls, presets: dict[str, dict], usage: str, doc: str = "", parse=None) -> str:
+    """``--help`` of a command: usage, the docstring, presets, then every key with the value it would take.
+
+    The other flags on the line are applied, so ``--preset=base --help`` shows the base recipe's values.
+    """
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    note = "defaults"
+    try:
+        cfg = (parse or parse_flags)(rest, cls, presets)
+        if rest:
+            note = "values with " + " ".join(rest)
+    except ValueError as e:
+        cfg, note = cls(), f"defaults (the other flags do not parse: {e})"
+    names = sorted(presets)
+    parts = [usage]
+    if doc.strip():
+        parts.append(doc.strip())
+    parts.append("flags: --key=value or --key value; --key-name = --key_name; bare --flag / --no_flag for booleans;"
+                 " --config=RUN/config.json starts from a run's config (later flags override it)")
+    if ALIASES:
+        parts.append("aliases (official MAE names): " + ", ".join(f"--{a} = --{t}" for a, t in ALIASES.items()))
+    if names:
+        parts.append(f"presets: {', '.join(names)}")
+    parts.append(f"keys ({note}):\n" + describe_keys(cls, cfg))
+    return "\n\n".join(parts)
+
+
+def underscores(argv: list[str]) -> list[str]:
+    """``--img-size=3`` -> ``--img_size=3``: the spelling of every fastmae command, for argparse-based scripts (bench/)."""
+    out = []
+    for a in argv:
+        if a.startswith("--"):
+            key, eq, val = a[2:].partition("=")
+            a = f"--{key.replace('-', '_')}{eq}{val}"
+        out.append(a)
+    return out

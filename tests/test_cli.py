@@ -1,0 +1,109 @@
+"""One command-line style everywhere: --key=value, dashes, official MAE names, bare booleans, --config, --help."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fastmae.cli import COMMANDS
+from fastmae.cli import main as fastmae
+from fastmae.config import PretrainConfig, default_output_dir, parse_overrides
+
+
+def test_spellings_and_official_aliases():
+    cfg = parse_overrides(["--data_path=/x/imagenet", "--input_size", "96", "--batch-size=8", "--accum_iter=2",
+                           "--output_dir=/tmp/r", "--blr=1e-3", "--warmup_epochs=1", "--model=mae_vit_tiny"])
+    assert (cfg.data, cfg.img_size, cfg.batch_size, cfg.accum_iter, cfg.output_dir) == ("/x/imagenet", 96, 8, 2, "/tmp/r")
+    assert parse_overrides(["--img-size=32"]).img_size == parse_overrides(["--img_size=32"]).img_size == 32
+
+
+def test_bare_booleans():
+    assert parse_overrides(["--no_norm_pix_loss"]).norm_pix_loss is False
+    assert parse_overrides(["--no_norm_pix_loss", "--norm_pix_loss"]).norm_pix_loss is True
+    assert parse_overrides(["--compile", "--epochs=2"]).compile is True
+    cfg = parse_overrides(["--compile", "false", "--no-progress"])
+    assert cfg.compile is False and cfg.progress is False
+    with pytest.raises(ValueError, match="takes no value"):
+        parse_overrides(["--no_compile=true"])
+    with pytest.raises(ValueError, match="expects true/false"):
+        parse_overrides(["--compile=maybe"])
+
+
+def test_default_run_folder_per_method_and_preset():
+    assert parse_overrides([]).output_dir == "runs/mae-tiny"
+    assert parse_overrides(["--preset=base"]).output_dir == "runs/mae-base"
+    assert parse_overrides(["--method=simmim"]).output_dir == "runs/simmim-tiny"
+    assert parse_overrides(["--preset=videomae_vit_base"]).output_dir == "runs/videomae-vit_base"
+    assert parse_overrides(["--output_dir=elsewhere"]).output_dir == "elsewhere"
+    assert default_output_dir("mae", "large") == "runs/mae-large"
+
+
+def test_config_file_reruns_a_run_and_later_flags_win(tmp_path):
+    first = parse_overrides(["--preset=small", "--epochs=7", "--no_norm_pix_loss", "--output_dir=runs/a"])
+    path = tmp_path / "config.json"
+    first.save(path)
+    again = parse_overrides([f"--config={path}"])
+    assert again == first
+    changed = parse_overrides(["--epochs=1", f"--config={path}", "--output_dir=runs/b", "--img-size=32"])
+    assert changed.epochs == 7  # an earlier flag is overridden by the file
+    assert (changed.output_dir, changed.img_size, changed.norm_pix_loss) == ("runs/b", 32, False)
+    (tmp_path / "bad.json").write_text(json.dumps({**json.loads(path.read_text()), "ckpts": "x"}))
+    with pytest.raises(ValueError, match="does not take: ckpts"):
+        parse_overrides([f"--config={tmp_path / 'bad.json'}"])
+    with pytest.raises(ValueError, match="no such file"):
+        parse_overrides(["--config=missing.json"])
+
+
+def test_unknown_key_names_the_flag_and_suggests():
+    with pytest.raises(ValueError, match=r"unknown config key --batchsize; did you mean --batch_size"):
+        parse_overrides(["--batchsize=3"])
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_shows_every_key_with_value_and_description(command, capsys):
+    assert fastmae([*command.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    keys = [i for i, line in enumerate(lines) if line.startswith("  --")]
+    assert keys, out
+    for i in keys:
+        line = lines[i]
+        # "  --key=value  description", or a long value with the description on the next line
+        described = re.match(r"  --\w+=\S.*?\s{2,}\S", line) or (
+            i + 1 < len(lines) and lines[i + 1].startswith(" " * 20) and lines[i + 1].strip())
+        assert described, f"{command}: key without a description: {line!r}"
+
+
+def test_help_shows_preset_resolved_values(capsys):
+    fastmae(["pretrain", "--preset=base", "--help"])
+    out = capsys.readouterr().out
+    assert re.search(r"--epochs=800\s", out) and re.search(r"--output_dir=runs/mae-base\s", out)
+    fastmae(["pretrain", "--help"])
+    assert re.search(r"--epochs=100\s", capsys.readouterr().out)  # the tiny preset's, not the class default
+    assert PretrainConfig().epochs != 100
+
+
+def test_bad_flag_is_one_line_exit_2(capsys):
+    for argv in (["pretrain", "--epochs=x"], ["linprobe", "--nope=1"], ["data", "check"], ["export", "--format=onnx"]):
+        assert fastmae(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fastmae: error: "), (argv, err)
+
+
+def test_data_check_takes_the_same_flags(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "train" / "a" / "x.jpg")
+    assert fastmae(["data", "check", str(tmp_path), "--img-size=32"]) == 0
+    assert fastmae(["data", "check", f"--path={tmp_path}", "--img_size", "32", "--deep"]) == 0
+    assert "OK: no problems found" in capsys.readouterr().out
+
+
+def test_bench_scripts_take_both_spellings():
+    from fastmae.flags import underscores
+
+    assert underscores(["--img-size=32", "--no-csv", "--cpu-batch", "16", "x-y"]) == [
+        "--img_size=32", "--no_csv", "--cpu_batch", "16", "x-y"]
