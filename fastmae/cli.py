@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fastmae.threads import prefer_passive_openmp
+
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
@@ -18,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
+    "export": ("fastmae.export", "main", "a checkpoint as a transformers (ViTMAE) or timm model folder"),
+    "submit": ("fastmae.submit", "main", "a Slurm job around torchrun: requeued on time limit/preemption, resumes itself"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
 }
 
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    prefer_passive_openmp()  # before the command imports torch
     try:
         entry = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
