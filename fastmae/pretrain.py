@@ -96,12 +96,9 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     if found:
         check_position(found[1], total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter,
                        loader_steps_per_epoch=getattr(train_loader, "steps_per_epoch", None))
-        start_step = state.load_state_dict(found[1])
-        notes += resume_notes(cfg, found[1].get("config") or {}, start_step, steps_per_epoch, total_steps, base_lr)
-    else:
-        start_step = 0
-        train_loader.set_epoch(0)
-        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # different masks on every rank, reproducible from the seed
+        notes += resume_notes(cfg, found[1].get("config") or {}, found[1]["step"], steps_per_epoch, total_steps, base_lr)
+    # A fresh run seeds different masks on every rank, reproducible from the seed.
+    start_step = state.start(found[1] if found else None, fresh_seed=cfg.seed * 1000 + info.rank + 1)
 
     if start_step >= total_steps:
         if info.is_main:
