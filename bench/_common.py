@@ -109,20 +109,11 @@ class Case:
 
 @contextlib.contextmanager
 def forced_backend(name: str) -> Iterator[None]:
-    """Force ``fastmae.ops`` to 'torch' or 'triton' (``FASTMAE_KERNELS``) inside the block."""
+    """Force ``fastmae.ops`` to 'torch' or 'triton' inside the block."""
     from fastmae import ops
 
-    saved = os.environ.get(ops.ENV_VAR)
-    os.environ[ops.ENV_VAR] = name
-    ops._reset_kernel_backend()
-    try:
+    with ops.use_kernel_backend(name):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(ops.ENV_VAR, None)
-        else:
-            os.environ[ops.ENV_VAR] = saved
-        ops._reset_kernel_backend()
 
 
 class _ByteCounter(TorchDispatchMode):

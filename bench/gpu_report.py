@@ -131,17 +131,8 @@ def _sync(device: torch.device) -> None:
 @contextlib.contextmanager
 def kernel_backend(value: str):
     """Run fastmae's ops with ``FASTMAE_KERNELS=value`` ('torch' = the eager reference ops) inside the block."""
-    old = os.environ.get(ops.ENV_VAR)
-    os.environ[ops.ENV_VAR] = value
-    ops._reset_kernel_backend()  # the switch is read once per process; this bench flips it between contenders
-    try:
+    with ops.use_kernel_backend(value):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(ops.ENV_VAR, None)
-        else:
-            os.environ[ops.ENV_VAR] = old
-        ops._reset_kernel_backend()
 
 
 def _version(module: str) -> str:

@@ -15,7 +15,7 @@ from fastmae.threads import prefer_passive_openmp
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
-    "plan": ("fastmae.engine.plan", "plan_main", "what a run resolves to on a target GPU setup (= pretrain --dry_run)"),
+    "plan": ("fastmae.plan", "main", "what a run resolves to on a target GPU setup (= pretrain --dry_run)"),
     "data check": ("fastmae.data.check", "main", "list a dataset's problems (corrupt, unreadable, too small) before a long run"),
     "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),

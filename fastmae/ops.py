@@ -25,15 +25,20 @@ first runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from fastmae import reference
 
-__all__ = ["patchify_gather", "unshuffle_scatter", "gather_queries", "masked_recon_loss", "kernel_backend", "ENV_VAR"]
+__all__ = [
+    "patchify_gather", "unshuffle_scatter", "gather_queries", "masked_recon_loss", "kernel_backend", "set_kernel_backend",
+    "use_kernel_backend", "ENV_VAR",
+]
 
 ENV_VAR = "FASTMAE_KERNELS"
 _CHOICES = ("auto", "triton", "torch")
@@ -52,10 +57,28 @@ def _forced_backend() -> str | None:
     return _forced  # type: ignore[return-value]
 
 
-def _reset_kernel_backend() -> None:
-    """Forget the cached switch so the next call re-reads the environment (for tests)."""
+def set_kernel_backend(name: str | None) -> None:
+    """Force ``"triton"``, ``"torch"`` or ``"auto"`` for every op in this process; ``None`` goes back to
+    ``FASTMAE_KERNELS`` (read again on the next call). Tests and benches use it to compare backends."""
     global _forced
-    _forced = _UNREAD
+    if name is None:
+        _forced = _UNREAD
+        return
+    if name not in _CHOICES:
+        raise ValueError(f"kernel backend must be one of {_CHOICES}, got {name!r}")
+    _forced = None if name == "auto" else name
+
+
+@contextlib.contextmanager
+def use_kernel_backend(name: str) -> Iterator[None]:
+    """:func:`set_kernel_backend` inside the block only."""
+    global _forced
+    saved = _forced
+    set_kernel_backend(name)
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 @torch.compiler.assume_constant_result

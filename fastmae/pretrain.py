@@ -14,6 +14,7 @@ AdamW kernel (``found_inf``) instead of an ``if`` on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -37,11 +38,13 @@ from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distribut
 from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
+from fastmae.engine.plan import build_meta_model, layout_for, model_shape
 from fastmae.engine.preemption import Preemption
 from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
 from fastmae.layers import attention_backend
+from fastmae.layers.attention import describe_attention
 from fastmae.methods.registry import MethodSpec, get_method
 from fastmae.threads import resolve_threads
 
@@ -70,6 +73,11 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     amp_dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
+    # On GPUs the effective batch comes from more GPUs before accumulation, and CUDA graphs never replay an
+    # accumulating backward (DESIGN.md, hazard); the decision and its reason are logged below.
+    layout = layout_for(cfg, info.world_size)
+    cfg = dataclasses.replace(cfg, batch_size=layout.batch_size, accum_iter=layout.accum_iter)
+
     # ---- data --------------------------------------------------------------------------------------------
     # uint8 NHWC feeds the fused patchify kernel (it normalizes on the fly); the eager path takes float NCHW.
     img_out = "uint8" if ops.kernel_backend(device) == "triton" else "float"
@@ -85,7 +93,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     ddp_model = wrap_model(model, info, cfg.fsdp)
     optimizer = build_adamw(model, lr_t, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    forward = compile_forward(ddp_model, cfg, info)
+    forward = compile_forward(ddp_model, cfg, info, layout.cuda_graphs)
     params = [p for p in model.parameters() if p.requires_grad]
     no_sync = ddp_model.no_sync if info.enabled and not cfg.fsdp else None
 
@@ -115,6 +123,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else "")
     )
+    log.info(f"layout: batch {cfg.batch_size} x accum {cfg.accum_iter} x {info.world_size} proc; {layout.reason}"
+             + (f"; {layout.note}" if layout.note else "") + f"; attention kernels {attention_kernels(cfg, amp_dtype, device)}")
     log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
 
     # ---- step loop ---------------------------------------------------------------------------------------
@@ -205,17 +215,29 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
     return steps
 
 
-def compile_forward(model, cfg: PretrainConfig, info: DistInfo):
-    """``torch.compile`` (one graph on a single process; CUDA graphs on CUDA with ``cuda_graphs``), or the model.
+def compile_forward(model, cfg: PretrainConfig, info: DistInfo, cuda_graphs: bool):
+    """``torch.compile`` (one graph on a single process; CUDA graphs when the layout allows them), or the model.
 
-    CUDA graphs stay off with gradient accumulation: gradients accumulated across replays of a graphed
-    backward live in the graph's memory pool and are overwritten (DESIGN.md, hazard; ``fastmae.engine.plan``).
+    ``cuda_graphs`` comes from :func:`fastmae.engine.plan.layout_for`, which keeps them off with gradient
+    accumulation: gradients accumulated across replays of a graphed backward live in the graph's memory pool
+    and are overwritten (DESIGN.md, hazard).
     """
     if not cfg.compile:
         return model
-    graphs = info.device.type == "cuda" and cfg.cuda_graphs and cfg.accum_iter == 1
+    graphs = cuda_graphs and info.device.type == "cuda" and cfg.accum_iter == 1
     mode = "reduce-overhead" if graphs else None
     return torch.compile(model, fullgraph=not info.enabled, mode=mode)
+
+
+def attention_kernels(cfg: PretrainConfig, amp_dtype: torch.dtype, device: torch.device) -> str:
+    """The kernel each attention shape of an MAE run gets (encoder / decoder), for the start-up log."""
+    try:
+        model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    except ValueError:
+        return f"policy {attention_backend()}"
+    shapes = model_shape(model, cfg.img_size, cfg.mask_ratio).attention_shapes()
+    chosen = describe_attention(shapes, amp_dtype, device.type)
+    return ", ".join(f"{name} {shapes[name][0]}-dim x {shapes[name][1]} tokens: {k}" for name, k in chosen.items())
 
 
 def evaluate(spec: MethodSpec, cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype) -> dict:
@@ -312,7 +334,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
     if cfg.dry_run:  # the plan for the target (GPUs, memory, time) without building data or touching a device
-        from fastmae.engine.plan import plan_main
+        from fastmae.plan import main as plan_main
 
         return plan_main(argv)
     try:

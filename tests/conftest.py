@@ -17,17 +17,12 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture
-def use_backend(monkeypatch):
+def use_backend():
     """Switch fastmae.ops between 'torch' and 'triton' inside a test; restores the default after."""
     from fastmae import ops
 
-    def use(value: str):
-        monkeypatch.setenv(ops.ENV_VAR, value)
-        ops._reset_kernel_backend()
-
-    yield use
-    monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    ops._reset_kernel_backend()
+    yield ops.set_kernel_backend
+    ops.set_kernel_backend(None)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,12 @@ def backend(monkeypatch):
             monkeypatch.delenv(ops.ENV_VAR, raising=False)
         else:
             monkeypatch.setenv(ops.ENV_VAR, value)
-        ops._reset_kernel_backend()
+        ops.set_kernel_backend(None)
         torch._dynamo.reset()
 
     yield use
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    ops._reset_kernel_backend()
+    ops.set_kernel_backend(None)
     torch._dynamo.reset()
 
 

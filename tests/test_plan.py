@@ -127,6 +127,7 @@ def test_mae_residual_option_reaches_encoder_and_decoder_blocks():
 
 from fastmae.config import parse_overrides, pretrain_presets  # noqa: E402
 from fastmae.engine import plan as planmod  # noqa: E402
+from fastmae.plan import main as plan_command  # noqa: E402
 
 MAE_PRESETS = ("tiny", "small", "base", "large", "huge")
 
@@ -243,7 +244,7 @@ def test_roofline_reproduces_the_design_step_table():
 
 
 def test_plan_prints_for_eight_h100s_without_accumulation(capsys):
-    assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=8"]) == 0
+    assert plan_command(["--preset=base", "--device=cuda", "--world_size=8"]) == 0
     out = capsys.readouterr().out
     assert "512 x accum_iter 1 x world 8 = effective batch 4096" in out
     assert "compile mode      reduce-overhead" in out and "CUDA graphs on" in out
@@ -253,7 +254,7 @@ def test_plan_prints_for_eight_h100s_without_accumulation(capsys):
 
 
 def test_plan_for_one_gpu_shows_accumulation_and_why_graphs_are_off(capsys):
-    assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=1", "--gpu=a100"]) == 0
+    assert plan_command(["--preset=base", "--device=cuda", "--world_size=1", "--gpu=a100"]) == 0
     out = capsys.readouterr().out
     assert "x world 1 = effective batch 4096" in out and "accum_iter 1 " not in out
     assert "CUDA graphs off: accum_iter=" in out and "graph's memory pool" in out
@@ -261,20 +262,20 @@ def test_plan_for_one_gpu_shows_accumulation_and_why_graphs_are_off(capsys):
 
 
 def test_plan_bad_input_is_one_line(capsys):
-    assert planmod.plan_main(["--preset=base", "--gpu=tpu"]) == 2
+    assert plan_command(["--preset=base", "--gpu=tpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmae: error: gpu must be one of") and err.count("\n") == 1
-    assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=3"]) == 2
+    assert plan_command(["--preset=base", "--device=cuda", "--world_size=3"]) == 2
     assert "not divisible" in capsys.readouterr().err
 
 
 def test_plan_refuses_non_mae_models_in_one_line(capsys):
-    assert planmod.plan_main(["--preset=simmim_tiny"]) == 2
+    assert plan_command(["--preset=simmim_tiny"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmae: error: fastmae plan models MAE runs only; 'simmim_vit_tiny'") and err.count("\n") == 1
 
 
 def test_plan_on_cpu_has_no_time_estimate(capsys):
-    assert planmod.plan_main(["--preset=tiny", "--device=cpu"]) == 0
+    assert plan_command(["--preset=tiny", "--device=cpu"]) == 0
     out = capsys.readouterr().out
     assert "32 x accum_iter 1 x world 1" in out and "device is cpu" in out and "time estimate     none" in out

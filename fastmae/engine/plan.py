@@ -22,7 +22,6 @@ Two decisions here guard the first GPU run:
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -204,7 +203,7 @@ def _smallest_split(per_gpu: int, max_batch: int) -> tuple[int, int] | None:
 
 
 def resolve_layout(
-    shape: ModelShape,
+    shape: ModelShape | None,
     n_params: int,
     *,
     target_eff_batch: int,
@@ -230,7 +229,7 @@ def resolve_layout(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     max_batch = None
     note = ""
-    if device_type == "cuda" and gpu_mem_gib:
+    if device_type == "cuda" and gpu_mem_gib and shape is not None:
         act = activation_bytes_per_image(shape, residual_dtype, attention)
         max_batch = max_batch_that_fits(act, state_bytes(n_params, fsdp, world_size), gpu_mem_gib)
         if max_batch < 1:
@@ -372,7 +371,7 @@ def _target(cfg) -> tuple[str, GpuSpec | None, float | None, str]:
     return device, GPUS["h100"], GPUS["h100"].mem_gib, "no GPU here and no --gpu: assuming an H100 SXM"
 
 
-def _resolve_for(cfg, shape: ModelShape, n_params: int, device: str, mem_gib: float | None, world: int) -> Layout:
+def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_gib: float | None, world: int) -> Layout:
     from fastmae.layers.attention import attention_backend
 
     return resolve_layout(
@@ -389,7 +388,11 @@ def layout_for(cfg, world_size: int | None = None) -> Layout:
     ``compile_mode`` and log its ``reason``. MAE models only (others keep their configured split).
     """
     device, _, mem, _ = _target(cfg)
-    model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    try:
+        model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    except ValueError:
+        # Not an MAE model: no memory model, so the configured split stands (capped by batch_size).
+        return _resolve_for(cfg, None, 0, device, None, world_size or _world_size(cfg))
     shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
     n_params = sum(p.numel() for p in model.parameters())
     return _resolve_for(cfg, shape, n_params, device, mem, world_size or _world_size(cfg))
@@ -483,25 +486,3 @@ def format_plan(plan: Plan) -> str:
         lines.append("time estimate     none (no GPU target: pass --device=cuda --gpu=NAME)")
     lines.append("assumptions       " + "\n                  ".join(plan.assumptions))
     return "\n".join(lines)
-
-
-def plan_main(argv: list[str] | None = None) -> int:
-    """``fastmae plan`` / ``fastmae pretrain --dry_run``: every pretrain key, plus --world_size, --gpu, --device."""
-    from fastmae.config import describe_keys, parse_overrides
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: fastmae plan [--preset=NAME] [--device=cuda] [--world_size=N] [--gpu={'|'.join(GPUS)}] "
-              f"[--key=value ...]\n\nkeys:\n{describe_keys()}")
-        return 0
-    try:
-        plan = build_plan(parse_overrides(argv))
-    except ValueError as e:
-        print(f"fastmae: error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(plan))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(plan_main())
