@@ -230,3 +230,18 @@ def test_dali_linprobe_and_eval_track_torch(inet):
             _collect(build_loader(root, loader="dali", **kw)), _collect(build_loader(root, **kw)), strict=True
         ):
             assert torch.equal(yd, yt) and (xd.float() - xt.float()).abs().mean() < 1.5
+
+
+def test_finetune_transform_survives_the_top_magnitude():
+    """RandAugment's magnitude is m9 + N(0, 0.5) clipped to 10; at 10 timm's posterize asks Pillow for 0 bits,
+    which Pillow >= 13 rejects. Every op at the top magnitude must run."""
+    from PIL import Image
+
+    from fastmae.data.loader import finetune_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    ops = [op for stage in finetune_transform(32).transforms for op in getattr(stage, "ops", ())]
+    assert any(op.name.startswith("Posterize") for op in ops)
+    for op in ops:
+        op.magnitude, op.magnitude_std, op.prob = 10, 0.0, 1.0
+        assert op(img).size == img.size, op.name

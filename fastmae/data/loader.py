@@ -247,7 +247,7 @@ def finetune_transform(img_size: int):
     one box), normalized with ImageNet mean/std. PIL image -> float32 (3, img_size, img_size)."""
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=img_size,
         is_training=True,
         auto_augment="rand-m9-mstd0.5-inc1",
@@ -258,6 +258,13 @@ def finetune_transform(img_size: int):
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+    # At magnitude 10 (m9 + noise, clipped) timm's PosterizeIncreasing asks for 0 bits, which Pillow >= 13 rejects
+    # (older Pillow returned a black image): cap that op alone just below 10, so it keeps 1 bit; the others are as timm.
+    for stage in transform.transforms:
+        for op in getattr(stage, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.magnitude_max = 9.99
+    return transform
 
 
 @contextmanager
