@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from fastmae.config import describe_keys, parse_overrides
 from fastmae.engine.flops import GPUS
 from fastmae.engine.plan import build_plan, format_plan
+from fastmae.methods.registry import get_method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
               f"[--key=value ...]\n\nkeys:\n{describe_keys()}")
         return 0
     try:
-        plan = build_plan(parse_overrides(argv))
+        cfg = parse_overrides(argv)
+        spec = get_method(cfg.method)
+        with torch.device("meta"):
+            model = spec.build_model(cfg)
+        plan = build_plan(cfg, model, spec.flops_per_image(model, cfg))
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2

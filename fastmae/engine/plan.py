@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastmae.engine.flops import GPUS, GpuSpec, gpu_spec, mae_forward_flops
-from fastmae.models.mae import MODELS, create_model
+from fastmae.models.mae import MODELS, MaskedAutoencoderViT, create_model
 
 # ---- assumptions of the memory and time models (printed with every plan) ----------------------------------------
 
@@ -340,8 +340,8 @@ class Plan:
     kernels: str
     attention: dict[str, str]
     n_params: int
-    train_gflops_per_image: float
-    activation_gib: float  # per GPU at the layout's batch
+    train_gflops_per_image: float | None  # None: the method counts none
+    activation_gib: float | None  # per GPU at the layout's batch (None: no memory model for this model)
     state_gib: float  # params, grads, optimizer (sharded under FSDP), bf16 copies
     estimate: StepEstimate | None
     total_images: int
@@ -417,25 +417,26 @@ def _target_caps(spec: GpuSpec | None):
     )
 
 
-def build_plan(cfg) -> Plan:
-    """Everything a run of ``cfg`` would resolve to, for its target (``cfg.device``, ``cfg.gpu``, ``cfg.world_size``)."""
+def build_plan(cfg, model=None, flops_per_image: float | None = None) -> Plan:
+    """Everything a run of ``cfg`` would resolve to, for its target (``cfg.device``, ``cfg.gpu``, ``cfg.world_size``).
+
+    ``model`` (meta device) and ``flops_per_image`` describe a model that is not an MAE (the caller asks the
+    method registry): its plan has the layout, precision, parameters and FLOPs, but no memory model or time.
+    """
     from fastmae import ops
     from fastmae.layers.attention import attention_backend, describe_attention
 
     device, spec, mem, note = _target(cfg)
     world = _world_size(cfg)
+    if model is not None and not isinstance(model, MaskedAutoencoderViT):
+        return _generic_plan(cfg, model, flops_per_image, device, spec, note, world)
     model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
     n_params = sum(p.numel() for p in model.parameters())
     shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
     fwd_flops = mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
     policy = attention_backend()
     layout = _resolve_for(cfg, shape, n_params, device, mem, world)
-    if cfg.precision != "auto":
-        precision = cfg.precision
-    elif device == "cuda":
-        precision = "bf16"  # every GPU in the peak table computes bf16 natively
-    else:
-        precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    precision = _precision(cfg, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     attention = describe_attention(shape.attention_shapes(), dtype, device, _target_caps(spec))
     act = activation_bytes_per_image(shape, cfg.residual_dtype, policy) * layout.batch_size
@@ -454,6 +455,29 @@ def build_plan(cfg) -> Plan:
     )
 
 
+def _precision(cfg, device: str) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device == "cuda":
+        return "bf16"  # every GPU in the peak table computes bf16 natively
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def _generic_plan(cfg, model, flops_per_image, device: str, spec: GpuSpec | None, note: str, world: int) -> Plan:
+    from fastmae import ops
+
+    n_params = sum(p.numel() for p in model.parameters())
+    layout = _resolve_for(cfg, None, n_params, device, None, world)
+    steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
+    return Plan(
+        model=cfg.model, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
+        lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=_precision(cfg, device), kernels=ops.kernel_backend(device),
+        attention={}, n_params=n_params, train_gflops_per_image=flops_per_image / 1e9 if flops_per_image else None,
+        activation_gib=None, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
+        estimate=None, total_images=steps * layout.eff_batch, wall_hours=None,
+    )
+
+
 def format_plan(plan: Plan) -> str:
     lay, est = plan.layout, plan.estimate
     shapes = ", ".join(f"{k}: {v}" for k, v in plan.attention.items())
@@ -468,10 +492,13 @@ def format_plan(plan: Plan) -> str:
         f"cuda graphs       {lay.reason}",
         f"precision         {plan.precision}",
         f"kernels           {plan.kernels}",
-        f"attention         {shapes}",
+        f"attention         {shapes or 'per-shape choice modelled for MAE only'}",
         f"parameters        {plan.n_params / 1e6:.1f} M",
-        f"train FLOPs/img   {plan.train_gflops_per_image:.1f} GFLOP (matmuls, 3x forward)",
-        f"memory per GPU    activations {plan.activation_gib:.1f} GiB + state {plan.state_gib:.1f} GiB"
+        (f"train FLOPs/img   {plan.train_gflops_per_image:.1f} GFLOP (matmuls, 3x forward)" if plan.train_gflops_per_image
+         else "train FLOPs/img   not counted for this method"),
+        (f"memory per GPU    activations {plan.activation_gib:.1f} GiB + state {plan.state_gib:.1f} GiB"
+         if plan.activation_gib is not None else
+         f"memory per GPU    state {plan.state_gib:.1f} GiB (activations: the memory model covers MAE only)")
         + (f" (the model fits up to {lay.max_batch} images)" if lay.max_batch is not None else ""),
     ]
     if est is not None:
@@ -483,6 +510,7 @@ def format_plan(plan: Plan) -> str:
             f"wall time         {plan.wall_hours:.1f} h for {plan.total_images:,} images",
         ]
     else:
-        lines.append("time estimate     none (no GPU target: pass --device=cuda --gpu=NAME)")
+        why = "the roofline models MAE only" if plan.activation_gib is None else "no GPU target: pass --device=cuda --gpu=NAME"
+        lines.append(f"time estimate     none ({why})")
     lines.append("assumptions       " + "\n                  ".join(plan.assumptions))
     return "\n".join(lines)
