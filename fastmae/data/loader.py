@@ -328,7 +328,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     return self.finetune(im.convert("RGB")).numpy()
             if params is None or j != idx:
                 params = self.params(epoch, [idx], [j])[0].tolist()
-            out = pil_apply(im, self.img_size, params)
+            out = pil_apply(im, self.img_size, self.augment not in ("eval", "none"), params)
             return color_jitter(out, self.seed, epoch, idx) if self.augment == "crop_color" else out
 
     def __getitem__(self, key):

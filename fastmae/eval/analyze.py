@@ -233,7 +233,7 @@ def load_images(spec: str, img_size: int, in_chans: int, n: int, mean=None, std=
     arrs = []
     for f in files[:n]:
         with Image.open(f) as im:
-            arr = torch.from_numpy(np.asarray(im.convert(mode).resize((img_size, img_size), Image.BICUBIC)))
+            arr = torch.from_numpy(np.array(im.convert(mode).resize((img_size, img_size), Image.BICUBIC)))
         arrs.append(arr.float().div(255).reshape(img_size, img_size, in_chans).permute(2, 0, 1))
     x = torch.stack(arrs)
     if mean is None:

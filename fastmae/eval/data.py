@@ -6,7 +6,7 @@ shards with a ``cls`` field) both splits stream through
 :func:`fastmae.data.build_loader`: sharded by rank, resumable mid-epoch, never
 held in memory. Training batches are augmented for the protocol; validation
 batches are the eval transform (resize to img / 0.875, center crop), sharded so
-that every sample is counted exactly once across ranks: the loader pads each
+that every sample is counted exactly once across ranks: the loaders pad each
 rank's share by wrap-around and the padding carries the label ``IGNORE`` (-1).
 
 The demo (``--data`` unset) is scikit-learn's ``load_digits()`` (1,797
@@ -97,18 +97,6 @@ def carve_validation(x: Tensor, y: Tensor, fraction: float, seed: int) -> tuple[
     return x[tr], y[tr], x[va], y[va]
 
 
-def mark_padding(labels: Tensor, first: int, rank: int, world_size: int, num_samples: int) -> Tensor:
-    """Labels with ``IGNORE`` at the wrap-around padding of a ``drop_last=False`` shard.
-
-    labels: (B,) for this rank's samples ``first .. first + B - 1``. The loaders deal the
-    (unshuffled) sample list round-robin after padding it to a multiple of ``world_size``,
-    so this rank's k-th sample is global position ``k * world_size + rank``: positions
-    from ``num_samples`` on repeat the start of the list.
-    """
-    pos = (torch.arange(first, first + labels.shape[0], device=labels.device) * world_size + rank)
-    return torch.where(pos < num_samples, labels, torch.full_like(labels, IGNORE))
-
-
 class TensorLoader(BaseLoader):
     """Batches of in-memory tensors with the loader contract: rank shards, ``(epoch, step)`` resume, padding labels.
 
@@ -132,61 +120,23 @@ class TensorLoader(BaseLoader):
         bs = self.batch_size
         for s in range(start, self.steps_per_epoch):
             sel = idx[s * bs : (s + 1) * bs]
-            labels = self.y[sel]
-            if not self.train:
-                labels = mark_padding(labels, s * bs, self.rank, self.world_size, self.num_samples)
-            yield self.x[sel], labels
-
-
-class PaddedEval:
-    """A streaming validation loader whose wrap-around padding is labelled ``IGNORE`` (see :func:`mark_padding`)."""
-
-    def __init__(self, loader: BaseLoader) -> None:
-        self.loader = loader
-        self.num_samples = loader.num_samples
-        self.steps_per_epoch = loader.steps_per_epoch
-
-    def __iter__(self):
-        ld = self.loader
-        ld.set_epoch(0)
-        first = 0
-        for imgs, labels in ld:
-            yield imgs, mark_padding(labels, first, ld.rank, ld.world_size, ld.num_samples)
-            first += labels.shape[0]
-
-
-def num_classes_of(loader: BaseLoader) -> int:
-    """Size of the label space: the class folders, or the largest ``cls`` value + 1 for tar shards."""
-    src = getattr(loader, "source", None)
-    if getattr(src, "kind", "folder") == "tar":
-        return max(int(c) for c in loader.classes) + 1
-    return len(loader.classes)
+            yield self.x[sel], self.y[sel]  # BaseLoader labels the wrap-around padding IGNORE
 
 
 def stream_loaders(train_spec: str, val_spec: str, *, img_size: int, batch_size: int, eval_batch_size: int,
                    augment: str, loader: str, num_workers: int, seed: int, rank: int, world_size: int,
-                   device: torch.device) -> tuple[BaseLoader, PaddedEval, int]:
-    """-> (train loader, validation loader, number of classes) over folders or tar shards."""
+                   device: torch.device) -> tuple[BaseLoader, BaseLoader]:
+    """-> (train loader, validation loader) over class folders or tar shards, labels required, class ids shared."""
     from fastmae.data import build_loader
 
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     common = dict(img_size=img_size, loader=loader, num_workers=num_workers, seed=seed, rank=rank,
-                  world_size=world_size, device=str(device))
-    # fastmae.data's loaders draw MAE's random-resized crop + flip for train=True; the protocol-specific
-    # augmentations (RandAugment and random erasing for fine-tuning) come with the loader's `augment` option.
-    train = build_loader(train_spec, split="train", batch_size=batch_size, train=augment != "eval", drop_last=True,
+                  world_size=world_size, device=str(device), require_labels=True)
+    train = build_loader(train_spec, split="train", batch_size=batch_size, train=True, augment=augment, drop_last=True,
                          **common)
-    val = build_loader(val_spec, split="val", batch_size=eval_batch_size, train=False, drop_last=False, shuffle=False,
-                       **common)
-    n_cls = num_classes_of(train)
-    if getattr(train, "source", None) is not None and train.source.kind == "folder" == val.source.kind:
-        if list(train.classes) != list(val.classes):
-            extra = sorted(set(val.classes) ^ set(train.classes))[:5]
-            raise ValueError(f"train and val class folders differ ({len(train.classes)} vs {len(val.classes)} "
-                             f"classes, e.g. {extra}): the labels would not match")
-    elif num_classes_of(val) > n_cls:
-        raise ValueError(f"validation labels reach {num_classes_of(val) - 1} but training has {n_cls} classes")
-    if n_cls < 2:
-        raise ValueError(f"the training data has {n_cls} class; a classifier needs at least 2")
-    return train, PaddedEval(val), n_cls
+    if len(train.classes) < 2:
+        raise ValueError(f"the training data has {len(train.classes)} class; a classifier needs at least 2")
+    val = build_loader(val_spec, split="val", batch_size=eval_batch_size, train=False, augment="eval", drop_last=False,
+                       shuffle=False, classes=train.classes, **common)
+    return train, val

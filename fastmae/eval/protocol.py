@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,6 +265,7 @@ class EvalData:
     std: tuple[float, ...]
     n_val: int
     kind: str
+    score: Callable[[nn.Module], nn.Module] | None = None  # validation-time wrapper, e.g. multi-view averaging
 
 
 def build_data(cfg: EvalConfig, arch: dict, info: DistInfo, split: LabelledSplit | None) -> EvalData:
@@ -292,12 +294,12 @@ def build_data(cfg: EvalConfig, arch: dict, info: DistInfo, split: LabelledSplit
                          "give other layouts as --train_data=... --val_data=...")
     train_spec, val_spec = (cfg.data, cfg.data) if cfg.data else (cfg.train_data, cfg.val_data)
     augment = cfg.augment if cfg.augment != "auto" else ("linprobe" if cfg.tune_blocks == 0 else "finetune")
-    train, val, n_cls = stream_loaders(
+    train, val = stream_loaders(
         train_spec, val_spec, img_size=arch["img_size"], batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         augment=augment, loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, device=info.device)
-    return EvalData(train, val, None, n_cls, list(train.classes), IMAGENET_MEAN, IMAGENET_STD, val.num_samples,
-                    f"{train.source.kind} stream")
+    return EvalData(train, val, None, len(train.classes), list(train.classes), IMAGENET_MEAN, IMAGENET_STD,
+                    val.num_samples, f"{train.source.kind} stream")
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
@@ -382,7 +384,7 @@ def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dic
         return summary
     if start > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
         raise ValueError("mixup/cutmix mix whole images: use them with full fine-tuning (tune_blocks=-1) only")
-    summary = _train(cfg, info, model, data, amp_dtype, run_dir, write, arch, tune_blocks)
+    summary = train_classifier(cfg, info, model, data, amp_dtype, run_dir, write, arch, tune_blocks)
     summary.update(source=cfg.ckpt if source_sd is None else "<in memory>", arch=arch, data=data.kind,
                    wall_s=time.perf_counter() - t0, chance=1.0 / data.num_classes, rank=info.rank)
     if write and summary["status"] == "done":
@@ -401,10 +403,13 @@ def _accum_iter(cfg: EvalConfig, world_size: int) -> int:
     return cfg.eff_batch_size // per_step
 
 
-def _train(cfg: EvalConfig, info: DistInfo, model: Classifier, data: EvalData, amp_dtype, run_dir: Path | None,
-           write: bool, arch: dict, tune_blocks: int) -> dict:
+def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: EvalData, amp_dtype, run_dir: Path | None,
+                     write: bool, arch: dict, tune_blocks: int) -> dict:
+    """The training loop of every protocol; ``model`` is a :class:`Classifier` (its ``vit`` holds the weights) or a
+    module with ``group_matcher`` (video). Validation scores ``data.score(model)`` when given (multi-view testing)."""
     device = info.device
-    vit = model.vit
+    vit = getattr(model, "vit", model)
+    scorer = data.score(model) if data.score is not None else model
     linprobe = tune_blocks == 0
     accum = _accum_iter(cfg, info.world_size)
     steps_per_epoch = data.train.steps_per_epoch // accum
@@ -457,7 +462,8 @@ def _train(cfg: EvalConfig, info: DistInfo, model: Classifier, data: EvalData, a
 
     log = RunLogger(run_dir, total_steps, step, write, cfg.progress and not cfg.quiet) if run_dir else None
     say = (log.info if log else print) if info.is_main and not cfg.quiet else (lambda msg: None)
-    say(f"fastmae {cfg.protocol}: {arch['embed_dim']}-wide depth-{arch['depth']} ViT on {device} ({info.world_size} proc), "
+    say(f"fastmae {cfg.protocol}: {arch['embed_dim']}-wide depth-{arch['depth']} {type(vit).__name__} on {device} "
+        f"({info.world_size} proc), "
         f"{data.kind}, {data.num_classes} classes, {amp_dtype}, compile={cfg.compile}, steps {step}->{total_steps} "
         f"({steps_per_epoch}/epoch), effective batch {eff_batch} (accum {accum}), lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else ""))
@@ -527,7 +533,7 @@ def _train(cfg: EvalConfig, info: DistInfo, model: Classifier, data: EvalData, a
                         say(f"SIGTERM: saved step {step}; exiting")
                         return {"status": "preempted", "step": step}
             row = {"epoch": epoch, "train_loss": epoch_loss.item() / max(epoch_steps, 1), "lr": lr}
-            ev = evaluate(model, data.val, device, amp_dtype, info)
+            ev = evaluate(scorer, data.val, device, amp_dtype, info)
             row.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"], val_n=ev["n"])
             if data.select is not None:
                 row["select_top1"] = evaluate(model, data.select, device, amp_dtype, info)["top1"]
