@@ -322,3 +322,27 @@ def test_augment_key_reaches_the_training_loader_only(demo_dir):
     train = spec.build_loader(cfg, 0, 1, "cpu", "train", "uint8")
     val = spec.build_loader(cfg, 0, 1, "cpu", "val", "uint8")
     assert train.dataset.augment == "crop" and val.dataset.augment == "eval"
+
+
+@pytest.mark.parametrize("augment", ["none", "crop"])
+def test_dali_cuts_the_same_windows_as_the_torch_loader(tmp_path, augment):
+    pytest.importorskip("nvidia.dali")
+    from test_data_helpers import write_folder
+
+    from fastmae.data import build_loader
+
+    folder = write_folder(tmp_path / "f", per_class=4)
+    kw = dict(batch_size=8, img_size=32, augment=augment, num_workers=0, seed=4, output="uint8")
+    d = next(iter(build_loader(folder, loader="dali", **kw)))[0]
+    t = next(iter(build_loader(folder, loader="torch", **kw)))[0]
+    # Same windows and flips; pixels differ only by the decoders' / resamplers' rounding (as test_data_dali's bound).
+    diff = (d.float() - t.float()).abs()
+    assert d.shape == t.shape and diff.mean() < 1.5 and diff.flatten(1).mean(1).max() < 4.0
+
+
+def test_crop_color_on_dali_falls_back_to_the_torch_loader(demo_dir):
+    pytest.importorskip("nvidia.dali")
+    from fastmae.data import build_loader
+
+    ld = build_loader(str(demo_dir), batch_size=4, img_size=32, augment="crop_color", loader="dali", num_workers=0)
+    assert type(ld).__name__ == "TorchLoader"
