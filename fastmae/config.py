@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fastmae import flags
@@ -27,7 +27,7 @@ MAX_IMG_SIZE = 4096
 MAX_TOKENS = 65536
 LOADERS = ("torch", "dali", "synthetic")
 # The MAE paper's augmentation table: none, fixed-size crop, random-resized crop + flip (MAE), + color jitter.
-AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
+PRETRAIN_AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
 
 
 @dataclass
@@ -45,7 +45,8 @@ class PretrainConfig:
     loader: str = "torch"
     num_workers: int = 2
     img_size: int = 64
-    augment: str = ""  # pretraining augmentation (MAE paper Table 1e): "" = loader's | none | crop | crop_flip | crop_color
+    augment: str = field(default="", metadata={"help": "pretraining augmentation (MAE paper Table 1e): none | crop (fixed "
+                         "size) | crop_flip (random-resized, MAE) | crop_color (+ color jitter); '' = crop_flip"})
     holdout_fraction: float = 0.05  # held out of training when the data has no val/ split
     # model
     model: str = "mae_vit_tiny"
@@ -59,15 +60,20 @@ class PretrainConfig:
     video_target_norm: str = ""  # "" = tubelet if norm_pix_loss else none | tubelet | channel | none
     residual_dtype: str = "fp32"  # residual stream under autocast: fp32 (official numerics) | bf16
     # MAE paper ablations (MAE; mask_type and the decoder keys also CrossMAE): 0 / "" = the model's
-    mask_type: str = "random"  # random | block (BEiT-style blocks, exact count) | grid (keep 1 of every 2x2; mask_ratio 0.75)
-    loss_on: str = "masked"  # masked (MAE) | all (loss on visible patches too: the paper's "w/o masked only")
-    encoder_mask_tokens: bool = False  # the encoder sees every patch, masked ones as a mask token (~3.3x encoder FLOPs)
-    decoder_embed_dim: int = 0  # decoder width
-    decoder_depth: int = 0  # decoder blocks
-    decoder_num_heads: int = 0  # decoder attention heads
+    mask_type: str = field(default="random", metadata={"help": "random | block (BEiT-style blocks, exact count) | grid "
+                           "(keep 1 of every 2x2; mask_ratio 0.75): the MAE paper's Fig. 6"})
+    loss_on: str = field(default="masked", metadata={"help": "masked (MAE) | all (loss on visible patches too: the "
+                         "paper's 'w/o masked only')"})
+    encoder_mask_tokens: bool = field(default=False, metadata={"help": "the encoder sees every patch, masked ones as a "
+                                      "mask token (the paper's 'encoder w/ [M]', ~3.3x encoder FLOPs)"})
+    decoder_embed_dim: int = field(default=0, metadata={"help": "decoder width; 0 = the model's"})
+    decoder_depth: int = field(default=0, metadata={"help": "decoder blocks; 0 = the model's"})
+    decoder_num_heads: int = field(default=0, metadata={"help": "decoder attention heads; 0 = the model's"})
     # CrossMAE
-    prediction_ratio: float = 0.0  # fraction of all patches decoded in training (a subset of the masked); 0 = model's (0.25)
-    feature_fusion: str = ""  # inter-block feature maps: "" = the model's (on) | true | false
+    prediction_ratio: float = field(default=0.0, metadata={"help": "CrossMAE: fraction of all patches decoded in "
+                                    "training (a random subset of the masked); 0 = the model's (0.25)"})
+    feature_fusion: str = field(default="", metadata={"help": "CrossMAE inter-block feature maps: true | false; '' = "
+                                "the model's (on)"})
     # optimization (official MAE recipe: lr = blr * effective batch / 256)
     epochs: int = 30
     max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
@@ -153,7 +159,8 @@ class PretrainConfig:
             (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
             (self.video_target_norm in ("", "tubelet", "channel", "none"),
              f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
-            (self.augment in ("",) + AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
+            (self.augment in ("",) + PRETRAIN_AUGMENTS,
+             f"augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {self.augment!r}"),
             (self.mask_type in MASK_TYPES, f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}"),
             (self.mask_type != "grid" or self.mask_ratio == 0.75,
              f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, got {self.mask_ratio}"),

@@ -4,6 +4,7 @@ kernels against the reference path, and all through the real training loop."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -245,3 +246,103 @@ def test_switches_run_through_the_training_loop(tmp_path, demo_dir, fresh_env):
     sd = torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)["model"]
     assert sd["mask_token"].shape == (1, 1, 192) and "decoder_blocks.1.norm1.weight" not in sd
 
+
+
+# ---- the MAE paper's augmentation table (build_loader's augment, the pretraining loader's --augment) -------------
+
+
+def _batches(root, augment, seed=0, loader="torch"):
+    from fastmae.data import build_loader
+
+    ld = build_loader(str(root), batch_size=4, img_size=32, augment=augment, num_workers=0, output="uint8", seed=seed,
+                      loader=loader, shuffle=False, drop_last=True)
+    ld.set_epoch(0)
+    return next(iter(ld))[0]
+
+
+def test_augment_none_is_the_eval_geometry_and_crop_flip_is_maes(demo_dir):
+    assert torch.equal(_batches(demo_dir, "none"), _batches(demo_dir, "eval"))
+    assert torch.equal(_batches(demo_dir, "crop_flip"), _batches(demo_dir, "mae"))
+    assert not torch.equal(_batches(demo_dir, "crop_flip"), _batches(demo_dir, "none"))
+
+
+def test_augment_crop_is_a_fixed_size_window_at_a_random_place(demo_dir):
+    import numpy as np
+    from PIL import Image
+
+    from fastmae.data import build_loader
+    from fastmae.data.augment import fixed_crop_params_batch
+
+    W, H = np.array([300, 300, 120, 80]), np.array([200, 400, 120, 100])
+    p = fixed_crop_params_batch(0, 0, np.arange(4), W, H)
+    side = (np.minimum(W, H) * 0.875).astype(int)
+    assert (p[:, 2] == side).all() and (p[:, 3] == side).all()
+    assert ((p[:, 0] >= 0) & (p[:, 0] + side <= W) & (p[:, 1] >= 0) & (p[:, 1] + side <= H)).all()
+    many = fixed_crop_params_batch(0, 0, np.arange(400), np.full(400, 300), np.full(400, 200))
+    assert len(set(map(tuple, many[:, :2].tolist()))) > 100 and 0.4 < many[:, 4].mean() < 0.6
+    # The loader cuts exactly that window (PIL crop, bicubic resize, flip), a pure function of (seed, epoch, index).
+    ld = build_loader(str(demo_dir), batch_size=4, img_size=32, augment="crop", num_workers=0, output="uint8", seed=5,
+                      shuffle=False)
+    ld.set_epoch(0)
+    got = next(iter(ld))[0]
+    src = ld.source
+    for i in range(4):
+        w, h = src.sizes[i]
+        left, top, cw, ch, flip = fixed_crop_params_batch(5, 0, [i], [w], [h])[0].tolist()
+        with Image.open(io.BytesIO(src.read_bytes(i))) as im:
+            im = im.convert("RGB").crop((left, top, left + cw, top + ch)).resize((32, 32), Image.BICUBIC)
+            if flip:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        assert torch.equal(got[i], torch.from_numpy(np.array(im)))
+
+
+def test_augment_crop_color_is_crop_flip_then_the_jitter_formula(demo_dir):
+    import numpy as np
+
+    from fastmae.data.augment import COLOR_DRAW, sample_uniforms
+
+    base = _batches(demo_dir, "crop_flip", seed=3)
+    jit = _batches(demo_dir, "crop_color", seed=3)
+    assert jit.shape == base.shape and not torch.equal(jit, base)
+    for i in range(4):
+        b, c, s = 1 + 0.4 * (2 * sample_uniforms(3, 0, [i], COLOR_DRAW + 3)[0, COLOR_DRAW:] - 1)
+        x = base[i].numpy().astype(np.float64) * b
+        gray = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+        x = (x - gray.mean()) * c + gray.mean()
+        gray = (x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114)[..., None]
+        x = np.clip(np.rint((x - gray) * s + gray), 0, 255)
+        # Same formula, summation order of the gray weights may differ: at most one level off.
+        assert np.abs(x - jit[i].numpy()).max() <= 1
+    assert torch.equal(_batches(demo_dir, "crop_color", seed=3), jit)
+
+
+def test_augment_key_reaches_the_training_loader_only(demo_dir):
+    cfg = parse_overrides(["--augment=crop", f"--data={demo_dir}", "--img_size=32", "--batch_size=4", "--num_workers=0"])
+    spec = get_method("mae")
+    train = spec.build_loader(cfg, 0, 1, "cpu", "train", "uint8")
+    val = spec.build_loader(cfg, 0, 1, "cpu", "val", "uint8")
+    assert train.dataset.augment == "crop" and val.dataset.augment == "eval"
+
+
+@pytest.mark.parametrize("augment", ["none", "crop"])
+def test_dali_cuts_the_same_windows_as_the_torch_loader(tmp_path, augment):
+    pytest.importorskip("nvidia.dali")
+    from test_data_helpers import write_folder
+
+    from fastmae.data import build_loader
+
+    folder = write_folder(tmp_path / "f", per_class=4)
+    kw = dict(batch_size=8, img_size=32, augment=augment, num_workers=0, seed=4, output="uint8")
+    d = next(iter(build_loader(folder, loader="dali", **kw)))[0]
+    t = next(iter(build_loader(folder, loader="torch", **kw)))[0]
+    # Same windows and flips; pixels differ only by the decoders' / resamplers' rounding (as test_data_dali's bound).
+    diff = (d.float() - t.float()).abs()
+    assert d.shape == t.shape and diff.mean() < 1.5 and diff.flatten(1).mean(1).max() < 4.0
+
+
+def test_crop_color_on_dali_falls_back_to_the_torch_loader(demo_dir):
+    pytest.importorskip("nvidia.dali")
+    from fastmae.data import build_loader
+
+    ld = build_loader(str(demo_dir), batch_size=4, img_size=32, augment="crop_color", loader="dali", num_workers=0)
+    assert type(ld).__name__ == "TorchLoader"

@@ -17,7 +17,8 @@ from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
 OUTPUTS = ("float", "uint8")
-AUGMENTS = ("mae", "linprobe", "finetune", "eval")
+# The last four: the MAE paper's pretraining augmentation table (see augment.py); "crop_flip" is "mae".
+AUGMENTS = ("mae", "linprobe", "finetune", "eval", "none", "crop", "crop_flip", "crop_color")
 
 log = logging.getLogger("fastmae.data")
 
@@ -76,7 +77,9 @@ def build_loader(
     ``augment``: ``"mae"`` (random-resized crop 0.2-1 + flip; the default when ``train``),
     ``"linprobe"`` (crop 0.08-1 + flip), ``"finetune"`` (timm's RandAugment fine-tuning transform, float
     output only; the DALI loader hands it to the torch loader), ``"eval"`` (resize to img_size/0.875,
-    center crop; the default otherwise). Every draw is a pure function of (seed, epoch, index).
+    center crop; the default otherwise); for pretraining ablations (the MAE paper's Table 1e) ``"none"`` (the
+    eval geometry), ``"crop"`` (fixed-size random crop + flip), ``"crop_flip"`` (= ``"mae"``), ``"crop_color"``
+    (``"mae"`` + color jitter; torch loader). Every draw is a pure function of (seed, epoch, index).
     ``classes``: pin the class names (e.g. the train loader's ``classes`` for a separate val spec).
     ``require_labels``: fail at build time on tar samples without a ``.cls`` label (evaluation).
     ``shuffle`` defaults to ``train``. ``num_samples``/``num_classes`` only apply to ``loader="synthetic"``.
@@ -115,6 +118,9 @@ def build_loader(
             "augment='finetune' runs on the torch loader: DALI has no operator-for-operator equivalent of timm's "
             "RandAugment (rand-m9-mstd0.5-inc1) and random erasing"
         )
+        loader = "torch"
+    if loader == "dali" and augment == "crop_color":
+        log.warning("augment='crop_color' runs on the torch loader: DALI's color ops do not round as augment.color_jitter")
         loader = "torch"
     scan = dict(min_size=min_size, crop=img_size, index_cache=index_cache, classes=classes, require_labels=require_labels)
     if loader == "dali":

@@ -11,6 +11,11 @@ Train (official MAE): random-resized-crop with scale (0.2, 1) (``"linprobe"``: (
 aspect ratio (3/4, 4/3), ten attempts then a center-crop fallback (torchvision's algorithm); bicubic
 resize to ``img_size``; horizontal flip with p = 0.5. Eval: resize the short side to
 ``int(img_size / 0.875)`` (256 for 224, bicubic) then center crop ``img_size``.
+
+The MAE paper's pretraining augmentation table (Table 1e) as ``augment`` values: ``"none"`` (the eval
+geometry), ``"crop"`` (a fixed-size window, the eval crop's share 0.875 of the short side, at a random
+position, + flip: :func:`fixed_crop_params_batch`), ``"crop_flip"`` (= ``"mae"``), ``"crop_color"``
+(``"mae"`` + :func:`color_jitter` on the decoded crop, torch loader only).
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from PIL import Image
 
 SCALE = (0.2, 1.0)
 # The random-resized-crop scale range of each crop-based augmentation (build_loader's ``augment``).
-AUGMENT_SCALES = {"mae": SCALE, "linprobe": (0.08, 1.0)}
+AUGMENT_SCALES = {"mae": SCALE, "linprobe": (0.08, 1.0), "crop_flip": SCALE, "crop_color": SCALE}
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_CROP_PCT = 0.875
 ATTEMPTS = 10
 FLIP_DRAW = 4 * ATTEMPTS  # draws 0..39: (area, log-ratio, top, left) per attempt; 40: flip; 41+: free
+COLOR_DRAW = FLIP_DRAW + 1  # draws 41..43: brightness, contrast, saturation factors of "crop_color"
+COLOR_JITTER = 0.4  # each factor uniform in [1 - 0.4, 1 + 0.4] (torchvision ColorJitter(0.4, 0.4, 0.4))
 _PERM_STREAM = 0x5045524D
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -41,6 +48,8 @@ __all__ = [
     "rrc_windows",
     "train_params",
     "train_params_batch",
+    "fixed_crop_params_batch",
+    "color_jitter",
     "eval_params",
     "pil_apply",
 ]
@@ -115,6 +124,32 @@ def train_params_batch(seed: int, epoch: int, indices, widths, heights, scale=SC
 def train_params(seed: int, epoch: int, index: int, width: int, height: int, scale=SCALE) -> tuple[int, int, int, int, int]:
     """-> (left, top, w, h, flip) for sample ``index`` of ``epoch`` (one row of :func:`train_params_batch`)."""
     return tuple(int(v) for v in train_params_batch(seed, epoch, [index], [width], [height], scale)[0])
+
+
+def fixed_crop_params_batch(seed: int, epoch: int, indices, widths, heights) -> np.ndarray:
+    """-> int64 (N, 5) (left, top, w, h, flip): a square window of side int(0.875 * short side) at a uniform
+    position (draws 2 and 3), flipped with p = 0.5 (the flip draw): ``augment="crop"``."""
+    u = sample_uniforms(seed, epoch, indices, FLIP_DRAW + 1)
+    W = np.asarray(widths, np.int64).reshape(-1)
+    H = np.asarray(heights, np.int64).reshape(-1)
+    side = np.maximum(1, (np.minimum(W, H) * EVAL_CROP_PCT).astype(np.int64))
+    top = np.floor(u[:, 2] * (H - side + 1)).astype(np.int64)
+    left = np.floor(u[:, 3] * (W - side + 1)).astype(np.int64)
+    flip = (u[:, FLIP_DRAW] < 0.5).astype(np.int64)
+    return np.stack([left, top, side, side, flip], 1)
+
+
+def color_jitter(img: np.ndarray, seed: int, epoch: int, index: int) -> np.ndarray:
+    """Brightness, then contrast (about the mean gray), then saturation (about each pixel's gray), factors
+    from draws 41..43 of the sample; uint8 (H, W, 3) -> uint8 (H, W, 3), rounded to nearest."""
+    b, c, s = 1.0 + COLOR_JITTER * (2.0 * sample_uniforms(seed, epoch, [index], COLOR_DRAW + 3)[0, COLOR_DRAW:] - 1.0)
+    gray_w = np.array([0.299, 0.587, 0.114])
+    x = img.astype(np.float64) * b
+    m = (x @ gray_w).mean()
+    x = (x - m) * c + m
+    g = (x @ gray_w)[..., None]
+    x = (x - g) * s + g
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def eval_params(width: int, height: int, img_size: int) -> tuple[int, int, int, int]:

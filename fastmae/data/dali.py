@@ -168,7 +168,7 @@ class DaliLoader(BaseLoader):
         fn, pipeline_def, types = self._fn, self._pipeline_def, self._types
         s = self.img_size
         folder = self.source.kind == "folder"
-        train = self.augment != "eval"
+        train = self.augment not in ("eval", "none")
         mixed = self.device_id is not None
         dec_kw = {"output_type": types.RGB, "adjust_orientation": False, **decoder_kwargs(mixed, self.hw_decoder_load)}
         if self.resize_filter == "cubic":

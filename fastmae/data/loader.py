@@ -46,7 +46,16 @@ from PIL import Image
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..reference import normalize_uint8
-from .augment import AUGMENT_SCALES, epoch_permutation, eval_params, pil_apply, sample_seed, train_params_batch
+from .augment import (
+    AUGMENT_SCALES,
+    color_jitter,
+    epoch_permutation,
+    eval_params,
+    fixed_crop_params_batch,
+    pil_apply,
+    sample_seed,
+    train_params_batch,
+)
 from .sources import Source
 from .text import printable
 
@@ -305,8 +314,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def params(self, epoch: int, orig, use) -> np.ndarray:
         """int64 (N, 5) train windows or (N, 4) eval geometry for samples ``orig`` decoded from files ``use``."""
         wh = self.sizes[np.asarray(use, dtype=np.int64)]
-        if self.augment == "eval":
+        if self.augment in ("eval", "none"):
             return np.array([eval_params(int(w), int(h), self.img_size) for w, h in wh], dtype=np.int64).reshape(-1, 4)
+        if self.augment == "crop":
+            return fixed_crop_params_batch(self.seed, epoch, orig, wh[:, 0], wh[:, 1])
         return train_params_batch(self.seed, epoch, orig, wh[:, 0], wh[:, 1], AUGMENT_SCALES[self.augment])
 
     def batch_keys(self, epoch: int, indices: np.ndarray) -> list:
@@ -324,7 +335,8 @@ class ImageDataset(torch.utils.data.Dataset):
                     return self.finetune(im.convert("RGB")).numpy()
             if params is None or j != idx:
                 params = self.params(epoch, [idx], [j])[0].tolist()
-            return pil_apply(im, self.img_size, self.augment != "eval", params)
+            out = pil_apply(im, self.img_size, self.augment not in ("eval", "none"), params)
+            return color_jitter(out, self.seed, epoch, idx) if self.augment == "crop_color" else out
 
     def __getitem__(self, key):
         idx, epoch, params = key
