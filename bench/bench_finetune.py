@@ -93,15 +93,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
-    rows = [run(args.model, args.img, args.batch, m, args.warmup, args.repeats, device) for m in args.modes]
-    base = {r["mode"]: r for r in rows}.get("eager-fp32")
-    print(f"| vit_{args.model}_patch16, {args.img} px, batch {args.batch}, {rows[0]['device']} | fastmae img/s | "
-          f"timm img/s | fastmae / timm | fastmae vs its eager fp32 |")
-    print("|---|---|---|---|---|")
-    for r in rows:
+    print(f"| vit_{args.model}_patch16, {args.img} px, batch {args.batch} | fastmae img/s | timm img/s | fastmae / timm "
+          "| fastmae vs its eager fp32 |")
+    print("|---|---|---|---|---|", flush=True)
+    base = None
+    for m in args.modes:  # one row per mode as soon as it is measured (compiling can take minutes on a CPU)
+        r = run(args.model, args.img, args.batch, m, args.warmup, args.repeats, device)
+        base = r if m == "eager-fp32" else base
         rel = f"{r['fastmae_img_s'] / base['fastmae_img_s']:.2f}x" if base else "n/a"
-        print(f"| {r['mode']} | {r['fastmae_img_s']} | {r['timm_img_s']} | {r['speedup_vs_timm']:.2f}x | {rel} |")
-    print(f"rows appended to {append_csv(rows)}")
+        print(f"| {r['mode']} | {r['fastmae_img_s']} | {r['timm_img_s']} | {r['speedup_vs_timm']:.2f}x | {rel} |", flush=True)
+        append_csv([r])
+    print(f"rows appended to bench/results/finetune_step.csv ({r['device']})")
 
 
 if __name__ == "__main__":
