@@ -1,263 +1,236 @@
-"""Shared machinery of the kernel microbenchmarks (bench/bench_<kernel>.py).
+"""Shared machinery of the kernel microbenchmarks (bench/bench_<op>.py), which are pytest-benchmark modules.
 
-On CUDA: ``triton.testing.do_bench`` (median, p20, p80) of the Triton kernel vs the eager
-reference vs the ``torch.compile``d reference, for forward, backward and forward+backward,
-with the effective bandwidth (ideal bytes / time) and its share of the peak.
+Every benchmark calls the op through ``fastmae.ops`` with the backend forced
+(``FASTMAE_KERNELS``), so what is timed is what trains:
 
-On CPU: the kernels only run under the Triton interpreter, whose timings mean nothing.
-Instead each case reports the bytes the fused kernel must move (ideal, counted analytically)
-next to the bytes the eager reference moves (counted by tracing its aten ops: inputs read +
-outputs written, views free), plus eager-vs-compiled reference CPU timings at a reduced batch.
+- ``reference``: the eager twin (``fastmae.reference``), i.e. ``FASTMAE_KERNELS=torch``;
+- ``reference-compiled``: the same under ``torch.compile``;
+- ``triton``: the custom op and its registered backward, ``FASTMAE_KERNELS=triton``.
 
-Every run prints a markdown table and appends rows to ``bench/results/<bench>.csv``.
+Each is measured for the forward (``fwd``, under ``no_grad``) and the backward alone
+(``bwd``: the forward runs outside the timed region, the backward with ``retain_graph``).
+``extra_info`` records the bytes the fused kernel must move (``ideal_MB``, counted
+analytically) and, on reference rows, the bytes the eager reference moves (``moved_MB``,
+counted by tracing its aten ops: inputs read + outputs written, views free).
+
+Environment:
+
+- ``FASTMAE_BENCH_SCALE``: ``cpu`` (default: ViT shapes at batch 8), ``gpu`` (batch 256, the
+  real training shapes) or ``tiny`` (small images at batch 1: a smoke run that keeps the modules
+  working, used by tests/test_kernel_benches.py); ``FASTMAE_BENCH_BATCH`` overrides the batch;
+- ``FASTMAE_BENCH_TRITON=1``: run the Triton rows without CUDA, in the Triton interpreter
+  (correctness only: interpreter timings mean nothing). Triton reads ``TRITON_INTERPRET`` when it is
+  imported, which importing fastmae does, so this module sets it on import when asked;
+- ``FASTMAE_BENCH_COMPILE_BACKEND``: ``torch.compile`` backend of the compiled rows (default
+  ``inductor``; the smoke test uses ``aot_eager`` to skip Inductor's C++ build);
+- ``FASTMAE_BENCH_ROUNDS``: timed rounds per benchmark (default 5, after one warm-up round).
+
+Commands (pytest-benchmark saves and compares runs under ``.benchmarks/``):
+
+    python -m pytest bench/bench_patchify_gather.py --benchmark-only -q
+    python -m pytest bench/bench_*.py --benchmark-only --benchmark-autosave
+    python -m pytest bench/bench_*.py --benchmark-only --benchmark-compare
+    python bench/bench_patchify_gather.py            # the same, then a ratio table for RESULTS.md
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
+import contextlib
+import json
 import os
-import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from _harness import append_csv
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+if os.environ.get("FASTMAE_BENCH_TRITON") == "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastmae.flags import underscores
+import pytest  # noqa: E402 - after the interpreter switch above
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
-CSV_FIELDS = [
-    "timestamp", "bench", "device", "torch", "triton", "git_sha", "case", "impl", "pass", "batch",
-    "median_ms", "p20_ms", "p80_ms", "ideal_MB", "moved_MB", "GBps", "pct_peak", "note",
-]
-# Peak DRAM bandwidth (GB/s) by device-name fragment, from the vendors' data sheets.
-PEAK_GBPS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
-             "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
+BACKENDS = ("reference", "reference-compiled", "triton")
+PASSES = ("fwd", "bwd")
+BATCH = {"cpu": 8, "gpu": 256, "tiny": 1}
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def scale() -> str:
+    value = os.environ.get("FASTMAE_BENCH_SCALE", "cpu")
+    if value not in BATCH:
+        raise ValueError(f"FASTMAE_BENCH_SCALE must be one of {tuple(BATCH)}, got {value!r}")
+    return value
+
+
+def batch_size() -> int:
+    return int(os.environ.get("FASTMAE_BENCH_BATCH", BATCH[scale()]))
+
+
+def image_size(patch: int) -> int:
+    """224 px (the ViT recipes), or 2 x 2 patches at the tiny scale: the patch dim P stays the real one."""
+    return 2 * patch if scale() == "tiny" else 224
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _triton_skip_reason() -> str | None:
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return ("no CUDA: the Triton rows would run in the Triton interpreter (correctness only, timings meaningless); "
+            "set FASTMAE_BENCH_TRITON=1 to run them anyway")
+
+
+def backend_params() -> list:
+    """The backend axis of every benchmark; the Triton rows carry a skip mark without CUDA (reason included)."""
+    reason = _triton_skip_reason()
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    return [pytest.param(b, marks=marks if b == "triton" else []) for b in BACKENDS]
 
 
 @dataclass
 class Case:
-    """One benchmark shape. ``make(batch, device)`` returns the input dict; ``ref`` / ``fused`` map it to the
-    output; ``grad_keys`` are the inputs that require grad; ``ideal_bytes(pass)`` is the fused kernel's traffic."""
+    """One benchmark shape. ``make(batch, device)`` returns the inputs; ``op(inputs)`` calls the op through
+    ``fastmae.ops``; ``grad_keys`` are the inputs that require grad; ``ideal_bytes(batch, pass)`` is the traffic
+    the fused kernel must have."""
 
     name: str
     make: Callable[[int, torch.device], dict]
-    ref: Callable[[dict], torch.Tensor]
-    fused: Callable[[dict], torch.Tensor]
+    op: Callable[[dict], torch.Tensor]
     grad_keys: Sequence[str]
     ideal_bytes: Callable[[int, str], int]
     note: str = ""
-    passes: Sequence[str] = field(default_factory=lambda: ("fwd", "bwd", "fwd+bwd"))
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--batch", type=int, default=256, help="batch of the GPU runs and of the byte counts")
-    ap.add_argument("--cpu_batch", type=int, default=16, help="batch of the CPU eager-vs-compiled timings")
-    ap.add_argument("--peak_gbps", type=float, default=None, help="peak bandwidth (default: by device name)")
-    ap.add_argument("--no_csv", action="store_true", help="do not append to bench/results/")
-    ap.add_argument("--no_compile", action="store_true", help="skip the torch.compile'd reference")
-    return ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Force ``fastmae.ops`` to 'torch' or 'triton' (``FASTMAE_KERNELS``) inside the block."""
+    from fastmae import ops
 
-
-def env_info() -> dict[str, str]:
+    saved = os.environ.get(ops.ENV_VAR)
+    os.environ[ops.ENV_VAR] = name
+    ops._reset_kernel_backend()
     try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "uncommitted"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} threads)"
-    return {"device": device, "torch": torch.__version__, "triton": triton_version, "git_sha": sha}
-
-
-def peak_gbps(name: str, override: float | None) -> float | None:
-    if override is not None:
-        return override
-    for frag, gbps in PEAK_GBPS.items():
-        if frag in name:
-            return gbps
-    return None
-
-
-# ---- bytes moved by the eager reference ----------------------------------------------------------------
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ops.ENV_VAR, None)
+        else:
+            os.environ[ops.ENV_VAR] = saved
+        ops._reset_kernel_backend()
 
 
 class _ByteCounter(TorchDispatchMode):
-    """Sums input bytes read and output bytes written over aten ops; ops whose outputs alias an input
-    (views) move nothing."""
+    """Sums input bytes read and output bytes written over aten ops; ops whose outputs alias an input move nothing."""
 
     def __init__(self):
         super().__init__()
-        self.read = 0
-        self.written = 0
-        self.ops: dict[str, int] = {}
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if any(r.alias_info is not None for r in func._schema.returns):
             return out
-        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        r = sum(t.numel() * t.element_size() for t in ins)
-        w = sum(t.numel() * t.element_size() for t in outs)
-        self.read += r
-        self.written += w
-        name = str(func.overloadpacket.__name__)
-        self.ops[name] = self.ops.get(name, 0) + r + w
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
 
-def eager_bytes(case: Case, batch: int, device: torch.device) -> dict[str, int]:
-    """Bytes the eager reference moves per pass (traced at ``batch``)."""
-    inputs = case.make(batch, device)
-    result = {}
-    with _ByteCounter() as c:
-        with torch.no_grad():
-            case.ref(inputs)
-    result["fwd"] = c.read + c.written
-    if case.grad_keys:
-        out = case.ref(inputs)
-        gout = torch.ones_like(out)
-        with _ByteCounter() as c:
-            torch.autograd.grad(out, [inputs[k] for k in case.grad_keys], gout)
-        result["bwd"] = c.read + c.written
-        result["fwd+bwd"] = result["fwd"] + result["bwd"]
-    return result
+def inputs_device(inputs: dict) -> torch.device:
+    return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
 
 
-# ---- timing ---------------------------------------------------------------------------------------------
-
-
-def _pass_fn(fn: Callable[[dict], torch.Tensor], inputs: dict, grad_keys: Sequence[str], kind: str):
-    leaves = [inputs[k] for k in grad_keys]
+def _pass_fn(fn: Callable[[dict], torch.Tensor], inputs: dict, grad_keys: Sequence[str], kind: str) -> Callable:
+    sync = torch.cuda.synchronize if inputs_device(inputs).type == "cuda" else (lambda: None)
     if kind == "fwd":
-        def run():
+        def run_fwd():
             with torch.no_grad():
                 fn(inputs)
-        return run
-    if kind == "bwd":
-        out = fn(inputs)
-        gout = torch.ones_like(out)
-        return lambda: torch.autograd.grad(out, leaves, gout, retain_graph=True)
+            sync()
+        return run_fwd
+    leaves = [inputs[k] for k in grad_keys]
+    out = fn(inputs)
+    gout = torch.full_like(out, 0.5)  # not 1: the backward must really scale by the upstream gradient
 
-    def run_both():
-        out = fn(inputs)
-        torch.autograd.grad(out, leaves, torch.ones_like(out))
-    return run_both
-
-
-def time_cuda(run: Callable[[], object]) -> tuple[float, float, float]:
-    import triton.testing
-
-    med, p20, p80 = triton.testing.do_bench(run, quantiles=[0.5, 0.2, 0.8])
-    return med, p20, p80
+    def run_bwd():
+        torch.autograd.grad(out, leaves, gout, retain_graph=True)
+        sync()
+    return run_bwd
 
 
-def time_cpu(run: Callable[[], object], min_runs: int = 5, budget_s: float = 3.0) -> tuple[float, float, float]:
-    run()  # warm-up (and compile, for torch.compile)
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_runs or (time.perf_counter() < t_end and len(times) < 50):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return statistics.median(times), q[1], q[7]
+def eager_bytes(case: Case, batch: int, dev: torch.device, kind: str) -> int:
+    """Bytes the eager reference moves in one ``kind`` pass at ``batch``."""
+    with forced_backend("torch"):
+        inputs = case.make(batch, dev)
+        if kind == "fwd":
+            with _ByteCounter() as c, torch.no_grad():
+                case.op(inputs)
+            return c.bytes
+        out = case.op(inputs)
+        with _ByteCounter() as c:
+            torch.autograd.grad(out, [inputs[k] for k in case.grad_keys], torch.full_like(out, 0.5))
+        return c.bytes
 
 
-# ---- driver ---------------------------------------------------------------------------------------------
-
-
-def _fmt(x: float | None, nd: int = 3) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def run_bench(bench: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
-    # The "bwd" pass re-runs one backward with retain_graph=True, which compiled graphs with donated buffers refuse.
+def bench_op(benchmark, case: Case, kind: str, backend: str) -> None:
+    """Time one (case, pass, backend) row through ``fastmae.ops`` with the backend forced."""
+    if kind == "bwd" and not case.grad_keys:
+        pytest.skip("no differentiable input (uint8 images): forward only")
+    dev, batch = device(), batch_size()
+    # The bwd pass re-runs one backward with retain_graph=True, which compiled graphs with donated buffers refuse.
     torch._functorch.config.donated_buffer = False
-    info = env_info()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    peak = peak_gbps(info["device"], args.peak_gbps) if cuda else None
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    rows: list[dict] = []
-    print(f"## {bench}\n\n{info['device']} | torch {info['torch']} | triton {info['triton']} | git {info['git_sha']}\n")
-    if not cuda:
-        print("No GPU: the Triton kernels only run under the interpreter here, and interpreter timings mean "
-              "nothing, so none are reported. Below: bytes each kernel must move (ideal) vs bytes the eager "
-              f"reference moves at batch {args.batch}, and CPU timings of the reference, eager vs torch.compile, "
-              f"at batch {args.cpu_batch}.\n")
-    for case in cases:
-        moved = eager_bytes(case, args.batch, torch.device("cpu") if not cuda else device)
-        impls = {"eager": case.ref}
-        if not args.no_compile:
-            impls["compiled"] = torch.compile(case.ref)
-        if cuda:
-            # CUDA tensors take the Triton path of fastmae.ops unless FASTMAE_KERNELS says otherwise.
-            from fastmae import ops
+    benchmark.group = f"{case.name} {kind}"
+    benchmark.extra_info.update(case=case.name, kind=kind, backend=backend, batch=batch, note=case.note,
+                                ideal_MB=case.ideal_bytes(batch, kind) / 1e6)
+    if backend == "reference" and not benchmark.disabled:
+        benchmark.extra_info["moved_MB"] = eager_bytes(case, batch, dev, kind) / 1e6
+    with forced_backend("triton" if backend == "triton" else "torch"):
+        inputs = case.make(batch, dev)
+        fn = case.op
+        if backend == "reference-compiled":
+            torch._dynamo.reset()
+            fn = torch.compile(case.op, dynamic=False, backend=os.environ.get("FASTMAE_BENCH_COMPILE_BACKEND", "inductor"))
+        run = _pass_fn(fn, inputs, case.grad_keys, kind)
+        rounds = int(os.environ.get("FASTMAE_BENCH_ROUNDS", "5"))
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
 
-            if ops.kernel_backend(device) != "triton":
-                raise SystemExit(f"fastmae.ops would not run the Triton kernels here (backend {ops.kernel_backend(device)})")
-            impls = {"triton": case.fused, **impls}
-        batch = args.batch if cuda else args.cpu_batch
-        for kind in case.passes:
-            if kind != "fwd" and not case.grad_keys:
+
+def ratio_table(results: dict) -> str:
+    """Markdown table of a ``--benchmark-json`` file: median per backend, speed vs the eager reference, bytes."""
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    for b in results["benchmarks"]:
+        info = b["extra_info"]
+        rows.setdefault((info["case"], info["kind"]), {})[info["backend"]] = {**info, "median_ms": b["stats"]["median"] * 1e3}
+    lines = ["| case | pass | batch | backend | median ms | vs reference eager | ideal MB (fused) | eager reference MB |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for (case, kind), by_backend in rows.items():
+        ref = by_backend.get("reference")
+        moved = f"{ref['moved_MB']:.1f}" if ref and "moved_MB" in ref else "-"
+        for backend in BACKENDS:
+            if backend not in by_backend:
                 continue
-            ideal = case.ideal_bytes(args.batch, kind)
-            for impl, fn in impls.items():
-                inputs = case.make(batch, device)
-                run = _pass_fn(fn, inputs, case.grad_keys, kind)
-                med, p20, p80 = time_cuda(run) if cuda else time_cpu(run)
-                scaled_ideal = ideal * batch / args.batch
-                gbps = scaled_ideal / (med * 1e-3) / 1e9
-                rows.append({
-                    "timestamp": stamp, "bench": bench, **info, "case": case.name, "impl": impl, "pass": kind,
-                    "batch": batch, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                    "ideal_MB": ideal / 1e6, "moved_MB": moved.get(kind, 0) / 1e6,
-                    "GBps": gbps if cuda else None, "pct_peak": (100 * gbps / peak) if (cuda and peak) else None,
-                    "note": case.note,
-                })
-    _print_table(rows, cuda)
-    if not args.no_csv:
-        append_csv([{k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in rows])
-    return rows
+            r = by_backend[backend]
+            ratio = f"{ref['median_ms'] / r['median_ms']:.2f}x" if ref else "-"
+            lines.append(f"| {case} | {kind} | {r['batch']} | {backend} | {r['median_ms']:.3f} | {ratio} | "
+                         f"{r['ideal_MB']:.1f} | {moved} |")
+    return "\n".join(lines)
 
 
-def _print_table(rows: list[dict], cuda: bool) -> None:
-    by_case: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in rows:
-        by_case.setdefault((r["case"], r["pass"]), {})[r["impl"]] = r
-    if cuda:
-        print("| case | pass | impl | median ms | p20 | p80 | GB/s (ideal bytes) | % peak | vs eager |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for (case, kind), impls in by_case.items():
-            eager = impls["eager"]["median_ms"]
-            for impl, r in impls.items():
-                print(f"| {case} | {kind} | {impl} | {_fmt(r['median_ms'])} | {_fmt(r['p20_ms'])} | "
-                      f"{_fmt(r['p80_ms'])} | {_fmt(r['GBps'], 0)} | {_fmt(r['pct_peak'], 1)} | "
-                      f"{eager / r['median_ms']:.2f}x |")
-    else:
-        print("| case | pass | ideal MB (fused kernel) | eager reference MB | eager / ideal | "
-              "CPU eager ms | CPU compiled ms | compiled speed-up |")
-        print("|---|---|---|---|---|---|---|---|")
-        for (case, kind), impls in by_case.items():
-            e = impls["eager"]
-            c = impls.get("compiled")
-            ratio = e["moved_MB"] / e["ideal_MB"] if e["ideal_MB"] else float("nan")
-            print(f"| {case} | {kind} | {e['ideal_MB']:.1f} | {e['moved_MB']:.1f} | {ratio:.1f}x | "
-                  f"{_fmt(e['median_ms'], 2)} | {_fmt(c and c['median_ms'], 2)} | "
-                  f"{(e['median_ms'] / c['median_ms']) if c else float('nan'):.2f}x |")
-    print()
+def main(module_file: str) -> int:
+    """``python bench/bench_<op>.py [pytest args]``: run the module's benchmarks, then print the ratio table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        code = pytest.main([module_file, "--benchmark-only", "-q", f"--benchmark-json={out}", *sys.argv[1:]])
+        if out.exists():
+            results = json.loads(out.read_text())
+            if results["benchmarks"]:
+                machine = results["machine_info"]
+                print(f"\n{machine.get('cpu', {}).get('brand_raw', machine['machine'])} | "
+                      f"torch {torch.__version__} | scale {scale()}\n")
+                print(ratio_table(results))
+    return int(code)

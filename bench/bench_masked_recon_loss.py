@@ -1,27 +1,29 @@
-"""K3 microbenchmark: MAE's normalized-pixel loss on the masked patches, forward + backward.
+"""K3 microbenchmark (pytest-benchmark): MAE's normalized-pixel loss on the masked patches, forward and backward,
+via fastmae.ops.
 
-    python bench/bench_masked_recon_loss.py [--batch 256] [--cpu-batch 16]
+    python -m pytest bench/bench_masked_recon_loss.py --benchmark-only -q   # CPU: reference eager vs compiled
+    FASTMAE_BENCH_SCALE=gpu python -m pytest bench/bench_masked_recon_loss.py --benchmark-only
+    python bench/bench_masked_recon_loss.py                                 # + ratio table (see bench/_common.py)
 
-ViT-B/16 and ViT-L/16 share the shape (224 px, patch 16, 147 masked of 196 patches, P = 768);
-ViT-H/14 has P = 588 (192 masked of 256). Predictions cover all patches, as the model's decoder
-produces them; images come as DALI delivers them (uint8 NHWC) or as float NCHW.
+ViT-B/16 and ViT-L/16 share the shape (224 px, patch 16, 147 masked of 196 patches, P = 768), so one id
+covers both; ViT-H/14 has P = 588 (192 masked of 256). Predictions cover all patches, as MAE's decoder
+produces them; images come as the loaders deliver them (uint8 NHWC) or as float NCHW. The backward row
+times the gradient alone for an upstream gradient of 0.5 (the kernel reads it on the device).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
-from _common import Case, parse_args, run_bench
+from _common import MEAN, PASSES, STD, Case, backend_params, bench_op, image_size, main
 
 from fastmae import ops
-from fastmae import reference as R
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
-def _case(name: str, size: int, p: int, ratio: float, src: str, pred_dtype: torch.dtype) -> Case:
+def _case(name: str, p: int, src: str, pred_dtype: torch.dtype) -> Case:
+    size = image_size(p)
     L = (size // p) ** 2
-    n_mask = L - int(L * (1 - ratio))
+    n_mask = L - int(L * 0.25)
     P = p * p * 3
     in_b = 1 if src == "uint8" else torch.finfo(getattr(torch, src)).bits // 8
     pb = torch.finfo(pred_dtype).bits // 8
@@ -37,34 +39,34 @@ def _case(name: str, size: int, p: int, ratio: float, src: str, pred_dtype: torc
         pred = torch.randn(batch, L, P, device=device, dtype=pred_dtype, requires_grad=True)
         return dict(pred=pred, imgs=imgs, ids=ids_masked, mean=mean, std=std)
 
-    def ref(x: dict) -> torch.Tensor:
-        return R.masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
-
-    def fused(x: dict) -> torch.Tensor:
+    def op(x: dict) -> torch.Tensor:
         return ops.masked_recon_loss(x["pred"], x["imgs"], x["ids"], p, True, "mse", x["mean"], x["std"])
 
     def ideal(batch: int, kind: str) -> int:
-        ids = batch * n_mask * 8
-        reads = batch * n_mask * P * (in_b + pb) + ids
-        fwd = reads + batch * n_mask * 4
-        # Backward: the target is recomputed (same reads), the (N, L) uint8 mask is zeroed and scattered, and every
-        # row of the (N, L, P) gradient is written once (zeros for visible rows).
-        bwd = reads + 3 * batch * L + batch * L * P * pb
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[kind]
+        reads = batch * n_mask * P * (in_b + pb) + batch * n_mask * 8
+        if kind == "fwd":
+            return reads + batch * n_mask * 4
+        # The target is recomputed (the same reads), the (N, L) uint8 mask is zeroed and scattered, and every row of
+        # the (N, L, P) gradient is written once (zeros for visible rows).
+        return reads + 3 * batch * L + batch * L * P * pb
 
     note = f"{src} imgs, {str(pred_dtype).split('.')[-1]} pred, norm_pix mse, P={P}"
-    return Case(name, make, ref, fused, ("pred",), ideal, note=note)
+    return Case(name, make, op, ("pred",), ideal, note=note)
 
 
-def main() -> None:
-    args = parse_args(__doc__)
-    cases = [
-        _case("vit_b16/l16 uint8 imgs, bf16 pred", 224, 16, 0.75, "uint8", torch.bfloat16),
-        _case("vit_b16/l16 fp32 imgs, fp32 pred", 224, 16, 0.75, "float32", torch.float32),
-        _case("vit_h14 uint8 imgs, bf16 pred", 224, 14, 0.75, "uint8", torch.bfloat16),
-    ]
-    run_bench("K3 masked_recon_loss", cases, args)
+CASES = [
+    _case("vit_b16_l16 uint8 imgs, bf16 pred", 16, "uint8", torch.bfloat16),
+    _case("vit_b16_l16 fp32 imgs, fp32 pred", 16, "float32", torch.float32),
+    _case("vit_h14 uint8 imgs, bf16 pred", 14, "uint8", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-").replace(",", ""))
+def test_masked_recon_loss(benchmark, case, kind, backend):
+    bench_op(benchmark, case, kind, backend)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(__file__))

@@ -1,23 +1,28 @@
-"""K2 microbenchmark: decoder input = unshuffle the visible tokens + mask token + position table.
+"""K2 microbenchmark (pytest-benchmark): decoder input = unshuffle the visible tokens + mask token + positions,
+via fastmae.ops.
 
-    python bench/bench_unshuffle_scatter.py [--batch 256] [--cpu-batch 16]
+    python -m pytest bench/bench_unshuffle_scatter.py --benchmark-only -q   # CPU: reference eager vs compiled
+    FASTMAE_BENCH_SCALE=gpu python -m pytest bench/bench_unshuffle_scatter.py --benchmark-only
+    python bench/bench_unshuffle_scatter.py                                 # + ratio table (see bench/_common.py)
 
-MAE's decoder is 512 wide for ViT-B/16 and ViT-L/16 alike (196 tokens, 49 visible); ViT-H/14
-has 256 tokens (64 visible). Under bf16 autocast the decoder embedding is bf16 and the fixed
-fp32 position table promotes the sum to fp32, as in the model.
+MAE's decoder is 512 wide for ViT-B/16, ViT-L/16 and ViT-H/14; B and L have 196 tokens (49 visible),
+so one id covers both; H has 256 (64 visible). Under bf16 autocast the decoder embedding is bf16 and
+the fixed fp32 position table promotes the sum to fp32, as in the model.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
-from _common import Case, parse_args, run_bench
+from _common import PASSES, Case, backend_params, bench_op, main, scale
 
 from fastmae import ops
-from fastmae import reference as R
 
 
-def _case(name: str, L: int, ratio: float, D: int, x_dtype: torch.dtype, pos_dtype: torch.dtype) -> Case:
-    n_vis = int(L * (1 - ratio))
+def _case(name: str, L: int, D: int, x_dtype: torch.dtype, pos_dtype: torch.dtype) -> Case:
+    if scale() == "tiny":
+        L, D = 4, 32
+    n_vis = int(L * 0.25)
     xb = torch.finfo(x_dtype).bits // 8
     pb = torch.finfo(pos_dtype).bits // 8
     ob = torch.finfo(torch.promote_types(x_dtype, pos_dtype)).bits // 8
@@ -31,32 +36,33 @@ def _case(name: str, L: int, ratio: float, D: int, x_dtype: torch.dtype, pos_dty
             pos=torch.randn(1, 1 + L, D, device=device, dtype=pos_dtype),
         )
 
-    def ref(x: dict) -> torch.Tensor:
-        return R.unshuffle_scatter(x["x"], x["mt"], x["ids"], x["pos"])
-
-    def fused(x: dict) -> torch.Tensor:
+    def op(x: dict) -> torch.Tensor:
         return ops.unshuffle_scatter(x["x"], x["mt"], x["ids"], x["pos"])
 
     def ideal(batch: int, kind: str) -> int:
         ids = batch * L * 8
-        fwd = batch * (1 + n_vis) * D * xb + (1 + L) * D * pb + D * 4 + ids + batch * (1 + L) * D * ob
-        # Backward: read the output gradient once, write the visible tokens' gradient and the mask token's.
-        bwd = batch * (1 + L) * D * ob + ids + batch * (1 + n_vis) * D * xb + D * 4
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[kind]
+        if kind == "fwd":
+            return batch * (1 + n_vis) * D * xb + (1 + L) * D * pb + D * 4 + ids + batch * (1 + L) * D * ob
+        # Read the output gradient once, write the visible tokens' gradient and the mask token's.
+        return batch * (1 + L) * D * ob + ids + batch * (1 + n_vis) * D * xb + D * 4
 
     note = f"x {str(x_dtype).split('.')[-1]} + pos {str(pos_dtype).split('.')[-1]}, D={D}"
-    return Case(name, make, ref, fused, ("x", "mt"), ideal, note=note)
+    return Case(name, make, op, ("x", "mt"), ideal, note=note)
 
 
-def main() -> None:
-    args = parse_args(__doc__)
-    cases = [
-        _case("vit_b16/l16 decoder 512 bf16+fp32", 196, 0.75, 512, torch.bfloat16, torch.float32),
-        _case("vit_b16/l16 decoder 512 fp32", 196, 0.75, 512, torch.float32, torch.float32),
-        _case("vit_h14 decoder 512 bf16+fp32", 256, 0.75, 512, torch.bfloat16, torch.float32),
-    ]
-    run_bench("K2 unshuffle_scatter", cases, args)
+CASES = [
+    _case("vit_b16_l16 decoder 512 bf16+fp32", 196, 512, torch.bfloat16, torch.float32),
+    _case("vit_b16_l16 decoder 512 fp32", 196, 512, torch.float32, torch.float32),
+    _case("vit_h14 decoder 512 bf16+fp32", 256, 512, torch.bfloat16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
+def test_unshuffle_scatter(benchmark, case, kind, backend):
+    bench_op(benchmark, case, kind, backend)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(__file__))

@@ -1,6 +1,6 @@
 """One-command GPU report: environment, kernels, training step, profile, data loader, residual dtype.
 
-    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, ~5-8 minutes on an H100, offline
+    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, offline; sized for < 8 minutes on an H100 (unmeasured)
     python bench/gpu_report.py --quick                           # the same code at tiny sizes on CPU (CI)
     python bench/gpu_report.py --sections kernels,step           # a subset
 
@@ -10,7 +10,7 @@ against the reference measured in the same run: the kernels K1-K3 against their 
 reference path (fastmae's model with the reference ops) and HF ``ViTMAEForPreTraining`` when
 ``transformers`` is installed. Optional parts that are missing (DALI, flash-attn, transformers) give
 "not installed" rows. Timing: ``triton.testing.do_bench`` on CUDA (median, p20, p80), a wall-clock
-timer on CPU. The step's optimizer update is :func:`_step_fn` (swap in ``fastmae.engine.step.train_step``).
+timer on CPU. Every step goes through :func:`_step_fn`, i.e. ``fastmae.engine.step.train_step``.
 """
 
 from __future__ import annotations
@@ -28,19 +28,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from fastmae import ops, reference
 from fastmae.engine.flops import gpu_spec, mae_forward_flops
-from fastmae.engine.optim import build_adamw, grad_norm_
-from fastmae.layers.attention import attention_capabilities, describe_attention
+from fastmae.engine.optim import build_adamw
+from fastmae.engine.plan import build_meta_model, model_shape
+from fastmae.layers.attention import (
+    FA3_HEAD_DIMS,
+    attention_backend,
+    attention_capabilities,
+    choose_attention_backend,
+    describe_attention,
+    run_attention,
+)
 from fastmae.models.mae import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("env", "kernels", "step", "profile", "data", "residual")
+SECTIONS = ("env", "kernels", "attention", "step", "profile", "data", "residual")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -57,6 +65,7 @@ class Sizes:
     data_images: int
     data_batch: int
     residual_steps: int
+    residual_batch: int
     compile_backend: str  # "inductor"; CI's --quick traces the same graphs with "aot_eager" (no C++ codegen)
 
 
@@ -64,13 +73,15 @@ GPU_SIZES = Sizes(
     kernel_shapes=(("ViT-B/16 and ViT-L/16", 224, 16, 512), ("ViT-H/14", 224, 14, 512)),
     kernel_batch=256,
     step_models=(("ViT-B/16", "mae_vit_base_patch16", 224, 16), ("ViT-L/16", "mae_vit_large_patch16", 224, 16)),
-    step_batch=256, warmup=3, repeats=10, data_images=1024, data_batch=256, residual_steps=300, compile_backend="inductor",
+    step_batch=256, warmup=3, repeats=10, data_images=1024, data_batch=256, residual_steps=300, residual_batch=32,
+    compile_backend="inductor",
 )
 QUICK_SIZES = Sizes(
     kernel_shapes=(("tiny 64/8", 64, 8, 128),),
     kernel_batch=4,
     step_models=(("tiny", "mae_vit_tiny", 64, 8),),
-    step_batch=4, warmup=1, repeats=3, data_images=32, data_batch=8, residual_steps=10, compile_backend="aot_eager",
+    step_batch=4, warmup=1, repeats=3, data_images=32, data_batch=8, residual_steps=10, residual_batch=8,
+    compile_backend="aot_eager",
 )
 
 
@@ -186,10 +197,11 @@ def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -
     pos = torch.randn(1, 1 + L, dd, device=device)
     pred = torch.randn(batch, L, P, device=device, dtype=bf16, requires_grad=True)
     ref_k3 = lambda: reference.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std)  # noqa: E731
+    # fastmae.ops' public entry points; kernel_backend("triton") routes them to the Triton custom ops.
     fused = {
-        "K1": lambda: torch.ops.fastmae.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
-        "K2": lambda: torch.ops.fastmae.unshuffle_scatter(x, mask_token, ids_restore, pos),
-        "K3": lambda: torch.ops.fastmae.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std, 1e-6, True)[0],
+        "K1": lambda: ops.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
+        "K2": lambda: ops.unshuffle_scatter(x, mask_token, ids_restore, pos),
+        "K3": lambda: ops.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std),
     }
     return {
         # K1 on uint8 images has no backward (images need no gradient).
@@ -200,9 +212,10 @@ def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -
                                      fused=fused["K2"], grad=x, grad_out=torch.ones(batch, 1 + L, dd, device=device),
                                      bytes=(batch * ((1 + V) * dd * 2 + (1 + L) * dd * 4 + L * 8),
                                             batch * ((1 + L) * dd * 4 + (1 + V) * dd * 2))),
-        # K3 computes its gradient in the forward pass: "fwd" already writes it.
+        # K3 reads the masked rows of pred (bf16) and their pixels (uint8); its backward reads them again and writes
+        # the gradient of pred (bf16; visible rows are zero wherever they are produced).
         "K3 norm-pix loss": dict(ref=ref_k3, fused=fused["K3"], grad=pred, grad_out=torch.ones((), device=device),
-                                 bytes=(batch * (L * P * 4 + (L - V) * P), batch * L * P * 4)),
+                                 bytes=(batch * (L - V) * P * 3, batch * ((L - V) * P * 3 + L * P * 2))),
     }
 
 
@@ -217,18 +230,13 @@ def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, 
             if runnable:
                 impls["fused (Triton)"] = case["fused"]
             for impl, fn in impls.items():
-                fwd = bench_ms(fn, device, sizes.warmup, sizes.repeats)
-                row = dict(shape=label, kernel=name, impl=impl, batch=sizes.kernel_batch,
-                           fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2])
-                fwd_b, bwd_b = case["bytes"]
-                if case["grad"] is not None:
-                    t, g = case["grad"], case["grad_out"]
-                    both = bench_ms(lambda fn=fn, t=t, g=g: (fn().backward(g), setattr(t, "grad", None)),
-                                    device, sizes.warmup, sizes.repeats)
-                    row.update(bwd_ms=max(both[0] - fwd[0], 0.0), fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
-                row["GBps"] = (fwd_b + bwd_b) / ((row.get("fwd_bwd_ms") or fwd[0]) * 1e-3) / 1e9
+                ctx = kernel_backend("triton") if impl.startswith("fused") else contextlib.nullcontext()
+                interpreted = impl.startswith("fused") and device.type != "cuda"
+                with ctx:  # the interpreter's time means nothing: one call checks the path
+                    row = _time_kernel(fn, case, device, replace(sizes, warmup=0, repeats=1) if interpreted else sizes)
+                row = dict(shape=label, kernel=name, impl=impl, batch=sizes.kernel_batch, **row)
                 row["pct_peak_bw"] = row["GBps"] / (peak_tbs * 1e3) if peak_tbs else None
-                if impl.startswith("fused") and device.type != "cuda":
+                if interpreted:
                     row["note"] = "Triton interpreter: checks the code path, the time means nothing"
                 rows.append(row)
             if not runnable:
@@ -236,19 +244,81 @@ def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, 
     return rows
 
 
+def _time_kernel(fn: Callable, case: dict, device: torch.device, sizes: Sizes) -> dict:
+    """fwd (and fwd+bwd where the step runs a backward) quantiles and GB/s of one implementation."""
+    fwd = bench_ms(fn, device, sizes.warmup, sizes.repeats)
+    row = dict(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2])
+    fwd_b, bwd_b = case["bytes"]
+    if case["grad"] is not None:
+        t, g = case["grad"], case["grad_out"]
+        both = bench_ms(lambda: (fn().backward(g), setattr(t, "grad", None)), device, sizes.warmup, sizes.repeats)
+        row.update(bwd_ms=max(both[0] - fwd[0], 0.0), fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
+    row["GBps"] = (fwd_b + bwd_b) / ((row.get("fwd_bwd_ms") or fwd[0]) * 1e-3) / 1e9
+    return row
+
+
+def _attention_candidates(device: torch.device, head_dim: int, dtype: torch.dtype) -> list[str]:
+    caps = attention_capabilities()
+    out = ["eager", "sdpa"]
+    if device.type != "cuda":
+        return out
+    half = dtype in (torch.float16, torch.bfloat16)
+    out += [k for k, ok in (("sdpa_cudnn", caps.sdpa_cudnn and half), ("sdpa_flash", caps.sdpa_flash and half),
+                            ("sdpa_efficient", caps.sdpa_efficient),
+                            ("flash_attn_2", caps.flash_attn_2 and half and head_dim % 8 == 0),
+                            ("flash_attn_3", caps.flash_attn_3 and half and head_dim in FA3_HEAD_DIMS)) if ok]
+    return out
+
+
+def section_attention(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) -> list[dict]:
+    """Every available attention kernel at the encoder and decoder shapes, fwd and fwd+bwd, next to the chooser's pick."""
+    caps = attention_capabilities()
+    rows = []
+    for label, name, img, p in sizes.step_models:
+        shape = model_shape(build_meta_model(name, img, p), img, 0.75)
+        heads = {"encoder": shape.num_heads, "decoder": shape.decoder_num_heads}
+        for part, (hd, T) in shape.attention_shapes().items():
+            H, B = heads[part], sizes.step_batch
+            chosen = choose_attention_backend(hd, T, amp_dtype, device.type, caps, attention_backend())
+            qkv = torch.randn(B, T, 3, H, hd, device=device, dtype=amp_dtype, requires_grad=True)
+            g = torch.ones(B, T, H * hd, device=device, dtype=amp_dtype)
+            part_rows = []
+            for kernel in _attention_candidates(device, hd, amp_dtype):
+                row = dict(model=label, part=part, batch=B, heads=H, head_dim=hd, tokens=T, kernel=kernel,
+                           chosen="yes" if kernel == chosen else "")
+                try:
+                    row.update(_time_attention(qkv, g, kernel, caps, device, sizes))
+                except Exception as e:  # a kernel that refuses this shape is a finding, not a crash
+                    row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                part_rows.append(row)
+            timed = [r for r in part_rows if "fwd_bwd_ms" in r]
+            if timed:
+                best = min(r["fwd_bwd_ms"] for r in timed)
+                for r in timed:
+                    r["vs_fastest"] = r["fwd_bwd_ms"] / best
+            rows += part_rows
+    return rows
+
+
+def _time_attention(qkv: torch.Tensor, grad_out: torch.Tensor, kernel: str, caps, device: torch.device,
+                    sizes: Sizes) -> dict:
+    scale = qkv.shape[-1] ** -0.5
+    fwd = bench_ms(lambda: run_attention(qkv, kernel, scale, caps), device, sizes.warmup, sizes.repeats)
+    both = bench_ms(lambda: (run_attention(qkv, kernel, scale, caps).backward(grad_out), setattr(qkv, "grad", None)),
+                    device, sizes.warmup, sizes.repeats)
+    return dict(fwd_ms=fwd[0], fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
+
+
 def _step_fn(model: torch.nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
              amp_dtype: torch.dtype, mask_ratio: float = 0.75) -> torch.Tensor:
-    """One optimizer step: autocast forward, backward, norm-only gradient norm, fused AdamW skipping non-finite
-    steps on the device. Returns the loss (a device tensor; no host sync). The integrator swaps this for
-    ``fastmae.engine.step.train_step``."""
-    with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-        loss = forward(imgs, mask_ratio=mask_ratio)[0]
-    loss.backward()
-    gnorm = grad_norm_(model.parameters(), 0.0)
-    optimizer.found_inf = (~torch.isfinite(gnorm) | ~torch.isfinite(loss.detach())).float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    """One optimizer step as the training loop runs it (``fastmae.engine.step.train_step``: autocast forward,
+    backward, gradient norm, fused AdamW skipping non-finite steps on the device). Returns the loss, a device
+    tensor (no host sync). The one place the report touches the engine's step."""
+    from fastmae.engine.step import train_step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = train_step(forward, optimizer, params, lambda: imgs, mask_ratio=mask_ratio, amp_dtype=amp_dtype)
+    return loss
 
 
 def _hf_step(model, imgs_float: torch.Tensor, amp_dtype: torch.dtype):
@@ -449,10 +519,10 @@ def residual_ab(device: torch.device, steps: int, amp_dtype: torch.dtype, batch:
     Data: the embedded demo set (real photos), 64 px, as ``python train.py`` trains on; lr is the tiny preset's
     (blr 1.5e-3 x 32/256) after a linear warm-up over the first tenth of the steps.
     """
-    from fastmae.config import PRESETS
+    from fastmae.config import pretrain_presets
     from fastmae.data import build_loader, prepare_demo_dataset
 
-    tiny = PRESETS["tiny"]
+    tiny = pretrain_presets()["tiny"]
     cache = demo_cache or Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae")) / "demo"
     root = prepare_demo_dataset(cache)  # built once from photos in installed packages (as train.py does)
     rows = []
@@ -510,6 +580,10 @@ def to_markdown(report: dict) -> str:
         out += ["## Kernels K1-K3 (fwd; fwd+bwd where the step runs a backward)", "",
                 _table(report["kernels"], ["shape", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
                                            "fwd_bwd_ms", "GBps", "pct_peak_bw", "note"]), ""]
+    if "attention" in report:
+        out += ["## Attention kernels per shape (fwd+bwd; `chosen` = what the model runs here)", "",
+                _table(report["attention"], ["model", "part", "batch", "heads", "head_dim", "tokens", "kernel", "chosen",
+                                             "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note"]), ""]
     if "step" in report:
         cols = ["model", "mode", "compile", "batch", "dtype", "step_ms", "p20_ms", "p80_ms", "img_s", "vs_reference", "mfu",
                 "peak_mem_gib", "note"]
@@ -538,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda if present (cpu with --quick)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd kernel references")
     ap.add_argument("--residual-steps", type=int, default=None, help="steps of the residual-dtype A/B")
+    ap.add_argument("--residual-batch", type=int, default=None, help="batch of the residual-dtype A/B")
     ap.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: min(8, cores))")
     ap.add_argument("--demo-cache", default=None, help="where the demo set lives (default: $FASTMAE_CACHE/demo)")
     args = ap.parse_args(argv)
@@ -570,11 +645,12 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or min(8, os.cpu_count() or 1)
     runs = {
         "kernels": lambda: section_kernels(device, sizes, peak_tbs, not args.no_compile),
+        "attention": lambda: section_attention(device, sizes, amp),
         "step": lambda: section_step(device, sizes, amp, peak_tf),
         "profile": lambda: section_profile(device, sizes, amp),
         "data": lambda: section_data(device, sizes, workers),
         "residual": lambda: residual_ab(device, args.residual_steps or sizes.residual_steps, amp,
-                                        demo_cache=args.demo_cache),
+                                        batch=args.residual_batch or sizes.residual_batch, demo_cache=args.demo_cache),
     }
     for name in sections:
         if name == "env":

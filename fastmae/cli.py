@@ -7,6 +7,7 @@ code 2, never a traceback; failures during a run keep their traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 from fastmae.threads import prefer_passive_openmp
@@ -23,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("fastmae.export", "main", "a checkpoint as a transformers (ViTMAE) or timm model folder"),
     "submit": ("fastmae.submit", "main", "a Slurm job around torchrun: requeued on time limit/preemption, resumes itself"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
+    "sweep": ("fastmae.eval.sweep", "main", "one evaluation per value of a key (tune_blocks, mask_ratio, ...): CSV + curve"),
+    "finetune-video": ("fastmae.eval.video", "main", "VideoMAE fine-tuning on clip folders, multi-view clip-level top-1"),
 }
 
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    if name == "pretrain":
+        # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     prefer_passive_openmp()  # before the command imports torch
     try:
         entry = getattr(importlib.import_module(module), func)

@@ -18,6 +18,7 @@ from fastmae import flags
 from fastmae.engine.flops import GPUS
 from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
 from fastmae.methods.registry import get_method, list_methods
+from fastmae.models.masks import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")
@@ -25,6 +26,8 @@ RESIDUAL_DTYPES = ("fp32", "bf16")
 MAX_IMG_SIZE = 4096
 MAX_TOKENS = 65536
 LOADERS = ("torch", "dali", "synthetic")
+# The MAE paper's augmentation table: none, fixed-size crop, random-resized crop + flip (MAE), + color jitter.
+AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class PretrainConfig:
     loader: str = "torch"
     num_workers: int = 2
     img_size: int = 64
+    augment: str = ""  # pretraining augmentation (MAE paper Table 1e): "" = loader's | none | crop | crop_flip | crop_color
     holdout_fraction: float = 0.05  # held out of training when the data has no val/ split
     # model
     model: str = "mae_vit_tiny"
@@ -54,6 +58,16 @@ class PretrainConfig:
     tubelet_size: int = 0  # VideoMAE tubelet depth; 0 = the model's (2)
     video_target_norm: str = ""  # "" = tubelet if norm_pix_loss else none | tubelet | channel | none
     residual_dtype: str = "fp32"  # residual stream under autocast: fp32 (official numerics) | bf16
+    # MAE paper ablations (MAE; mask_type and the decoder keys also CrossMAE): 0 / "" = the model's
+    mask_type: str = "random"  # random | block (BEiT-style blocks, exact count) | grid (keep 1 of every 2x2; mask_ratio 0.75)
+    loss_on: str = "masked"  # masked (MAE) | all (loss on visible patches too: the paper's "w/o masked only")
+    encoder_mask_tokens: bool = False  # the encoder sees every patch, masked ones as a mask token (~3.3x encoder FLOPs)
+    decoder_embed_dim: int = 0  # decoder width
+    decoder_depth: int = 0  # decoder blocks
+    decoder_num_heads: int = 0  # decoder attention heads
+    # CrossMAE
+    prediction_ratio: float = 0.0  # fraction of all patches decoded in training (a subset of the masked); 0 = model's (0.25)
+    feature_fusion: str = ""  # inter-block feature maps: "" = the model's (on) | true | false
     # optimization (official MAE recipe: lr = blr * effective batch / 256)
     epochs: int = 30
     max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
@@ -139,6 +153,18 @@ class PretrainConfig:
             (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
             (self.video_target_norm in ("", "tubelet", "channel", "none"),
              f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
+            (self.augment in ("",) + AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
+            (self.mask_type in MASK_TYPES, f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}"),
+            (self.mask_type != "grid" or self.mask_ratio == 0.75,
+             f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, got {self.mask_ratio}"),
+            (self.loss_on in ("masked", "all"), f"loss_on must be masked or all, got {self.loss_on!r}"),
+            (min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) >= 0,
+             "decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)"),
+            (not (self.decoder_embed_dim and self.decoder_num_heads) or self.decoder_embed_dim % self.decoder_num_heads == 0,
+             f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by decoder_num_heads {self.decoder_num_heads}"),
+            (0.0 <= self.prediction_ratio <= 1.0,
+             f"prediction_ratio must be in [0, 1] (0 = the model's), got {self.prediction_ratio}"),
+            (self.feature_fusion in ("", "true", "false"), f"feature_fusion must be true or false, got {self.feature_fusion!r}"),
         ]
         for ok, reason in checks:
             if not ok:

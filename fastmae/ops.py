@@ -10,7 +10,7 @@ Each op runs either its Triton kernel (``fastmae.kernels``) or its eager twin
 - CUDA tensors use the Triton kernels (when triton is installed);
 - CPU tensors use the reference;
 - ``FASTMAE_KERNELS=triton`` forces the kernels everywhere (on CPU this needs
-  ``TRITON_INTERPRET=1`` in the environment before the kernels are imported),
+  ``TRITON_INTERPRET=1`` in the environment before triton is imported, i.e. before fastmae),
   ``FASTMAE_KERNELS=torch`` forces the reference. The variable is read once.
 
 The Triton path goes through ``torch.library.custom_op`` ops (``fastmae::*``)
@@ -19,7 +19,7 @@ fullgraph=True)`` traces a model through them without graph breaks, on CPU too
 (a ``triton_op`` cannot be traced on CPU: fake tensors have no data pointer).
 The reference path stays plain PyTorch so Inductor can fuse it into its
 neighbours. Backward kernels are custom ops of their own, so compiled
-backward graphs call them the same way. Triton is imported only when a kernel
+backward graphs call them the same way. The kernel modules are imported only when a kernel
 first runs.
 """
 
@@ -80,7 +80,7 @@ def _check_runnable(t: Tensor) -> None:
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors, got {t.device}; on CPU set TRITON_INTERPRET=1 before "
-            f"importing fastmae.kernels, or {ENV_VAR}=torch"
+            f"triton is imported (importing fastmae imports it), or {ENV_VAR}=torch"
         )
 
 

@@ -50,7 +50,8 @@ def reconstruct(model, imgs: Tensor, mask_ratio: float = 0.75, noise: Tensor | N
     grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
     pred = pred.float()
     raw = pred
-    if model.norm_pix_loss:
+    norm_pix = bool(getattr(model, "norm_pix_loss", False))  # SimMIM predicts the normalized image itself
+    if norm_pix:
         target = patchify(imgs.float(), p)
         mu = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -59,7 +60,7 @@ def reconstruct(model, imgs: Tensor, mask_ratio: float = 0.75, noise: Tensor | N
     m = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * model.in_chans), p, model.in_chans, grid)
     return {"original": imgs.float(), "masked": imgs.float() * (1 - m), "reconstruction": rec,
             "pasted": imgs.float() * (1 - m) + rec * m, "prediction": unpatchify(raw, p, model.in_chans, grid), "mask": m,
-            "norm_pix": torch.tensor(bool(model.norm_pix_loss))}
+            "norm_pix": torch.tensor(norm_pix)}
 
 
 def to_uint8(x: Tensor, mean, std) -> np.ndarray:

@@ -1,14 +1,15 @@
-"""Attention diagnostics on hand-built maps, and the analyze command."""
+"""Attention diagnostics on hand-built maps, linear CKA on constructed features, and the analyze command."""
 
 from __future__ import annotations
 
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from fastmae.eval.analyze import attention_distance, attention_entropy, attention_stats, head_kl, main
+from fastmae.eval.analyze import attention_distance, attention_entropy, attention_stats, head_kl, linear_cka, main
 from fastmae.models.vit import VisionTransformer
 
 
@@ -90,6 +91,13 @@ def test_analyze_cli_writes_csv_and_figure(tmp_path, capsys):
     assert {r["model"] for r in rows} == {"trained", "random"}
     assert (out / "attention_stats.png").stat().st_size > 1000
     assert (out / "config.json").is_file()
+    cka = list(csv.DictReader((out / "cka.csv").open()))
+    assert len(cka) == 2 * 3 * 3  # (trained vs trained, trained vs random) x (embeddings + 2 blocks)^2
+    for r in cka:
+        if r["model_b"] == "trained" and r["layer_a"] == r["layer_b"]:
+            assert float(r["cka"]) == pytest.approx(1.0, abs=1e-9)
+        assert -1e-9 <= float(r["cka"]) <= 1 + 1e-9
+    assert (out / "cka.png").stat().st_size > 1000
 
 
 def test_analyze_cli_bad_checkpoint(tmp_path, capsys):
@@ -98,3 +106,30 @@ def test_analyze_cli_bad_checkpoint(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmae: error:") and "not a ViT/MAE encoder" in err
+
+
+def _cka_features_formula(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al. (2019), eq. for linear CKA in feature space: |Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F), centered."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_linear_cka_on_constructed_features():
+    rng = np.random.default_rng(0)
+    n, d = 3000, 8
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=(n, 5)) + 0.5 * x[:, :5]
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # a random orthogonal matrix
+    t = torch.from_numpy
+    assert linear_cka(t(x), t(x)) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(t(x), t(3.7 * x @ q)) == pytest.approx(1.0, abs=1e-12)  # rotation and isotropic scale
+    independent = linear_cka(t(x), t(rng.normal(size=(n, d))))
+    assert independent < 0.01
+    assert linear_cka(t(x @ q), t(0.2 * y)) == pytest.approx(linear_cka(t(x), t(y)), abs=1e-12)
+    assert linear_cka(t(x), t(y)) == pytest.approx(_cka_features_formula(x, y), abs=1e-12)
+    # not invariant to anisotropic scaling (so the invariances above are not vacuous)
+    assert linear_cka(t(x), t(x * np.arange(1, d + 1))) < 0.99
+    # token features (N, T, D) are compared as flattened vectors
+    tok = rng.normal(size=(200, 4, 6))
+    assert linear_cka(t(tok), t(tok.reshape(200, -1) @ np.linalg.qr(rng.normal(size=(24, 24)))[0])) == pytest.approx(1.0)

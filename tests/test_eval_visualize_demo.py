@@ -82,6 +82,41 @@ def test_demo_smoke_writes_the_table(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| linear probe |" in table and "| partial fine-tune (last block) |" in table and "| full fine-tune |" in table
     for f in ("mae_pretrained.pt", "reconstructions.png", "analyze/attention_stats.png", "analyze/attention_stats.csv",
-              "mae_linear/checkpoint-best.pt", "random_full/checkpoint-last.pt", "config.json"):
+              "mae_linear/checkpoint-last.pt", "random_full/checkpoint-last.pt", "config.json"):
         assert (out / f).is_file(), f
     assert "mae+finetuned" in (out / "analyze/attention_stats.csv").read_text()
+    assert "chosen on a validation split carved from the training split" in table and "best" not in table
+
+
+def test_simmim_checkpoint_shows_cell_masks_and_its_pixel_head(tmp_path, capsys):
+    from fastmae.methods.simmim import SimMIMViT
+    from fastmae.reference import unpatchify
+    from fastmae.viz import reconstruct
+
+    torch.manual_seed(0)
+    arch = dict(SMALL, num_heads=2)
+    m = SimMIMViT(mask_patch_size=8, **arch, pixel_mean=(0.5,), pixel_std=(0.5,))
+    # a pretraining checkpoint names the model; heads and cell size come from the config
+    path = tmp_path / "simmim.pt"
+    torch.save({"model": m.state_dict(), "arch": arch, "config": {"model": "simmim_vit_tiny", "mask_patch_size": 8}}, path)
+    out = tmp_path / "simmim.png"
+    assert visualize.main([f"--ckpt={path}", "--num_images=2", f"--output={out}"]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 500
+    cfg = visualize.VisualizeConfig(ckpt=str(path))
+    sd = torch.load(path, weights_only=True)
+    model = visualize.build_simmim(sd["model"], sd, cfg)
+    assert model.mask_patch_size == 8 and model.blocks[0].attn.num_heads == 2
+    imgs = torch.randn(2, 1, 16, 16)
+    noise = torch.rand(2, 4)  # 2 x 2 cells of 8 px
+    panels = reconstruct(model, imgs, 0.5, noise)
+    mask = panels["mask"][:, 0]
+    # whole 8-px cells, 2 of the 4 masked in every image
+    cells = mask.reshape(2, 2, 8, 2, 8)
+    assert torch.equal(cells.amax(dim=(2, 4)), cells.amin(dim=(2, 4))) and (cells[:, :, 0, :, 0].sum((1, 2)) == 2).all()
+    with torch.no_grad():
+        _, pred, _ = model(imgs, mask_ratio=0.5, noise=noise)
+    head = unpatchify(pred.float(), 4, 1, (4, 4))  # SimMIM predicts the normalized pixels themselves
+    torch.testing.assert_close(panels["reconstruction"], head)
+    torch.testing.assert_close(panels["pasted"], torch.where(panels["mask"] > 0, head, imgs))
+    assert visualize.main([f"--ckpt={path}", f"--mask={tmp_path / 'm.npy'}", f"--output={out}"]) == 2
+    assert "SimMIM masks whole cells" in capsys.readouterr().err

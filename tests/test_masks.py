@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastmae.methods.masks import block_mask, block_mask_geometry, tube_mask
+from fastmae.models.masks import block_mask, block_mask_geometry, tube_mask
 
 
 @pytest.mark.parametrize("img,cell,p,ratio", [(224, 32, 16, 0.6), (192, 32, 16, 0.6), (64, 16, 8, 0.6), (96, 32, 8, 0.4)])

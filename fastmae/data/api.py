@@ -4,6 +4,7 @@ resume, sharding, output and bad-file contract."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
 OUTPUTS = ("float", "uint8")
+AUGMENTS = ("mae", "linprobe", "finetune", "eval")
 
-__all__ = ["build_loader", "build_video_loader", "LOADERS", "OUTPUTS"]
+log = logging.getLogger("fastmae.data")
+
+__all__ = ["build_loader", "build_video_loader", "LOADERS", "OUTPUTS", "AUGMENTS"]
 
 
 def _check_common(loader: str, output: str, batch_size, img_size, world_size, rank, num_workers) -> None:
@@ -55,15 +59,26 @@ def build_loader(
     min_size: int = 8,
     hw_decoder_load: float = 0.65,
     index_cache: str | os.PathLike | None = None,
+    augment: str | None = None,
+    classes: list[str] | None = None,
+    require_labels: bool = False,
     holdout_fraction: float = 0.0,
 ) -> BaseLoader:
     """Build a loader yielding ``(imgs, labels)``.
 
     imgs: float32 (N, 3, img_size, img_size) normalized with ImageNet mean/std (``output="float"``) or
-    uint8 (N, img_size, img_size, 3) (``output="uint8"``); labels: int64 (N,).
-    ``root_or_spec``: a class-folder tree (``ROOT/<class>/*`` or ``ROOT/{train,val}/<class>/*``), tar
-    shards (a pattern, one file, or a directory of them), or ``"demo"`` (the embedded photo demo,
-    built once under :func:`demo_cache_dir`).
+    uint8 (N, img_size, img_size, 3) (``output="uint8"``); labels: int64 (N,), ``-1`` on the padding
+    that ``drop_last=False`` adds to even out ranks (count ``labels >= 0``; see ``loader.py``).
+    ``root_or_spec``: a class-folder tree (``ROOT/<class>/*`` or ``ROOT/{train,val}/<class>/*``, ids =
+    sorted class names shared by both splits), tar shards with a ``.cls`` text-integer label (a
+    pattern, one file, a directory of them, or ``ROOT/{train,val}/*.tar``), or ``"demo"`` (the
+    embedded photo demo, built once under :func:`demo_cache_dir`).
+    ``augment``: ``"mae"`` (random-resized crop 0.2-1 + flip; the default when ``train``),
+    ``"linprobe"`` (crop 0.08-1 + flip), ``"finetune"`` (timm's RandAugment fine-tuning transform, float
+    output only; the DALI loader hands it to the torch loader), ``"eval"`` (resize to img_size/0.875,
+    center crop; the default otherwise). Every draw is a pure function of (seed, epoch, index).
+    ``classes``: pin the class names (e.g. the train loader's ``classes`` for a separate val spec).
+    ``require_labels``: fail at build time on tar samples without a ``.cls`` label (evaluation).
     ``shuffle`` defaults to ``train``. ``num_samples``/``num_classes`` only apply to ``loader="synthetic"``.
     ``index_cache``: optional directory keeping folder scans between runs (large data sets start faster).
     ``holdout_fraction``: for data without a ``val/`` split, a seeded share of the files (:func:`holdout`) is the
@@ -72,6 +87,11 @@ def build_loader(
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
     _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
+    augment = augment or ("mae" if train else "eval")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    if augment == "finetune" and output != "float":
+        raise ValueError("augment='finetune' needs output='float' (random erasing fills boxes with normalized noise)")
     common = dict(
         batch_size=batch_size,
         img_size=img_size,
@@ -90,19 +110,25 @@ def build_loader(
         raise ValueError(f"loader={loader!r} needs a dataset directory or shard pattern")
     if os.fspath(root_or_spec) == "demo":
         root_or_spec = prepare_demo_dataset(demo_cache_dir() / "demo")
+    if loader == "dali" and augment == "finetune":
+        log.warning(
+            "augment='finetune' runs on the torch loader: DALI has no operator-for-operator equivalent of timm's "
+            "RandAugment (rand-m9-mstd0.5-inc1) and random erasing"
+        )
+        loader = "torch"
+    scan = dict(min_size=min_size, crop=img_size, index_cache=index_cache, classes=classes, require_labels=require_labels)
     if loader == "dali":
         from .dali import DaliLoader, import_dali
 
         import_dali()  # fail on a missing extra before scanning a large dataset
     carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
-    src = open_source(root_or_spec, "train" if carve else split, min_size=min_size, crop=img_size, index_cache=index_cache)
+    src = open_source(root_or_spec, "train" if carve else split, **scan)
     if carve:
         src = holdout(src, holdout_fraction, seed, split)
     if loader == "dali":
-        augment = "mae" if train else "eval"
         ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
     else:
-        dataset = ImageDataset(src, img_size, "mae" if train else "eval", seed)
+        dataset = ImageDataset(src, img_size, augment, seed)
         ld = TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
     ld.source = src
     ld.holdout_fraction = holdout_fraction if carve else 0.0
@@ -182,6 +208,9 @@ def build_video_loader(
         reasons = "; ".join(f"{printable(Path(p).name)}: {printable(r)}" for p, r in bad[:3])
         where = printable(folder)
         raise ValueError(f"no usable clip of {span} frames in {where}" + (f" ({len(bad)} skipped: {reasons})" if bad else ""))
+    if bad:
+        first = "; ".join(f"{printable(p)}: {printable(r)}" for p, r in bad[:3])
+        log.warning("skipping %d clip(s) in %s (%s)", len(bad), printable(folder), first)
     dataset = ClipDataset(items, img_size=img_size, num_frames=num_frames, frame_stride=frame_stride, train=train, seed=seed)
     if loader == "dali":
         return DaliVideoLoader(dataset, classes=classes, skipped=bad, num_workers=num_workers, **common)

@@ -12,6 +12,8 @@ import warnings
 
 from PIL import Image
 
+from .text import printable
+
 # 8K x 8K: far above any training or evaluation input, far below what exhausts host memory.
 MAX_PIXELS = 8192 * 8192
 
@@ -28,7 +30,7 @@ def open_image(path: str | os.PathLike, mode: str = "RGB", max_pixels: int = MAX
                 im.load()
                 return im.convert(mode)
     except ValueError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise ValueError(f"cannot read image {printable(path)}: {printable(e)}") from None
     except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read image {path}: {reason}") from None
+        raise ValueError(f"cannot read image {printable(path)}: {printable(reason)}") from None

@@ -22,14 +22,22 @@ Sharding: the epoch permutation of all N samples is split round-robin over ``wor
 truncating it to a multiple of ``world_size`` (``drop_last=True``; the same few samples are left out of
 every rank), or padding it by wrap-around (``drop_last=False``). Each rank then drops its last partial
 batch (``drop_last=True``), so ``steps_per_epoch`` is exact, equal on all ranks and known upfront.
+
+Validity (``drop_last=False``, for evaluation): the wrap-around padding keeps every rank at the same
+number of equally shaped batches (collectives stay in step), and its samples come out with label
+``-1``; every real sample is yielded by exactly one rank with its true label. Count ``labels >= 0``
+(e.g. ``cross_entropy(..., ignore_index=-1)``). ``num_valid`` is this rank's real samples per epoch.
+(Tar samples without a ``.cls`` member are also ``-1``; evaluation loaders pass ``require_labels=True``.)
 """
 
 from __future__ import annotations
 
 import io
 import math
+import random
 import signal
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,11 +46,20 @@ from PIL import Image
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..reference import normalize_uint8
-from .augment import AUGMENT_SCALES, epoch_permutation, eval_params, pil_apply, train_params_batch
+from .augment import AUGMENT_SCALES, epoch_permutation, eval_params, pil_apply, sample_seed, train_params_batch
 from .sources import Source
 from .text import printable
 
-__all__ = ["BaseLoader", "TorchLoader", "SyntheticLoader", "ImageDataset", "rank_indices"]
+__all__ = [
+    "BaseLoader",
+    "TorchLoader",
+    "SyntheticLoader",
+    "ImageDataset",
+    "rank_indices",
+    "rank_valid_count",
+    "finetune_transform",
+    "seeded_global_rngs",
+]
 
 
 def rank_indices(
@@ -57,6 +74,13 @@ def rank_indices(
     per_rank = math.ceil(n / world_size)
     padded = np.resize(order, per_rank * world_size)  # np.resize repeats from the start
     return padded[rank::world_size]
+
+
+def rank_valid_count(n: int, *, rank: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """How many of this rank's ``rank_indices`` are real samples; the rest (a suffix) is padding."""
+    if drop_last:
+        return (n // world_size) // batch_size * batch_size
+    return max(0, -(-(n - rank) // world_size))
 
 
 def steps_for(n: int, world_size: int, batch_size: int, drop_last: bool) -> int:
@@ -103,6 +127,9 @@ class BaseLoader:
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.steps_per_epoch = steps_for(num_samples, world_size, batch_size, drop_last)
+        self.num_valid = rank_valid_count(
+            num_samples, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last
+        )
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{num_samples} samples give no full batch: world_size {world_size} x batch_size {batch_size} "
@@ -178,6 +205,10 @@ class BaseLoader:
         self._restored = False
         epoch, start = self._epoch, self._step
         for imgs, labels in self._batches(epoch, start):
+            real = self.num_valid - self._step * self.batch_size
+            if real < len(labels):  # wrap-around padding (drop_last=False): marked, never counted
+                labels = labels.clone()
+                labels[max(real, 0) :] = -1
             self._step += 1
             yield imgs, labels
 
@@ -193,11 +224,12 @@ class BaseLoader:
 
     def _finish(self, u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """On the device: images uint8 (N, H, W, 3) -> as is, or normalized float32 (N, 3, H, W);
-        clips uint8 (N, T, H, W, 3) -> as is, or normalized float32 (N, 3, T, H, W)."""
+        clips uint8 (N, T, H, W, 3) -> as is, or normalized float32 (N, 3, T, H, W); float32 images
+        (already normalized by the transform, ``augment="finetune"``) -> as is."""
         if u8.device != self.device:
             u8 = u8.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-        if self.output == "uint8":
+        if self.output == "uint8" or u8.is_floating_point():
             return u8, labels
         if self._mean is None:
             self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device)
@@ -209,9 +241,46 @@ class BaseLoader:
         return normalize_uint8(u8, self._mean, self._std).contiguous(), labels
 
 
+def finetune_transform(img_size: int):
+    """timm's fine-tuning transform with the official MAE fine-tuning settings: RandomResizedCrop
+    (0.08-1, bicubic) + flip + RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25 (pixel mode,
+    one box), normalized with ImageNet mean/std. PIL image -> float32 (3, img_size, img_size)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=img_size,
+        is_training=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+@contextmanager
+def seeded_global_rngs(seed: int):
+    """Seed the generators timm's transforms draw from - python ``random`` (crop, RandAugment magnitudes,
+    erasing boxes), numpy's global RNG (RandAugment's op choice) and torch's CPU generator (flip, erasing
+    noise) - so a sample's augmentation is a pure function of its seed, then restore them: with
+    ``num_workers=0`` this runs in the training process, whose generators draw the masks."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.random.default_generator.set_state(th)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Map-style image dataset: ``batch_keys(epoch, indices)`` (main process) -> keys; ``dataset[key]``
-    (a worker) -> (uint8 HWC, label, bad list).
+    (a worker) -> (uint8 HWC, or float32 CHW for ``augment="finetune"``, label, bad list).
 
     The contract of every dataset :class:`TorchLoader` drives (images here, clips in ``video.py``).
     Crop windows of a whole batch are drawn in the main process in one vectorized call from the
@@ -221,6 +290,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, src: Source, img_size: int, augment: str, seed: int) -> None:
         self.src, self.img_size, self.augment, self.seed = src, img_size, augment, seed
         self.sizes = np.asarray(src.sizes, dtype=np.int64).reshape(-1, 2)
+        self.finetune = finetune_transform(img_size) if augment == "finetune" else None
 
     def __len__(self) -> int:
         return len(self.src)
@@ -233,13 +303,21 @@ class ImageDataset(torch.utils.data.Dataset):
         return train_params_batch(self.seed, epoch, orig, wh[:, 0], wh[:, 1], AUGMENT_SCALES[self.augment])
 
     def batch_keys(self, epoch: int, indices: np.ndarray) -> list:
+        if self.finetune is not None:
+            return [(i, epoch, None) for i in indices.tolist()]
         rows = self.params(epoch, indices, indices).tolist()
         return [(i, epoch, row) for i, row in zip(indices.tolist(), rows, strict=True)]
 
-    def load(self, j: int, params) -> np.ndarray:
+    def load(self, j: int, epoch: int, idx: int, params) -> np.ndarray:
+        """File ``j`` as sample ``idx`` of ``epoch``: uint8 (S, S, 3), or float32 (3, S, S) for finetune."""
         with Image.open(io.BytesIO(self.src.read_bytes(j))) as im:
             im.load()
-            return pil_apply(im, self.img_size, params)
+            if self.finetune is not None:
+                with seeded_global_rngs(sample_seed(self.seed, epoch, idx)):
+                    return self.finetune(im.convert("RGB")).numpy()
+            if params is None or j != idx:
+                params = self.params(epoch, [idx], [j])[0].tolist()
+            return pil_apply(im, self.img_size, self.augment != "eval", params)
 
     def __getitem__(self, key):
         idx, epoch, params = key
@@ -248,7 +326,7 @@ class ImageDataset(torch.utils.data.Dataset):
         for k in range(n):
             j = (idx + k) % n
             try:
-                return self.load(j, params if j == idx else self.params(epoch, [idx], [j])[0].tolist()), self.src.labels[j], bad
+                return self.load(j, epoch, idx, params), self.src.labels[j], bad
             except Exception as e:  # any decode failure: substitute deterministically, keep training
                 bad.append((self.src.names[j], f"decode failed ({type(e).__name__}: {str(e)[:80]})"))
         raise RuntimeError(f"no decodable image left in {printable(self.src.root)}")
@@ -281,11 +359,15 @@ class _PlanSampler:
 
 
 def _worker_context():
-    """Workers start from a fork server (a fresh interpreter with torch and the datasets preloaded), never
-    by forking this process: a process running DALI pipelines (whose thread pools live as long as their
-    loader) or other thread pools can hang or crash in a forked child."""
+    """How DataLoader workers start. Forking is the fast default, but a child forked while DALI's
+    thread pools run (a DALI pipeline lives as long as its loader) can hang or crash; once DALI is
+    loaded in this process, workers start from a fork server instead (a fresh interpreter with torch
+    and the datasets preloaded; a few seconds once per process)."""
     import multiprocessing as mp
+    import sys
 
+    if "nvidia.dali" not in sys.modules:
+        return None
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -317,9 +399,8 @@ class TorchLoader(BaseLoader):
         super().__init__(num_samples=len(dataset), classes=classes, skipped=skipped, **kw)
         self.dataset = dataset
         self._sampler = _PlanSampler(self.dataset, self.batch_size)
-        extra = {}
-        if num_workers > 0:
-            extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "multiprocessing_context": _worker_context()}
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+        self._workers_started = False
         self._dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self._sampler,
@@ -336,6 +417,9 @@ class TorchLoader(BaseLoader):
     def _batches(self, epoch, start):
         sp = self._sampler
         sp.indices, sp.epoch, sp.start, sp.stop = self.epoch_indices(epoch), epoch, start, self.steps_per_epoch
+        if self._dl.num_workers > 0 and not self._workers_started:
+            self._dl.multiprocessing_context = _worker_context()  # decided when the (persistent) workers start
+            self._workers_started = True
         for imgs, labels, bad in self._dl:
             if bad:
                 self._record_bad(bad)

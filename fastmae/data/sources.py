@@ -6,8 +6,9 @@ samples by their global index into it, so the order is a pure function of (seed,
 worker count, file-system listing order or tar streaming order. Tar shards are indexed once (member
 offsets) and read by offset with ``os.pread``: sample-level shuffling across all shards, which needs
 seekable storage (local disk, NFS, Lustre), not a byte stream. A webdataset sample is the members
-sharing a key (path up to the first dot of the basename): one image member, and ``.cls`` as the label
-(-1 when absent).
+sharing a key (path up to the first dot of the basename): one image member, and ``.cls`` (a text
+integer) as the label (-1 when absent). Class-folder ids are the sorted folder names, shared by the
+``train/`` and ``val/`` splits of one root (see :func:`open_source`).
 
 Bad input, two layers:
 
@@ -57,7 +58,7 @@ _MAX_CONFIRM_BYTES = 16 << 20
 _TRAILER_SEARCH = 1 << 20
 _INDEX_VERSION = 2
 
-__all__ = ["Source", "open_source", "resolve_spec", "expand_braces", "check_bytes"]
+__all__ = ["Source", "open_source", "resolve_spec", "split_classes", "expand_braces", "check_bytes"]
 
 
 @dataclass
@@ -222,9 +223,24 @@ def _save_index(path: Path, root: Path, min_size: int, entries: dict) -> None:
         log.warning("could not write the scan index %s: %s", printable(path), printable(e))
 
 
-def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cache_dir: str | os.PathLike | None = None) -> Source:
+def _scan_folder(
+    root: Path,
+    min_size: int,
+    threads: int,
+    crop: int | None,
+    cache_dir: str | os.PathLike | None = None,
+    classes: list[str] | None = None,
+) -> Source:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if class_dirs:
+    if classes is not None:
+        known = {c: i for i, c in enumerate(classes)}
+        unknown = [d.name for d in class_dirs if d.name not in known]
+        if unknown or not class_dirs:
+            what = f"class folder(s) {printable(unknown[:3])}" if unknown else "no class folder"
+            raise ValueError(f"{printable(root)}: {what} not among the {len(classes)} given classes")
+        classes = list(classes)
+        groups = [(known[d.name], d) for d in class_dirs]
+    elif class_dirs:
         classes = [d.name for d in class_dirs]
         groups = [(ci, d) for ci, d in enumerate(class_dirs)]
     else:
@@ -272,7 +288,7 @@ def _scan_folder(root: Path, min_size: int, threads: int, crop: int | None, cach
     return src
 
 
-def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> Source:
+def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None, classes: list[str] | None = None) -> Source:
     src = Source("tar", spec, [], [], [], [], [])
     raw_labels: list[int] = []
     for tp in tars:
@@ -327,11 +343,28 @@ def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None) -> S
                 note = _note_for(name, mode, size, crop)
                 if note:
                     src.notes.append((name, note))
-    # Labels come from the .cls integers; classes are their sorted distinct values as strings.
-    distinct = sorted({lb for lb in raw_labels if lb >= 0})
-    src.classes = [str(c) for c in distinct]
+    # Labels are the .cls integers; classes "0" .. str(max label) (or the given names, one per label).
+    top = max(raw_labels, default=-1)
+    if classes is not None and top >= len(classes):
+        raise ValueError(f"{printable(spec)}: label {top} in the shards, but only {len(classes)} classes were given")
+    src.classes = list(classes) if classes is not None else [str(c) for c in range(top + 1)]
     src.labels = raw_labels
     return src
+
+
+def split_classes(root_or_spec: str | os.PathLike) -> list[str] | None:
+    """The class names of a ``ROOT/{train,val}/<class>/`` tree: the sorted union of both splits' class
+    folders, so a class id names the same class in both splits even when one split lacks a folder.
+    None for any other layout (a single class-folder tree numbers its own sorted folder names)."""
+    p = Path(os.fspath(root_or_spec))
+    if not p.is_dir():
+        return None
+    names: set[str] = set()
+    for split in ("train", "val"):
+        d = p / split
+        if d.is_dir():
+            names.update(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+    return sorted(names) or None
 
 
 def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path | list[str]]:
@@ -400,19 +433,30 @@ def open_source(
     crop: int | None = None,
     warn: bool = True,
     index_cache: str | os.PathLike | None = None,
+    classes: list[str] | None = None,
+    require_labels: bool = False,
 ) -> Source:
     """Scan a folder or tar shards into a clean :class:`Source`; raises if no usable sample remains.
 
+    Class ids: folders number their class-folder names in sorted order; in a ``ROOT/{train,val}``
+    tree, the sorted union of both splits' folder names (:func:`split_classes`), so ids agree across
+    splits. ``classes`` pins the names (and order) instead, e.g. a train set's ``classes`` for a
+    validation set given separately; folders outside it are an error. Tar shards take the integer in
+    each sample's ``.cls`` member (``-1`` when absent; ``require_labels=True`` makes that an error).
     ``index_cache``: a directory where folder scans are kept; later scans re-check only files whose
     size or mtime changed (the directory walk itself still runs, so added/removed files are seen)."""
     kind, where = resolve_spec(root_or_spec, split)
     if kind == "folder":
-        src = _scan_folder(where, min_size, threads, crop, index_cache)
+        src = _scan_folder(where, min_size, threads, crop, index_cache, classes or split_classes(root_or_spec))
     else:
-        src = _scan_tars(os.fspath(root_or_spec), where, min_size, crop)
+        src = _scan_tars(os.fspath(root_or_spec), where, min_size, crop, classes)
     if len(src) == 0:
         why = f"; {len(src.bad)} bad file(s), e.g. {printable(src.bad[0][0])}: {printable(src.bad[0][1])}" if src.bad else ""
         raise ValueError(f"no usable images in {printable(root_or_spec)} (split {split!r}){why}")
+    unlabeled = [n for n, lb in zip(src.names, src.labels, strict=True) if lb < 0]
+    if require_labels and unlabeled:
+        first = printable(unlabeled[0])
+        raise ValueError(f"{len(unlabeled)} sample(s) in {printable(root_or_spec)} have no .cls label, e.g. {first}")
     if warn and (src.bad or src.empty_classes):
         first = "; ".join(f"{printable(p)}: {printable(r)}" for p, r in src.bad[:3])
         empty = ", ".join(printable(c) for c in src.empty_classes[:5])

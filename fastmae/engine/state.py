@@ -61,14 +61,6 @@ class TrainState:
         state = self.state_dict(step)
         return save_checkpoint(run_dir, step, state, keep) if state is not None else None
 
-    def start(self, ckpt: dict | None, fresh_seed: int) -> int:
-        """Restore ``ckpt`` and return its step; without one, start epoch 0 with the RNG seeded by ``fresh_seed``."""
-        if ckpt is not None:
-            return self.load_state_dict(ckpt)
-        self.loader.set_epoch(0)
-        torch.manual_seed(fresh_seed)
-        return 0
-
     def load_state_dict(self, ckpt: dict) -> int:
         """Restore a checkpoint on every rank; returns its step."""
         load_train_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"], sharded=self.sharded)

@@ -12,6 +12,12 @@ images give, per head:
 - KL divergence between heads: for head h, the mean over the other heads g of
   ``KL(P_h || P_g)`` per query row, averaged (0 when all heads attend alike).
 
+Linear CKA (Kornblith et al. 2019) compares the representations of every pair
+of layers (embeddings = layer 0, block i = layer i): within the first model,
+and between the first model and each other one (``cka.csv``, ``cka.png``). A
+layer's representation of an image is all its tokens, flattened; CKA works on
+the images' centered Gram matrices, so memory is (images x images) per layer.
+
 Several checkpoints (e.g. MAE-pretrained, random init, fine-tuned) go into one
 CSV and one figure. ``random`` as a source is a randomly initialized encoder
 with the architecture of the first checkpoint.
@@ -32,8 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmae.constants import IMAGE_EXTENSIONS
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.data import IMAGE_EXTENSIONS, load_digits_split
+from fastmae.eval.data import load_digits_split
 from fastmae.eval.models import RANDOM, build_encoder, read_source, resolve_arch
 from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 
@@ -111,6 +118,69 @@ def attention_stats(model: VisionTransformer, imgs: Tensor, batch: int = 256) ->
     return {m: (v / len(imgs)).cpu() for m, v in sums.items()}
 
 
+# ---- linear CKA ------------------------------------------------------------------------------------------
+
+
+def centered_gram(x: Tensor) -> Tensor:
+    """x: (N, ...) features per example -> (N, N) doubly centered Gram matrix H X X^T H (float64)."""
+    x = x.reshape(x.shape[0], -1).double()
+    k = x @ x.T
+    k = k - k.mean(dim=0, keepdim=True)
+    return k - k.mean(dim=1, keepdim=True)
+
+
+def cka_from_grams(k: Tensor, l: Tensor) -> float:
+    """Linear CKA of two centered Gram matrices: <K, L>_F / (|K|_F |L|_F)."""
+    den = k.norm() * l.norm()
+    return float((k * l).sum() / den) if den > 0 else 0.0
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """x: (N, ...), y: (N, ...) -> linear CKA in [0, 1]; 1 for representations equal up to rotation and scale."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"CKA compares the same examples: got {x.shape[0]} and {y.shape[0]} rows")
+    return cka_from_grams(centered_gram(x), centered_gram(y))
+
+
+@torch.no_grad()
+def layer_grams(model: VisionTransformer, imgs: Tensor, batch: int = 256) -> list[Tensor]:
+    """imgs: (N, C, H, W) -> per layer (embeddings, then each block) the (N, N) centered Gram of its tokens."""
+    model.eval()
+    _, grid = model.check_images(imgs)
+    outs: list[list[Tensor]] = [[] for _ in range(len(model.blocks) + 1)]
+    for i in range(0, len(imgs), batch):
+        x = model.embed_patches(imgs[i : i + batch], None, grid)
+        outs[0].append(x.flatten(1).double().cpu())
+        for j, blk in enumerate(model.blocks):
+            x = blk(x)
+            outs[j + 1].append(x.flatten(1).double().cpu())
+    return [centered_gram(torch.cat(o)) for o in outs]
+
+
+def cka_matrix(grams_a: list[Tensor], grams_b: list[Tensor]) -> Tensor:
+    """(layers of a, layers of b) linear CKA."""
+    return torch.tensor([[cka_from_grams(ka, kb) for kb in grams_b] for ka in grams_a])
+
+
+def plot_cka(mats: dict[tuple[str, str], Tensor], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8), squeeze=False)
+    for ax, ((a, b), m) in zip(axes[0], mats.items(), strict=True):
+        im = ax.imshow(m.numpy(), vmin=0, vmax=1, origin="lower", cmap="magma")
+        ax.set_xlabel(f"{b} layer (0 = embeddings)")
+        ax.set_ylabel(f"{a} layer (0 = embeddings)")
+        ax.set_title(f"linear CKA: {a} vs {b}")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 
 
@@ -121,6 +191,7 @@ class AnalyzeConfig:
     labels: str = ""  # comma-separated names for the figure (default: file names)
     images: str = "digits"  # "digits" (held-out split) or a folder / comma-separated image files
     num_images: int = 256
+    cka: bool = True  # layer-by-layer linear CKA (cka.csv, cka.png)
     output_dir: str = "runs/analyze"
     seed: int = 0
     device: str = "cpu"
@@ -162,7 +233,7 @@ def load_images(spec: str, img_size: int, in_chans: int, n: int, mean=None, std=
     arrs = []
     for f in files[:n]:
         with Image.open(f) as im:
-            arr = torch.from_numpy(np.asarray(im.convert(mode).resize((img_size, img_size), Image.BICUBIC)))
+            arr = torch.from_numpy(np.array(im.convert(mode).resize((img_size, img_size), Image.BICUBIC)))
         arrs.append(arr.float().div(255).reshape(img_size, img_size, in_chans).permute(2, 0, 1))
     x = torch.stack(arrs)
     if mean is None:
@@ -226,10 +297,24 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, dict[str, Tensor]]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
     stats: dict[str, dict[str, Tensor]] = {}
+    grams: dict[str, list[Tensor]] = {}
     for label, model, meta in models:
         C, S = model.in_chans, model.patch_embed.img_size[0]
         imgs = load_images(cfg.images, S, C, cfg.num_images, meta.get("pixel_mean"), meta.get("pixel_std"), cfg.seed)
         stats[label] = attention_stats(model, imgs.to(cfg.device))
+        if cfg.cka:
+            grams[label] = layer_grams(model, imgs.to(cfg.device))
+    if cfg.cka:
+        first = models[0][0]
+        mats = {(first, b): cka_matrix(grams[first], grams[b]) for b in grams}
+        with (out / "cka.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model_a", "layer_a", "model_b", "layer_b", "cka"])
+            for (a, b), m in mats.items():
+                for i in range(m.shape[0]):
+                    for j in range(m.shape[1]):
+                        w.writerow([a, i, b, j, f"{m[i, j].item():.6f}"])
+        plot_cka(mats, out / "cka.png")
     with (out / "attention_stats.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "layer", "head", *METRICS])
@@ -247,7 +332,8 @@ def _body(cfg: AnalyzeConfig) -> int:
     for label, s in stats.items():
         d = ", ".join(f"{v:.2f}" for v in s["avg_distance_px"].mean(1).tolist())
         print(f"{label}: mean attention distance per layer (px): {d}")
-    print(f"wrote {cfg.output_dir}/attention_stats.csv and attention_stats.png")
+    print(f"wrote {cfg.output_dir}/attention_stats.csv and attention_stats.png"
+          + (" and cka.csv, cka.png" if cfg.cka else ""))
     return 0
 
 

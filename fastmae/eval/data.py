@@ -1,24 +1,34 @@
-"""Labelled data for evaluation, held in memory as tensors.
+"""Labelled data for evaluation: streamed through ``fastmae.data`` loaders, or the embedded digits held in memory.
 
-The default is scikit-learn's ``load_digits()`` (1,797 labelled 8x8 images, shipped
-inside the package, so it works offline), upsampled bilinearly to ``img_size``
-and split once, stratified, with a fixed seed. A folder with one sub-folder per
-class is read the same way (images resized to ``img_size``). Images come out
-normalized with the training split's per-channel mean/std, which are returned
-so checkpoints can record them (reconstructions need them to be displayed).
+At scale (``--data=ROOT`` with ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``,
+or ``--train_data``/``--val_data``, each a class-folder tree or webdataset tar
+shards with a ``cls`` field) both splits stream through
+:func:`fastmae.data.build_loader`: sharded by rank, resumable mid-epoch, never
+held in memory. Training batches are augmented for the protocol; validation
+batches are the eval transform (resize to img / 0.875, center crop), sharded so
+that every sample is counted exactly once across ranks: the loaders pad each
+rank's share by wrap-around and the padding carries the label ``IGNORE`` (-1).
+
+The demo (``--data`` unset) is scikit-learn's ``load_digits()`` (1,797
+labelled 8x8 images shipped inside the package), upsampled bilinearly to
+``img_size`` and split once, stratified, with a fixed seed; it is served by
+:class:`TensorLoader`, an in-memory loader with the same contract (sharding,
+resume, padding labels), so one training loop serves both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from fastmae.data.loader import BaseLoader
+
+IGNORE = -1  # label of validation padding: never counted
+AUGMENTS = ("mae", "linprobe", "finetune", "eval")
 
 
 @dataclass
@@ -47,97 +57,86 @@ class LabelledSplit:
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test): ``round(test_fraction * n_c)`` of each class go to test (at least one if n_c > 1)."""
+    """Sorted indices (train, test), stratified by class (scikit-learn's ``train_test_split``)."""
+    from sklearn.model_selection import train_test_split
+
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        n_test = min(max(int(round(test_fraction * len(idx))), 1), len(idx) - 1) if len(idx) > 1 else 0
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def _finish(x: np.ndarray, y: np.ndarray, classes: list[str], img_size: int, in_chans: int,
-            test_fraction: float, seed: int) -> LabelledSplit:
-    """x: (N, C0, h, w) float in [0, 1] -> resized, channel-matched, split and normalized tensors."""
-    if len(classes) < 2 or len(np.unique(y)) < 2:
-        raise ValueError(f"a classification dataset needs at least 2 classes, found {len(np.unique(y))} ({classes})")
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if t.shape[-2:] != (img_size, img_size):
-        t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    if t.shape[1] != in_chans:
-        if t.shape[1] == 1:
-            t = t.expand(-1, in_chans, -1, -1).contiguous()
-        elif in_chans == 1:
-            t = t.mean(dim=1, keepdim=True)
-        else:
-            raise ValueError(f"cannot convert {t.shape[1]}-channel images to {in_chans} channels")
-    tr, te = stratified_split(y, test_fraction, seed)
-    mean = t[tr].mean(dim=(0, 2, 3))
-    std = t[tr].std(dim=(0, 2, 3)).clamp_min(1e-6)
-    t = (t - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    yt = torch.from_numpy(y.astype(np.int64))
-    return LabelledSplit(t[tr].contiguous(), yt[tr], t[te].contiguous(), yt[te], classes,
-                         tuple(mean.tolist()), tuple(std.tolist()))
+    counts = np.bincount(np.unique(y, return_inverse=True)[1])
+    if counts.min() < 2:
+        raise ValueError(f"a stratified split needs at least 2 images per class, the smallest class has {counts.min()}")
+    n_test = max(int(round(test_fraction * len(y))), len(counts))
+    if len(y) - n_test < len(counts):
+        raise ValueError(f"{len(y)} images in {len(counts)} classes are too few to split {test_fraction:.0%} off")
+    tr, te = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y, random_state=seed)
+    return np.sort(tr), np.sort(te)
 
 
 def load_digits_split(img_size: int = 16, in_chans: int = 1, test_fraction: float = 0.25, seed: int = 0) -> LabelledSplit:
-    """scikit-learn digits (10 classes), upsampled to img_size x img_size."""
+    """scikit-learn digits (10 classes), upsampled to img_size x img_size, normalized with the training split's stats."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images / 16.0)[:, None]  # (1797, 1, 8, 8), values 0..16 in the source
-    return _finish(x, d.target, [str(c) for c in d.target_names], img_size, in_chans, test_fraction, seed)
+    t = torch.from_numpy((d.images / 16.0)[:, None].astype(np.float32))  # (1797, 1, 8, 8), values 0..16 in the source
+    if t.shape[-1] != img_size:
+        t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    if in_chans != 1:
+        t = t.expand(-1, in_chans, -1, -1).contiguous()
+    tr, te = stratified_split(d.target, test_fraction, seed)
+    mean = t[tr].mean(dim=(0, 2, 3))
+    std = t[tr].std(dim=(0, 2, 3)).clamp_min(1e-6)
+    t = (t - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    return LabelledSplit(t[tr].contiguous(), y[tr], t[te].contiguous(), y[te], [str(c) for c in d.target_names],
+                         tuple(mean.tolist()), tuple(std.tolist()))
 
 
-def load_folder_split(root: str | Path, img_size: int, in_chans: int = 3, test_fraction: float = 0.25,
-                      seed: int = 0) -> LabelledSplit:
-    """``root/<class>/<image>``: every class folder is one label (sorted names)."""
-    from PIL import Image
-
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"dataset folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-    mode = "L" if in_chans == 1 else "RGB"
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                with Image.open(f) as im:
-                    im = im.convert(mode).resize((img_size, img_size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-                xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-                ys.append(label)
-    if not xs:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    return _finish(np.stack(xs), np.asarray(ys), classes, img_size, in_chans, test_fraction, seed)
+def carve_validation(x: Tensor, y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Split a stratified validation part off the TRAINING data -> (train_x, train_y, val_x, val_y)."""
+    tr, va = stratified_split(y.numpy(), fraction, seed)
+    return x[tr], y[tr], x[va], y[va]
 
 
-def load_split(data: str, img_size: int, in_chans: int, test_fraction: float = 0.25, seed: int = 0) -> LabelledSplit:
-    """``data='digits'`` (embedded) or a class-folder path."""
-    if data == "digits":
-        return load_digits_split(img_size, in_chans, test_fraction, seed)
-    return load_folder_split(data, img_size, in_chans, test_fraction, seed)
+class TensorLoader(BaseLoader):
+    """Batches of in-memory tensors with the loader contract: rank shards, ``(epoch, step)`` resume, padding labels.
+
+    x: (N, C, H, W) float normalized, y: (N,) int64; both moved to ``device`` once.
+    Training (``train=True``): shuffled per epoch, last partial batch dropped.
+    Evaluation: in order, every sample once over the ranks (padding labelled ``IGNORE``).
+    """
+
+    kind = "tensor"
+
+    def __init__(self, x: Tensor, y: Tensor, *, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu", classes: list[str]) -> None:
+        super().__init__(num_samples=len(y), batch_size=batch_size, img_size=x.shape[-1], output="float", train=train,
+                         shuffle=train, seed=seed, rank=rank, world_size=world_size, device=device, drop_last=train,
+                         classes=classes)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device)
+
+    def _batches(self, epoch, start):
+        idx = torch.from_numpy(self.epoch_indices(epoch)).to(self.device)
+        bs = self.batch_size
+        for s in range(start, self.steps_per_epoch):
+            sel = idx[s * bs : (s + 1) * bs]
+            yield self.x[sel], self.y[sel]  # BaseLoader labels the wrap-around padding IGNORE
 
 
-def check_trainable(split: LabelledSplit, batch_size: int) -> None:
-    """Clear errors for datasets a classifier cannot be trained or evaluated on."""
-    n_cls = len(torch.unique(split.train_y))
-    if n_cls < 2:
-        raise ValueError(f"the training split has {n_cls} class; a classifier needs at least 2")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if len(split.train_y) < batch_size:
-        raise ValueError(
-            f"the training split has {len(split.train_y)} images, fewer than one batch of {batch_size} "
-            f"(the last partial batch is dropped): lower batch_size or add images"
-        )
-    if len(split.test_y) == 0:
-        raise ValueError("the held-out split is empty: each class needs at least 2 images")
+def stream_loaders(train_spec: str, val_spec: str, *, img_size: int, batch_size: int, eval_batch_size: int,
+                   augment: str, loader: str, num_workers: int, seed: int, rank: int, world_size: int,
+                   device: torch.device) -> tuple[BaseLoader, BaseLoader]:
+    """-> (train loader, validation loader) over class folders or tar shards, labels required, class ids shared."""
+    from fastmae.data import build_loader
+
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    common = dict(img_size=img_size, loader=loader, num_workers=num_workers, seed=seed, rank=rank,
+                  world_size=world_size, device=str(device), require_labels=True)
+    train = build_loader(train_spec, split="train", batch_size=batch_size, train=True, augment=augment, drop_last=True,
+                         **common)
+    if len(train.classes) < 2:
+        raise ValueError(f"the training data has {len(train.classes)} class; a classifier needs at least 2")
+    val = build_loader(val_spec, split="val", batch_size=eval_batch_size, train=False, augment="eval", drop_last=False,
+                       shuffle=False, classes=train.classes, **common)
+    return train, val

@@ -2,7 +2,8 @@
 
 Examples:
     fastmae linprobe --ckpt=runs/pretrain/checkpoint-00001000.pt --output_dir=runs/linprobe
-    fastmae linprobe --ckpt=mae_pretrain_vit_base.pth --preset=official --data=/data/imagenet_subset
+    torchrun --nproc_per_node=8 -m fastmae.cli linprobe --ckpt=mae_pretrain_vit_base.pth --preset=official \
+        --data=/data/imagenet --resume=auto
     fastmae linprobe --ckpt=random          # the random-init baseline on the embedded digits
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.protocol import EvalConfig, run_eval
+from fastmae.eval.protocol import EvalConfig, format_result, run_eval
 
 
 @dataclass
@@ -35,15 +36,16 @@ class LinprobeConfig(EvalConfig):
 PRESETS: dict[str, dict] = {
     # Tuned for the embedded digits: features are cached, so many epochs cost seconds.
     "digits": {},
-    # MAE paper, Table 10 (blr 0.1 at batch 16384, 90 epochs, 10 warmup, no weight decay).
-    "official": dict(epochs=90, warmup_epochs=10.0, batch_size=16384, blr=0.1, weight_decay=0.0),
+    # MAE paper, Table 10: LARS, blr 0.1 at batch 16384 (accumulated), 90 epochs, 10 warmup, no weight decay.
+    "official": dict(epochs=90, warmup_epochs=10.0, batch_size=512, eff_batch_size=16384, blr=0.1, weight_decay=0.0,
+                     min_lr=0.0, augment="linprobe", eval_batch_size=256),
 }
 
 
 def _body(cfg: LinprobeConfig) -> int:
     r = run_eval(cfg)
-    print(f"linprobe top-1: best {r['best_acc']:.4f} (epoch {r['best_epoch']}), last {r['last_acc']:.4f}; "
-          f"chance {r['chance']:.3f}; {r['wall_s']:.1f}s; wrote {cfg.output_dir}")
+    if r.get("status") != "preempted" and r["rank"] == 0:
+        print(format_result(r, cfg.output_dir))
     return 0
 
 

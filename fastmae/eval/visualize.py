@@ -1,13 +1,20 @@
-"""``fastmae visualize``: reconstruction grids (original | masked | reconstruction | pasted) for a full MAE checkpoint.
+"""``fastmae visualize``: reconstruction grids (original | masked | reconstruction | pasted) for a full MAE or SimMIM checkpoint.
 
 Norm-pix predictions are mapped back with each patch's true mean/std before
 display (raw norm-pix outputs look broken). The mask comes from ``--seed`` or
 from ``--mask``: a ``.npy``/``.pt`` array of 0/1 (1 = removed) shaped (L,),
 (gh, gw) or (N, L), with the same number of removed patches in every row.
 
+SimMIM checkpoints (encoder with ``mask_token`` and the linear ``decoder_pred``
+head, no MAE decoder) show SimMIM's view: masked cells of ``mask_patch_size`` px
+replaced by the mask token in the encoder, the head's pixels for every patch
+(only the masked ones are trained), and those pasted into the masked cells.
+The mask is drawn per cell from ``--seed`` (``--mask`` files are MAE's patch masks).
+
 Examples:
     fastmae visualize --ckpt=runs/pretrain/checkpoint-00001000.pt --images=photo1.jpg,photo2.jpg
     fastmae visualize --ckpt=runs/demo_eval/mae_pretrained.pt --images=digits --num_images=8 --mask=mask.npy
+    fastmae visualize --ckpt=runs/pretrain_simmim/checkpoint-00001000.pt --images=photo1.jpg
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from torch import Tensor
 
 from fastmae.eval.analyze import load_images
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.models import named_heads, resolve_arch
+from fastmae.eval.models import infer_arch, named_heads, resolve_arch
+from fastmae.methods.registry import build_meta_model
+from fastmae.methods.simmim import SimMIMViT
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import LayerNorm6
 
@@ -37,8 +46,9 @@ class VisualizeConfig:
     ckpt: str = ""
     images: str = "digits"  # "digits" (held-out split), a folder, or comma-separated image files
     num_images: int = 8
-    mask_ratio: float = 0.75
-    mask: str = ""  # optional .npy/.pt mask (1 = removed); overrides mask_ratio
+    mask_ratio: float = -1.0  # -1 = the method's (MAE 0.75, SimMIM 0.6)
+    mask: str = ""  # optional .npy/.pt mask (1 = removed); overrides mask_ratio (MAE)
+    mask_patch_size: int = 0  # SimMIM mask cell in px; 0 = from the checkpoint
     seed: int = 0
     output: str = "runs/visualize/reconstructions.png"
     scale: int = 4
@@ -49,12 +59,38 @@ class VisualizeConfig:
     def validate(self) -> None:
         if not self.ckpt:
             raise ValueError("--ckpt is required: a full MAE checkpoint (encoder and decoder)")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not (0.0 <= self.mask_ratio < 1.0 or self.mask_ratio == -1.0):
+            raise ValueError(f"mask_ratio must be in [0, 1) (or -1 for the method's), got {self.mask_ratio}")
         if self.num_images < 1 or self.scale < 1:
             raise ValueError("num_images and scale must be positive")
         if self.norm_pix_loss not in ("auto", "true", "false"):
             raise ValueError(f"norm_pix_loss must be auto, true or false, got {self.norm_pix_loss!r}")
+
+
+def is_simmim(sd: dict) -> bool:
+    """SimMIM's state dict: a mask token and a linear pixel head on the encoder, no MAE decoder."""
+    return "decoder_pred.weight" in sd and "mask_token" in sd and "decoder_embed.weight" not in sd
+
+
+def build_simmim(sd: dict, meta: dict, cfg: VisualizeConfig) -> SimMIMViT:
+    """The SimMIM model of a checkpoint: the cell size and heads from its config (or the named model's defaults)."""
+    cfg_meta = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    name = cfg_meta.get("model")
+    named = build_meta_model(name) if name else None
+    recorded_heads = infer_arch(sd, meta).get("num_heads")
+    named_heads = named.blocks[0].attn.num_heads if named is not None else 0
+    arch = resolve_arch(sd, meta, {"num_heads": cfg.num_heads or recorded_heads or named_heads})
+    cell = cfg.mask_patch_size or int(cfg_meta.get("mask_patch_size") or 0) or getattr(named, "mask_patch_size", 0)
+    if not cell:
+        raise ValueError("the checkpoint does not record SimMIM's mask cell size: pass --mask_patch_size=PX")
+    C = arch["in_chans"]
+    mean = tuple(meta.get("pixel_mean") or ((0.485, 0.456, 0.406) if C == 3 else (0.5,) * C))
+    std = tuple(meta.get("pixel_std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,) * C))
+    model = SimMIMViT(mask_patch_size=int(cell), **arch, norm_layer=LayerNorm6, pixel_mean=mean, pixel_std=std)
+    from fastmae.convert import load_into
+
+    load_into(model, sd, strict=True)
+    return model
 
 
 def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderViT:
@@ -132,8 +168,9 @@ def visualize(cfg: VisualizeConfig) -> Path:
     cfg.validate()
     sd, meta = read_source(cfg.ckpt)
     if sd is None:
-        raise ValueError("--ckpt must be a checkpoint file (reconstructions need a trained decoder)")
-    model = build_mae(sd, meta, cfg)
+        raise ValueError("--ckpt must be a checkpoint file (reconstructions need a trained decoder or pixel head)")
+    simmim = is_simmim(sd)
+    model = build_simmim(sd, meta, cfg) if simmim else build_mae(sd, meta, cfg)
     C, S = model.in_chans, model.patch_embed.img_size[0]
     if cfg.images == "digits":
         from fastmae.eval.data import load_digits_split
@@ -144,11 +181,17 @@ def visualize(cfg: VisualizeConfig) -> Path:
         mean, std = model.pixel_mean.tolist(), model.pixel_std.tolist()
         imgs = load_images(cfg.images, S, C, cfg.num_images, mean, std, cfg.seed)
     L = model.patch_embed.num_patches
-    if cfg.mask:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if simmim:
+        if cfg.mask:
+            raise ValueError("--mask files are MAE patch masks; SimMIM masks whole cells drawn from --seed")
+        g = model.patch_embed.grid_size
+        cells = (g[0] * model.patch_size // model.mask_patch_size) * (g[1] * model.patch_size // model.mask_patch_size)
+        noise, ratio = torch.rand(len(imgs), cells, generator=gen), 0.6 if cfg.mask_ratio < 0 else cfg.mask_ratio
+    elif cfg.mask:
         noise, ratio = mask_to_noise(_read_mask(cfg.mask), len(imgs), L)
     else:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        noise, ratio = torch.rand(len(imgs), L, generator=gen), cfg.mask_ratio
+        noise, ratio = torch.rand(len(imgs), L, generator=gen), 0.75 if cfg.mask_ratio < 0 else cfg.mask_ratio
     panels = reconstruct(model, imgs, mask_ratio=ratio, noise=noise)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,9 @@ from timm.layers import DropPath, Mlp
 
 from fastmae.layers.attention import Attention, attention_backend, set_attention_backend
 from fastmae.layers.block import Block
+from fastmae.layers.cross_attention import CrossAttention
+from fastmae.layers.cross_block import CrossBlock
+from fastmae.layers.feature_fusion import FeatureFusion
 from fastmae.layers.patch_embed import PatchEmbed
 from fastmae.layers.pos_embed import sincos_2d, sinusoid_table
 from fastmae.layers.tubelet_embed import TubeletEmbed
@@ -15,7 +18,10 @@ from fastmae.layers.weight_init import init_weights
 __all__ = [
     "Attention",
     "Block",
+    "CrossAttention",
+    "CrossBlock",
     "DropPath",
+    "FeatureFusion",
     "Mlp",
     "PatchEmbed",
     "TubeletEmbed",

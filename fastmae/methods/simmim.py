@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.layers import init_weights
-from fastmae.methods.masks import block_mask, block_mask_geometry
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
+from fastmae.models.masks import block_mask, block_mask_geometry
 from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import unpatchify
 

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.layers import Block, TubeletEmbed, init_weights, sinusoid_table
-from fastmae.methods.masks import tube_mask
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
+from fastmae.models.masks import tube_mask
 from fastmae.models.vit import LayerNorm6
 
 TARGET_NORMS = ("tubelet", "channel", "none")
@@ -166,7 +166,7 @@ class VideoMAE(nn.Module):
         return self.patch_embed.proj.weight.dtype
 
     def tubelet_mask(self, videos: Tensor, mask_ratio: float = 0.9, noise: Tensor | None = None):
-        """-> (ids_keep_s, ids_masked_s, ids_keep, ids_masked, mask) of :func:`fastmae.methods.masks.tube_mask`."""
+        """-> (ids_keep_s, ids_masked_s, ids_keep, ids_masked, mask) of :func:`fastmae.models.masks.tube_mask`."""
         N, _, _, _ = self.check_videos(videos)
         Tp, gh, gw = self.grid_size
         Ls = gh * gw

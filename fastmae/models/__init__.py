@@ -1,5 +1,6 @@
 """MAE and ViT models with the official parameter names."""
 
+from fastmae.models.crossmae import CROSSMAE_MODELS, CrossMAE, crossmae_vit_base_patch16, crossmae_vit_tiny
 from fastmae.models.mae import (
     MAE,
     MODELS,
@@ -14,6 +15,10 @@ from fastmae.models.mae import (
 from fastmae.models.vit import VisionTransformer
 
 __all__ = [
+    "CROSSMAE_MODELS",
+    "CrossMAE",
+    "crossmae_vit_base_patch16",
+    "crossmae_vit_tiny",
     "MAE",
     "MODELS",
     "MaskedAutoencoderViT",

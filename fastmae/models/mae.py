@@ -6,6 +6,14 @@ One training forward:
          --decoder_embed, unshuffle scatter + mask token + positions (fused)--> (N, 1+L, D_dec)
          --decoder--> pred (N, L, p*p*C)
          --masked loss (fused, target built from imgs)--> loss
+
+The MAE paper's ablations are constructor switches (each keeps every shape static):
+- ``mask_type``: ``random`` (MAE), ``block`` (BEiT-style blocks) or ``grid`` (keep one of every 2x2), the
+  paper's Fig. 6; see :func:`fastmae.models.masks.mae_mask_keys` for how the counts stay exact;
+- ``loss_on``: ``masked`` (MAE) or ``all`` (the loss on every patch, the paper's "w/o masked only");
+- ``encoder_mask_tokens``: the encoder embeds every patch and replaces the masked ones by ``mask_token``
+  (1, 1, D) before adding positions (the paper's "encoder w/ [M]", ~3.3x the encoder's FLOPs); the
+  decoder then reads the encoder's full sequence plus its positions and has no mask token of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.layers import Block, init_weights, sincos_2d
+from fastmae.models.masks import MASK_TYPES, mae_mask_keys
 from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
@@ -37,6 +46,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         norm_pix_loss: bool = False,
         loss_type: str = "mse",
+        mask_type: str = "random",
+        loss_on: str = "masked",
+        encoder_mask_tokens: bool = False,
         **vit_kwargs,
     ):
         super().__init__(
@@ -52,12 +64,19 @@ class MaskedAutoencoderViT(VisionTransformer):
         )
         if loss_type not in ("mse", "l1"):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if loss_on not in ("masked", "all"):
+            raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
         self.norm_pix_loss = norm_pix_loss
         self.loss_type = loss_type
+        self.mask_type = mask_type
+        self.loss_on = loss_on
+        self.encoder_mask_tokens = encoder_mask_tokens
         self.decoder_embed_dim = decoder_embed_dim
         num_patches = self.patch_embed.num_patches
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim if encoder_mask_tokens else decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
@@ -115,7 +134,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         if noise is None:
             # The default generator keeps masking capturable in CUDA graphs and seeded by torch.manual_seed.
             noise = torch.rand(N, grid[0] * grid[1], device=imgs.device)
-        ids_keep, ids_restore, mask, ids_shuffle = random_masking(noise, len_keep)
+        ids_keep, ids_restore, mask, ids_shuffle = random_masking(mae_mask_keys(noise, grid, len_keep, self.mask_type), len_keep)
         return grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle
 
     def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,10 +147,24 @@ class MaskedAutoencoderViT(VisionTransformer):
         grid = grid or self.patch_embed.grid_size
         x = self.decoder_embed(x)
         x = ops.unshuffle_scatter(x, self.mask_token.reshape(-1), ids_restore, self.decoder_pos_embed_for(grid))
+        return self._decode(x)
+
+    def _decode(self, x: Tensor) -> Tensor:
+        """x: (N, 1+L, D_dec) decoder input -> pred (N, L, p*p*C)"""
         for blk in self.decoder_blocks:
             x = blk(x)
         # Only patch tokens are predicted: the cls row is dropped before the last norm and projection.
         return self.decoder_pred(self.decoder_norm(x[:, 1:, :]))
+
+    def forward_encoder_with_mask_tokens(self, imgs: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The "encoder w/ [M]" ablation. mask: (N, L) 1 = removed -> latent (N, 1+L, D) in patch order, normalized."""
+        x = self.embed_patches(imgs, None, grid)
+        pos = self.pos_embed_for(grid)[:, 1:, :]
+        tokens = torch.where(mask.unsqueeze(-1) > 0, (self.mask_token + pos).to(x.dtype), x[:, 1:, :])
+        x = torch.cat([x[:, :1, :], tokens], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Official signature. imgs, pred (N, L, P), mask (N, L) 1 = removed -> scalar loss."""
@@ -160,9 +193,18 @@ class MaskedAutoencoderViT(VisionTransformer):
         Returns loss (fp32 scalar), pred (N, L, p*p*C), mask (N, L) with 1 = removed.
         """
         grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle = self._masking(imgs, mask_ratio, noise)
-        latent = self.forward_features(imgs, ids_keep)
-        pred = self.forward_decoder(latent, ids_restore, grid)
-        loss = self._loss(imgs, pred, ids_shuffle[:, len_keep:])
+        if self.encoder_mask_tokens:
+            latent = self.forward_encoder_with_mask_tokens(imgs, mask, grid)
+            pred = self._decode(self.decoder_embed(latent) + self.decoder_pos_embed_for(grid))
+        else:
+            latent = self.forward_features(imgs, ids_keep)
+            pred = self.forward_decoder(latent, ids_restore, grid)
+        if self.loss_on == "all":
+            N, L = mask.shape
+            ids_loss = torch.arange(L, device=mask.device).expand(N, L)
+        else:
+            ids_loss = ids_shuffle[:, len_keep:]
+        loss = self._loss(imgs, pred, ids_loss)
         return loss, pred, mask
 
 

@@ -165,3 +165,12 @@ class VisionTransformer(nn.Module):
     def forward(self, imgs: Tensor) -> Tensor:
         """imgs -> logits (N, num_classes), or pooled features (N, D) without a head."""
         return self.forward_head(self.forward_features(imgs))
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's optimizer helpers: embeddings, each block, then norm / fc_norm / head together.
+
+        MAE's layer-wise lr decay puts the final norm in the head's layer (timm's own ViT puts it with the last block).
+        """
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=r"^blocks\.(\d+)", head=r"^norm|^fc_norm|^head")
+

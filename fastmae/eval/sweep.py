@@ -1,0 +1,262 @@
+"""``fastmae sweep``: one evaluation per value of a key; a CSV and a curve (top-1 vs the value).
+
+``--values="KEY=v1,v2,..."`` names the swept key:
+
+- a protocol key (``tune_blocks``, ``epochs``, ``blr``, ``drop_path``, ...): the
+  protocol (``--protocol=finetune|linprobe|both``) runs once per value.
+  ``tune_blocks=0`` is the linear probe (its own recipe, as ``fastmae finetune
+  --tune_blocks=0``), so ``tune_blocks=0,1,2,4,12`` is the paper's partial
+  fine-tuning curve.
+- a pretraining key (``mask_ratio``, ``norm_pix_loss``, ...): one pretraining
+  per value, then the linear probe and fine-tuning of each encoder. On the
+  digits demo (no ``--data``) the demo's tiny MAE pretrains in memory
+  (``fastmae demo-eval``'s model and keys, e.g. ``--pretrain_epochs``); with
+  data, ``fastmae pretrain`` runs with ``--pretrain_args`` plus the key.
+
+Any other ``--key=value`` goes to both protocols; ``--linprobe.key=value`` or
+``--finetune.key=value`` to one. Every value runs in its own directory
+(``OUTPUT/KEY=VALUE/...``); a finished value (its ``results.json`` exists) is
+not rerun, so an interrupted sweep continues where it stopped. The reported
+number is each run's headline (the last epoch's, or the epoch chosen on a
+validation split carved from the training data), never a best-on-test pick.
+
+Examples:
+    fastmae sweep --protocol=finetune --values="tune_blocks=0,1,2,4" --ckpt=runs/demo_eval/mae_pretrained.pt
+    fastmae sweep --protocol=both --values="mask_ratio=0.4,0.6,0.75,0.9" --pretrain_epochs=60
+    fastmae sweep --values="mask_ratio=0.6,0.75" --data=/data/imagenet --pretrain_args="--preset=base --epochs=100"
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fastmae.config import PretrainConfig, describe_keys, parse_overrides
+from fastmae.eval.demo import DemoConfig, pretrain_on_digits
+from fastmae.eval.finetune import PRESETS as FINETUNE_PRESETS
+from fastmae.eval.finetune import FinetuneConfig
+from fastmae.eval.linprobe import PRESETS as LINPROBE_PRESETS
+from fastmae.eval.linprobe import LinprobeConfig
+from fastmae.eval.protocol import EvalConfig, run_eval
+
+PROTOCOLS = {"linprobe": (LinprobeConfig, LINPROBE_PRESETS), "finetune": (FinetuneConfig, FINETUNE_PRESETS)}
+# keys of the digits demo's pretraining that a sweep may vary
+DIGITS_PRETRAIN_KEYS = ("mask_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_blr", "decoder_dim", "decoder_depth")
+
+
+@dataclass
+class SweepConfig:
+    preset: str = "default"
+    protocol: str = "finetune"  # finetune | linprobe | both
+    values: str = ""  # "KEY=v1,v2,..."
+    output_dir: str = "runs/sweep"
+    pretrain_epochs: int = 100  # digits demo pretraining (pretraining-key sweeps)
+    pretrain_args: str = ""  # `fastmae pretrain` arguments for pretraining-key sweeps on real data
+    threads: int = 1  # torch intra-op threads (0 = torch's default)
+
+    def validate(self) -> None:
+        if self.protocol not in ("finetune", "linprobe", "both"):
+            raise ValueError(f"protocol must be finetune, linprobe or both, got {self.protocol!r}")
+        key, vals = parse_values(self.values)
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"--values repeats a value: {vals}")
+        if self.pretrain_epochs < 1:
+            raise ValueError(f"pretrain_epochs must be positive, got {self.pretrain_epochs}")
+
+
+def parse_values(spec: str) -> tuple[str, list[str]]:
+    """``"tune_blocks=0,1,2"`` -> ("tune_blocks", ["0", "1", "2"])."""
+    key, eq, rest = spec.partition("=")
+    vals = [v.strip() for v in rest.split(",") if v.strip()]
+    if not eq or not key.strip() or not vals:
+        raise ValueError(f'--values needs KEY=v1,v2,... (e.g. --values="tune_blocks=0,1,2,4"), got {spec!r}')
+    return key.strip(), vals
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """-> (the sweep's own --key=value, {protocol: its --key=value}); ``--linprobe.k=v`` goes to one protocol
+    and wins over a shared ``--k=v``."""
+    own_keys = {f.name for f in fields(SweepConfig)}
+    own, shared, scoped = [], [], {"linprobe": [], "finetune": []}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key = arg[2:].partition("=")[0].replace("-", "_")
+        scope, dot, sub = key.partition(".")
+        if dot:
+            if scope not in scoped:
+                raise ValueError(f"--{key}: the prefix must be linprobe. or finetune.")
+            scoped[scope].append(f"--{sub}={arg.partition('=')[2]}")
+        elif key in own_keys:
+            own.append(arg)
+        else:
+            shared.append(arg)
+    return own, {p: shared + lst for p, lst in scoped.items()}
+
+
+def key_kind(key: str, demo: bool) -> str:
+    """'protocol', 'digits_pretrain' or 'pretrain'; raises for a key nobody knows."""
+    if key in {f.name for f in fields(EvalConfig)}:
+        return "protocol"
+    if demo and (key in DIGITS_PRETRAIN_KEYS):
+        return "digits_pretrain"
+    if not demo and key in {f.name for f in fields(PretrainConfig)}:
+        return "pretrain"
+    known = DIGITS_PRETRAIN_KEYS if demo else "fastmae pretrain's keys"
+    raise ValueError(f"cannot sweep --{key}: not a protocol key, nor a pretraining key ({known})")
+
+
+def _protocol_config(name: str, per_protocol: dict[str, list[str]], overrides: dict) -> EvalConfig:
+    if name == "finetune" and str(overrides.get("tune_blocks", "")) == "0":
+        name = "linprobe"  # k = 0 is the linear probe, with its own recipe and keys
+        overrides = {k: v for k, v in overrides.items() if k != "tune_blocks"}
+    cls, presets = PROTOCOLS[name]
+    return parse_overrides([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], cls=cls, presets=presets)
+
+
+def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict]:
+    cfg.validate()
+    key, vals = parse_values(cfg.values)
+    protocols = ["linprobe", "finetune"] if cfg.protocol == "both" else [cfg.protocol]
+    # every protocol configuration is checked before the first run
+    probes = {p: _protocol_config(p, per_protocol, {}) for p in protocols}
+    demo = all(c.is_demo for c in probes.values())
+    kind = key_kind(key, demo)
+    if kind != "protocol" and cfg.protocol != "both":
+        protocols = ["linprobe", "finetune"]  # a pretraining sweep scores each encoder both ways
+    for v in vals:
+        for p in protocols:
+            if kind == "protocol":
+                _protocol_config(p, per_protocol, {key: v})
+    if kind == "pretrain":
+        parse_overrides([*shlex.split(cfg.pretrain_args), f"--{key}={vals[0]}"])
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"config": asdict(cfg), "protocol_args": per_protocol}, indent=2) + "\n")
+
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    split = None
+    rows = []
+    try:
+        for v in vals:
+            vdir = out / f"{key}={v}"
+            source = {}
+            for p in protocols:
+                run_dir = vdir / p
+                done = run_dir / "results.json"
+                if not done.is_file():
+                    if kind != "protocol" and not source:
+                        source, split = _pretrain(cfg, key, v, vdir, kind, split)
+                    ecfg = dataclasses.replace(_protocol_config(p, per_protocol, {key: v} if kind == "protocol" else {}),
+                                               output_dir=str(run_dir))
+                    if kind == "pretrain":
+                        ecfg = dataclasses.replace(ecfg, ckpt=source["ckpt"])
+                    t0 = time.perf_counter()
+                    r = run_eval(ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
+                                 source_meta=source.get("meta"))
+                    print(f"{key}={v} {p}: top-1 {r['top1']:.4f} ({r['reported']}) in {time.perf_counter() - t0:.0f}s",
+                          flush=True)
+                res = json.loads(done.read_text())
+                rows.append({key: v, "protocol": p, "top1": res["top1"], "top5": res["top5"], "top1_last": res["top1_last"],
+                             "epoch": res["epoch"], "reported": res["reported"], "wall_s": round(res["wall_s"], 1)})
+    finally:
+        torch.set_num_threads(threads)
+    with (out / "sweep.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, key, out / "sweep.png")
+    return rows
+
+
+def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, split):
+    """One pretraining for ``key=value`` (skipped when its checkpoint exists) -> (source, digits split)."""
+    vdir.mkdir(parents=True, exist_ok=True)
+    if kind == "digits_pretrain":
+        from fastmae.eval.data import load_digits_split
+        from fastmae.eval.models import read_source
+
+        dcfg = parse_overrides([f"--pretrain_epochs={cfg.pretrain_epochs}", f"--{key}={value}"], cls=DemoConfig,
+                               presets={"default": {}})
+        if split is None:
+            split = load_digits_split(16, 1, seed=dcfg.seed)
+        path = vdir / "mae_pretrained.pt"
+        if path.is_file():
+            sd, meta = read_source(str(path))
+        else:
+            sd, meta, pre = pretrain_on_digits(dcfg, split, path)
+            print(f"{key}={value}: pretrained {pre['steps']} steps in {pre['wall_s']:.0f}s, "
+                  f"final loss {pre['losses'][-1]:.4f}", flush=True)
+        return {"sd": sd, "meta": meta}, split
+    from fastmae.engine.checkpoint import latest_checkpoint
+    from fastmae.pretrain import main as pretrain_main
+
+    pdir = vdir / "pretrain"
+    if not (pdir / "summary.json").is_file():
+        pretrain_main([*shlex.split(cfg.pretrain_args), f"--{key}={value}", f"--output_dir={pdir}", "--resume=auto"])
+    return {"ckpt": str(latest_checkpoint(pdir))}, split
+
+
+def plot(rows: list[dict], key: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(_is_number(r[key]) for r in rows)
+    labels = list(dict.fromkeys(r[key] for r in rows))
+    for j, p in enumerate(dict.fromkeys(r["protocol"] for r in rows)):
+        mine = [r for r in rows if r["protocol"] == p]
+        xs = [float(r[key]) if numeric else labels.index(r[key]) for r in mine]
+        ax.plot(xs, [100 * r["top1"] for r in mine], marker="o", color=f"C{j}", label=p)
+        for x, r in zip(xs, mine, strict=True):
+            ax.annotate(f"{100 * r['top1']:.1f}", (x, 100 * r["top1"]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)
+    if not numeric:
+        ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(key)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"top-1 vs {key} ({'last epoch' if 'last' in rows[0]['reported'] else 'epoch chosen on train-carved val'})",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: fastmae sweep --values=KEY=v1,v2,... [--key=value ...]\n\n{__doc__.strip()}\n\nkeys:")
+        print(describe_keys(SweepConfig))
+        print("\nplus any key of `fastmae finetune --help` / `fastmae linprobe --help`")
+        return 0
+    try:
+        own, per = split_argv(argv)
+        cfg = parse_overrides(own, cls=SweepConfig, presets={"default": {}})
+        rows = run_sweep(cfg, per)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {cfg.output_dir}/sweep.csv and sweep.png ({len(rows)} runs)")
+    return 0

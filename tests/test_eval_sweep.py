@@ -1,0 +1,60 @@
+"""``fastmae sweep``: one run per value, a CSV and a labelled curve, value-by-value resume, pretraining keys."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from fastmae.eval import linprobe, sweep
+
+TINY = ["--embed_dim=32", "--depth=2", "--num_heads=2", "--quiet=true", "--progress=false"]
+
+
+def _rows(out):
+    with (out / "sweep.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_protocol_key_sweep_writes_csv_and_curve_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sw"
+    args = ["--protocol=finetune", '--values=tune_blocks=0,1', "--epochs=1", "--linprobe.epochs=2", *TINY,
+            f"--output_dir={out}"]
+    assert sweep.main(args) == 0, capsys.readouterr().err
+    rows = _rows(out)
+    assert [(r["tune_blocks"], r["protocol"]) for r in rows] == [("0", "finetune"), ("1", "finetune")]
+    assert all(0 <= float(r["top1"]) <= 1 and r["reported"] == "test top-1 after the last epoch" for r in rows)
+    assert (out / "sweep.png").stat().st_size > 10_000
+    # k = 0 is the linear probe with its own recipe (LARS, its blr), and the linprobe.-prefixed key reached it
+    k0 = json.loads((out / "tune_blocks=0" / "finetune" / "config.json").read_text())
+    assert k0["tune_blocks"] == 0 and k0["blr"] == linprobe.LinprobeConfig.blr and k0["epochs"] == 2
+    first = (out / "tune_blocks=1" / "finetune" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    # rerun with one more value: only the new value runs
+    assert sweep.main([*args[:1], '--values=tune_blocks=0,1,2', *args[2:]]) == 0
+    printed = capsys.readouterr().out
+    assert "tune_blocks=2 finetune: top-1" in printed and "tune_blocks=1 finetune" not in printed
+    assert (out / "tune_blocks=1" / "finetune" / "results.json").stat().st_mtime_ns == first
+    assert len(_rows(out)) == 3
+
+
+def test_pretraining_key_sweep_pretrains_then_probes_and_finetunes(tmp_path, capsys):
+    out = tmp_path / "mr"
+    rc = sweep.main(['--values=mask_ratio=0.5,0.9', "--pretrain_epochs=1", "--epochs=1", "--quiet=true",
+                     "--progress=false", f"--output_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    rows = _rows(out)
+    assert [(r["mask_ratio"], r["protocol"]) for r in rows] == [
+        ("0.5", "linprobe"), ("0.5", "finetune"), ("0.9", "linprobe"), ("0.9", "finetune")]
+    for v in ("0.5", "0.9"):
+        assert (out / f"mask_ratio={v}" / "mae_pretrained.pt").is_file()
+    assert (out / "sweep.png").is_file()
+
+
+def test_bad_sweeps_are_one_line(tmp_path, capsys):
+    assert sweep.main(["--values=nokey=1,2", f"--output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("fastmae: error: cannot sweep --nokey")
+    assert sweep.main(["--values=tune_blocks", f"--output_dir={tmp_path}"]) == 2
+    assert "KEY=v1,v2" in capsys.readouterr().err
+    assert sweep.main(["--values=epochs=1,-1", f"--output_dir={tmp_path}"]) == 2  # checked before any run
+    assert "epochs must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "epochs=1").exists()
