@@ -11,7 +11,7 @@ with ``NAME`` and ``model_args`` printed by the export (and stored in ``config.j
 gets a fresh head. Nothing is downloaded: both libraries read the folder offline.
 
 Examples:
-    fastmae export --ckpt=runs/mae-tiny/checkpoint-00000900.pt --out=runs/mae-tiny/hf --format=hf
+    fastmae export --ckpt=runs/mae-tiny --out=exports/mae-tiny-hf --format=hf
     fastmae export --ckpt=mae_pretrain_vit_base.pth --out=export/timm --format=timm
 """
 

@@ -16,6 +16,7 @@ Each block runs top to bottom in one folder in which the main job (the first blo
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -47,8 +48,8 @@ TIMEOUT = 600
 
 
 def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
-    """(first line number, command lines) of every ```bash block; comment-only lines dropped."""
-    blocks, current, start = [], None, 0
+    """(first line number, commands) of every ```bash block; ``\\`` continuations joined, comment-only lines dropped."""
+    blocks, current, start, pending = [], None, 0, ""
     for n, line in enumerate(text.splitlines(), 1):
         if current is None and line.strip() == "```bash":
             current, start = [], n + 1
@@ -56,7 +57,11 @@ def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
             blocks.append((start, current))
             current = None
         elif current is not None and line.strip() and not line.lstrip().startswith("#"):
-            current.append(line)
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1].rstrip() + " "
+                continue
+            current.append(pending + line.strip() if pending else line)
+            pending = ""
     return blocks
 
 
@@ -89,31 +94,55 @@ def plan(line: str, places: dict[str, str]) -> list[list[str]]:
     return runs
 
 
-def _sized(seg: list[str], gpu: bool, line: str) -> list[str]:
-    command = seg[1] if seg[0] == "fastmae" else ""
-    training = seg[0] == "torchrun" or "train.py" in seg[:2] or command == "pretrain"
-    if "--help" in seg or (command == "pretrain" and "--dry_run" in seg):
-        return _python(seg)
-    if training and (seg[0] == "torchrun" or GPU_PRESETS.search(line) or "--dry_run" in seg):
-        assert gpu, f"README line needs GPUs but does not say so (# GPU ...): {line}"
-    if gpu:
-        assert training, f"only training lines can be dry-run here: {line}"
-        if seg[0] == "torchrun":
-            nproc = next(t.split("=")[1] for t in seg if t.startswith("--nproc_per_node="))
-            seg = ["python", *[t for t in seg[1:] if not t.startswith("--nproc_per_node")], f"--world_size={nproc}"]
-        return _python([*seg, "--dry_run"])
-    if training:
-        return _python([*seg, *TINY_TRAIN])
-    return _python([*seg, *TINY.get(command, [])])
+def _target(seg: list[str]) -> tuple[int, str, list[str]]:
+    """(torchrun processes or 0, fastmae command, its arguments) of a python/fastmae/torchrun line.
 
-
-def _python(seg: list[str]) -> list[str]:
-    """``python``/``fastmae`` of this test's interpreter (the README's environment)."""
-    if seg[0] == "python":
-        return [sys.executable, *seg[1:]]
+    ``train.py`` lines keep their script: the command is then ``train.py`` (the same program as ``pretrain``)."""
+    nproc = 0
+    if seg[0] == "torchrun":
+        launcher = list(itertools.takewhile(lambda t: t.startswith("--"), seg[1:]))
+        nproc = int(next((t.split("=")[1] for t in launcher if t.startswith("--nproc_per_node=")), "1"))
+        seg = ["python", *seg[1 + len(launcher):]]
     if seg[0] == "fastmae":
-        return [sys.executable, "-m", "fastmae.cli", *seg[1:]]
-    return seg
+        rest = seg[1:]
+    elif seg[0] == "python" and seg[1:3] == ["-m", "fastmae.cli"]:
+        rest = seg[3:]
+    elif seg[0] == "python" and seg[1] == "train.py":
+        return nproc, "train.py", seg[2:]
+    else:
+        return nproc, "", seg
+    if seg[0] != "python" and nproc:
+        raise AssertionError(f"unexpected torchrun line: {shlex.join(seg)}")
+    command = " ".join(rest[:2]) if rest[:2] == ["data", "check"] else rest[0]
+    return nproc, command, rest[len(command.split()):]
+
+
+def _sized(seg: list[str], gpu: bool, line: str) -> list[str]:
+    nproc, command, args = _target(seg)
+    if not command:
+        return seg
+    training = command in ("pretrain", "train.py")
+    if "--help" in args or "--dry_run" in args:
+        return _launch(0, command, args)
+    if training and (nproc > 2 or GPU_PRESETS.search(line)):
+        assert gpu, f"README line needs GPUs but does not say so (# GPU ...): {line}"
+    if gpu and training:
+        from fastmae.config import parse_overrides
+
+        cfg = parse_overrides(args)  # bad keys or values fail here, whatever the method
+        if cfg.method != "mae":  # the plan models MAE runs only: the parsed config is the check
+            return [sys.executable, "-c", "pass"]
+        return _launch(0, command, [*args, *([f"--world_size={nproc}"] if nproc else []), "--dry_run"])
+    tiny = TINY_TRAIN if training else TINY.get(command, [])
+    return _launch(min(nproc, 2), command, [*args, *tiny])
+
+
+def _launch(nproc: int, command: str, args: list[str]) -> list[str]:
+    """This interpreter (the README's environment) running ``fastmae COMMAND ARGS``; torchrun as 2 CPU processes (gloo)."""
+    program = ["train.py"] if command == "train.py" else ["-m", "fastmae.cli", *command.split()]
+    if nproc:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program, *args]
+    return [sys.executable, *program, *args]
 
 
 def _image_tree(root: Path, splits: dict[str, int], size=(72, 80)) -> None:
@@ -187,11 +216,6 @@ def test_setup_line_is_what_ci_runs():
     assert any(ci in lines for _, lines in BLOCKS), "README's test command and .ci/run differ"
 
 
-def test_stand_ins_are_still_used():
-    text = README.read_text()
-    assert all(k in text for k in SUBSTITUTIONS), [k for k in SUBSTITUTIONS if k not in text]
-
-
 def test_gpu_lines_must_say_so():
     places = {"imagenet": "IMAGENET", "photos": "PHOTOS"}
     with pytest.raises(AssertionError, match="does not say so"):
@@ -201,3 +225,9 @@ def test_gpu_lines_must_say_so():
     assert plan(". .venv/bin/activate", places) == []
     setup = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python train.py"
     assert plan(setup, places) == [[sys.executable, "train.py", *TINY_TRAIN]]
+    # torchrun of any command: 2 CPU processes; `-m fastmae.cli` is the same program as `fastmae`.
+    argv = plan("torchrun --nproc_per_node=8 -m fastmae.cli linprobe --ckpt=mae_pretrain_vit_base.pth", places)[0]
+    assert argv[3:] == ["--standalone", "--nproc_per_node=2", "-m", "fastmae.cli", "linprobe", "--ckpt=runs/mae-tiny",
+                        *TINY["linprobe"]]
+    text = "```bash\nfastmae finetune --ckpt=x \\\n    --data=y   # z\n                # comment only\n```\n"
+    assert bash_blocks(text) == [(2, ["fastmae finetune --ckpt=x --data=y   # z"])]

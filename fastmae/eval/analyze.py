@@ -23,7 +23,7 @@ CSV and one figure. ``random`` as a source is a randomly initialized encoder
 with the architecture of the first checkpoint.
 
 Example:
-    fastmae analyze --ckpts=runs/pretrain/checkpoint-00001000.pt,random,runs/finetune/checkpoint-best.pt \\
+    fastmae analyze --ckpts=runs/mae-tiny,random,runs/finetune/checkpoint-best.pt \\
         --labels=mae,random,finetuned --output_dir=runs/analyze
 """
 

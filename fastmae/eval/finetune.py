@@ -8,8 +8,8 @@ README); every key stays overridable. Data streams through fastmae.data
 or tar shards); without ``--data`` the embedded digits demo runs in memory.
 
 Examples:
-    fastmae finetune --ckpt=runs/pretrain/checkpoint-00001000.pt                  # full, digits
-    fastmae finetune --ckpt=runs/pretrain/checkpoint-00001000.pt --tune_blocks=1  # partial
+    fastmae finetune --ckpt=runs/mae-tiny                  # full, digits
+    fastmae finetune --ckpt=runs/mae-tiny --tune_blocks=1  # partial
     torchrun --nproc_per_node=8 -m fastmae.cli finetune --ckpt=mae_pretrain_vit_base.pth --preset=official_base \
         --data=/data/imagenet --resume=auto
     fastmae finetune --eval_only=true --ckpt=runs/finetune/checkpoint-last.pt --data=/data/imagenet

@@ -1,7 +1,7 @@
 """``fastmae linprobe``: linear probe of a frozen encoder (MAE protocol: BN without affine + linear, LARS).
 
 Examples:
-    fastmae linprobe --ckpt=runs/pretrain/checkpoint-00001000.pt --output_dir=runs/linprobe
+    fastmae linprobe --ckpt=runs/mae-tiny --output_dir=runs/linprobe
     torchrun --nproc_per_node=8 -m fastmae.cli linprobe --ckpt=mae_pretrain_vit_base.pth --preset=official \
         --data=/data/imagenet --resume=auto
     fastmae linprobe --ckpt=random          # the random-init baseline on the embedded digits

@@ -12,9 +12,9 @@ replaced by the mask token in the encoder, the head's pixels for every patch
 The mask is drawn per cell from ``--seed`` (``--mask`` files are MAE's patch masks).
 
 Examples:
-    fastmae visualize --ckpt=runs/pretrain/checkpoint-00001000.pt --images=photo1.jpg,photo2.jpg
+    fastmae visualize --ckpt=runs/mae-tiny --images=photo1.jpg,photo2.jpg
     fastmae visualize --ckpt=runs/demo_eval/mae_pretrained.pt --images=digits --num_images=8 --mask=mask.npy
-    fastmae visualize --ckpt=runs/pretrain_simmim/checkpoint-00001000.pt --images=photo1.jpg
+    fastmae visualize --ckpt=runs/simmim-tiny --images=photo1.jpg
 """
 
 from __future__ import annotations
