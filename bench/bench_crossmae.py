@@ -4,7 +4,8 @@
     python bench/bench_crossmae.py quality               # digits: pretrain MAE and CrossMAE, probe / partial / full vs random
     python bench/bench_crossmae.py curves                # digits: linear probe vs mask ratio and vs decoder depth (PNG)
 
-speed: the same training step as train.py (autocast forward, backward, fused AdamW) for MAE, CrossMAE with
+speed: the training step fastmae pretrain runs (fastmae.engine.step.train_step: autocast forward, backward,
+gradient norm, fused AdamW) for MAE, CrossMAE with
 the paper's ViT-B decoder (512 x 12, feature fusion, prediction ratio 0.25) and CrossMAE with MAE's
 decoder shape (512 x 8, no fusion), rounds interleaved, medians after warm-up; the ratio column is
 MAE's median over the contender's. FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode
@@ -73,13 +74,12 @@ def run_speed(args) -> list[dict]:
         torch.manual_seed(0)
         models = {name: f() for name, f in factories.items()}
         x = torch.randn(batch, 3, img, img)
-        noise = torch.rand(batch, (img // models["MAE"].patch_size) ** 2)
         flops = {name: train_flops_per_image(m, x) for name, m in models.items()}
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             steps = {}
             for name, m in models.items():
                 m = copy.deepcopy(m)
-                steps[name] = make_train_step(m, device, dtype, lambda mm, x=x, noise=noise: mm(x, 0.75, noise)[0])
+                steps[name] = make_train_step(m, device, dtype, m, x, 0.75)
             times = interleaved(steps, device, args.warmup, args.repeats)
             base = median_ms(times["MAE"])
             for name in models:

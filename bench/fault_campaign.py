@@ -1,9 +1,10 @@
 """Random crash / preemption trials: kill a tiny training run at a random moment, resume it, and compare
 the final weights with an uninterrupted run, bit for bit.
 
-Each trial starts ``train.py`` in its own process group, sends SIGKILL or SIGTERM (to the whole group,
-DataLoader workers included, as a scheduler does) at a uniformly random time within the reference
-run's wall time, then runs ``--resume=auto`` until the run completes. It records:
+Each trial starts ``train.py`` in its own process group, waits for a random step to be logged (or, for
+step 0, a random moment of start-up), waits a random fraction of up to two steps more, sends SIGKILL or
+SIGTERM (alternating) to the whole group, DataLoader workers included, as a scheduler does, then runs
+``--resume=auto`` until the run completes. It records:
 
 - resumed: the resumed run reached the last step and exited 0;
 - bit-identical: its final model and optimizer state equal the uninterrupted run's exactly;
@@ -71,10 +72,21 @@ def logged_steps(out: Path) -> list[dict]:
     return rows
 
 
-def trial(i: int, kind: str, delay: float, base: Path, cmd_for, env: dict, ref: dict, steps: int, timeout: float) -> dict:
+def wait_for_step(p: subprocess.Popen, out: Path, k: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while p.poll() is None and time.time() < deadline:
+        if sum("loss" in r for r in logged_steps(out)) >= k:
+            return
+        time.sleep(0.02)
+
+
+def trial(i: int, kind: str, at_step: int, delay: float, base: Path, cmd_for, env: dict, ref: dict, steps: int,
+          timeout: float) -> dict:
     out = base / f"trial{i:03d}"
     p = subprocess.Popen(cmd_for(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                          start_new_session=True)
+    if at_step > 0:
+        wait_for_step(p, out, at_step, timeout)
     time.sleep(delay)
     interrupted = p.poll() is None
     if interrupted:
@@ -86,15 +98,14 @@ def trial(i: int, kind: str, delay: float, base: Path, cmd_for, env: dict, ref: 
         _, err = p.communicate()
         return {"trial": i, "kind": kind, "interrupted": True, "exit": "hung", "resumed": False, "identical": False}
     done_before = max([r["step"] for r in logged_steps(out) if "loss" in r], default=0)
-    row = {"trial": i, "kind": kind, "delay_s": round(delay, 2), "interrupted": interrupted, "exit": p.returncode,
-           "steps_done": done_before}
-    resumed_ok, resume_step = False, None
+    row = {"trial": i, "kind": kind, "after_step": at_step, "delay_s": round(delay, 2), "interrupted": interrupted,
+           "exit": p.returncode, "steps_done": done_before}
+    # --resume=auto starts from the newest checkpoint (saves are atomic: none is damaged here).
+    resume_step = max([int(c.name[11:19]) for c in out.glob("checkpoint-*.pt")], default=0)
+    resumed_ok = False
     for _ in range(3):  # a resume that is itself complete ends the loop; SIGTERM runs may exit 0 mid-way
         r = subprocess.run(cmd_for(out) + ["--resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=timeout)
-        if resume_step is None:
-            events = [e["step"] for e in logged_steps(out) if e.get("event") == "resume"]
-            resume_step = events[0] if events else 0
         if r.returncode != 0:
             row["resume_error"] = r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else str(r.returncode)
             break
@@ -103,7 +114,7 @@ def trial(i: int, kind: str, delay: float, base: Path, cmd_for, env: dict, ref: 
             break
     row["resumed"] = resumed_ok
     row["resumed_from"] = resume_step
-    row["lost_steps"] = max(0, done_before - (resume_step or 0))
+    row["lost_steps"] = max(0, done_before - resume_step)
     row["identical"] = resumed_ok and identical(ref, final_state(out, steps))
     if not row["identical"] and kind == "SIGTERM" and p.returncode != 0:
         row["stderr"] = err[-500:]
@@ -138,12 +149,17 @@ def main() -> int:
         run_to_end(cmd_for(base / "reference"), env, args.timeout)
         wall = time.perf_counter() - t0
         ref = final_state(base / "reference", args.steps)
+        times = [r["time"] for r in logged_steps(base / "reference") if "loss" in r]
+        wall_step = (times[-1] - times[0]) / max(1, len(times) - 1)
         rng = random.Random(args.seed)
         rows = []
         for i in range(args.trials):
             kind = ("SIGKILL", "SIGTERM")[i % 2]  # alternating: both kinds in any run of 2 or more
-            delay = rng.uniform(0.3, 0.95) * wall
-            rows.append(trial(i, kind, delay, base, cmd_for, env, ref, args.steps, args.timeout))
+            # A random step of the run, then a random instant within the next step or two (mid-step, mid-save,
+            # at an epoch or window boundary); step 0 lands in start-up (imports, data scan, model build).
+            at_step = rng.randrange(args.steps)
+            delay = rng.uniform(0.2, 4.0) if at_step == 0 else rng.uniform(0.0, 2.0 * wall_step)
+            rows.append(trial(i, kind, at_step, delay, base, cmd_for, env, ref, args.steps, args.timeout))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         if not args.keep:
@@ -157,7 +173,8 @@ def main() -> int:
 
 def summary(rows: list[dict], args, wall: float) -> str:
     lines = [f"fault campaign: {args.trials} trials, {args.steps} steps, ckpt_every {args.ckpt_every}, "
-             f"{args.num_workers} loader workers, reference run {wall:.1f} s, seed {args.seed}",
+             f"{args.num_workers} loader workers, reference run {wall:.1f} s, seed {args.seed}; "
+             "lost steps = steps logged before the kill minus the step resumed from",
              "", "| kill | trials | interrupted | exit 0 | resumed | bit-identical | lost steps (sum / max) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for kind in ("SIGKILL", "SIGTERM", "all"):

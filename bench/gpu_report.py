@@ -1,6 +1,6 @@
 """One-command GPU report: environment, kernels, training step, profile, data loader, residual dtype.
 
-    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, ~5-8 minutes on an H100, offline
+    pip install --no-deps -e . && python bench/gpu_report.py     # one GPU, offline; sized for < 8 minutes on an H100 (unmeasured)
     python bench/gpu_report.py --quick                           # the same code at tiny sizes on CPU (CI)
     python bench/gpu_report.py --sections kernels,step           # a subset
 
@@ -36,11 +36,19 @@ import torch
 from fastmae import ops, reference
 from fastmae.engine.flops import gpu_spec, mae_forward_flops
 from fastmae.engine.optim import build_adamw
-from fastmae.layers.attention import attention_capabilities, describe_attention
+from fastmae.engine.plan import build_meta_model, model_shape
+from fastmae.layers.attention import (
+    FA3_HEAD_DIMS,
+    attention_backend,
+    attention_capabilities,
+    choose_attention_backend,
+    describe_attention,
+    run_attention,
+)
 from fastmae.models.mae import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("env", "kernels", "step", "profile", "data", "residual")
+SECTIONS = ("env", "kernels", "attention", "step", "profile", "data", "residual")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -247,6 +255,58 @@ def _time_kernel(fn: Callable, case: dict, device: torch.device, sizes: Sizes) -
         row.update(bwd_ms=max(both[0] - fwd[0], 0.0), fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
     row["GBps"] = (fwd_b + bwd_b) / ((row.get("fwd_bwd_ms") or fwd[0]) * 1e-3) / 1e9
     return row
+
+
+def _attention_candidates(device: torch.device, head_dim: int, dtype: torch.dtype) -> list[str]:
+    caps = attention_capabilities()
+    out = ["eager", "sdpa"]
+    if device.type != "cuda":
+        return out
+    half = dtype in (torch.float16, torch.bfloat16)
+    out += [k for k, ok in (("sdpa_cudnn", caps.sdpa_cudnn and half), ("sdpa_flash", caps.sdpa_flash and half),
+                            ("sdpa_efficient", caps.sdpa_efficient),
+                            ("flash_attn_2", caps.flash_attn_2 and half and head_dim % 8 == 0),
+                            ("flash_attn_3", caps.flash_attn_3 and half and head_dim in FA3_HEAD_DIMS)) if ok]
+    return out
+
+
+def section_attention(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) -> list[dict]:
+    """Every available attention kernel at the encoder and decoder shapes, fwd and fwd+bwd, next to the chooser's pick."""
+    caps = attention_capabilities()
+    rows = []
+    for label, name, img, p in sizes.step_models:
+        shape = model_shape(build_meta_model(name, img, p), img, 0.75)
+        heads = {"encoder": shape.num_heads, "decoder": shape.decoder_num_heads}
+        for part, (hd, T) in shape.attention_shapes().items():
+            H, B = heads[part], sizes.step_batch
+            chosen = choose_attention_backend(hd, T, amp_dtype, device.type, caps, attention_backend())
+            qkv = torch.randn(B, T, 3, H, hd, device=device, dtype=amp_dtype, requires_grad=True)
+            g = torch.ones(B, T, H * hd, device=device, dtype=amp_dtype)
+            part_rows = []
+            for kernel in _attention_candidates(device, hd, amp_dtype):
+                row = dict(model=label, part=part, batch=B, heads=H, head_dim=hd, tokens=T, kernel=kernel,
+                           chosen="yes" if kernel == chosen else "")
+                try:
+                    row.update(_time_attention(qkv, g, kernel, caps, device, sizes))
+                except Exception as e:  # a kernel that refuses this shape is a finding, not a crash
+                    row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                part_rows.append(row)
+            timed = [r for r in part_rows if "fwd_bwd_ms" in r]
+            if timed:
+                best = min(r["fwd_bwd_ms"] for r in timed)
+                for r in timed:
+                    r["vs_fastest"] = r["fwd_bwd_ms"] / best
+            rows += part_rows
+    return rows
+
+
+def _time_attention(qkv: torch.Tensor, grad_out: torch.Tensor, kernel: str, caps, device: torch.device,
+                    sizes: Sizes) -> dict:
+    scale = qkv.shape[-1] ** -0.5
+    fwd = bench_ms(lambda: run_attention(qkv, kernel, scale, caps), device, sizes.warmup, sizes.repeats)
+    both = bench_ms(lambda: (run_attention(qkv, kernel, scale, caps).backward(grad_out), setattr(qkv, "grad", None)),
+                    device, sizes.warmup, sizes.repeats)
+    return dict(fwd_ms=fwd[0], fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
 
 
 def _step_fn(model: torch.nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
@@ -520,6 +580,10 @@ def to_markdown(report: dict) -> str:
         out += ["## Kernels K1-K3 (fwd; fwd+bwd where the step runs a backward)", "",
                 _table(report["kernels"], ["shape", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
                                            "fwd_bwd_ms", "GBps", "pct_peak_bw", "note"]), ""]
+    if "attention" in report:
+        out += ["## Attention kernels per shape (fwd+bwd; `chosen` = what the model runs here)", "",
+                _table(report["attention"], ["model", "part", "batch", "heads", "head_dim", "tokens", "kernel", "chosen",
+                                             "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note"]), ""]
     if "step" in report:
         cols = ["model", "mode", "compile", "batch", "dtype", "step_ms", "p20_ms", "p80_ms", "img_s", "vs_reference", "mfu",
                 "peak_mem_gib", "note"]
@@ -581,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or min(8, os.cpu_count() or 1)
     runs = {
         "kernels": lambda: section_kernels(device, sizes, peak_tbs, not args.no_compile),
+        "attention": lambda: section_attention(device, sizes, amp),
         "step": lambda: section_step(device, sizes, amp, peak_tf),
         "profile": lambda: section_profile(device, sizes, amp),
         "data": lambda: section_data(device, sizes, workers),

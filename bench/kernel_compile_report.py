@@ -186,6 +186,8 @@ def _gq_bwd_jobs(subset: str):
 
     blocks = sorted({bwd_config(D) for D in WIDTHS})
     for (block_n, block_d, warps), g, pos, write_pos in itertools.product(blocks, FLOATS, FLOATS, (False, True)):
+        if not write_pos and pos != "fp32":
+            continue  # the position table's dtype only matters when its gradient is written
         if subset == "ci" and block_d != bwd_config(TYPICAL_WIDTH)[1] and (g, pos, write_pos) != ("fp32", "fp32", True):
             continue
         sig = {"grad_out_ptr": DTYPES[g], "slot_ptr": "*i32", "partial_ptr": "*fp32",
@@ -259,7 +261,8 @@ def compile_one(job: dict) -> dict:
     fn = getattr(importlib.import_module(_MODULES[job["fn"]]), job["fn"])
     row = {k: job[k] for k in ("kernel", "config", "arch", "num_warps")}
     c = job["constexprs"]
-    row["block"] = f"{c['BLOCK_T']}x{c['BLOCK_D']}" if "BLOCK_T" in c else c.get("BLOCK_P", c.get("BLOCK_D"))
+    rows_block = c.get("BLOCK_T", c.get("BLOCK_N"))
+    row["block"] = f"{rows_block}x{c['BLOCK_D']}" if rows_block else c.get("BLOCK_P", c.get("BLOCK_D"))
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
         compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})

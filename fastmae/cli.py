@@ -10,6 +10,8 @@ import importlib
 import signal
 import sys
 
+from fastmae.threads import prefer_passive_openmp
+
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
@@ -19,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
+    "export": ("fastmae.export", "main", "a checkpoint as a transformers (ViTMAE) or timm model folder"),
+    "submit": ("fastmae.submit", "main", "a Slurm job around torchrun: requeued on time limit/preemption, resumes itself"),
     "demo-eval": ("fastmae.eval.demo", "main", "pretrain on digits, then probe / fine-tune vs random init"),
     "sweep": ("fastmae.eval.sweep", "main", "one evaluation per value of a key (tune_blocks, mask_ratio, ...): CSV + curve"),
     "finetune-video": ("fastmae.eval.video", "main", "VideoMAE fine-tuning on clip folders, multi-view clip-level top-1"),
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if name == "pretrain":
         # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    prefer_passive_openmp()  # before the command imports torch
     try:
         entry = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:

@@ -19,7 +19,7 @@ fullgraph=True)`` traces a model through them without graph breaks, on CPU too
 (a ``triton_op`` cannot be traced on CPU: fake tensors have no data pointer).
 The reference path stays plain PyTorch so Inductor can fuse it into its
 neighbours. Backward kernels are custom ops of their own, so compiled
-backward graphs call them the same way. Triton is imported only when a kernel
+backward graphs call them the same way. The kernel modules are imported only when a kernel
 first runs.
 """
 

@@ -15,6 +15,7 @@ AdamW kernel (``found_inf``) instead of an ``if`` on the host.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from contextlib import closing, nullcontext
 from pathlib import Path
@@ -92,16 +93,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()))
     found = find_resume_checkpoint(run_dir, cfg.resume, warn=lambda msg: print(msg, file=sys.stderr) if info.is_main else None)
     resume_path = found[0] if found else None
-    notes = schedule_notes(cfg)
-    if found:
-        check_position(found[1], total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter,
-                       loader_steps_per_epoch=getattr(train_loader, "steps_per_epoch", None))
-        start_step = state.load_state_dict(found[1])
-        notes += resume_notes(cfg, found[1].get("config") or {}, start_step, steps_per_epoch, total_steps, base_lr)
-    else:
-        start_step = 0
-        train_loader.set_epoch(0)
-        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # different masks on every rank, reproducible from the seed
+    start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, base_lr)
 
     if start_step >= total_steps:
         if info.is_main:
@@ -123,9 +115,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else "")
     )
-    log.info(f"run folder {run_dir}; " + ", ".join(log.backends))
-    for note in notes:
-        log.info(f"warning: {note}")
+    log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
 
     # ---- step loop ---------------------------------------------------------------------------------------
     stats = StepStats.zeros(device)
@@ -160,14 +150,34 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
-        from fastmae.viz import save_curves
-
-        curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.method} {cfg.preset}")
-        if curves is not None:
-            summary["curves"] = str(curves)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info(summary_text(summary))
+        write_summary(summary, cfg, run_dir, log)
     return summary
+
+
+def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, info: DistInfo, total_steps: int,
+                    base_lr: float) -> tuple[int, list[str]]:
+    """Restore ``ckpt`` (after checking that its position fits this run) or start at epoch 0; returns the first
+    step and the warnings to print about the schedule."""
+    notes = schedule_notes(cfg)
+    if ckpt is None:
+        state.loader.set_epoch(0)
+        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # different masks on every rank, reproducible from the seed
+        return 0, notes
+    check_position(ckpt, total_steps=total_steps, steps_per_epoch=state.steps_per_epoch, accum_iter=cfg.accum_iter,
+                   loader_steps_per_epoch=getattr(state.loader, "steps_per_epoch", None))
+    step = state.load_state_dict(ckpt)
+    return step, notes + resume_notes(cfg, ckpt.get("config") or {}, step, state.steps_per_epoch, total_steps, base_lr)
+
+
+def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLogger) -> None:
+    """Rank 0: loss curves, ``summary.json`` and the summary text."""
+    from fastmae.viz import save_curves
+
+    curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.method} {cfg.preset}")
+    if curves is not None:
+        summary["curves"] = str(curves)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(summary_text(summary))
 
 
 def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
@@ -317,4 +327,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 1
+    # The run is complete and saved: a SIGTERM now must not turn exit 0 into death by signal (Python restores
+    # the default action of signals with Python handlers while it shuts down; an ignored one stays ignored).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0

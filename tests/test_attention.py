@@ -132,3 +132,19 @@ def test_flash_attn_2_is_called_with_packed_bf16_qkv_on_cuda(monkeypatch):
         torch.set_default_dtype(torch.float32)
     assert calls == [((3, 7, 3, 2, 32), torch.bfloat16, "cuda", 32**-0.5)]
     assert tuple(out.shape) == (3, 7, 64)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+def test_pinned_sdpa_kernels_trace_fullgraph_and_match(monkeypatch, kernel):
+    # The per-shape SDPA preference is a context manager inside forward: Dynamo must trace it without a graph break.
+    # On CPU only the math kernel can serve, which the preference list keeps as the fallback.
+    monkeypatch.setattr(attn_mod, "choose_attention_backend", lambda *a, **k: kernel)
+    torch.manual_seed(0)
+    attn = Attention(64, 4)
+    x = torch.randn(2, 9, 64)
+    set_attention_backend("sdpa")
+    expected = attn(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

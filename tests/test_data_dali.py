@@ -153,3 +153,17 @@ def test_mixed_decoder_gets_the_preallocation_hints():
     for op in ("decoders__ImageSlice", "decoders__Image"):
         schema = backend.GetSchema(op)
         assert all(schema.HasArgument(k) for k in mixed if k != "device")
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    import os
+
+    root = write_folder(tmp_path / "d", per_class=2)
+    src = root / "class0" / "000.jpg"
+    odd = os.path.join(os.fsencode(root / "class0"), b"caf\xe9-\x1b.jpg")
+    with open(odd, "wb") as f:
+        f.write(src.read_bytes())
+    kw = dict(batch_size=7, img_size=IMG, output="uint8", train=False, num_workers=1)
+    d, t = _collect(build_loader(root, loader="dali", **kw)), _collect(build_loader(root, **kw))
+    assert len(d) == len(t) == 1 and torch.equal(d[0][1], t[0][1])
+    assert (d[0][0].float() - t[0][0].float()).abs().mean() < 1.5

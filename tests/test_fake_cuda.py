@@ -15,8 +15,11 @@ touching a GPU:
 
 Where PyTorch stops without a GPU: the backward (the autograd engine and
 AOTAutograd's joint trace both need a CUDA primary context: "hasPrimaryContext
-expects a valid device index") and autocast on CUDA (``torch.autocast("cuda")``
-disables itself when no GPU is present). The backward kernels are covered by
+expects a valid device index"), autocast on CUDA (``torch.autocast("cuda")``
+disables itself when no GPU is present), and SDPA with one kernel preferred
+(cuDNN/flash/efficient: the fake kernel selection queries the driver). Here the
+attention chooser sees no GPU capabilities and picks plain SDPA; the pinned
+kernels' trace is tested on CPU in tests/test_attention.py. The backward kernels are covered by
 the Triton interpreter parity tests and the sm_80/sm_90 compile checks; the
 autocast dtype by tests/test_attention.py under CPU autocast.
 """

@@ -192,3 +192,20 @@ def test_startup_cleanup_removes_only_dead_writers_temp_files(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize(
+    "obj,match",
+    [([torch.zeros(2)], "holds a list, expected a dict"),
+     ({"model": {"cls_token": "x"}}, r"1 entries are not: cls_token \(str\)"),
+     ({"args": 1}, "no model weights found")],
+)
+def test_linprobe_with_a_foreign_checkpoint_is_one_line(tmp_path, capsys, obj, match):
+    import re
+
+    from fastmae.cli import main
+
+    torch.save(obj, tmp_path / "w.pt")
+    assert main(["linprobe", f"--ckpt={tmp_path / 'w.pt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastmae: error:") and re.search(match, err[0]), err

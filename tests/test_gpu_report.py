@@ -22,7 +22,8 @@ def quick_report(tmp_path_factory, demo_dir):
 def test_quick_report_has_every_section(quick_report):
     report, md = quick_report
     assert report["errors"] == {}
-    for title in ("## Environment", "## Kernels K1-K3", "## Training step", "## Profile of one", "## Data loader",
+    for title in ("## Environment", "## Kernels K1-K3", "## Attention kernels per shape", "## Training step",
+                  "## Profile of one", "## Data loader",
                   "## Residual stream dtype"):
         assert title in md
     env = report["env"]
@@ -40,6 +41,16 @@ def test_kernels_are_timed_against_eager_and_compiled_references(quick_report):
                 assert 0 < r["fwd_p20"] <= r["fwd_ms"] <= r["fwd_p80"] and r["GBps"] > 0
         if kernel != "K1 patchify+gather":  # K1 reads uint8 images: no backward in the step
             assert impls["eager reference"]["fwd_bwd_ms"] > 0
+
+
+def test_attention_kernels_are_timed_per_shape_with_the_choice_marked(quick_report):
+    rows = quick_report[0]["attention"]
+    for part in ("encoder", "decoder"):
+        part_rows = [r for r in rows if r["part"] == part]
+        assert {r["kernel"] for r in part_rows} >= {"eager", "sdpa"}
+        assert [r["kernel"] for r in part_rows if r["chosen"]] == ["sdpa"]  # CPU: torch picks its own SDPA kernel
+        assert min(r["vs_fastest"] for r in part_rows) == 1.0
+        assert all(r["fwd_bwd_ms"] >= r["fwd_ms"] > 0 for r in part_rows)
 
 
 def test_step_modes_and_ratios_against_the_reference(quick_report):

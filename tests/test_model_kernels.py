@@ -41,7 +41,7 @@ def test_mae_forward_backward_triton_equals_reference(use_backend, monkeypatch, 
     assert ops.kernel_backend(DEVICE) == "triton"
     counts = _count_launches(monkeypatch)
     loss_k, pred_k, mask_k, grads_k = step_outputs(model, imgs, noise, mask_ratio)
-    assert counts == {"patchify_gather_fwd": 1, "unshuffle_scatter_fwd": 1, "masked_recon_loss_fwd": 1}
+    assert counts == LAUNCHES
 
     assert torch.equal(mask_k, mask_r)
     # Everything up to the loss is data movement and identical arithmetic: the predictions match bit for bit.
@@ -53,8 +53,13 @@ def test_mae_forward_backward_triton_equals_reference(use_backend, monkeypatch, 
         torch.testing.assert_close(grads_k[name], gr, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# One training step: each op's forward once, and the backward kernels of K2 and K3 (the images need no gradient).
+LAUNCHES = {"patchify_gather_fwd": 1, "unshuffle_scatter_fwd": 1, "masked_recon_loss_fwd": 1,
+            "unshuffle_scatter_bwd": 1, "masked_recon_loss_bwd": 1}
+
+
 def _count_launches(monkeypatch) -> dict[str, int]:
-    """Count calls of the three Triton forward launchers (the ops import them at call time)."""
+    """Count calls of the Triton launchers (the ops import them at call time)."""
     k1, k2, k3 = (kernel_module(n) for n in ("patchify_gather", "unshuffle_scatter", "masked_recon_loss"))
 
     counts: dict[str, int] = {}
@@ -66,7 +71,8 @@ def _count_launches(monkeypatch) -> dict[str, int]:
 
         return wrapped
 
-    for mod, name in ((k1, "patchify_gather_fwd"), (k2, "unshuffle_scatter_fwd"), (k3, "masked_recon_loss_fwd")):
+    for mod, name in ((k1, "patchify_gather_fwd"), (k1, "patchify_gather_bwd"), (k2, "unshuffle_scatter_fwd"),
+                      (k2, "unshuffle_scatter_bwd"), (k3, "masked_recon_loss_fwd"), (k3, "masked_recon_loss_bwd")):
         monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
     return counts
 
@@ -86,7 +92,7 @@ def test_mae_compiles_fullgraph_through_triton_ops(use_backend, monkeypatch, com
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     loss_c, _, _, grads_c = step_outputs(compiled, imgs, noise, 0.75)
     torch._dynamo.reset()
-    assert counts == {"patchify_gather_fwd": 1, "unshuffle_scatter_fwd": 1, "masked_recon_loss_fwd": 1}
+    assert counts == LAUNCHES
     torch.testing.assert_close(loss_c, loss_r, rtol=2e-6, atol=0)
     for name, gr in grads_r.items():
         torch.testing.assert_close(grads_c[name], gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item() + 1e-12)

@@ -184,6 +184,15 @@ def test_the_preset_table_is_what_the_layout_overrides():
     assert base["accum_iter"] > 1 and base["compile"] and base["eff_batch"] == 4096
 
 
+def test_layout_for_a_config_is_the_plans_layout():
+    cfg = parse_overrides(["--preset=base", "--device=cuda", "--world_size=8", "--gpu=h100"])
+    lay = planmod.layout_for(cfg)
+    assert lay == planmod.build_plan(cfg).layout and (lay.batch_size, lay.accum_iter) == (512, 1)
+    assert planmod.layout_for(cfg, world_size=2).accum_iter > 1  # the launched world overrides the config's
+    tiny = planmod.layout_for(parse_overrides(["--preset=tiny", "--device=cpu"]))
+    assert (tiny.batch_size, tiny.accum_iter, tiny.cuda_graphs) == (32, 1, False)
+
+
 def test_layout_off_gpu_and_explicit_split():
     _, _, _, cpu = _layout("base", 1, device="cpu")
     assert not cpu.cuda_graphs and "device is cpu" in cpu.reason and cpu.max_batch is None
@@ -257,6 +266,12 @@ def test_plan_bad_input_is_one_line(capsys):
     assert err.startswith("fastmae: error: gpu must be one of") and err.count("\n") == 1
     assert planmod.plan_main(["--preset=base", "--device=cuda", "--world_size=3"]) == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_plan_refuses_non_mae_models_in_one_line(capsys):
+    assert planmod.plan_main(["--preset=simmim_tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error: fastmae plan models MAE runs only; 'simmim_vit_tiny'") and err.count("\n") == 1
 
 
 def test_plan_on_cpu_has_no_time_estimate(capsys):

@@ -82,26 +82,35 @@ def test_meta_models_give_architecture_facts_without_weights():
 
 
 def _method_name_comparisons(path: Path, names: set[str]) -> list[str]:
-    """`x == "mae"`, `m in ("simmim", ...)`, `cfg.method != y`, `case "videomae":` in one file."""
+    """Branches on a method name in one file: an expression about a method (``cfg.method``, ``method``) compared
+    with a literal (``cfg.method == "mae"``, ``match method: case "simmim"``), or a literal list of two or more
+    method names (``m in ("mae", "simmim")``). A policy that merely shares a name (``augment in ("mae", "eval")``)
+    is not a branch on the method."""
     found = []
-
-    def names_in(node) -> bool:
-        if isinstance(node, ast.Constant):
-            return node.value in names
-        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(names_in(e) for e in node.elts)
 
     def literal(node) -> bool:
         return isinstance(node, ast.Constant) or (
             isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(isinstance(e, ast.Constant) for e in node.elts))
 
+    def about_method(node) -> bool:
+        idents = (n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute)))
+        return any(i in ("method", "method_name") or i.endswith("_method") for i in idents)
+
+    def several_names(node) -> bool:
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and sum(
+            isinstance(e, ast.Constant) and e.value in names for e in node.elts) >= 2
+
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Compare):
             sides = (node.left, *node.comparators)
-            on_method = any(isinstance(n, ast.Attribute) and n.attr == "method" for n in sides) and any(map(literal, sides))
-            if on_method or any(map(names_in, sides)):
+            on_method = any(about_method(n) for n in sides if not literal(n)) and any(map(literal, sides))
+            if on_method or any(map(several_names, sides)):
                 found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
-        elif isinstance(node, ast.MatchValue) and names_in(node.value):
-            found.append(f"{path}:{node.lineno}: case {ast.unparse(node.value)}")
+        elif isinstance(node, ast.Match) and about_method(node.subject):
+            for case in node.cases:
+                if any(isinstance(q, ast.MatchValue) and literal(q.value) for q in ast.walk(case.pattern)):
+                    where = f"{path}:{case.pattern.lineno}"
+                    found.append(f"{where}: match {ast.unparse(node.subject)}: case {ast.unparse(case.pattern)}")
     return found
 
 
@@ -116,10 +125,12 @@ def test_nothing_branches_on_a_method_name_outside_its_method_file():
 
 def test_the_scan_finds_a_branch(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text('def f(cfg, m):\n    if cfg.method == "x":\n        pass\n'
-                   '    match m:\n        case "simmim":\n            pass\n'
-                   '    return m in ("simmim", "y") or cfg.method in known()\n')
-    assert len(_method_name_comparisons(bad, {"simmim"})) == 3
+    bad.write_text('def f(cfg, m, method, augment):\n    if cfg.method == "x":\n        pass\n'
+                   '    match method:\n        case "simmim":\n            pass\n'
+                   '    if augment in ("mae", "eval") or cfg.method in known():\n        pass\n'
+                   '    return m in ("simmim", "mae")\n')
+    hits = _method_name_comparisons(bad, {"simmim", "mae"})
+    assert sorted(int(h.split(":")[1]) for h in hits) == [2, 5, 9], hits
 
 
 # ---- a new method through the real training loop ------------------------------------------------------------

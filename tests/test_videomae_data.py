@@ -205,3 +205,17 @@ def test_evaluate_on_clips(clips):
     out = evaluate(model, ld, torch.device("cpu"), 0.75)
     assert out["count"] == 2 and out["loss"] > 0 and out["unit"] == "clips"
     assert evaluate(model, ld, torch.device("cpu"), 0.75) == out
+
+
+def test_skipped_clips_are_logged_with_escaped_names(tmp_path, clips, caplog):
+    import logging
+
+    _, src = clips
+    (tmp_path / "c").mkdir()
+    encode_video(tmp_path / "c" / "ok.webm", src, "vp9")
+    (tmp_path / "c" / "\x1b[2Jevil.webm").write_bytes(b"not a clip" * 10)
+    with caplog.at_level(logging.WARNING, logger="fastmae.data"):
+        ld = build_video_loader(tmp_path, split="train", batch_size=1, img_size=16, num_frames=2, frame_stride=1,
+                                num_workers=0)
+    assert ld.bad_count == 1 and ld.bad_files[0][0].endswith("\x1b[2Jevil.webm")
+    assert "skipping 1 clip(s)" in caplog.text and "\x1b" not in caplog.text and "\\x1b[2Jevil.webm" in caplog.text

@@ -208,6 +208,9 @@ def build_video_loader(
         reasons = "; ".join(f"{printable(Path(p).name)}: {printable(r)}" for p, r in bad[:3])
         where = printable(folder)
         raise ValueError(f"no usable clip of {span} frames in {where}" + (f" ({len(bad)} skipped: {reasons})" if bad else ""))
+    if bad:
+        first = "; ".join(f"{printable(p)}: {printable(r)}" for p, r in bad[:3])
+        log.warning("skipping %d clip(s) in %s (%s)", len(bad), printable(folder), first)
     dataset = ClipDataset(items, img_size=img_size, num_frames=num_frames, frame_stride=frame_stride, train=train, seed=seed)
     if loader == "dali":
         return DaliVideoLoader(dataset, classes=classes, skipped=bad, num_workers=num_workers, **common)

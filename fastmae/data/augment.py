@@ -129,12 +129,13 @@ def eval_params(width: int, height: int, img_size: int) -> tuple[int, int, int, 
     return rw, rh, left, top
 
 
-def pil_apply(im: Image.Image, img_size: int, params) -> np.ndarray:
-    """Decode-side transform for the PIL loader. params: (left, top, w, h, flip) of a train crop, or
-    (resize_w, resize_h, left, top) of the eval geometry. -> uint8 (img_size, img_size, 3)."""
+def pil_apply(im: Image.Image, img_size: int, train: bool, params) -> np.ndarray:
+    """Decode-side transform for the PIL loader. params: (left, top, w, h, flip) of a crop when ``train``
+    (:func:`train_params`), else (resize_w, resize_h, left, top) (:func:`eval_params`).
+    -> uint8 (img_size, img_size, 3)."""
     if im.mode != "RGB":
         im = im.convert("RGB")
-    if len(params) == 5:
+    if train:
         left, top, w, h, flip = params
         im = im.crop((left, top, left + w, top + h)).resize((img_size, img_size), Image.BICUBIC)
         if flip:

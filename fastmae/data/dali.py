@@ -26,6 +26,7 @@ and carries on (the only rebuild).
 from __future__ import annotations
 
 import io
+import os
 from collections import deque
 
 import numpy as np
@@ -147,7 +148,7 @@ class DaliLoader(BaseLoader):
         self._inflight.append((epoch, step, orig, use, n_valid))
         src = self.source
         if src.kind == "folder":
-            cols = [[np.frombuffer(src.locs[j].encode(), dtype=np.uint8) for j in use]]
+            cols = [[np.frombuffer(os.fsencode(src.locs[j]), dtype=np.uint8) for j in use]]  # any file-name bytes
         else:
             cols = [[np.frombuffer(src.read_bytes(j), dtype=np.uint8) for j in use]]
         if params.shape[1] == 5:

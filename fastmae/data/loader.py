@@ -317,7 +317,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     return self.finetune(im.convert("RGB")).numpy()
             if params is None or j != idx:
                 params = self.params(epoch, [idx], [j])[0].tolist()
-            return pil_apply(im, self.img_size, params)
+            return pil_apply(im, self.img_size, self.augment != "eval", params)
 
     def __getitem__(self, key):
         idx, epoch, params = key

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from fastmae.engine.flops import GPUS, GpuSpec, gpu_spec, mae_forward_flops
-from fastmae.models.mae import MaskedAutoencoderViT, create_model
+from fastmae.models.mae import MODELS, create_model
 
 # ---- assumptions of the memory and time models (printed with every plan) ----------------------------------------
 
@@ -122,6 +122,9 @@ def model_shape(model, img_size: int, mask_ratio: float) -> ModelShape:
 
 def build_meta_model(model_name: str, img_size: int, patch_size: int = 0):
     """The MAE on the meta device: shapes and parameter count without allocating a byte."""
+    if model_name not in MODELS:
+        # The roofline and memory models describe the MAE encoder-decoder step only.
+        raise ValueError(f"fastmae plan models MAE runs only; {model_name!r} is not one of {sorted(MODELS)}")
     kw = {"img_size": img_size, **({"patch_size": patch_size} if patch_size else {})}
     with torch.device("meta"):
         return create_model(model_name, **kw)
@@ -346,30 +349,50 @@ class Plan:
     wall_hours: float | None
     assumptions: tuple[str, ...] = field(default=ASSUMPTIONS)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _world_size(cfg) -> int:
     return cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _target(cfg) -> tuple[str, GpuSpec | None, str]:
-    """(device type, GPU spec or None, a note on where the GPU came from)."""
+def _target(cfg) -> tuple[str, GpuSpec | None, float | None, str]:
+    """(device type, GPU spec or None, device memory in GiB or None, a note on where the GPU came from)."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = device.split(":")[0]
     if device != "cuda":
-        return device, None, ""
+        return device, None, None, ""
     if cfg.gpu:
-        return device, GPUS[cfg.gpu], f"--gpu={cfg.gpu}"
+        return device, GPUS[cfg.gpu], GPUS[cfg.gpu].mem_gib, f"--gpu={cfg.gpu}"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         spec = gpu_spec(name)
+        mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
         if spec is not None:
-            return device, spec, f"this machine's {name}"
-        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return device, None, f"this machine's {name} ({mem:.0f} GiB) has no entry in the peak table: no time estimate"
-    return device, GPUS["h100"], "no GPU here and no --gpu: assuming an H100 SXM"
+            return device, spec, mem, f"this machine's {name}"
+        return device, None, mem, f"this machine's {name} ({mem:.0f} GiB) has no entry in the peak table: no time estimate"
+    return device, GPUS["h100"], GPUS["h100"].mem_gib, "no GPU here and no --gpu: assuming an H100 SXM"
+
+
+def _resolve_for(cfg, shape: ModelShape, n_params: int, device: str, mem_gib: float | None, world: int) -> Layout:
+    from fastmae.layers.attention import attention_backend
+
+    return resolve_layout(
+        shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
+        compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
+        fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(),
+    )
+
+
+def layout_for(cfg, world_size: int | None = None) -> Layout:
+    """The layout a training run of ``cfg`` uses on this machine (``world_size``: the launched processes).
+
+    Call before building the loader; train with ``batch_size``/``accum_iter`` from it, compile with its
+    ``compile_mode`` and log its ``reason``. MAE models only (others keep their configured split).
+    """
+    device, _, mem, _ = _target(cfg)
+    model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
+    n_params = sum(p.numel() for p in model.parameters())
+    return _resolve_for(cfg, shape, n_params, device, mem, world_size or _world_size(cfg))
 
 
 def _target_caps(spec: GpuSpec | None):
@@ -396,22 +419,14 @@ def build_plan(cfg) -> Plan:
     from fastmae import ops
     from fastmae.layers.attention import attention_backend, describe_attention
 
-    device, spec, note = _target(cfg)
+    device, spec, mem, note = _target(cfg)
     world = _world_size(cfg)
     model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
-    if not isinstance(model, MaskedAutoencoderViT):
-        # The roofline and memory models describe the MAE encoder-decoder step only.
-        raise ValueError(f"fastmae plan models MAE runs only; {cfg.model!r} is a {type(model).__name__}")
     n_params = sum(p.numel() for p in model.parameters())
     shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
     fwd_flops = mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
     policy = attention_backend()
-    layout = resolve_layout(
-        shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device,
-        gpu_mem_gib=spec.mem_gib if spec else None, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-        batch_size=cfg.batch_size, accum_iter=cfg.accum_iter, fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype,
-        attention=policy,
-    )
+    layout = _resolve_for(cfg, shape, n_params, device, mem, world)
     if cfg.precision != "auto":
         precision = cfg.precision
     elif device == "cuda":

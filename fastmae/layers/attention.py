@@ -166,6 +166,28 @@ def _sdpa_context(kernel: str, caps: AttnCaps):
     return sdpa_kernel(order, set_priority=True) if caps.sdpa_priority else sdpa_kernel(order)
 
 
+def run_attention(qkv: Tensor, kernel: str, scale: float, caps: AttnCaps) -> Tensor:
+    """softmax(QK^T * scale) V with the named kernel (one of ``KERNELS``). qkv: (B, T, 3, H, Dh) -> (B, T, H * Dh)"""
+    B, T, _, H, Dh = qkv.shape
+    if kernel == "flash_attn_3":
+        from flash_attn_interface import flash_attn_func
+
+        q, k, v = qkv.unbind(2)  # each (B, T, H, Dh)
+        out = flash_attn_func(q, k, v, softmax_scale=scale)
+        return (out[0] if isinstance(out, tuple) else out).reshape(B, T, H * Dh)
+    if kernel == "flash_attn_2":
+        from flash_attn import flash_attn_qkvpacked_func
+
+        return flash_attn_qkvpacked_func(qkv, softmax_scale=scale).reshape(B, T, H * Dh)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+    if kernel == "eager":
+        out = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    else:
+        with _sdpa_context(kernel, caps):
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(B, T, H * Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -186,29 +208,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D)"""
-        B, T, D = x.shape
         qkv = self._qkv(x)  # the dtype the kernel sees: bf16 under autocast even when x is fp32
         caps = attention_capabilities()
-        kernel = choose_attention_backend(self.head_dim, T, qkv.dtype, qkv.device.type, caps, attention_backend())
-        if kernel == "flash_attn_3":
-            from flash_attn_interface import flash_attn_func
-
-            q, k, v = qkv.unbind(2)  # each (B, T, H, Dh)
-            out = flash_attn_func(q, k, v, softmax_scale=self.scale)
-            out = (out[0] if isinstance(out, tuple) else out).reshape(B, T, D)
-        elif kernel == "flash_attn_2":
-            from flash_attn import flash_attn_qkvpacked_func
-
-            out = flash_attn_qkvpacked_func(qkv, softmax_scale=self.scale).reshape(B, T, D)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
-            if kernel == "eager":
-                out = self._eager_probs(q, k) @ v
-            else:
-                with _sdpa_context(kernel, caps):
-                    out = F.scaled_dot_product_attention(q, k, v)
-            out = out.transpose(1, 2).reshape(B, T, D)
-        return self.proj(out)
+        kernel = choose_attention_backend(self.head_dim, x.shape[1], qkv.dtype, qkv.device.type, caps, attention_backend())
+        return self.proj(run_attention(qkv, kernel, self.scale, caps))
 
     def _eager_probs(self, q: Tensor, k: Tensor) -> Tensor:
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

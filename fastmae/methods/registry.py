@@ -21,7 +21,6 @@ No other file changes: ``--method=<name>`` and its presets work in ``fastmae pre
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +56,11 @@ def image_model_kwargs(cfg) -> dict:
 
 def image_loader(cfg, rank: int, world_size: int, device, split: str, output: str):
     """The image loader of a run config (``fastmae.data.build_loader``); ``data="demo"`` is built offline and cached."""
-    from fastmae.data import build_loader, prepare_demo_dataset
+    from fastmae.data import build_loader
 
-    root = cfg.data
-    if root == "demo":
-        cache = Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae"))
-        root = prepare_demo_dataset(cache / "demo")
     train = split == "train"
     return build_loader(
-        root, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
+        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
         train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
         drop_last=train, holdout_fraction=cfg.holdout_fraction,
     )
