@@ -149,7 +149,7 @@ def pick_images(source, n: int, img_size: int, seed: int, mean, std) -> tuple[Te
     for i in sorted(order.tolist()):
         with Image.open(io.BytesIO(source.read_bytes(i))) as im:
             im.load()
-            arrays.append(pil_apply(im, img_size, eval_params(im.width, im.height, img_size)))
+            arrays.append(pil_apply(im, img_size, False, eval_params(im.width, im.height, img_size)))
         names.append(os.path.relpath(source.names[i], source.root) if source.kind == "folder" else source.names[i])
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
