@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +191,8 @@ class AnalyzeConfig:
     labels: str = ""  # comma-separated names for the figure (default: file names)
     images: str = "digits"  # "digits" (held-out split) or a folder / comma-separated image files
     num_images: int = 256
-    cka: bool = True  # layer-by-layer linear CKA (cka.csv, cka.png)
+    cka: bool = field(default=True, metadata={
+        "help": "layer-by-layer linear CKA within the first model and against each other (cka.csv, cka.png)"})
     output_dir: str = "runs/analyze"
     seed: int = 0
     device: str = "cpu"

@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,8 +53,8 @@ class DemoConfig:
     probe_epochs: int = 100
     partial_epochs: int = 30
     finetune_epochs: int = 30
-    # share of the training split held out to choose the reported epoch (never chosen on the test split)
-    val_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "share of the training split held out to choose the reported epoch (never the test split)"})
     analyze: bool = True
     quiet: bool = True
 

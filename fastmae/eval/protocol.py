@@ -32,7 +32,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +69,22 @@ class EvalConfig:
     ckpt: str = "random"  # a fastmae/official checkpoint path, or "random" (the baseline)
     # data: "" (the embedded digits), ROOT with train/ and val/, or the two splits separately
     data: str = ""
-    train_data: str = ""  # class folders or tar shards ("shards/train-{000..099}.tar", label in .cls)
-    val_data: str = ""
+    train_data: str = field(default="", metadata={
+        "help": "training split: class folders or tar shards 'train-{000..099}.tar' (label in .cls)"})
+    val_data: str = field(default="", metadata={"help": "validation split (class folders or tar shards); goes with --train_data"})
     loader: str = "torch"  # torch | dali
     num_workers: int = 4
-    augment: str = "auto"  # auto (the protocol's) | mae | linprobe | finetune | eval
+    augment: str = field(default="auto", metadata={
+        "help": "training augmentation: auto (the protocol's) | mae | linprobe | finetune (RandAugment) | eval"})
     test_fraction: float = 0.25  # digits: held-out test split
-    val_fraction: float = 0.0  # digits: validation split carved from training, picks the reported epoch
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "digits: share of the training split held out to choose the reported epoch (0 = last epoch)"})
     output_dir: str = "runs/eval"
     seed: int = 0
     device: str = "auto"
     resume: str = ""  # "" | auto (latest checkpoint in output_dir) | a checkpoint path
-    eval_only: bool = False  # score a classifier checkpoint (--ckpt) on the validation data, no training
+    eval_only: bool = field(default=False, metadata={
+        "help": "score a trained classifier (--ckpt) on the validation data, no training"})
     # architecture: 0 = from the checkpoint (random init: the digits demo encoder)
     img_size: int = 0
     patch_size: int = 0
@@ -95,7 +99,8 @@ class EvalConfig:
     epochs: int = 50
     warmup_epochs: float = 5.0
     batch_size: int = 128  # per device
-    eff_batch_size: int = 0  # reached by gradient accumulation; 0 = batch_size x ranks (no accumulation)
+    eff_batch_size: int = field(default=0, metadata={
+        "help": "effective batch reached by gradient accumulation; 0 = batch_size x ranks"})
     eval_batch_size: int = 512
     blr: float = 1e-3
     lr: float = 0.0  # absolute lr; 0 = blr * effective batch / 256

@@ -4,9 +4,9 @@
 
 - a protocol key (``tune_blocks``, ``epochs``, ``blr``, ``drop_path``, ...): the
   protocol (``--protocol=finetune|linprobe|both``) runs once per value.
-  ``tune_blocks=0`` is the linear probe (its own recipe, as ``fastmae finetune
-  --tune_blocks=0``), so ``tune_blocks=0,1,2,4,12`` is the paper's partial
-  fine-tuning curve.
+  ``tune_blocks=0`` is the linear probe (its own recipe, as with ``fastmae
+  finetune --tune_blocks=0``), so ``tune_blocks=0,1,2,4,12`` is the paper's
+  partial fine-tuning curve.
 - a pretraining key (``mask_ratio``, ``norm_pix_loss``, ...): one pretraining
   per value, then the linear probe and fine-tuning of each encoder. On the
   digits demo (no ``--data``) the demo's tiny MAE pretrains in memory
@@ -34,7 +34,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fastmae.config import PretrainConfig, describe_keys, parse_overrides
@@ -53,11 +53,12 @@ DIGITS_PRETRAIN_KEYS = ("mask_ratio", "norm_pix_loss", "pretrain_epochs", "pretr
 @dataclass
 class SweepConfig:
     preset: str = "default"
-    protocol: str = "finetune"  # finetune | linprobe | both
-    values: str = ""  # "KEY=v1,v2,..."
+    protocol: str = field(default="finetune", metadata={"help": "finetune | linprobe | both (pretraining keys always run both)"})
+    values: str = field(default="", metadata={"help": "the swept key and its values, 'KEY=v1,v2,...'"})
     output_dir: str = "runs/sweep"
     pretrain_epochs: int = 100  # digits demo pretraining (pretraining-key sweeps)
-    pretrain_args: str = ""  # `fastmae pretrain` arguments for pretraining-key sweeps on real data
+    pretrain_args: str = field(default="", metadata={
+        "help": "fastmae pretrain arguments for pretraining-key sweeps on real data"})
     threads: int = 1  # torch intra-op threads (0 = torch's default)
 
     def validate(self) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,8 +43,8 @@ class VideoFinetuneConfig(EvalConfig):
     model: str = "videomae_vit_tiny"  # architecture for random init (a checkpoint's config names its own)
     num_frames: int = 16
     frame_stride: int = 4
-    num_clips: int = 2  # temporal views at test time
-    num_crops: int = 3  # spatial views at test time: 1 (center) or 3
+    num_clips: int = field(default=2, metadata={"help": "temporal views per clip at test time (evenly spaced)"})
+    num_crops: int = field(default=3, metadata={"help": "spatial views per clip at test time: 1 (center) or 3"})
     num_workers: int = 0
     epochs: int = 10
     warmup_epochs: float = 1.0
