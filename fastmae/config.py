@@ -102,7 +102,6 @@ class PretrainConfig:
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps; the final step always saves
     keep_ckpts: int = 2
-    vis_every_epochs: int = 0  # 0 = only at the end
     num_vis: int = 8
     progress: bool = True
     tensorboard: bool = True
@@ -149,7 +148,6 @@ class PretrainConfig:
              f"patch_size must be in [0, img_size={self.img_size}], got {self.patch_size}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (1 <= self.num_vis <= 64, f"num_vis must be in [1, 64], got {self.num_vis}"),
-            (self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}"),
             (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
             (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
             (self.residual_dtype in RESIDUAL_DTYPES,

@@ -93,7 +93,6 @@ KEY_HELP = {
     "log_every": "optimizer steps per log line / metrics row",
     "ckpt_every": "optimizer steps between checkpoints (the last step always saves)",
     "keep_ckpts": "checkpoints kept in the run folder",
-    "vis_every_epochs": "reconstruction pictures every N epochs; 0 = only at the end",
     "num_vis": "images in the reconstruction picture",
     "progress": "progress bar on a terminal (plain lines otherwise)",
     "tensorboard": "write TensorBoard events to output_dir/tb when tensorboard is installed",
