@@ -16,7 +16,9 @@ MODULES = ["bench_patchify_gather.py", "bench_unshuffle_scatter.py", "bench_mask
 
 def _env() -> dict:
     # aot_eager: the compiled rows are traced by dynamo through fastmae.ops without Inductor's slow C++ build.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FASTMAE_BENCH_SCALE": "tiny",
+    # PYTEST_XDIST_WORKER would make pytest-benchmark in the child believe it runs under xdist and disable timing.
+    parent = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    return {**parent, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FASTMAE_BENCH_SCALE": "tiny",
             "FASTMAE_BENCH_TRITON": "1", "FASTMAE_BENCH_COMPILE_BACKEND": "aot_eager", "FASTMAE_BENCH_ROUNDS": "1"}
 
 
