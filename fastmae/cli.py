@@ -7,6 +7,7 @@ code 2, never a traceback; failures during a run keep their traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[name]
     if name == "pretrain":
         # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     prefer_passive_openmp()  # before the command imports torch
     try:
         entry = getattr(importlib.import_module(module), func)
