@@ -28,8 +28,7 @@ import torch
 from _harness import RESULTS_DIR, append_csv, interleaved, make_train_step, median_ms, stamp
 
 from fastmae.layers import set_attention_backend
-from fastmae.models import CrossMAE, crossmae_vit_base_patch16, crossmae_vit_tiny, mae_vit_base_patch16, mae_vit_tiny
-from fastmae.models.vit import LayerNorm6
+from fastmae.models import crossmae_vit_base_patch16, crossmae_vit_tiny, mae_vit_base_patch16, mae_vit_tiny
 
 # ---- speed and FLOPs -------------------------------------------------------------------------------------------
 
@@ -99,15 +98,10 @@ def run_speed(args) -> list[dict]:
 # ---- digits quality ------------------------------------------------------------------------------------------------
 
 
-def digits_model(method: str, arch: dict, split, decoder_depth: int = 2, prediction_ratio: float = 0.25,
-                 fusion: bool = True):
-    from fastmae.eval.pretrain_digits import tiny_digits_mae
+def digits_model(method: str, arch: dict, split, decoder_depth: int = 2, **method_kwargs):
+    from fastmae.eval.pretrain_digits import tiny_digits_model
 
-    if method == "mae":
-        return tiny_digits_mae(arch, 64, decoder_depth, False, split.mean, split.std)
-    return CrossMAE(**arch, decoder_embed_dim=64, decoder_depth=decoder_depth, decoder_num_heads=4, norm_layer=LayerNorm6,
-                    norm_pix_loss=False, prediction_ratio=prediction_ratio, feature_fusion=fusion,
-                    pixel_mean=tuple(split.mean), pixel_std=tuple(split.std))
+    return tiny_digits_model(arch, 64, decoder_depth, False, split.mean, split.std, method=method, **method_kwargs)
 
 
 def pretrain_and_eval(model, arch, split, out: Path, epochs: int, mask_ratio: float, protocols, seed: int = 0) -> dict:
@@ -142,97 +136,116 @@ def protocol_configs(arch, epochs: dict, init: str, seed: int = 0):
     return make
 
 
+QUALITY_CONTENDERS = {
+    # tag: (label, method, constructor keywords)
+    "mae": ("MAE", "mae", {}),
+    "crossmae": ("CrossMAE (pred 0.25, fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=True)),
+    "crossmae_all": ("CrossMAE (pred 0.75 = all masked, fusion)", "crossmae",
+                     dict(prediction_ratio=0.75, feature_fusion=True)),
+}
+PROTOCOL_NAMES = ["linear probe", "partial fine-tune", "full fine-tune"]
+
+
 def run_quality(args) -> list[dict]:
+    """Every (seed, contender) once: its result is kept in OUTPUT/seed<S>/<tag>.json, so a rerun (or a second
+    process on other seeds) only adds what is missing; the table is over every seed found for the contenders."""
+    import statistics
+
     from fastmae.eval.data import load_digits_split
     from fastmae.eval.models import DIGITS_ARCH
     from fastmae.eval.protocol import run_eval
 
     torch.set_num_threads(1)
     arch = dict(DIGITS_ARCH)
-    split = load_digits_split(arch["img_size"], arch["in_chans"], seed=0)
+    split = load_digits_split(arch["img_size"], arch["in_chans"], seed=0)  # one split: seeds vary the runs only
     out = Path(args.output_dir)
     epochs = {"probe": args.probe_epochs, "partial": args.partial_epochs, "full": args.finetune_epochs}
-    contenders = {
-        "MAE": dict(method="mae"),
-        "CrossMAE (pred 0.25, fusion)": dict(method="crossmae", prediction_ratio=0.25, fusion=True),
-        "CrossMAE (pred 0.75 = all masked, fusion)": dict(method="crossmae", prediction_ratio=0.75, fusion=True),
-    }
-    results = {}
     meta = {"arch": arch, "pixel_mean": list(split.mean), "pixel_std": list(split.std)}
-    rnd = {}
-    for name, ecfg in protocol_configs(arch, epochs, "random")(out / "random"):
-        rnd[name] = run_eval(ecfg, split=split, source_sd=None, source_meta=meta)["top1"]
-    results["random init"] = rnd
-    print(f"random init: {rnd}", flush=True)
-    for label, kw in contenders.items():
-        torch.manual_seed(0)
-        model = digits_model(kw.pop("method"), arch, split, **kw)
-        results[label] = pretrain_and_eval(model, arch, split, out / label.split()[0].lower(), args.pretrain_epochs, 0.75,
-                                           protocol_configs(arch, epochs, "pretrained"))
-        print(f"{label}: {results[label]}", flush=True)
-    names = ["linear probe", "partial fine-tune", "full fine-tune"]
+    tags = ["random", *args.contenders]
+    for seed in args.seeds:
+        for tag in tags:
+            path = out / f"seed{seed}" / f"{tag}.json"
+            if path.is_file():
+                continue
+            run_dir = out / f"seed{seed}" / tag
+            if tag == "random":
+                result = {name: run_eval(ecfg, split=split, source_sd=None, source_meta=meta)["top1"]
+                          for name, ecfg in protocol_configs(arch, epochs, "random", seed)(run_dir)}
+            else:
+                _, method, kw = QUALITY_CONTENDERS[tag]
+                torch.manual_seed(seed)
+                model = digits_model(method, arch, split, **kw)
+                result = pretrain_and_eval(model, arch, split, run_dir, args.pretrain_epochs, 0.75,
+                                           protocol_configs(arch, epochs, "pretrained", seed), seed=seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"seed {seed} {tag}: {result}", flush=True)
+    found = {tag: [json.loads(p.read_text()) for p in sorted(out.glob(f"seed*/{tag}.json"))] for tag in tags}
+    names = [n for n in PROTOCOL_NAMES if epochs[{"linear": "probe", "partial": "partial", "full": "full"}[n.split()[0]]]]
     lines = [f"Digits (16 px, width 64, depth 4, patch 4), pretraining {args.pretrain_epochs} epochs at mask 0.75; "
-             f"probe {epochs['probe']} / partial {epochs['partial']} / full {epochs['full']} epochs; "
-             "top-1 after the last epoch.", "",
-             "| encoder | pretrain s | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+             f"probe {epochs['probe']} / partial {epochs['partial']} / full {epochs['full']} epochs; held-out top-1 "
+             "after the last epoch, mean +- sample std over seeds (pretraining and protocol seeds; one split).", "",
+             "| encoder | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     rows = []
-    for label, r in results.items():
-        pre_s = f"{r['pretrain_s']:.0f}" if "pretrain_s" in r else "-"
-        lines.append(f"| {label} | {pre_s} | " + " | ".join(f"{r[n]:.3f}" for n in names if n in r) + " |")
-        rows.append({"bench": "bench_crossmae", "part": "quality", "contender": label,
-                     "pretrain_epochs": args.pretrain_epochs, **{n: r.get(n) for n in names},
-                     "pretrain_s": r.get("pretrain_s"), **stamp(torch.device("cpu"))})
+    for tag, results in found.items():
+        if not results:
+            continue
+        label = "random init" if tag == "random" else QUALITY_CONTENDERS[tag][0]
+        cells = []
+        for n in names:
+            vals = [r[n] for r in results]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.3f} +- {sd:.3f} ({', '.join(f'{v:.3f}' for v in vals)})")
+        lines.append(f"| {label} | {len(results)} | " + " | ".join(cells) + " |")
+        rows.append({"bench": "bench_crossmae", "part": "quality", "contender": label, "seeds": len(results),
+                     "pretrain_epochs": args.pretrain_epochs,
+                     **{n: round(statistics.mean(r[n] for r in results), 4) for n in names},
+                     **stamp(torch.device("cpu"))})
     print("\n" + "\n".join(lines))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "quality.json").write_text(json.dumps(found, indent=2) + "\n")
     return rows
 
 
 def run_curves(args) -> list[dict]:
+    """``fastmae sweep`` per (method, key) on the digits demo, then one PNG per key with every method's curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastmae.eval.data import load_digits_split
-    from fastmae.eval.models import DIGITS_ARCH
+    from fastmae.eval.sweep import SweepConfig, run_sweep
 
-    torch.set_num_threads(1)
-    arch = dict(DIGITS_ARCH)
-    split = load_digits_split(arch["img_size"], arch["in_chans"], seed=0)
     out = Path(args.output_dir)
-    epochs = {"probe": args.probe_epochs, "partial": 0, "full": 0}
-    sweeps = {"mask_ratio": [float(v) for v in args.mask_ratios], "decoder_depth": [int(v) for v in args.decoder_depths]}
-    rows, acc, done = [], {}, {}
+    sweeps = {"mask_ratio": args.mask_ratios, "decoder_depth": args.decoder_depths}
+    per_protocol = {"linprobe": [f"--epochs={args.probe_epochs}"], "finetune": [f"--epochs={args.finetune_epochs}"]}
+    names = {"mae": "MAE", "crossmae": "CrossMAE (pred 0.25, fusion)"}
+    rows, curves = [], {}
     for key, values in sweeps.items():
         for method in args.methods:
-            for v in values:
-                ratio = v if key == "mask_ratio" else 0.75
-                depth = v if key == "decoder_depth" else 2
-                if (method, ratio, depth) not in done:  # the default point sits on both curves: run it once
-                    torch.manual_seed(0)
-                    kw = {"decoder_depth": depth} if method == "mae" else {"decoder_depth": depth, "prediction_ratio": 0.25}
-                    model = digits_model(method, arch, split, **kw)
-                    done[(method, ratio, depth)] = pretrain_and_eval(
-                        model, arch, split, out / f"curve_{method}_{ratio}_{depth}", args.pretrain_epochs, ratio,
-                        protocol_configs(arch, epochs, "pretrained"))
-                r = done[(method, ratio, depth)]
-                acc[(key, method, v)] = r["linear probe"]
-                print(f"{key}={v} {method}: linear probe {r['linear probe']:.3f} ({r['pretrain_s']:.0f}s)", flush=True)
-                rows.append({"bench": "bench_crossmae", "part": "curves", "sweep": key, "value": v, "contender": method,
-                             "pretrain_epochs": args.pretrain_epochs, "linear probe": r["linear probe"],
-                             **stamp(torch.device("cpu"))})
+            # a finished point is not rerun: one process per method can fill the folders side by side
+            cfg = SweepConfig(protocol="both", values=f"{key}={','.join(values)}", output_dir=str(out / f"{method}_{key}"),
+                              pretrain_epochs=args.pretrain_epochs, method=method)
+            for r in run_sweep(cfg, per_protocol):
+                curves.setdefault((key, method, r["protocol"]), []).append((float(r[key]), r["top1"]))
+                rows.append({"bench": "bench_crossmae", "part": "curves", "sweep": key, "value": r[key],
+                             "contender": method, "protocol": r["protocol"], "pretrain_epochs": args.pretrain_epochs,
+                             "top1": r["top1"], **stamp(torch.device("cpu"))})
+    if args.plot_only_when_complete and set(args.methods) != set(names):
+        return rows
     RESULTS_DIR.mkdir(exist_ok=True)
-    for key, values in sweeps.items():
-        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-        for method in args.methods:
-            ax.plot(values, [100 * acc[(key, method, v)] for v in values], marker="o",
-                    label={"mae": "MAE", "crossmae": "CrossMAE (pred 0.25)"}[method])
-        ax.set_xlabel(key.replace("_", " "))
-        ax.set_ylabel("digits linear probe top-1 (%)")
-        ax.set_title(f"digits, {args.pretrain_epochs} pretraining epochs")
+    for key in sweeps:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+        for j, method in enumerate(args.methods):
+            for protocol, style in (("linprobe", "-"), ("finetune", "--")):
+                pts = curves[(key, method, protocol)]
+                ax.plot([x for x, _ in pts], [100 * y for _, y in pts], style, marker="o", color=f"C{j}",
+                        label=f"{names.get(method, method)}, {'linear probe' if protocol == 'linprobe' else 'full fine-tune'}")
+        ax.set_xlabel(key.replace("_", " ") + (" (decoder blocks)" if key == "decoder_depth" else " (share of patches removed)"))
+        ax.set_ylabel("held-out digits top-1 (%), last epoch")
+        ax.set_title(f"digits, {args.pretrain_epochs} pretraining epochs, one seed", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         path = RESULTS_DIR / f"crossmae_digits_vs_{key}.png"
         fig.savefig(path)
@@ -252,9 +265,14 @@ def main() -> None:
     ap.add_argument("--probe_epochs", type=int, default=100)
     ap.add_argument("--partial_epochs", type=int, default=30)
     ap.add_argument("--finetune_epochs", type=int, default=30)
-    ap.add_argument("--methods", nargs="+", default=["mae", "crossmae"])
-    ap.add_argument("--mask_ratios", nargs="+", default=["0.25", "0.5", "0.75", "0.9"])
+    ap.add_argument("--methods", nargs="+", default=["mae", "crossmae"], help="curves: methods")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="quality: seeds")
+    ap.add_argument("--contenders", nargs="+", default=["mae", "crossmae"], choices=list(QUALITY_CONTENDERS),
+                    help="quality: pretrained encoders (random init always runs)")
+    ap.add_argument("--mask_ratios", nargs="+", default=["0.5", "0.75", "0.9"])
     ap.add_argument("--decoder_depths", nargs="+", default=["1", "2", "4", "8"])
+    ap.add_argument("--plot_only_when_complete", action="store_true",
+                    help="curves: skip the PNGs unless every method ran (for one process per method)")
     args = ap.parse_args()
     rows = {"speed": run_speed, "quality": run_quality, "curves": run_curves}[args.part](args)
     print(f"rows appended to {append_csv(rows)}")

@@ -58,3 +58,39 @@ def test_bad_sweeps_are_one_line(tmp_path, capsys):
     assert sweep.main(["--values=epochs=1,-1", f"--output_dir={tmp_path}"]) == 2  # checked before any run
     assert "epochs must be positive" in capsys.readouterr().err
     assert not (tmp_path / "epochs=1").exists()
+
+
+def test_method_is_a_digits_pretraining_key(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "m"
+    rc = sweep.main(["--values=method=mae,crossmae", "--pretrain_epochs=1", "--epochs=1", "--quiet=true",
+                     "--progress=false", f"--output_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    assert [(r["method"], r["protocol"]) for r in _rows(out)] == [
+        ("mae", "linprobe"), ("mae", "finetune"), ("crossmae", "linprobe"), ("crossmae", "finetune")]
+    for method, cross in (("mae", False), ("crossmae", True)):
+        ckpt = torch.load(out / f"method={method}" / "mae_pretrained.pt", weights_only=True)
+        assert ckpt["method"] == method
+        # CrossMAE's decoder reads the encoder through cross-attention (q from the queries, kv from the encoder)
+        assert ("decoder_blocks.0.attn.kv.weight" in ckpt["model"]) == cross
+        assert ("decoder_blocks.0.attn.qkv.weight" in ckpt["model"]) != cross
+
+
+def test_other_keys_sweep_the_chosen_method_and_say_so(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "d"
+    rc = sweep.main(["--values=decoder_depth=1,3", "--method=crossmae", "--pretrain_epochs=1", "--epochs=1",
+                     "--quiet=true", "--progress=false", f"--output_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    for depth in (1, 3):
+        sd = torch.load(out / f"decoder_depth={depth}" / "mae_pretrained.pt", weights_only=True)["model"]
+        assert {k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")} == {str(i) for i in range(depth)}
+        assert f"decoder_blocks.{depth - 1}.attn.kv.weight" in sd
+    assert sweep.main(["--values=decoder_depth=1", "--method=nosuch", f"--output_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error: unknown method 'nosuch'") and err.count("\n") == 1
+    assert sweep.main(["--values=decoder_depth=1", "--method=simmim", "--pretrain_epochs=1",
+                       f"--output_dir={tmp_path / 'y'}"]) == 2
+    assert "has no encoder-decoder model for the digits demo" in capsys.readouterr().err

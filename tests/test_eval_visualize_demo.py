@@ -8,7 +8,7 @@ import torch
 
 from fastmae.eval import demo, visualize
 from fastmae.eval.models import DIGITS_ARCH
-from fastmae.eval.pretrain_digits import tiny_digits_mae
+from fastmae.eval.pretrain_digits import tiny_digits_model
 from fastmae.reference import random_masking
 
 SMALL = dict(DIGITS_ARCH, embed_dim=32, depth=1, num_heads=2)
@@ -17,7 +17,7 @@ SMALL = dict(DIGITS_ARCH, embed_dim=32, depth=1, num_heads=2)
 @pytest.fixture(scope="module")
 def mae_ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    m = tiny_digits_mae(SMALL, decoder_dim=32, decoder_depth=1, norm_pix_loss=True)
+    m = tiny_digits_model(SMALL, decoder_dim=32, decoder_depth=1, norm_pix_loss=True)
     path = tmp_path_factory.mktemp("vis") / "mae.pt"
     torch.save({"model": m.state_dict(), "arch": SMALL,
                 "decoder": {"decoder_num_heads": 4, "norm_pix_loss": True}}, path)
@@ -73,6 +73,30 @@ def test_visualize_needs_a_decoder(tmp_path, mae_ckpt, capsys):
     torch.save({"model": enc, "arch": SMALL}, tmp_path / "enc.pt")
     assert visualize.main([f"--ckpt={tmp_path / 'enc.pt'}", f"--output={tmp_path / 'x.png'}"]) == 2
     assert "no decoder weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_crossmae_checkpoint_is_rebuilt_and_decodes_every_removed_patch(tmp_path, capsys, fusion):
+    from fastmae.eval.models import read_source
+
+    torch.manual_seed(0)
+    m = tiny_digits_model(SMALL, decoder_dim=32, decoder_depth=2, method="crossmae", feature_fusion=fusion).eval()
+    path = tmp_path / "cross.pt"
+    torch.save({"model": m.state_dict(), "arch": SMALL, "decoder": {"decoder_num_heads": 4, "norm_pix_loss": False}},
+               path)
+    sd, meta = read_source(str(path))
+    rebuilt = visualize.build_mae(sd, meta, visualize.VisualizeConfig(ckpt=str(path))).eval()
+    assert type(rebuilt).__name__ == "CrossMAE" and (rebuilt.decoder_fusion is not None) == fusion
+    x, noise = torch.randn(3, 1, 16, 16), torch.rand(3, 16)
+    with torch.no_grad():
+        _, want, mask = m(x, 0.75, noise)
+        _, got, _ = rebuilt(x, 0.75, noise)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # eval mode decodes every removed patch (12 of 16), not the training subset (4), and nothing else
+    assert torch.equal(got.abs().sum(-1) > 0, mask.bool()) and int(mask[0].sum()) == 12
+    out = tmp_path / "r.png"
+    assert visualize.main([f"--ckpt={path}", "--num_images=2", f"--output={out}"]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 500
 
 
 def test_demo_smoke_writes_the_table(tmp_path, capsys):

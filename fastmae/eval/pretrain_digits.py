@@ -1,7 +1,8 @@
-"""A tiny MAE pretrained in memory on the digits' training split (labels unused), for the demo and tests.
+"""A tiny MAE (or another registered masked-image method) pretrained in memory on the digits' training
+split (labels unused), for the demo, sweeps and tests.
 
-Uses the library's own model, optimizer and schedule (``MaskedAutoencoderViT``,
-``build_adamw``, ``lr_at``); the held-out images are never seen.
+Uses the library's own models, optimizer and schedule (the method's registered model, ``build_adamw``,
+``lr_at``); the held-out images are never seen.
 """
 
 from __future__ import annotations
@@ -9,24 +10,32 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastmae.engine.optim import build_adamw, lr_at
-from fastmae.models.mae import MaskedAutoencoderViT
+from fastmae.methods.registry import get_method
 from fastmae.models.vit import LayerNorm6
 
 
-def tiny_digits_mae(arch: dict, decoder_dim: int = 64, decoder_depth: int = 2, norm_pix_loss: bool = False,
-                    pixel_mean=None, pixel_std=None) -> MaskedAutoencoderViT:
+def tiny_digits_model(arch: dict, decoder_dim: int = 64, decoder_depth: int = 2, norm_pix_loss: bool = False,
+                      pixel_mean=None, pixel_std=None, method: str = "mae", **method_kwargs) -> nn.Module:
+    """The digits encoder ``arch`` with ``method``'s decoder, built by the factory of the method's default preset
+    (so its own defaults hold: CrossMAE keeps prediction ratio 0.25 and feature fusion unless ``method_kwargs``
+    say otherwise)."""
+    spec = get_method(method)
+    factory = spec.models[spec.resolve_model(spec.presets[spec.default_preset]["model"])]
     C = arch["in_chans"]
-    return MaskedAutoencoderViT(
-        **arch, decoder_embed_dim=decoder_dim, decoder_depth=decoder_depth, decoder_num_heads=4,
-        norm_layer=LayerNorm6, norm_pix_loss=norm_pix_loss,
-        pixel_mean=tuple(pixel_mean or (0.5,) * C), pixel_std=tuple(pixel_std or (0.5,) * C),
-    )
+    try:
+        return factory(
+            **arch, decoder_embed_dim=decoder_dim, decoder_depth=decoder_depth, decoder_num_heads=4,
+            norm_layer=LayerNorm6, norm_pix_loss=norm_pix_loss,
+            pixel_mean=tuple(pixel_mean or (0.5,) * C), pixel_std=tuple(pixel_std or (0.5,) * C), **method_kwargs,
+        )
+    except TypeError as e:
+        raise ValueError(f"method {method!r} has no encoder-decoder model for the digits demo ({e})") from None
 
 
-def pretrain(model: MaskedAutoencoderViT, x: Tensor, *, epochs: int, batch_size: int = 128, blr: float = 1.5e-3,
+def pretrain(model: nn.Module, x: Tensor, *, epochs: int, batch_size: int = 128, blr: float = 1.5e-3,
              warmup_epochs: float = 5.0, weight_decay: float = 0.05, mask_ratio: float = 0.75, seed: int = 0,
              log_every: int = 0) -> dict:
     """x: (N, C, H, W) normalized images. Trains in place; returns {'losses': per-epoch mean, 'wall_s', 'steps'}."""

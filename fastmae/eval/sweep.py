@@ -23,6 +23,7 @@ validation split carved from the training data), never a best-on-test pick.
 Examples:
     fastmae sweep --protocol=finetune --values="tune_blocks=0,1,2,4" --ckpt=runs/demo_eval/mae_pretrained.pt
     fastmae sweep --protocol=both --values="mask_ratio=0.4,0.6,0.75,0.9" --pretrain_epochs=60
+    fastmae sweep --values="decoder_depth=1,2,4,8" --method=crossmae --output_dir=runs/sweep_crossmae_depth
     fastmae sweep --values="mask_ratio=0.6,0.75" --data=/data/imagenet --pretrain_args="--preset=base --epochs=100"
 """
 
@@ -47,7 +48,8 @@ from fastmae.eval.protocol import EvalConfig, run_eval
 
 PROTOCOLS = {"linprobe": (LinprobeConfig, LINPROBE_PRESETS), "finetune": (FinetuneConfig, FINETUNE_PRESETS)}
 # keys of the digits demo's pretraining that a sweep may vary
-DIGITS_PRETRAIN_KEYS = ("mask_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_blr", "decoder_dim", "decoder_depth")
+DIGITS_PRETRAIN_KEYS = ("method", "mask_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_blr", "decoder_dim",
+                        "decoder_depth")
 
 
 @dataclass
@@ -57,6 +59,8 @@ class SweepConfig:
     values: str = field(default="", metadata={"help": "the swept key and its values, 'KEY=v1,v2,...'"})
     output_dir: str = "runs/sweep"
     pretrain_epochs: int = 100  # digits demo pretraining (pretraining-key sweeps)
+    method: str = field(default="mae", metadata={
+        "help": "digits demo pretraining method (mae | crossmae); on real data put --method in --pretrain_args"})
     pretrain_args: str = field(default="", metadata={
         "help": "fastmae pretrain arguments for pretraining-key sweeps on real data"})
     threads: int = 1  # torch intra-op threads (0 = torch's default)
@@ -69,6 +73,9 @@ class SweepConfig:
             raise ValueError(f"--values repeats a value: {vals}")
         if self.pretrain_epochs < 1:
             raise ValueError(f"pretrain_epochs must be positive, got {self.pretrain_epochs}")
+        from fastmae.methods.registry import get_method
+
+        get_method(self.method)
 
 
 def parse_values(spec: str) -> tuple[str, list[str]]:
@@ -176,7 +183,7 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot(rows, key, out / "sweep.png")
+    plot(rows, key, out / "sweep.png", f"{cfg.method} on digits" if kind == "digits_pretrain" and key != "method" else "")
     return rows
 
 
@@ -187,8 +194,8 @@ def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, spl
         from fastmae.eval.data import load_digits_split
         from fastmae.eval.models import read_source
 
-        dcfg = parse_overrides([f"--pretrain_epochs={cfg.pretrain_epochs}", f"--{key}={value}"], cls=DemoConfig,
-                               presets={"default": {}})
+        base = {"pretrain_epochs": cfg.pretrain_epochs, "method": cfg.method, key: value}
+        dcfg = parse_overrides([f"--{k}={v}" for k, v in base.items()], cls=DemoConfig, presets={"default": {}})
         if split is None:
             split = load_digits_split(16, 1, seed=dcfg.seed)
         path = vdir / "mae_pretrained.pt"
@@ -208,7 +215,8 @@ def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, spl
     return {"ckpt": str(latest_checkpoint(pdir))}, split
 
 
-def plot(rows: list[dict], key: str, path: Path) -> Path:
+def plot(rows: list[dict], key: str, path: Path, what: str = "") -> Path:
+    """top-1 vs ``key``, a line per protocol; ``what`` (e.g. "crossmae on digits") heads the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,8 +236,8 @@ def plot(rows: list[dict], key: str, path: Path) -> Path:
         ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(key)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"top-1 vs {key} ({'last epoch' if 'last' in rows[0]['reported'] else 'epoch chosen on train-carved val'})",
-                 fontsize=10)
+    when = "last epoch" if "last" in rows[0]["reported"] else "epoch chosen on train-carved val"
+    ax.set_title(f"{what + ': ' if what else ''}top-1 vs {key} ({when})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -33,6 +33,7 @@ from fastmae.eval.cli_util import run_cli
 from fastmae.eval.models import infer_arch, named_heads, resolve_arch
 from fastmae.methods.registry import build_meta_model
 from fastmae.methods.simmim import SimMIMViT
+from fastmae.models.crossmae import CrossMAE
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.vit import LayerNorm6
 
@@ -93,8 +94,12 @@ def build_simmim(sd: dict, meta: dict, cfg: VisualizeConfig) -> SimMIMViT:
     return model
 
 
-def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderViT:
-    """The full MAE of a checkpoint; the decoder's shape is read from its weights."""
+def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderViT | CrossMAE:
+    """The full MAE of a checkpoint; the decoder's shape is read from its weights.
+
+    A decoder of cross-attention blocks (``decoder_blocks.*.attn.kv``) is CrossMAE's: it is rebuilt as
+    :class:`CrossMAE` (feature fusion if the checkpoint has its weights) and, in eval mode, decodes every
+    removed patch."""
     if "decoder_embed.weight" not in sd:
         raise ValueError("the checkpoint has no decoder weights (encoder-only or fine-tuned): "
                          "reconstructions need a full MAE pretraining checkpoint")
@@ -117,8 +122,12 @@ def build_mae(sd: dict, meta: dict, cfg: VisualizeConfig) -> MaskedAutoencoderVi
     C = arch["in_chans"]
     mean = tuple(meta.get("pixel_mean") or ((0.485, 0.456, 0.406) if C == 3 else (0.5,) * C))
     std = tuple(meta.get("pixel_std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,) * C))
-    model = MaskedAutoencoderViT(**arch, decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=dheads,
-                                 norm_layer=LayerNorm6, norm_pix_loss=npl, pixel_mean=mean, pixel_std=std)
+    extra = {}
+    cls = MaskedAutoencoderViT
+    if "decoder_blocks.0.attn.kv.weight" in sd:
+        cls, extra = CrossMAE, {"feature_fusion": "decoder_fusion.weight" in sd}
+    model = cls(**arch, decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=dheads,
+                norm_layer=LayerNorm6, norm_pix_loss=npl, pixel_mean=mean, pixel_std=std, **extra)
     from fastmae.convert import load_pretrained
 
     load_pretrained(model, sd, strict=True)
