@@ -1,19 +1,21 @@
 """CrossMAE vs MAE in one run: training-step time, FLOPs per image, and representation quality on digits.
 
-    python bench/bench_crossmae.py speed                 # tiny (64 px) and ViT-B (224 px, batch 2): fp32 and bf16
+    python bench/bench_crossmae.py speed                 # tiny (64 px) and ViT-B (224 px), two batches each: fp32, bf16
     python bench/bench_crossmae.py quality               # digits: pretrain MAE and CrossMAE, probe / partial / full vs random
     python bench/bench_crossmae.py curves                # digits: linear probe vs mask ratio and vs decoder depth (PNG)
 
 speed: the training step fastmae pretrain runs (fastmae.engine.step.train_step: autocast forward, backward,
-gradient norm, fused AdamW) for MAE, CrossMAE with
-the paper's ViT-B decoder (512 x 12, feature fusion, prediction ratio 0.25) and CrossMAE with MAE's
-decoder shape (512 x 8, no fusion), rounds interleaved, medians after warm-up; the ratio column is
-MAE's median over the contender's. FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode
-over one forward+backward with eager attention (the CPU SDPA kernel is not counted).
+gradient norm, fused AdamW) for MAE, CrossMAE with the paper's ViT-B decoder (512 x 12, feature fusion,
+prediction ratio 0.25) and CrossMAE with MAE's decoder shape (512 x 8, no fusion), at two batch sizes,
+rounds interleaved, medians after warm-up. Ratios are MAE's time over the contender's: of the whole step at
+the larger batch, and of the marginal time per image (the slope between the two batches; per-step costs over
+the parameters, which a GPU batch of 256 amortizes, drop out). FLOPs per image are counted by
+torch.utils.flop_counter.FlopCounterMode over one forward+backward with eager attention (the CPU SDPA
+kernel is not counted).
 
 quality and curves: the digits demo's recipe (fastmae.eval: 16 px grayscale, width 64, depth 4, patch 4;
 pretraining on the training split, labels unused; the MAE protocols on the held-out split), one torch
-thread. Markdown tables to stdout, rows to bench/results/bench_crossmae.csv, PNGs to bench/results/.
+thread. Markdown tables to stdout, rows to bench/results/bench_crossmae.csv, PNGs to bench/figures/.
 """
 
 from __future__ import annotations
@@ -25,27 +27,39 @@ import time
 from pathlib import Path
 
 import torch
-from _harness import RESULTS_DIR, append_csv, interleaved, make_train_step, median_ms, stamp
+from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
 
 from fastmae.layers import set_attention_backend
 from fastmae.models import crossmae_vit_base_patch16, crossmae_vit_tiny, mae_vit_base_patch16, mae_vit_tiny
 
+FIGURES_DIR = Path(__file__).with_name("figures")  # committed pictures (bench/results/ is kept out of git)
+
 # ---- speed and FLOPs -------------------------------------------------------------------------------------------
 
 SPEED_CASES = {
-    # name: (img_size, batch, {contender: factory})
-    "tiny": (64, 32, {
+    # name: (img_size, (batch lo, batch hi), {contender: factory})
+    "tiny": (64, (8, 32), {
         "MAE": lambda: mae_vit_tiny(norm_pix_loss=True),
         "CrossMAE": lambda: crossmae_vit_tiny(norm_pix_loss=True),
         "CrossMAE no fusion": lambda: crossmae_vit_tiny(norm_pix_loss=True, feature_fusion=False),
     }),
-    "ViT-B/16": (224, 2, {
+    "ViT-B/16": (224, (4, 12), {
         "MAE": lambda: mae_vit_base_patch16(norm_pix_loss=True),
         "CrossMAE": lambda: crossmae_vit_base_patch16(norm_pix_loss=True),
         "CrossMAE dec 8, no fusion": lambda: crossmae_vit_base_patch16(norm_pix_loss=True, decoder_depth=8,
                                                                        feature_fusion=False),
     }),
+    # the paper recipe's two parts apart (feature fusion, 12 vs 8 decoder blocks): --cases "ViT-B/16 parts"
+    "ViT-B/16 parts": (224, (4, 12), {
+        "MAE": lambda: mae_vit_base_patch16(norm_pix_loss=True),
+        "CrossMAE fusion, dec 12 (paper)": lambda: crossmae_vit_base_patch16(norm_pix_loss=True),
+        "CrossMAE no fusion, dec 12": lambda: crossmae_vit_base_patch16(norm_pix_loss=True, feature_fusion=False),
+        "CrossMAE fusion, dec 8": lambda: crossmae_vit_base_patch16(norm_pix_loss=True, decoder_depth=8),
+        "CrossMAE no fusion, dec 8": lambda: crossmae_vit_base_patch16(norm_pix_loss=True, decoder_depth=8,
+                                                                       feature_fusion=False),
+    }),
 }
+DEFAULT_CASES = ("tiny", "ViT-B/16")
 
 
 def train_flops_per_image(model, x: torch.Tensor) -> float:
@@ -62,33 +76,48 @@ def train_flops_per_image(model, x: torch.Tensor) -> float:
 
 
 def run_speed(args) -> list[dict]:
+    """Each contender's step at two batch sizes (interleaved rounds per batch): the step ratio at the larger batch, and
+    the marginal time per image (slope between the two), which leaves out per-step costs that do not grow with the
+    batch (the optimizer, gradient norm and weight casts over every parameter) and so tells what large batches see."""
     device = torch.device("cpu")
     torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
     rows = []
-    lines = ["| model | precision | contender | batch | median ms/step | MAE / contender | train GFLOP/img "
-             "| MAE / contender FLOPs |", "|---|---|---|---|---|---|---|---|"]
-    for case, (img, batch, factories) in SPEED_CASES.items():
-        if args.cases and case not in args.cases:
+    lines = ["| model | precision | contender | params (M) | ms/step (batch lo / hi) | MAE / contender, step at hi "
+             "| marginal ms/img | MAE / contender, marginal | train GFLOP/img | MAE / contender FLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for case, (img, batches, factories) in SPEED_CASES.items():
+        if case not in (args.cases or DEFAULT_CASES):
             continue
+        lo, hi = args.batches or batches
         torch.manual_seed(0)
         models = {name: f() for name, f in factories.items()}
-        x = torch.randn(batch, 3, img, img)
-        flops = {name: train_flops_per_image(m, x) for name, m in models.items()}
+        flops = {name: train_flops_per_image(m, torch.randn(2, 3, img, img)) for name, m in models.items()}
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            steps = {}
-            for name, m in models.items():
-                m = copy.deepcopy(m)
-                steps[name] = make_train_step(m, device, dtype, m, x, 0.75)
-            times = interleaved(steps, device, args.warmup, args.repeats)
-            base = median_ms(times["MAE"])
+            if precision not in args.precisions:
+                continue
+            ms = {}
+            for b in (lo, hi):
+                x = torch.randn(b, 3, img, img)
+                steps = {}
+                for name, m in models.items():
+                    m = copy.deepcopy(m)
+                    steps[name] = make_train_step(m, device, dtype, m, x, 0.75)
+                times = interleaved(steps, device, args.warmup, args.repeats)
+                ms[b] = {name: median_ms(t) for name, t in times.items()}
+                del steps
+            slope = {name: (ms[hi][name] - ms[lo][name]) / (hi - lo) for name in models}
             for name in models:
-                ms = median_ms(times[name])
-                row = {"bench": "bench_crossmae", "part": "speed", "case": case, "precision": precision, "contender": name,
-                       "batch": batch, "median_ms": round(ms, 2), "speedup_vs_mae": round(base / ms, 3),
-                       "train_gflop_per_img": round(flops[name] / 1e9, 3),
-                       "flops_ratio_vs_mae": round(flops["MAE"] / flops[name], 3), **stamp(device)}
-                rows.append(row)
-                lines.append(f"| {case} | {precision} | {name} | {batch} | {ms:.1f} | {base / ms:.2f}x "
+                n_params = sum(p.numel() for p in models[name].parameters() if p.requires_grad) / 1e6
+                step_ratio, slope_ratio = ms[hi]["MAE"] / ms[hi][name], slope["MAE"] / slope[name]
+                rows.append({"bench": "bench_crossmae", "part": "speed", "case": case, "precision": precision,
+                             "contender": name, "batch": hi, "batch_lo": lo, "median_ms": round(ms[hi][name], 2),
+                             "median_ms_lo": round(ms[lo][name], 2), "speedup_vs_mae": round(step_ratio, 3),
+                             "marginal_ms_per_img": round(slope[name], 2), "marginal_speedup_vs_mae": round(slope_ratio, 3),
+                             "params_m": round(n_params, 2), "train_gflop_per_img": round(flops[name] / 1e9, 3),
+                             "flops_ratio_vs_mae": round(flops["MAE"] / flops[name], 3), **stamp(device)})
+                lines.append(f"| {case} | {precision} | {name} | {n_params:.1f} | {ms[lo][name]:.0f} / {ms[hi][name]:.0f} "
+                             f"(b {lo} / {hi}) | {step_ratio:.2f}x | {slope[name]:.1f} | {slope_ratio:.2f}x "
                              f"| {flops[name] / 1e9:.2f} | {flops['MAE'] / flops[name]:.2f}x |")
             print("\n".join(lines[-len(models):]), flush=True)
     print("\n" + "\n".join(lines))
@@ -142,6 +171,7 @@ QUALITY_CONTENDERS = {
     "crossmae": ("CrossMAE (pred 0.25, fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=True)),
     "crossmae_all": ("CrossMAE (pred 0.75 = all masked, fusion)", "crossmae",
                      dict(prediction_ratio=0.75, feature_fusion=True)),
+    "crossmae_nofusion": ("CrossMAE (pred 0.25, no fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=False)),
 }
 PROTOCOL_NAMES = ["linear probe", "partial fine-tune", "full fine-tune"]
 
@@ -207,6 +237,24 @@ def run_quality(args) -> list[dict]:
     return rows
 
 
+def _reuse_default_point(out: Path, method: str, key: str, sweeps: dict) -> None:
+    """The demo's default point (mask 0.75, decoder depth 2) sits on both curves: once it is done in one sweep,
+    the other sweep's folder for it is a copy (the same configuration, seed and split), not a second run."""
+    import shutil
+
+    from fastmae.eval.demo import DemoConfig
+
+    default = {k: str(getattr(DemoConfig, k)) for k in sweeps}
+    target = out / f"{method}_{key}" / f"{key}={default[key]}"
+    if default[key] not in sweeps[key] or target.exists():
+        return
+    for other in sweeps:
+        source = out / f"{method}_{other}" / f"{other}={default[other]}"
+        if other != key and all((source / p / "results.json").is_file() for p in ("linprobe", "finetune")):
+            shutil.copytree(source, target)
+            return
+
+
 def run_curves(args) -> list[dict]:
     """``fastmae sweep`` per (method, key) on the digits demo, then one PNG per key with every method's curves."""
     import matplotlib
@@ -223,6 +271,7 @@ def run_curves(args) -> list[dict]:
     rows, curves = [], {}
     for key, values in sweeps.items():
         for method in args.methods:
+            _reuse_default_point(out, method, key, sweeps)
             # a finished point is not rerun: one process per method can fill the folders side by side
             cfg = SweepConfig(protocol="both", values=f"{key}={','.join(values)}", output_dir=str(out / f"{method}_{key}"),
                               pretrain_epochs=args.pretrain_epochs, method=method)
@@ -233,7 +282,8 @@ def run_curves(args) -> list[dict]:
                              "top1": r["top1"], **stamp(torch.device("cpu"))})
     if args.plot_only_when_complete and set(args.methods) != set(names):
         return rows
-    RESULTS_DIR.mkdir(exist_ok=True)
+    figures = Path(args.figures_dir)
+    figures.mkdir(parents=True, exist_ok=True)
     for key in sweeps:
         fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
         for j, method in enumerate(args.methods):
@@ -247,17 +297,22 @@ def run_curves(args) -> list[dict]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = RESULTS_DIR / f"crossmae_digits_vs_{key}.png"
+        path = figures / f"crossmae_digits_vs_{key}.png"
         fig.savefig(path)
         plt.close(fig)
         print(f"wrote {path}")
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("part", choices=("speed", "quality", "curves"))
-    ap.add_argument("--cases", nargs="*", default=[], help="speed: subset of " + ", ".join(SPEED_CASES))
+    ap.add_argument("--cases", nargs="*", default=[],
+                    help=f"speed: any of {', '.join(SPEED_CASES)} (default: {', '.join(DEFAULT_CASES)})")
+    ap.add_argument("--batches", nargs=2, type=int, default=None, metavar=("LO", "HI"),
+                    help="speed: the two batch sizes of every case (default tiny 8 32, ViT-B 4 12)")
+    ap.add_argument("--threads", type=int, default=1, help="speed: torch intra-op threads")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="speed")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--output_dir", default="runs/bench_crossmae")
@@ -270,10 +325,11 @@ def main() -> None:
     ap.add_argument("--contenders", nargs="+", default=["mae", "crossmae"], choices=list(QUALITY_CONTENDERS),
                     help="quality: pretrained encoders (random init always runs)")
     ap.add_argument("--mask_ratios", nargs="+", default=["0.5", "0.75", "0.9"])
-    ap.add_argument("--decoder_depths", nargs="+", default=["1", "2", "4", "8"])
+    ap.add_argument("--decoder_depths", nargs="+", default=["1", "2", "4"])
     ap.add_argument("--plot_only_when_complete", action="store_true",
                     help="curves: skip the PNGs unless every method ran (for one process per method)")
-    args = ap.parse_args()
+    ap.add_argument("--figures_dir", default=str(FIGURES_DIR), help="curves: where the PNGs go")
+    args = ap.parse_args(argv)
     rows = {"speed": run_speed, "quality": run_quality, "curves": run_curves}[args.part](args)
     print(f"rows appended to {append_csv(rows)}")
 

@@ -309,3 +309,9 @@ def test_two_training_steps_through_the_loop(tmp_path, demo_dir, fresh_env, entr
     assert (out / "reconstructions.png").is_file()
     sd = torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)["model"]
     assert "decoder_blocks.0.attn.q.weight" in sd and "decoder_fusion.weight" in sd
+    if entry == "cli":  # the run folder is a checkpoint for `fastmae visualize`: rebuilt as CrossMAE, decoded
+        from fastmae.eval import visualize
+
+        png = tmp_path / "vis" / "rec.png"
+        assert visualize.main([f"--ckpt={out}", "--num_images=2", f"--output={png}"]) == 0
+        assert png.stat().st_size > 500

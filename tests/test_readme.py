@@ -42,6 +42,7 @@ TINY = {
     "finetune": ["--epochs=1", "--batch_size=8", "--eval_batch_size=8"],
     "analyze": ["--num_images=8"],
     "demo-eval": ["--preset=smoke"],
+    "sweep": ["--pretrain_epochs=1", "--epochs=1"],
 }
 GPU_PRESETS = re.compile(r"--preset=(base|large|huge|\w+_vit_\w+)\b")
 TIMEOUT = 600

@@ -127,7 +127,8 @@ def _run(cfg: DemoConfig) -> dict:
             row[f"{init}_last"] = r["top1_last"]
             row[f"{init}_epoch"] = r["epoch"]
             row[f"{init}_s"] = r["wall_s"]
-            print(f"{name:32s} {init:6s} top-1 {r['top1']:.4f} (epoch {r['epoch']} chosen on the train-carved "
+            label = cfg.method if init == "mae" else init  # "mae" keys the pretrained encoder, whatever its method
+            print(f"{name:32s} {label:8s} top-1 {r['top1']:.4f} (epoch {r['epoch']} chosen on the train-carved "
                   f"validation split), last epoch {r['top1_last']:.4f} ({r['wall_s']:.1f}s)", flush=True)
         rows.append(row)
 
