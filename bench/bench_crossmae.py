@@ -166,12 +166,16 @@ def protocol_configs(arch, epochs: dict, init: str, seed: int = 0):
 
 
 QUALITY_CONTENDERS = {
-    # tag: (label, method, constructor keywords)
-    "mae": ("MAE", "mae", {}),
-    "crossmae": ("CrossMAE (pred 0.25, fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=True)),
+    # tag: (label, method, constructor keywords, pretraining epochs: "same" as MAE's, or "equal_flops": MAE's epochs
+    #       times MAE's training FLOPs per image over the contender's, i.e. the same pretraining compute)
+    "mae": ("MAE", "mae", {}, "same"),
+    "crossmae": ("CrossMAE (pred 0.25, fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=True), "same"),
     "crossmae_all": ("CrossMAE (pred 0.75 = all masked, fusion)", "crossmae",
-                     dict(prediction_ratio=0.75, feature_fusion=True)),
-    "crossmae_nofusion": ("CrossMAE (pred 0.25, no fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=False)),
+                     dict(prediction_ratio=0.75, feature_fusion=True), "same"),
+    "crossmae_nofusion": ("CrossMAE (pred 0.25, no fusion)", "crossmae", dict(prediction_ratio=0.25, feature_fusion=False),
+                          "same"),
+    "crossmae_equal_flops": ("CrossMAE (pred 0.25, fusion), MAE's pretraining FLOPs", "crossmae",
+                             dict(prediction_ratio=0.25, feature_fusion=True), "equal_flops"),
 }
 PROTOCOL_NAMES = ["linear probe", "partial fine-tune", "full fine-tune"]
 
@@ -202,11 +206,17 @@ def run_quality(args) -> list[dict]:
                 result = {name: run_eval(ecfg, split=split, source_sd=None, source_meta=meta)["top1"]
                           for name, ecfg in protocol_configs(arch, epochs, "random", seed)(run_dir)}
             else:
-                _, method, kw = QUALITY_CONTENDERS[tag]
+                _, method, kw, budget = QUALITY_CONTENDERS[tag]
                 torch.manual_seed(seed)
                 model = digits_model(method, arch, split, **kw)
-                result = pretrain_and_eval(model, arch, split, run_dir, args.pretrain_epochs, 0.75,
+                pre_epochs = args.pretrain_epochs
+                if budget == "equal_flops":
+                    x = split.train_x[:128]
+                    ratio = train_flops_per_image(digits_model("mae", arch, split), x) / train_flops_per_image(model, x)
+                    pre_epochs = round(args.pretrain_epochs * ratio)
+                result = pretrain_and_eval(model, arch, split, run_dir, pre_epochs, 0.75,
                                            protocol_configs(arch, epochs, "pretrained", seed), seed=seed)
+                result["pretrain_epochs"] = pre_epochs
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
             print(f"seed {seed} {tag}: {result}", flush=True)
@@ -221,6 +231,10 @@ def run_quality(args) -> list[dict]:
         if not results:
             continue
         label = "random init" if tag == "random" else QUALITY_CONTENDERS[tag][0]
+        other_epochs = sorted({r["pretrain_epochs"] for r in results if r.get("pretrain_epochs", args.pretrain_epochs)
+                               != args.pretrain_epochs})
+        if other_epochs:
+            label += f" = {', '.join(map(str, other_epochs))} epochs"
         cells = []
         for n in names:
             vals = [r[n] for r in results]
@@ -266,7 +280,9 @@ def run_curves(args) -> list[dict]:
 
     out = Path(args.output_dir)
     sweeps = {"mask_ratio": args.mask_ratios, "decoder_depth": args.decoder_depths}
-    per_protocol = {"linprobe": [f"--epochs={args.probe_epochs}"], "finetune": [f"--epochs={args.finetune_epochs}"]}
+    quiet = ["--quiet=true", "--progress=false"]
+    per_protocol = {"linprobe": [f"--epochs={args.probe_epochs}", *quiet],
+                    "finetune": [f"--epochs={args.finetune_epochs}", *quiet]}
     names = {"mae": "MAE", "crossmae": "CrossMAE (pred 0.25, fusion)"}
     rows, curves = [], {}
     for key, values in sweeps.items():

@@ -39,10 +39,14 @@ def test_speed_reports_step_and_marginal_ratios_and_flops(rows, capsys):
 
 def test_quality_runs_each_seed_once_and_averages(rows, tmp_path, capsys):
     out = tmp_path / "q"
-    args = ["quality", *QUICK_EVAL, "--seeds", "0", "1", "--output_dir", str(out)]
+    args = ["quality", *QUICK_EVAL, "--seeds", "0", "1", "--output_dir", str(out),
+            "--contenders", "mae", "crossmae", "crossmae_equal_flops"]
     bench_crossmae.main(args)
     found = json.loads((out / "quality.json").read_text())
-    assert {k: len(v) for k, v in found.items()} == {"random": 2, "mae": 2, "crossmae": 2}
+    assert {k: len(v) for k, v in found.items()} == {"random": 2, "mae": 2, "crossmae": 2, "crossmae_equal_flops": 2}
+    # MAE's pretraining compute: CrossMAE decodes 4 of 16 digit patches, ~1.9x fewer FLOPs, so 1 epoch -> 2
+    assert [r["pretrain_epochs"] for r in found["crossmae_equal_flops"]] == [2, 2]
+    assert [r["pretrain_epochs"] for r in found["crossmae"]] == [1, 1]
     for tag in ("mae", "crossmae"):
         for r in found[tag]:
             assert set(r) >= {"linear probe", "partial fine-tune", "full fine-tune"}
