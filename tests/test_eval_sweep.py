@@ -93,4 +93,4 @@ def test_other_keys_sweep_the_chosen_method_and_say_so(tmp_path, capsys):
     assert err.startswith("fastmae: error: unknown method 'nosuch'") and err.count("\n") == 1
     assert sweep.main(["--values=decoder_depth=1", "--method=simmim", "--pretrain_epochs=1",
                        f"--output_dir={tmp_path / 'y'}"]) == 2
-    assert "has no encoder-decoder model for the digits demo" in capsys.readouterr().err
+    assert "has no digits-demo model taking these keywords" in capsys.readouterr().err

@@ -32,7 +32,9 @@ def tiny_digits_model(arch: dict, decoder_dim: int = 64, decoder_depth: int = 2,
             pixel_mean=tuple(pixel_mean or (0.5,) * C), pixel_std=tuple(pixel_std or (0.5,) * C), **method_kwargs,
         )
     except TypeError as e:
-        raise ValueError(f"method {method!r} has no encoder-decoder model for the digits demo ({e})") from None
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"method {method!r} has no digits-demo model taking these keywords ({e})") from None
 
 
 def pretrain(model: nn.Module, x: Tensor, *, epochs: int, batch_size: int = 128, blr: float = 1.5e-3,
