@@ -113,26 +113,6 @@ KEY_HELP = {
     "partial_epochs": "demo partial fine-tuning epochs",
     "finetune_epochs": "demo full fine-tuning epochs",
     "analyze": "also run the attention analysis",
-    # keys added by the method, evaluation and ablation rooms
-    "augment": ("augmentation: pretraining '' (the loader's) | none | crop | crop_flip | crop_color; "
-                "evaluation auto | mae | linprobe | finetune | eval"),
-    "mask_type": "random | block (BEiT-style blocks) | grid (keep 1 of every 2x2; mask_ratio 0.75)",
-    "loss_on": "masked (MAE) | all (loss on visible patches too)",
-    "encoder_mask_tokens": "the encoder sees every patch, masked ones as a mask token (~3.3x encoder FLOPs)",
-    "decoder_embed_dim": "decoder width; 0 = the model's",
-    "prediction_ratio": "CrossMAE: fraction of all patches decoded in training (a subset of the masked); 0 = the model's",
-    "feature_fusion": "CrossMAE inter-block feature maps: '' = the model's | true | false",
-    "train_data": "training data: class folders or tar shards (label in .cls); '' = from --data",
-    "val_data": "validation data: class folders or tar shards; '' = from --data",
-    "val_fraction": "validation split carved from the training data (digits), picks the reported epoch",
-    "eval_only": "score a classifier checkpoint (--ckpt) on the validation data, no training",
-    "eff_batch_size": "effective batch reached by gradient accumulation; 0 = batch_size x ranks",
-    "cka": "layer-by-layer linear CKA (cka.csv, cka.png)",
-    "protocol": "finetune | linprobe | both",
-    "values": "the sweep: KEY=v1,v2,...",
-    "pretrain_args": "`fastmae pretrain` arguments for pretraining-key sweeps on real data",
-    "num_clips": "temporal views per video at test time",
-    "num_crops": "spatial views at test time: 1 (center) or 3",
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
