@@ -218,15 +218,13 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
 def compile_forward(model, cfg: PretrainConfig, info: DistInfo, cuda_graphs: bool):
     """``torch.compile`` (one graph on a single process; CUDA graphs when the layout allows them), or the model.
 
-    ``cuda_graphs`` comes from :func:`fastmae.engine.plan.layout_for`, which keeps them off with gradient
-    accumulation: gradients accumulated across replays of a graphed backward live in the graph's memory pool
-    and are overwritten (DESIGN.md, hazard).
+    ``cuda_graphs`` is the one decision of :func:`fastmae.engine.plan.layout_for`: on only for CUDA with compile
+    and no gradient accumulation (gradients accumulated across replays of a graphed backward live in the
+    graph's memory pool and are overwritten; DESIGN.md, hazard).
     """
     if not cfg.compile:
         return model
-    graphs = cuda_graphs and info.device.type == "cuda" and cfg.accum_iter == 1
-    mode = "reduce-overhead" if graphs else None
-    return torch.compile(model, fullgraph=not info.enabled, mode=mode)
+    return torch.compile(model, fullgraph=not info.enabled, mode="reduce-overhead" if cuda_graphs else None)
 
 
 def attention_kernels(cfg: PretrainConfig, amp_dtype: torch.dtype, device: torch.device) -> str:
