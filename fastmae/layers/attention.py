@@ -180,12 +180,16 @@ def run_attention(qkv: Tensor, kernel: str, scale: float, caps: AttnCaps) -> Ten
 
         return flash_attn_qkvpacked_func(qkv, softmax_scale=scale).reshape(B, T, H * Dh)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+    return dense_attention(q, k, v, kernel, scale, caps).transpose(1, 2).reshape(B, T, H * Dh)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str, scale: float, caps: AttnCaps) -> Tensor:
+    """The ``eager`` and SDPA kernels (SDPA with the chosen kernel preferred), for self- and cross-attention.
+    q: (B, H, Tq, Dh), k and v: (B, H, Tk, Dh) -> (B, H, Tq, Dh)"""
     if kernel == "eager":
-        out = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-    else:
-        with _sdpa_context(kernel, caps):
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).reshape(B, T, H * Dh)
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    with _sdpa_context(kernel, caps):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 class Attention(nn.Module):
@@ -213,10 +217,7 @@ class Attention(nn.Module):
         kernel = choose_attention_backend(self.head_dim, x.shape[1], qkv.dtype, qkv.device.type, caps, attention_backend())
         return self.proj(run_attention(qkv, kernel, self.scale, caps))
 
-    def _eager_probs(self, q: Tensor, k: Tensor) -> Tensor:
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
     def attention_probs(self, x: Tensor) -> Tensor:
         """Attention maps for diagnostics. x: (B, T, D) -> (B, H, T, T), rows sum to 1."""
         q, k, _ = self._qkv(x).permute(2, 0, 3, 1, 4).unbind(0)
-        return self._eager_probs(q, k)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

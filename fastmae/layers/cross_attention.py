@@ -6,16 +6,16 @@ predicted patch is decoded independently and any subset of them can be decoded.
 
 The kernel follows the process-wide policy of :mod:`fastmae.layers.attention` (``FASTMAE_ATTN``),
 chosen per shape by its :func:`choose_attention_backend` (sequence length = the number of keys):
-FlashAttention-3 or -2 (flash-attn's packed-KV kernel) where installed and suited, else SDPA
-(torch's own kernel choice), or softmax(QK^T / sqrt(d)) V spelled out for ``eager``.
+FlashAttention-3 or -2 (flash-attn's packed-KV kernel) where installed and suited, else
+:func:`~fastmae.layers.attention.dense_attention` (SDPA preferring the chosen kernel, or ``eager``), as
+self-attention does.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmae.layers.attention import attention_backend, attention_capabilities, choose_attention_backend
+from fastmae.layers.attention import attention_backend, attention_capabilities, choose_attention_backend, dense_attention
 
 
 class CrossAttention(nn.Module):
@@ -38,8 +38,8 @@ class CrossAttention(nn.Module):
         Tk = memory.shape[1]
         q = self.q(x).reshape(B, Tq, self.num_heads, self.head_dim)
         kv = self.kv(memory).reshape(B, Tk, 2, self.num_heads, self.head_dim)
-        kernel = choose_attention_backend(self.head_dim, Tk, q.dtype, q.device.type, attention_capabilities(),
-                                          attention_backend())
+        caps = attention_capabilities()
+        kernel = choose_attention_backend(self.head_dim, Tk, q.dtype, q.device.type, caps, attention_backend())
         if kernel == "flash_attn_3":
             from flash_attn_interface import flash_attn_func
 
@@ -51,11 +51,6 @@ class CrossAttention(nn.Module):
 
             out = flash_attn_kvpacked_func(q, kv, softmax_scale=self.scale).reshape(B, Tq, D)
         else:
-            q = q.transpose(1, 2)  # (B, H, Tq, Dh)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, Tk, Dh)
-            if kernel == "eager":
-                out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-            else:
-                out = F.scaled_dot_product_attention(q, k, v)
-            out = out.transpose(1, 2).reshape(B, Tq, D)
+            out = dense_attention(q.transpose(1, 2), k, v, kernel, self.scale, caps).transpose(1, 2).reshape(B, Tq, D)
         return self.proj(out)
