@@ -146,10 +146,11 @@ class MultiViewClips:
     def views(self, item) -> Tensor:
         from fastmae.data.video import crop_resize, decode_pyav
 
-        out = []
+        out, decoded = [], {}
         for start, window in view_windows(item, self.span, self.num_clips, self.num_crops):
-            frames = decode_pyav(item.path, list(range(start, start + self.span, self.frame_stride)))
-            clip = crop_resize(frames, window, False, self.img_size)  # uint8 (T, S, S, 3)
+            if start not in decoded:  # the crops of one temporal clip share its decoded frames
+                decoded = {start: decode_pyav(item.path, list(range(start, start + self.span, self.frame_stride)))}
+            clip = crop_resize(decoded[start], window, False, self.img_size)  # uint8 (T, S, S, 3)
             out.append((clip.permute(3, 0, 1, 2).float() / 255 - self.mean) / self.std)
         return torch.stack(out)
 
