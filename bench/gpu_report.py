@@ -123,6 +123,27 @@ def bench_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat
     return _quantiles_ms(samples)
 
 
+# The figures of each section's rows: a contender that errors still carries every key (None) and its error text,
+# so a reader (or a test) can tell a row that ran from one that failed without a KeyError.
+KERNEL_FIGURES = ("fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "GBps",
+                  "pct_peak_bw")
+ATTENTION_FIGURES = ("fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest")
+STEP_FIGURES = ("compile", "step_ms", "p20_ms", "p80_ms", "img_s", "mfu", "vs_reference", "peak_mem_gib")
+DATA_FIGURES = ("decode", "img_s", "vs_torch")
+
+
+def _error_text(e: BaseException) -> str:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _every_key(rows: list[dict], figures: tuple[str, ...]) -> list[dict]:
+    for r in rows:
+        for k in (*figures, "error", "note"):
+            r.setdefault(k, None)
+    return rows
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -223,16 +244,20 @@ def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, 
             for impl, fn in impls.items():
                 ctx = kernel_backend("triton") if impl.startswith("fused") else contextlib.nullcontext()
                 interpreted = impl.startswith("fused") and device.type != "cuda"
-                with ctx:  # the interpreter's time means nothing: one call checks the path
-                    row = _time_kernel(fn, case, device, replace(sizes, warmup=0, repeats=1) if interpreted else sizes)
-                row = dict(shape=label, kernel=name, impl=impl, batch=sizes.kernel_batch, **row)
-                row["pct_peak_bw"] = row["GBps"] / (peak_tbs * 1e3) if peak_tbs else None
+                row = dict(shape=label, kernel=name, impl=impl, batch=sizes.kernel_batch)
+                try:
+                    with ctx:  # the interpreter's time means nothing: one call checks the path
+                        row.update(_time_kernel(fn, case, device,
+                                                replace(sizes, warmup=0, repeats=1) if interpreted else sizes))
+                    row["pct_peak_bw"] = row["GBps"] / (peak_tbs * 1e3) if peak_tbs else None
+                except Exception as e:  # one implementation failing is a finding, not a lost section
+                    row["error"] = _error_text(e)
                 if interpreted:
                     row["note"] = "Triton interpreter: checks the code path, the time means nothing"
                 rows.append(row)
             if not runnable:
                 rows.append(dict(shape=label, kernel=name, impl="fused (Triton)", note="needs CUDA or TRITON_INTERPRET=1"))
-    return rows
+    return _every_key(rows, KERNEL_FIGURES)
 
 
 def _time_kernel(fn: Callable, case: dict, device: torch.device, sizes: Sizes) -> dict:
@@ -280,15 +305,15 @@ def section_attention(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype
                 try:
                     row.update(_time_attention(qkv, g, kernel, caps, device, sizes))
                 except Exception as e:  # a kernel that refuses this shape is a finding, not a crash
-                    row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    row["error"] = _error_text(e)
                 part_rows.append(row)
-            timed = [r for r in part_rows if "fwd_bwd_ms" in r]
+            timed = [r for r in part_rows if r.get("fwd_bwd_ms") is not None]
             if timed:
                 best = min(r["fwd_bwd_ms"] for r in timed)
                 for r in timed:
                     r["vs_fastest"] = r["fwd_bwd_ms"] / best
             rows += part_rows
-    return rows
+    return _every_key(rows, ATTENTION_FIGURES)
 
 
 def _time_attention(qkv: torch.Tensor, grad_out: torch.Tensor, kernel: str, caps, device: torch.device,
@@ -387,14 +412,15 @@ def section_step(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype, pea
                 if device.type == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             except Exception as e:  # one failing mode (e.g. out of memory) must not lose the report
-                row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                row["error"] = _error_text(e)
             rows.append(row)
             torch._dynamo.reset()
-        ref = next((r for r in rows if r["model"] == label and r["mode"].startswith("reference") and "img_s" in r), None)
+        ref = next((r for r in rows if r["model"] == label and r["mode"].startswith("reference")
+                    and r.get("img_s") is not None), None)
         for r in rows:
-            if ref and r["model"] == label and "img_s" in r:
+            if ref and r["model"] == label and r.get("img_s") is not None:
                 r["vs_reference"] = r["img_s"] / ref["img_s"]
-    return rows
+    return _every_key(rows, STEP_FIGURES)
 
 
 PROFILE_CATEGORIES = (
@@ -494,13 +520,13 @@ def section_data(device: torch.device, sizes: Sizes, workers: int) -> list[dict]
                 row.update(img_s=n / (time.perf_counter() - t0),
                            decode="mixed (nvJPEG)" if loader == "dali" and device.type == "cuda" else "cpu")
             except Exception as e:  # an optional loader failing must not lose the report
-                row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                row["error"] = _error_text(e)
             rows.append(row)
-    torch_row = next((r for r in rows if r["loader"] == "torch" and "img_s" in r), None)
+    torch_row = next((r for r in rows if r["loader"] == "torch" and r.get("img_s") is not None), None)
     for r in rows:
-        if torch_row and "img_s" in r:
+        if torch_row and r.get("img_s") is not None:
             r["vs_torch"] = r["img_s"] / torch_row["img_s"]
-    return rows
+    return _every_key(rows, DATA_FIGURES)
 
 
 def residual_ab(device: torch.device, steps: int, amp_dtype: torch.dtype, batch: int = 32, seed: int = 0,
@@ -570,14 +596,14 @@ def to_markdown(report: dict) -> str:
     if "kernels" in report:
         out += ["## Kernels K1-K3 (fwd; fwd+bwd where the step runs a backward)", "",
                 _table(report["kernels"], ["shape", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
-                                           "fwd_bwd_ms", "GBps", "pct_peak_bw", "note"]), ""]
+                                           "fwd_bwd_ms", "GBps", "pct_peak_bw", "note", "error"]), ""]
     if "attention" in report:
         out += ["## Attention kernels per shape (fwd+bwd; `chosen` = what the model runs here)", "",
                 _table(report["attention"], ["model", "part", "batch", "heads", "head_dim", "tokens", "kernel", "chosen",
-                                             "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note"]), ""]
+                                             "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note", "error"]), ""]
     if "step" in report:
         cols = ["model", "mode", "compile", "batch", "dtype", "step_ms", "p20_ms", "p80_ms", "img_s", "vs_reference", "mfu",
-                "peak_mem_gib", "note"]
+                "peak_mem_gib", "note", "error"]
         out += ["## Training step", "", _table(report["step"], cols), ""]
     if "profile" in report:
         prof = report["profile"]
@@ -585,7 +611,7 @@ def to_markdown(report: dict) -> str:
                 _table([{"category": k, "share": f"{v:.1%}"} for k, v in prof["share"].items()], ["category", "share"]), ""]
     if "data" in report:
         out += ["## Data loader (generated JPEGs, 224 px, uint8 output)", "",
-                _table(report["data"], ["loader", "decode", "images", "batch", "workers", "img_s", "vs_torch", "note"]), ""]
+                _table(report["data"], ["loader", "decode", "images", "batch", "workers", "img_s", "vs_torch", "note", "error"]), ""]
     if "residual" in report:
         out += ["## Residual stream dtype (tiny preset, demo data, same seed)", "",
                 _table(report["residual"], ["residual_dtype", "dtype", "steps", "batch", "first_loss", "final_loss",

@@ -7,10 +7,16 @@ never each other's.
 
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
-from torch import Tensor
+if __package__ != "fastmae.kernels":
+    # The folder has no __init__.py so that the repository root never shadows PyPI's `kernels` (which
+    # transformers imports); without that package installed, `import kernels` would find this folder as an
+    # empty namespace. Refuse to run under any name but the one the package installs.
+    raise ImportError(f"{__name__}: fastmae's kernels import only as fastmae.kernels, not as {__package__!r}")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 __all__ = [
     "FLOAT_DTYPES",

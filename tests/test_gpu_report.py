@@ -37,7 +37,8 @@ def test_kernels_are_timed_against_eager_and_compiled_references(quick_report):
         impls = {r["impl"]: r for r in rows if r["kernel"] == kernel}
         assert set(impls) == {"eager reference", "compiled reference", "fused (Triton)"}
         for r in impls.values():
-            if "fwd_ms" in r:
+            assert r["error"] is None, r
+            if r["fwd_ms"] is not None:
                 assert 0 < r["fwd_p20"] <= r["fwd_ms"] <= r["fwd_p80"] and r["GBps"] > 0
         if kernel != "K1 patchify+gather":  # K1 reads uint8 images: no backward in the step
             assert impls["eager reference"]["fwd_bwd_ms"] > 0
@@ -57,10 +58,32 @@ def test_step_modes_and_ratios_against_the_reference(quick_report):
     rows = quick_report[0]["step"]
     modes = {r["mode"]: r for r in rows}
     assert set(modes) == {"reference (eager, reference ops)", "eager", "compiled", "HF ViTMAE (eager)"}
+    errored = {r["mode"]: r["error"] for r in rows if r["error"]}
+    assert not errored, f"step modes that errored: {errored}"
     assert modes["reference (eager, reference ops)"]["vs_reference"] == 1.0
     for r in rows:
+        if r["note"] == "not installed":
+            continue
         assert r["img_s"] > 0 and r["p20_ms"] <= r["step_ms"] <= r["p80_ms"], r
     assert modes["compiled"]["compile"] == "aot_eager"
+
+
+def test_a_contender_that_errors_keeps_every_key(monkeypatch):
+    """A failing mode is a row with its error text and None figures, not a row without keys."""
+    def broken(*a, **k):
+        raise RuntimeError("planted failure\nsecond line")
+
+    monkeypatch.setattr(gpu_report, "_hf_step", broken)
+    sizes = gpu_report.replace(gpu_report.QUICK_SIZES, warmup=0, repeats=1)
+    rows = gpu_report.section_step(gpu_report.torch.device("cpu"), sizes, gpu_report.torch.bfloat16, None)
+    keys = set(gpu_report.STEP_FIGURES) | {"error", "note", "model", "mode", "batch", "dtype"}
+    assert all(set(r) >= keys for r in rows)
+    hf = [r for r in rows if r["mode"].startswith("HF")]
+    if hf[0]["note"] != "not installed":
+        assert hf[0]["error"] == "RuntimeError: planted failure" and hf[0]["img_s"] is None and hf[0]["vs_reference"] is None
+    ran = [r for r in rows if not r["mode"].startswith("HF")]
+    assert all(r["error"] is None and r["img_s"] > 0 for r in ran)
+    assert "planted failure" in gpu_report.to_markdown({"mode": "quick", "command": "x", "step": rows}) or hf[0]["note"]
 
 
 def test_profile_shares_sum_to_one(quick_report):
@@ -81,7 +104,7 @@ def test_missing_optional_parts_give_not_installed_rows(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_report, "_version", lambda m: "not installed" if m == "nvidia.dali" else real(m))
     rows = gpu_report.section_data(gpu_report.torch.device("cpu"), gpu_report.QUICK_SIZES, workers=1)
     dali = next(r for r in rows if r["loader"] == "dali")
-    assert dali["note"] == "not installed" and "img_s" not in dali
+    assert dali["note"] == "not installed" and dali["img_s"] is None and dali["error"] is None
     assert next(r for r in rows if r["loader"] == "torch")["img_s"] > 0
 
 
