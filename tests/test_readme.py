@@ -5,6 +5,8 @@ What runs here instead of the literal line, and why:
   below), and this test runs inside the environment it made; ``. .venv/bin/activate`` is a no-op here
   because ``python``, ``fastmae`` and ``torchrun`` already resolve to this interpreter's environment;
 - ``pytest ...`` is the suite this test belongs to;
+- ``bash .ci/refresh-lock`` installs gigabytes and runs this whole suite: ``tests/test_lock.py`` runs that
+  script with stand-ins for python3/pip/pytest;
 - :data:`SUBSTITUTIONS`: data and files a user has and this machine has not (a generated class-folder
   tree for ``/data/imagenet``, generated images for ``photos/``, the main job's run folder for the official
   ``mae_pretrain_vit_base.pth``);
@@ -90,6 +92,8 @@ def plan(line: str, places: dict[str, str]) -> list[list[str]]:
             continue
         seg = [t.removeprefix(".venv/bin/") if t.startswith(".venv/bin/") else t for t in seg]
         if "pytest" in seg[:3]:
+            continue
+        if seg[:2] == ["bash", ".ci/refresh-lock"]:
             continue
         runs.append(_sized(seg, gpu, line))
     return runs
