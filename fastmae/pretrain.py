@@ -39,7 +39,7 @@ from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.plan import build_meta_model, layout_for, model_shape
-from fastmae.engine.preemption import Preemption
+from fastmae.engine.preemption import Preemption, mark_saved
 from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
@@ -150,6 +150,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
                 if stop:
+                    mark_saved(run_dir, info.rank, step)
                     log.info(f"SIGTERM: saved {path} at step {step}; exiting")
                     return {"status": "preempted", "step": step, "checkpoint": str(path)}
 
