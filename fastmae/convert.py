@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,10 +23,27 @@ StateDict = dict[str, Tensor]
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def check_embedded_crc(path: Path) -> None:
+    """Verify the CRC-32 that torch's zip format stores for every member (data.pkl and each tensor's bytes).
+
+    torch.load never checks it, so without this a flipped bit in a tensor loads as a different number. This
+    is the checksum a checkpoint carries inside itself: damage is found with or without a sidecar file.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: damaged zip structure ({str(e).splitlines()[0][:200]})") from None
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} fails its embedded CRC-32 check in {bad} (corrupted on disk)")
+
+
+def read_checkpoint(path: str | os.PathLike, verify_crc: bool = True) -> dict:
     """Load a checkpoint file safely (tensors, containers and argparse.Namespace only).
 
-    A run folder stands for its latest ``checkpoint-*.pt`` (``--ckpt=runs/mae-tiny``).
+    A run folder stands for its latest ``checkpoint-*.pt`` (``--ckpt=runs/mae-tiny``). Zip-format files
+    (every torch.save since 1.6) are checked against their embedded CRC-32s first (``verify_crc=False``:
+    the caller already checked a stronger checksum of the whole file).
     """
     path = Path(path)
     if path.is_dir():
@@ -35,6 +53,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         path = found[-1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if verify_crc and zipfile.is_zipfile(path):
+        check_embedded_crc(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -227,6 +227,8 @@ def _config_file_pairs(path: str, types: dict[str, type]) -> list[tuple[str, str
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--config: {p} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"--config: {p} is nested too deeply to be a run's config.json") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {p} must hold a JSON object")
     unknown = sorted(set(data) - set(types))
