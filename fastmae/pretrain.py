@@ -36,7 +36,7 @@ from fastmae.engine.checkpoint import (
 )
 from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
 from fastmae.engine.flops import peak_flops
-from fastmae.engine.logger import RunLogger
+from fastmae.engine.logger import RunLogger, read_metrics_lines
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.plan import build_meta_model, layout_for, model_shape
 from fastmae.engine.preemption import Preemption, mark_saved
@@ -103,7 +103,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     resume_path = found[0] if found else None
     start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, base_lr)
 
-    if start_step >= total_steps:
+    if start_step >= total_steps and summary_written(run_dir, start_step):
         if info.is_main:
             print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
                   f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
@@ -113,8 +113,9 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         cfg.save(run_dir / "config.json")
     log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress, tensorboard=cfg.tensorboard,
                     wandb=cfg.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
-    if found:
-        log.resume_at(start_step)  # rows the interrupted run logged after its checkpoint would appear twice
+    # Rows the interrupted run logged after its checkpoint (all of them if it died before its first) would
+    # appear twice and out of order.
+    log.resume_at(start_step)
     peak = peak_flops(device)
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
@@ -155,7 +156,9 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
                     return {"status": "preempted", "step": step, "checkpoint": str(path)}
 
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
-    summary = {"status": "done", "step": step, "train_loss": window.last_row.get("loss"),
+    # A run killed between its last checkpoint and its summary comes back here with no step left to train.
+    last_loss = window.last_row.get("loss", last_logged_loss(run_dir) if step == start_step else None)
+    summary = {"status": "done", "step": step, "train_loss": last_loss,
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
                "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included"}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
@@ -178,6 +181,19 @@ def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, i
                    loader_steps_per_epoch=getattr(state.loader, "steps_per_epoch", None))
     step = state.load_state_dict(ckpt)
     return step, notes + resume_notes(cfg, ckpt.get("config") or {}, step, state.steps_per_epoch, total_steps, base_lr)
+
+
+def summary_written(run_dir: Path, step: int) -> bool:
+    """Whether ``summary.json`` reports this run finished at ``step`` (a kill may have come before it)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def last_logged_loss(run_dir: Path) -> float | None:
+    rows = [r for _, r in read_metrics_lines(run_dir / "metrics.jsonl") if r is not None and "loss" in r]
+    return rows[-1]["loss"] if rows else None
 
 
 def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLogger) -> None:
