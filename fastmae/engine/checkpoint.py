@@ -61,6 +61,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    if not state:  # a checkpoint without RNG states (tests, hand-made files): the current streams go on
+        return
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
