@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 from contextlib import closing, nullcontext
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train; SIGTERM from the start on means "save at an agreed step and return", and rank 0 holds the run
     folder's lock throughout (one run per folder)."""
     cfg = parse_overrides(sys.argv[1:] if argv is None else argv)
+    check_world_size(cfg)
     info = init_distributed(cfg.device)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,7 @@ def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, i
         return 0, notes
     check_position(ckpt, total_steps=total_steps, steps_per_epoch=state.steps_per_epoch, accum_iter=cfg.accum_iter,
                    loader_steps_per_epoch=getattr(state.loader, "steps_per_epoch", None))
+    notes += learning_problem_changes(cfg, ckpt.get("config") or {})
     step = state.load_state_dict(ckpt)
     return step, notes + resume_notes(cfg, ckpt.get("config") or {}, step, state.steps_per_epoch, total_steps, base_lr)
 
@@ -194,6 +197,34 @@ def summary_written(run_dir: Path, step: int) -> bool:
 def last_logged_loss(run_dir: Path) -> float | None:
     rows = [r for _, r in read_metrics_lines(run_dir / "metrics.jsonl") if r is not None and "loss" in r]
     return rows[-1]["loss"] if rows else None
+
+
+# Keys whose change mid-run makes the resumed run learn a different problem from the one its weights learned.
+PROBLEM_KEYS = ("method", "model", "mask_ratio", "norm_pix_loss", "img_size", "patch_size", "mask_patch_size",
+                "num_frames", "frame_stride", "tubelet_size", "video_target_norm", "mask_type", "loss_on",
+                "encoder_mask_tokens", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "prediction_ratio",
+                "feature_fusion", "augment", "residual_dtype")
+
+
+def learning_problem_changes(cfg: PretrainConfig, old: dict) -> list[str]:
+    """Refuse to resume when a :data:`PROBLEM_KEYS` key differs from the checkpoint's config; with
+    ``--allow_config_change`` return the warning instead."""
+    changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in PROBLEM_KEYS if k in old and old[k] != getattr(cfg, k)]
+    if not changed:
+        return []
+    what = ", ".join(changed)
+    if not cfg.allow_config_change:
+        raise ValueError(f"resuming with {what} changes what the run learns; pass --allow_config_change to resume "
+                         "anyway, or start a new --output_dir")
+    return [f"resuming with {what} (--allow_config_change): the run now learns a different problem"]
+
+
+def check_world_size(cfg: PretrainConfig) -> None:
+    """--world_size describes a plan's target; a training run uses the processes its launcher started."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if cfg.world_size and str(cfg.world_size) != launched:
+        raise ValueError(f"--world_size={cfg.world_size} disagrees with the launcher (WORLD_SIZE={launched}); "
+                         "it sets the target of a plan (--dry_run), training runs on the processes torchrun starts")
 
 
 def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLogger) -> None:

@@ -187,7 +187,11 @@ def test_preempted_job_ends_0_only_when_every_rank_saved(tmp_path):
             time.sleep(0.05)
         time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            subprocess.run(["pkill", "-P", str(proc.pid)], check=False)  # the launcher stand-in, if the script left it
+            proc.kill()
         assert proc.returncode == expected, out
         assert (tmp_path / "scontrol.log").read_text().split()[-2:] == ["requeue", "7"]
         (tmp_path / "srun.argv").unlink()
