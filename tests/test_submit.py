@@ -179,7 +179,7 @@ def test_preempted_job_ends_0_only_when_every_rank_saved(tmp_path):
         (run_dir / "preempted").mkdir(parents=True)
         (run_dir / "preempted" / "rank-1").write_text("1\n")  # a previous job's file must not count
         proc = _run_script(tmp_path, batch_script(SubmitConfig(gpus_per_node=2), cfg, flags, sys.executable,
-                                                  str(tmp_path)), bin_dir)
+                                                  str(tmp_path)), bin_dir, start_new_session=True)
         deadline = time.time() + 30
         while not (tmp_path / "srun.argv").exists() or (run_dir / "preempted").exists() and ranks_saving == 1 \
                 and (run_dir / "preempted" / "rank-1").exists():
@@ -190,8 +190,10 @@ def test_preempted_job_ends_0_only_when_every_rank_saved(tmp_path):
         try:
             out, _ = proc.communicate(timeout=60)
         finally:
-            subprocess.run(["pkill", "-P", str(proc.pid)], check=False)  # the launcher stand-in, if the script left it
-            proc.kill()
+            try:  # the launcher stand-in, if the script left it running: its own session, ended by id
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         assert proc.returncode == expected, out
         assert (tmp_path / "scontrol.log").read_text().split()[-2:] == ["requeue", "7"]
         (tmp_path / "srun.argv").unlink()
