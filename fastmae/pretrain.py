@@ -132,6 +132,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 
     # ---- step loop ---------------------------------------------------------------------------------------
     stats = StepStats.zeros(device)
+    bad_data = BadDataReport(train_loader)
     next_batch = BatchStream(train_loader, device)
     step = start_step
     model.train()
@@ -149,6 +150,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             stop = preemption.stop_now()
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info)))
+                bad_data.log_new(log)
                 window.check_bad_run(cfg.max_bad_steps)
             if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
@@ -162,7 +164,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     last_loss = window.last_row.get("loss", last_logged_loss(run_dir) if step == start_step else None)
     summary = {"status": "done", "step": step, "train_loss": last_loss,
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
-               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included"}
+               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
+               **bad_data.summary()}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
@@ -184,6 +187,28 @@ def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, i
     notes += learning_problem_changes(cfg, ckpt.get("config") or {})
     step = state.load_state_dict(ckpt)
     return step, notes + resume_notes(cfg, ckpt.get("config") or {}, step, state.steps_per_epoch, total_steps, base_lr)
+
+
+class BadDataReport:
+    """Files that passed the scan but failed to decode at run time (corrupt JPEGs, decompression bombs): the
+    loader substitutes the next good sample; each such file is named in the log once, and the summary counts
+    the substitutions (this rank's loader: rank 0's share of the data under DDP)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.scanned = len(getattr(loader, "bad_files", []))  # the scan's finds, reported before training
+        self.logged = self.scanned
+
+    def log_new(self, log: RunLogger) -> None:
+        files = getattr(self.loader, "bad_files", [])
+        for name, reason in files[self.logged:]:
+            log.info(f"warning: substituted {name} with the next good sample: {reason}")
+        self.logged = len(files)
+
+    def summary(self) -> dict:
+        files = getattr(self.loader, "bad_files", [])[self.scanned:]
+        return {"substitutions": int(getattr(self.loader, "substitutions", 0)),
+                "substituted_files": [name for name, _ in files[:100]]}
 
 
 def summary_written(run_dir: Path, step: int) -> bool:
@@ -357,6 +382,8 @@ def summary_text(s: dict) -> str:
         f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks; "
         f"{s.get('val_source', 'val split')})",
         f"throughput       {fmt(s.get('img_s'))} img/s ({s.get('img_s_note', 'after warm-up')})",
+        *([f"substituted      {s['substitutions']} sample(s) that failed to decode: "
+           f"{', '.join(map(str, s.get('substituted_files', [])[:5]))}"] if s.get("substitutions") else []),
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)

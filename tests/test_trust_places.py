@@ -107,3 +107,38 @@ def test_visualize_output_that_is_a_folder(tmp_path, capsys):
 
     assert main(["visualize", f"--output={tmp_path}"]) == 2
     one_line(capsys.readouterr().err, "output", "is a folder")
+
+
+def _planted_folder(demo_dir: Path, out: Path) -> tuple[str, str]:
+    """A few demo images plus a JPEG with a damaged Huffman table (header and end marker intact: it passes the
+    scan) and a 10k x 10k PNG (small on disk, a decompression bomb when decoded)."""
+    from PIL import Image
+
+    out.mkdir()
+    jpgs = sorted(demo_dir.rglob("*.jpg"))[:22]
+    for i, p in enumerate(jpgs):
+        shutil.copy(p, out / f"img{i:02d}.jpg")
+    data = bytearray(jpgs[0].read_bytes())
+    dht = data.find(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16  # bogus Huffman code counts: only the decoder notices
+    (out / "zz_corrupt.jpg").write_bytes(bytes(data))
+    Image.new("L", (10000, 10000)).save(out / "zz_bomb.png", compress_level=1)
+    return "zz_corrupt.jpg", "zz_bomb.png"
+
+
+def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp_path, demo_dir, capsys):
+    import json
+
+    data = tmp_path / "data"
+    names = _planted_folder(demo_dir, data)
+    out = tmp_path / "run"
+    steps = 9  # three epochs of 24 files at batch 8: every file is visited
+    assert cli_main([f"--data={data}", f"--output_dir={out}", *TINY, f"--max_steps={steps}", "--ckpt_every=100"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    substituted = summary["substituted_files"]
+    assert sorted(Path(n).name for n in substituted) == sorted(names), summary
+    assert summary["substitutions"] >= 2
+    for name in substituted:
+        assert f"substituted {name}" in captured.out  # named in the log when it happened
+    assert "substituted      " in captured.out  # and in the summary text
