@@ -142,3 +142,24 @@ def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp
     for name in substituted:
         assert f"substituted {name}" in captured.out  # named in the log when it happened
     assert "substituted      " in captured.out  # and in the summary text
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale ramp reaches the model as the same ramp in 8 bits (x >> 8), through every reader."""
+    import numpy as np
+    from PIL import Image
+
+    from fastmae.data.augment import pil_apply
+    from fastmae.data.image_io import open_image
+
+    ramp = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # PIL reads it as 16-bit (or 32-bit) integers
+        im.load()
+        out = pil_apply(im, 64, False, (64, 64, 0, 0))
+    expected = (ramp.astype(np.int64) >> 8).astype(np.uint8)
+    assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
+    assert (out == 255).mean() < 0.01
+    assert np.array_equal(np.asarray(open_image(path, "L")), expected)

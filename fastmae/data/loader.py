@@ -56,7 +56,7 @@ from .augment import (
     sample_seed,
     train_params_batch,
 )
-from .image_io import MAX_PIXELS
+from .image_io import MAX_PIXELS, convert
 from .sources import Source
 from .text import printable
 
@@ -335,7 +335,7 @@ class ImageDataset(torch.utils.data.Dataset):
             im.load()
             if self.finetune is not None:
                 with seeded_global_rngs(sample_seed(self.seed, epoch, idx)):
-                    return self.finetune(im.convert("RGB")).numpy()
+                    return self.finetune(convert(im, "RGB")).numpy()
             if params is None or j != idx:
                 params = self.params(epoch, [idx], [j])[0].tolist()
             out = pil_apply(im, self.img_size, self.augment not in ("eval", "none"), params)
