@@ -163,3 +163,56 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
     assert (out == 255).mean() < 0.01
     assert np.array_equal(np.asarray(open_image(path, "L")), expected)
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_sparse_multi_gb_file_that_passes_the_scan_is_not_read(tmp_path, demo_dir):
+    from fastmae.data.sources import MAX_SAMPLE_BYTES, open_source
+
+    data = tmp_path / "data"
+    data.mkdir()
+    jpgs = sorted(demo_dir.rglob("*.jpg"))[:4]
+    for i, p in enumerate(jpgs):
+        shutil.copy(p, data / f"img{i}.jpg")
+    big = data / "zz_sparse.jpg"
+    with big.open("wb") as f:  # a real JPEG, then a 3 GB hole, then an end-of-image marker: the scan passes it
+        f.write(jpgs[0].read_bytes())
+        f.seek(3 << 30)
+        f.write(b"\xff\xd9")
+    src = open_source(str(data), cache=False) if "cache" in open_source.__code__.co_varnames else open_source(str(data))
+    i = next((k for k, n in enumerate(src.names) if "zz_sparse" in n), None)
+    if i is None:
+        pytest.skip("the scan already refuses this file")
+    before = _rss_mb()
+    with pytest.raises(ValueError, match=f"more than {MAX_SAMPLE_BYTES >> 20} MiB"):
+        src.read_bytes(i)
+    assert _rss_mb() - before < 100
+
+
+def test_huge_cls_member_in_a_tar_shard_is_refused_unread(tmp_path, demo_dir):
+    import io
+    import tarfile
+
+    from fastmae.data.sources import open_source
+
+    shard = tmp_path / "shard-000000.tar"
+    jpg = sorted(demo_dir.rglob("*.jpg"))[0].read_bytes()
+    with shard.open("wb") as f:
+        for key in ("a", "b"):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(jpg)
+            f.write(info.tobuf(format=tarfile.USTAR_FORMAT) + jpg + b"\0" * (-len(jpg) % 512))
+        cls = tarfile.TarInfo("b.cls")
+        cls.size = 2 << 30  # 2 GB of label, a hole on disk
+        f.write(cls.tobuf(format=tarfile.USTAR_FORMAT))
+        f.seek(cls.size, io.SEEK_CUR)
+        f.write(b"\0" * 1024)
+    before = _rss_mb()
+    src = open_source(str(shard))
+    assert _rss_mb() - before < 200
+    assert [n for n, _ in src.bad] and ".cls member of" in src.bad[0][1], src.bad
