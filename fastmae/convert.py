@@ -139,7 +139,7 @@ def _check_config(cfg, where: str) -> None:
         v = cfg[key]
         ok = isinstance(v, str) if typ is str else (_is_int(v) if typ is int else _is_num(v)) and lo <= v <= hi
         if not ok:
-            raise ValueError(f"{where}: config {key}={str(v)[:60]!r} is not "
+            raise ValueError(f"{where}: config {key}={repr(v)[:60]} is not "
                              + ("a name" if typ is str else f"a{'n integer' if typ is int else ' number'} in [{lo}, {hi}]"))
 
 
@@ -148,7 +148,7 @@ def check_checkpoint_fields(ckpt: dict, where: str) -> None:
     reader uses one; ValueError with one line naming the field. The model weights: :func:`model_state_dict`."""
     for key in ("step", "epoch"):
         if key in ckpt and not (_is_int(ckpt[key]) and ckpt[key] >= 0):
-            raise ValueError(f"{where}: {key} must be a non-negative integer, got {str(ckpt[key])[:60]!r}")
+            raise ValueError(f"{where}: {key} must be a non-negative integer, got {repr(ckpt[key])[:60]}")
     if "rng" in ckpt and ckpt["rng"] != {}:
         _check_rng(ckpt["rng"], where)
     if "config" in ckpt:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 from contextlib import closing, nullcontext
@@ -40,7 +41,7 @@ from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger, read_metrics_lines
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.plan import build_meta_model, layout_for, model_shape
-from fastmae.engine.preemption import Preemption, mark_saved
+from fastmae.engine.preemption import SAVED_DIR, Preemption, mark_saved
 from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
@@ -270,6 +271,7 @@ def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
         raise ValueError(f"{run_dir} already holds checkpoints of another run; use --resume=auto or a new --output_dir")
     if info.is_main:
         remove_partial_writes(run_dir)
+        shutil.rmtree(run_dir / SAVED_DIR, ignore_errors=True)  # preemption-save files speak of this run only
 
 
 def build_data(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, split: str, output: str):
