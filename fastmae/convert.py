@@ -122,7 +122,7 @@ def _check_norm_stats(ckpt: dict, where: str) -> None:
 
 
 # Config keys readers take from any checkpoint's ``config`` (pretraining or evaluation): (type, low, high).
-_CONFIG_FIELDS = {"img_size": (int, 1, 4096), "patch_size": (int, 0, 4096), "mask_ratio": (float, -1.0, 0.999),
+_CONFIG_FIELDS = {"img_size": (int, 0, 4096), "patch_size": (int, 0, 4096), "mask_ratio": (float, -1.0, 0.999),
                   "epochs": (int, 0, 10**6), "max_steps": (int, 0, 10**9), "warmup_epochs": (float, 0, 10**6),
                   "lr": (float, 0, 10.0), "blr": (float, 0, 10.0), "min_lr": (float, 0, 10.0), "model": (str, 0, 0),
                   "method": (str, 0, 0), "mask_patch_size": (int, 0, 4096)}
