@@ -229,7 +229,7 @@ def last_logged_loss(run_dir: Path) -> float | None:
 PROBLEM_KEYS = ("method", "model", "mask_ratio", "norm_pix_loss", "img_size", "patch_size", "mask_patch_size",
                 "num_frames", "frame_stride", "tubelet_size", "video_target_norm", "mask_type", "loss_on",
                 "encoder_mask_tokens", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "prediction_ratio",
-                "feature_fusion", "augment", "residual_dtype")
+                "feature_fusion", "augment")
 
 
 def learning_problem_changes(cfg: PretrainConfig, old: dict) -> list[str]:
