@@ -216,3 +216,25 @@ def test_huge_cls_member_in_a_tar_shard_is_refused_unread(tmp_path, demo_dir):
     src = open_source(str(shard))
     assert _rss_mb() - before < 200
     assert [n for n, _ in src.bad] and ".cls member of" in src.bad[0][1], src.bad
+
+
+def test_a_class_only_in_val_is_warned_about(tmp_path, demo_dir, capsys):
+    import torch
+
+    from fastmae.eval.data import stream_loaders
+
+    jpgs = sorted(demo_dir.rglob("*.jpg"))
+    root = tmp_path / "imnet"
+    for split, classes in (("train", "ab"), ("val", "abc")):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for k in range(3):
+                shutil.copy(jpgs[(ord(c) * 7 + k) % len(jpgs)], root / split / c / f"{k}.jpg")
+    kw = dict(img_size=16, batch_size=2, eval_batch_size=2, augment="eval", loader="torch", num_workers=0, seed=0,
+              rank=0, world_size=1, device=torch.device("cpu"))
+    train, val = stream_loaders(str(root), str(root), **kw)
+    err = capsys.readouterr().err
+    assert "warning: class(es) c have validation images but no training images" in err, err
+    shutil.rmtree(root / "val" / "c")
+    stream_loaders(str(root), str(root), **kw)
+    assert "no training images" not in capsys.readouterr().err
