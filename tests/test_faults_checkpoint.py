@@ -161,6 +161,9 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
 
 
 def test_disk_full_message(tmp_path, monkeypatch):
+    from fastmae.engine import faults
+
+    monkeypatch.setattr(faults, "_current_step", -1)  # an in-process training run earlier may have moved it
     save_checkpoint(tmp_path, 2, _state(2), keep=1)
     monkeypatch.setenv("FASTMAE_FAULT", "disk_full@-1")
     with pytest.raises(CheckpointWriteError) as e:

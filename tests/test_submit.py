@@ -173,7 +173,8 @@ def test_preempted_job_ends_0_only_when_every_rank_saved(tmp_path):
         run_dir = tmp_path / f"run{ranks_saving}"
         saves = "; ".join(f"echo 3 > {run_dir}/preempted/rank-{r}" for r in range(ranks_saving))
         # The launcher stand-in behaves like torchrun on SIGTERM: the workers save, then it exits 1.
-        body = f'trap "mkdir -p {run_dir}/preempted; {saves}; exit 1" TERM\nwhile true; do sleep 0.05; done'
+        body = (f'trap "mkdir -p {run_dir}/preempted; {saves}; exit 1" TERM\ntouch {tmp_path}/ready\n'
+                "while true; do sleep 0.05; done")
         bin_dir = _stub_bin(tmp_path, body)
         cfg, flags = training_args([f"--output_dir={run_dir}"])
         (run_dir / "preempted").mkdir(parents=True)
@@ -181,11 +182,10 @@ def test_preempted_job_ends_0_only_when_every_rank_saved(tmp_path):
         proc = _run_script(tmp_path, batch_script(SubmitConfig(gpus_per_node=2), cfg, flags, sys.executable,
                                                   str(tmp_path)), bin_dir, start_new_session=True)
         deadline = time.time() + 30
-        while not (tmp_path / "srun.argv").exists() or (run_dir / "preempted").exists() and ranks_saving == 1 \
-                and (run_dir / "preempted" / "rank-1").exists():
+        while not (tmp_path / "ready").exists():  # the stand-in has its TERM trap in place
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.05)
-        time.sleep(0.2)
+        assert not (run_dir / "preempted").exists()  # the script cleared the previous job's files
         proc.send_signal(signal.SIGUSR1)
         try:
             out, _ = proc.communicate(timeout=60)
@@ -197,3 +197,4 @@ def test_preempted_job_ends_0_only_when_every_rank_saved(tmp_path):
         assert proc.returncode == expected, out
         assert (tmp_path / "scontrol.log").read_text().split()[-2:] == ["requeue", "7"]
         (tmp_path / "srun.argv").unlink()
+        (tmp_path / "ready").unlink()
