@@ -68,7 +68,8 @@ def test_script_checkpoints_and_requeues_on_time_limit(tmp_path):
     script.write_text(batch_script(job, cfg, flags, sys.executable, str(ROOT)))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
            "SLURM_JOB_NODELIST": "localhost", "FASTMAE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigterm)
     try:
         deadline = time.time() + 240
         while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2):
@@ -120,7 +121,13 @@ def _run_script(tmp_path: Path, script: str, bin_dir: Path, **kw) -> subprocess.
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
            "SLURM_JOB_NODELIST": "localhost"}
     return subprocess.Popen(["bash", str(path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigterm, **kw)
+
+
+def _default_sigterm() -> None:
+    """A finished in-process training run ignores SIGTERM (cli_main), and children inherit ignored signals:
+    bash cannot trap a signal ignored on entry. Slurm starts the batch script with the default action."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 HOSTILE = ["x\ntouch {pwned}", "$(touch {pwned})", "`touch {pwned}`", "x; touch {pwned}", "x\rtouch {pwned}",
