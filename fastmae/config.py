@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class PretrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = the cores free now (fastmae.engine.threads)
     resume: str = ""  # "" (fresh run), "auto" (latest checkpoint in output_dir), or a checkpoint path
+    allow_config_change: bool = field(default=False, metadata={"help": "resume even though a key that changes the "
+                                      "learning problem (mask_ratio, model, img_size, ...) differs from the checkpoint's"})
     # data
     data: str = "demo"  # "demo" (built offline from photos shipped in installed packages), a folder, or shard pattern
     loader: str = "torch"
@@ -119,8 +122,8 @@ class PretrainConfig:
                 raise ValueError(f"{f.name} must be a finite number, got {v}")
         checks = [
             (self.method in list_methods(), f"method must be one of {', '.join(list_methods())}, got {self.method!r}"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
             (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
@@ -196,17 +199,8 @@ def default_output_dir(method: str, preset: str) -> str:
 
 
 def _check_output_dir(path: str) -> None:
-    """The run folder must be creatable: it may exist as a folder, or not yet, under folders only."""
-    if not path:
-        raise ValueError("output_dir must not be empty")
-    p = Path(path)
-    for q in (p, *p.parents):
-        if q.exists():
-            if q.is_dir():
-                return
-            if q == p:
-                raise ValueError(f"output_dir {path!r} is a file, not a folder")
-            raise ValueError(f"output_dir {path!r} lies under {str(q)!r}, which is a file, not a folder")
+    """The run folder must be creatable: it may exist as a folder, or not yet, under writable folders only."""
+    flags.check_output_path("output_dir", path)
 
 
 def pretrain_presets() -> dict[str, dict]:

@@ -10,8 +10,10 @@ that one class, never with arbitrary unpickling.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,10 +24,27 @@ StateDict = dict[str, Tensor]
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def check_embedded_crc(path: Path) -> None:
+    """Verify the CRC-32 that torch's zip format stores for every member (data.pkl and each tensor's bytes).
+
+    torch.load never checks it, so without this a flipped bit in a tensor loads as a different number. This
+    is the checksum a checkpoint carries inside itself: damage is found with or without a sidecar file.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: damaged zip structure ({str(e).splitlines()[0][:200]})") from None
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} fails its embedded CRC-32 check in {bad} (corrupted on disk)")
+
+
+def read_checkpoint(path: str | os.PathLike, verify_crc: bool = True) -> dict:
     """Load a checkpoint file safely (tensors, containers and argparse.Namespace only).
 
-    A run folder stands for its latest ``checkpoint-*.pt`` (``--ckpt=runs/mae-tiny``).
+    A run folder stands for its latest ``checkpoint-*.pt`` (``--ckpt=runs/mae-tiny``). Zip-format files
+    (every torch.save since 1.6) are checked against their embedded CRC-32s first (``verify_crc=False``:
+    the caller already checked a stronger checksum of the whole file).
     """
     path = Path(path)
     if path.is_dir():
@@ -35,6 +54,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         path = found[-1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if verify_crc and zipfile.is_zipfile(path):
+        check_embedded_crc(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -43,7 +64,114 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: {first[:300]}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict (a state dict or {{'model': ...}})")
+    check_checkpoint_fields(ckpt, f"checkpoint {path}")
     return ckpt
+
+
+# Bounds for architecture fields read from a file: a hostile value must not reach an allocation or a loop.
+_ARCH_BOUNDS = {"img_size": (1, 4096), "patch_size": (1, 4096), "in_chans": (1, 64), "embed_dim": (1, 65536),
+                "depth": (1, 1024), "num_heads": (1, 4096), "mlp_ratio": (0.0, 64.0)}
+MAX_BLOCKS = 1024
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _ints_in(v, lo: int, hi: int, n: int | None = None) -> bool:
+    return isinstance(v, (list, tuple)) and (n is None or len(v) == n) and all(_is_int(x) and lo <= x <= hi for x in v)
+
+
+def _check_rng(rng, where: str) -> None:
+    """An RNG state as :func:`fastmae.engine.checkpoint.rng_state` writes it (or one per rank)."""
+    for r in rng if isinstance(rng, list) else [rng]:
+        ok = isinstance(r, dict)
+        py = r.get("python") if ok else None
+        ok = ok and isinstance(py, (list, tuple)) and len(py) == 3 and _is_int(py[0]) and _ints_in(py[1], 0, 2**32, 625)
+        n = r.get("numpy") if ok else None
+        ok = ok and isinstance(n, dict) and _ints_in(n.get("keys"), 0, 2**32 - 1, 624) and _is_int(n.get("pos")) \
+            and 0 <= n["pos"] <= 624 and n.get("has_gauss") in (0, 1) and _is_num(n.get("cached_gaussian"))
+        ok = ok and _ints_in(r.get("torch"), 0, 255, torch.get_rng_state().numel())
+        ok = ok and all(_ints_in(s, 0, 255) for s in r.get("cuda", []) or []) and isinstance(r.get("cuda", []), list)
+        if not ok:
+            raise ValueError(f"{where}: 'rng' is not a saved RNG state (wrong types or sizes)")
+
+
+def check_arch(arch, where: str) -> None:
+    """Architecture keys (an eval checkpoint's ``arch``, or what a state dict implies) within sane bounds."""
+    if not isinstance(arch, dict):
+        raise ValueError(f"{where}: 'arch' must be a dict, got {type(arch).__name__}")
+    for key, (lo, hi) in _ARCH_BOUNDS.items():
+        v = arch.get(key)
+        if v is not None and not ((_is_int(v) or key == "mlp_ratio" and _is_num(v)) and lo <= v <= hi):
+            raise ValueError(f"{where}: {key}={v!r} is not a{'' if key == 'mlp_ratio' else 'n integer'} value "
+                             f"in [{lo}, {hi}]")
+
+
+def _check_norm_stats(ckpt: dict, where: str) -> None:
+    for key in ("pixel_mean", "pixel_std"):
+        v = ckpt.get(key)
+        if v is not None and not (isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(_is_num(x) for x in v)
+                                  and (key == "pixel_mean" or all(x > 0 for x in v))):
+            raise ValueError(f"{where}: {key} must be 1-64 finite numbers{' > 0' if key == 'pixel_std' else ''}, "
+                             f"got {str(v)[:80]}")
+
+
+# Config keys readers take from any checkpoint's ``config`` (pretraining or evaluation): (type, low, high).
+_CONFIG_FIELDS = {"img_size": (int, 0, 4096), "patch_size": (int, 0, 4096), "mask_ratio": (float, -1.0, 0.999),
+                  "epochs": (int, 0, 10**6), "max_steps": (int, 0, 10**9), "warmup_epochs": (float, 0, 10**6),
+                  "lr": (float, 0, 10.0), "blr": (float, 0, 10.0), "min_lr": (float, 0, 10.0), "model": (str, 0, 0),
+                  "method": (str, 0, 0), "mask_patch_size": (int, 0, 4096)}
+
+
+def _check_config(cfg, where: str) -> None:
+    """The fields of a stored ``config`` that readers use, typed and in range (null schedule fields, an img_size
+    of 10^7 and the like are refused here); resume validates the whole pretraining config on top."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: 'config' must be a dict, got {type(cfg).__name__}")
+    for key, (typ, lo, hi) in _CONFIG_FIELDS.items():
+        if key not in cfg:
+            continue
+        v = cfg[key]
+        ok = isinstance(v, str) if typ is str else (_is_int(v) if typ is int else _is_num(v)) and lo <= v <= hi
+        if not ok:
+            raise ValueError(f"{where}: config {key}={repr(v)[:60]} is not "
+                             + ("a name" if typ is str else f"a{'n integer' if typ is int else ' number'} in [{lo}, {hi}]"))
+
+
+def check_checkpoint_fields(ckpt: dict, where: str) -> None:
+    """Type- and range-check every metadata field a fastmae, eval or official checkpoint may carry, before any
+    reader uses one; ValueError with one line naming the field. The model weights: :func:`model_state_dict`."""
+    for key in ("step", "epoch"):
+        if key in ckpt and not (_is_int(ckpt[key]) and ckpt[key] >= 0):
+            raise ValueError(f"{where}: {key} must be a non-negative integer, got {repr(ckpt[key])[:60]}")
+    if "rng" in ckpt and ckpt["rng"] != {}:
+        _check_rng(ckpt["rng"], where)
+    if "config" in ckpt:
+        _check_config(ckpt["config"], where)
+    if "arch" in ckpt:
+        check_arch(ckpt["arch"], where)
+    _check_norm_stats(ckpt, where)
+    if isinstance(ckpt.get("model"), dict):
+        _check_block_ids(ckpt["model"])
+    args = ckpt.get("args")
+    if args is not None:
+        ratio, model = getattr(args, "mask_ratio", 0.75), getattr(args, "model", "")
+        if not (_is_num(ratio) and 0 <= ratio < 1 and isinstance(model, str)):
+            raise ValueError(f"{where}: args.mask_ratio={ratio!r} / args.model={model!r} are not a ratio and a name")
+
+
+def _check_block_ids(sd: StateDict) -> None:
+    """Block indices must run 0..n-1 (n <= MAX_BLOCKS): a stray 'blocks.1000000000.x' must not build a giant model."""
+    for prefix in ("blocks.", "decoder_blocks.", "vit.layers.", "decoder.decoder_layers."):
+        ids = _blocks(sd, prefix)
+        if ids and (ids != list(range(len(ids))) or len(ids) > MAX_BLOCKS):
+            shown = ids if len(ids) < 6 else [*ids[:2], "...", *ids[-2:]]
+            raise ValueError(f"model weights have {prefix}N indices {shown}: expected 0..n-1 with n <= {MAX_BLOCKS}")
 
 
 def model_state_dict(ckpt: dict) -> StateDict:
@@ -66,6 +194,7 @@ def model_state_dict(ckpt: dict) -> StateDict:
     bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"model weights must be named tensors; {len(bad)} entries are not: {', '.join(bad[:3])}")
+    _check_block_ids(sd)
     return sd
 
 
@@ -159,7 +288,7 @@ _HF_LEGACY = [
 
 
 def _blocks(sd: StateDict, prefix: str) -> list[int]:
-    ids = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}(\d+)\.", k))}
+    ids = {int(m.group(1)) for k in sd if isinstance(k, str) and (m := re.match(rf"{re.escape(prefix)}(\d+)\.", k))}
     return sorted(ids)
 
 

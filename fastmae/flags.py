@@ -7,6 +7,7 @@ spellings are the same everywhere. Imports nothing of fastmae: any layer may use
 from __future__ import annotations
 
 import json
+import re
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -167,8 +168,47 @@ def parse_flags(argv: list[str], cls, presets: dict[str, dict] | None = None, de
         base = {**presets[preset], **({"preset": preset} if "preset" in types else {})}
     values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in given.items()}}
     cfg = cls(**values)  # not replace(cls(), ...): defaults that depend on other keys are derived anew
+    check_common_keys(cfg, types)
+    for key, is_dir in (("output_dir", True), ("output", False)):  # every command's place to write
+        if key in types and getattr(cfg, key):
+            check_output_path(key, getattr(cfg, key), is_dir)
     cfg.validate()
     return cfg
+
+
+MAX_THREADS = 1024
+# Per-rank seeds are derived as seed * 1000 + rank + 1, and torch and numpy take seeds below 2**64 / 2**32.
+MAX_SEED = 2**32
+
+
+def check_common_keys(cfg, types: dict[str, type]) -> None:
+    """Keys many commands share, checked the same way for all of them (a huge count must never reach torch)."""
+    threads, seed, device = (getattr(cfg, k, None) if k in types else None for k in ("threads", "seed", "device"))
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [0, {MAX_THREADS}], got {threads}")
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise ValueError(f"--seed: seed must be >= 0 and < 2**32, got {seed}")
+    if isinstance(device, str) and not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", device)):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_output_path(key: str, path: str, is_dir: bool = True) -> None:
+    """A folder (``is_dir``) or file to be written must be creatable: under folders only, the nearest existing
+    one writable, and not the other kind of thing already. ValueError with one line naming ``key``."""
+    import os
+
+    if not path:
+        raise ValueError(f"{key} must not be empty")
+    p = Path(path)
+    if p.exists() and p.is_dir() != is_dir:
+        raise ValueError(f"{key} {path!r} is a {'file' if is_dir else 'folder'}, not a {'folder' if is_dir else 'file'}")
+    for q in (p if is_dir else p.parent, *(p if is_dir else p.parent).parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"{key} {path!r} lies under {str(q)!r}, which is a file, not a folder")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ValueError(f"{key} {path!r}: {str(q)!r} is not writable")
+            return
 
 
 def split_args(argv: list[str], cls) -> list[tuple[str, str]]:
@@ -227,6 +267,8 @@ def _config_file_pairs(path: str, types: dict[str, type]) -> list[tuple[str, str
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--config: {p} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"--config: {p} is nested too deeply to be a run's config.json") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {p} must hold a JSON object")
     unknown = sorted(set(data) - set(types))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import signal
 import sys
 from contextlib import closing, nullcontext
@@ -36,10 +38,10 @@ from fastmae.engine.checkpoint import (
 )
 from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
 from fastmae.engine.flops import peak_flops
-from fastmae.engine.logger import RunLogger
+from fastmae.engine.logger import RunLogger, read_metrics_lines
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.plan import build_meta_model, layout_for, model_shape
-from fastmae.engine.preemption import Preemption
+from fastmae.engine.preemption import SAVED_DIR, Preemption, mark_saved
 from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train; SIGTERM from the start on means "save at an agreed step and return", and rank 0 holds the run
     folder's lock throughout (one run per folder)."""
     cfg = parse_overrides(sys.argv[1:] if argv is None else argv)
+    check_world_size(cfg)
     info = init_distributed(cfg.device)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     resume_path = found[0] if found else None
     start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, base_lr)
 
-    if start_step >= total_steps:
+    if start_step >= total_steps and summary_written(run_dir, start_step):
         if info.is_main:
             print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
                   f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
@@ -113,8 +116,9 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         cfg.save(run_dir / "config.json")
     log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress, tensorboard=cfg.tensorboard,
                     wandb=cfg.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
-    if found:
-        log.resume_at(start_step)  # rows the interrupted run logged after its checkpoint would appear twice
+    # Rows the interrupted run logged after its checkpoint (all of them if it died before its first) would
+    # appear twice and out of order.
+    log.resume_at(start_step)
     peak = peak_flops(device)
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
@@ -129,6 +133,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 
     # ---- step loop ---------------------------------------------------------------------------------------
     stats = StepStats.zeros(device)
+    bad_data = BadDataReport(train_loader)
     next_batch = BatchStream(train_loader, device)
     step = start_step
     model.train()
@@ -146,17 +151,22 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             stop = preemption.stop_now()
             if step % cfg.log_every == 0 or step == total_steps:
                 log.log(step, window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info)))
+                bad_data.log_new(log)
                 window.check_bad_run(cfg.max_bad_steps)
             if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
                 if stop:
+                    mark_saved(run_dir, info.rank, step)
                     log.info(f"SIGTERM: saved {path} at step {step}; exiting")
                     return {"status": "preempted", "step": step, "checkpoint": str(path)}
 
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
-    summary = {"status": "done", "step": step, "train_loss": window.last_row.get("loss"),
+    # A run killed between its last checkpoint and its summary comes back here with no step left to train.
+    last_loss = window.last_row.get("loss", last_logged_loss(run_dir) if step == start_step else None)
+    summary = {"status": "done", "step": step, "train_loss": last_loss,
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
-               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included"}
+               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
+               **bad_data.summary()}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
@@ -175,8 +185,72 @@ def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, i
         return 0, notes
     check_position(ckpt, total_steps=total_steps, steps_per_epoch=state.steps_per_epoch, accum_iter=cfg.accum_iter,
                    loader_steps_per_epoch=getattr(state.loader, "steps_per_epoch", None))
+    notes += learning_problem_changes(cfg, ckpt.get("config") or {})
     step = state.load_state_dict(ckpt)
     return step, notes + resume_notes(cfg, ckpt.get("config") or {}, step, state.steps_per_epoch, total_steps, base_lr)
+
+
+class BadDataReport:
+    """Files that passed the scan but failed to decode at run time (corrupt JPEGs, decompression bombs): the
+    loader substitutes the next good sample; each such file is named in the log once, and the summary counts
+    the substitutions (this rank's loader: rank 0's share of the data under DDP)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.scanned = len(getattr(loader, "bad_files", []))  # the scan's finds, reported before training
+        self.logged = self.scanned
+
+    def log_new(self, log: RunLogger) -> None:
+        files = getattr(self.loader, "bad_files", [])
+        for name, reason in files[self.logged:]:
+            log.info(f"warning: substituted {name} with the next good sample: {reason}")
+        self.logged = len(files)
+
+    def summary(self) -> dict:
+        files = getattr(self.loader, "bad_files", [])[self.scanned:]
+        return {"substitutions": int(getattr(self.loader, "substitutions", 0)),
+                "substituted_files": [name for name, _ in files[:100]]}
+
+
+def summary_written(run_dir: Path, step: int) -> bool:
+    """Whether ``summary.json`` reports this run finished at ``step`` (a kill may have come before it)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def last_logged_loss(run_dir: Path) -> float | None:
+    rows = [r for _, r in read_metrics_lines(run_dir / "metrics.jsonl") if r is not None and "loss" in r]
+    return rows[-1]["loss"] if rows else None
+
+
+# Keys whose change mid-run makes the resumed run learn a different problem from the one its weights learned.
+PROBLEM_KEYS = ("method", "model", "mask_ratio", "norm_pix_loss", "img_size", "patch_size", "mask_patch_size",
+                "num_frames", "frame_stride", "tubelet_size", "video_target_norm", "mask_type", "loss_on",
+                "encoder_mask_tokens", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "prediction_ratio",
+                "feature_fusion", "augment")
+
+
+def learning_problem_changes(cfg: PretrainConfig, old: dict) -> list[str]:
+    """Refuse to resume when a :data:`PROBLEM_KEYS` key differs from the checkpoint's config; with
+    ``--allow_config_change`` return the warning instead."""
+    changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in PROBLEM_KEYS if k in old and old[k] != getattr(cfg, k)]
+    if not changed:
+        return []
+    what = ", ".join(changed)
+    if not cfg.allow_config_change:
+        raise ValueError(f"resuming with {what} changes what the run learns; pass --allow_config_change to resume "
+                         "anyway, or start a new --output_dir")
+    return [f"resuming with {what} (--allow_config_change): the run now learns a different problem"]
+
+
+def check_world_size(cfg: PretrainConfig) -> None:
+    """--world_size describes a plan's target; a training run uses the processes its launcher started."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if cfg.world_size and str(cfg.world_size) != launched:
+        raise ValueError(f"--world_size={cfg.world_size} disagrees with the launcher (WORLD_SIZE={launched}); "
+                         "it sets the target of a plan (--dry_run), training runs on the processes torchrun starts")
 
 
 def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLogger) -> None:
@@ -197,6 +271,7 @@ def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
         raise ValueError(f"{run_dir} already holds checkpoints of another run; use --resume=auto or a new --output_dir")
     if info.is_main:
         remove_partial_writes(run_dir)
+        shutil.rmtree(run_dir / SAVED_DIR, ignore_errors=True)  # preemption-save files speak of this run only
 
 
 def build_data(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, split: str, output: str):
@@ -309,6 +384,8 @@ def summary_text(s: dict) -> str:
         f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks; "
         f"{s.get('val_source', 'val split')})",
         f"throughput       {fmt(s.get('img_s'))} img/s ({s.get('img_s_note', 'after warm-up')})",
+        *([f"substituted      {s['substitutions']} sample(s) that failed to decode: "
+           f"{', '.join(map(str, s.get('substituted_files', [])[:5]))}"] if s.get("substitutions") else []),
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)

@@ -4,9 +4,14 @@ Every key of ``fastmae pretrain`` passes through to the training command, which 
 ``--resume=auto``: a requeued job continues from the run folder's latest checkpoint. The job:
 - one ``torchrun`` per node (``srun``), ``--nproc_per_node`` = GPUs per node, c10d rendezvous on the first node;
 - ``--signal=B:USR1@<grace>``: before the time limit the batch shell gets USR1, sends SIGTERM down to
-  the workers (torchrun forwards it; training saves a checkpoint and exits 0), then ``scontrol requeue``;
+  the workers (torchrun forwards it; training saves a checkpoint), then ``scontrol requeue``;
 - ``--requeue``: a preempted job goes back to the queue; SIGTERM from preemption reaches the workers the
   same way and they save before exiting.
+Values are never interpolated raw: ``#SBATCH`` values must be Slurm names/sizes (no whitespace, quotes or control
+characters), training flags are ``shlex``-quoted and one line each (also when they come from ``--config``), and
+``--setup`` is a shell line run as written (your own command line; one line).
+torchrun exits 1 after forwarding a SIGTERM however cleanly the ranks saved: each rank writes
+``<run>/preempted/rank-<r>`` after its part of the save, and the script ends 0 when all of them did.
 The script is written to ``<output_dir>/submit.sbatch`` and passed to ``sbatch``; ``--dry_run`` prints it
 and submits nothing.
 
@@ -18,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,8 +32,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fastmae.config import PretrainConfig, help_text, parse_overrides, split_args
+from fastmae.engine.preemption import SAVED_DIR
 
 _H = "help"
+# Slurm names (partition, account, QOS lists) and sizes: anything else in a `#SBATCH` line is refused, not quoted,
+# because sbatch parses those lines with its own rules and bash reads the same file.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,+-]+")
+_SLURM_MEM = re.compile(r"[0-9]+[KMGT]?B?")
+# Job names and paths in `#SBATCH` lines: printable, no whitespace or quotes (sbatch would split or strip them).
+_SBATCH_TEXT = re.compile(r"[^\s'\"\\]+")
 
 
 @dataclass
@@ -51,9 +64,29 @@ class SubmitConfig:
             raise ValueError("nodes and gpus_per_node must be positive")
         if self.cpus_per_task < 0 or self.grace_s < 0:
             raise ValueError("cpus_per_task and grace_s must be >= 0")
+        for key in ("partition", "account", "qos"):
+            _check(key, getattr(self, key), _SLURM_NAME, "a Slurm name (letters, digits, _ . , + -)")
+        _check("mem", self.mem, _SLURM_MEM, "a Slurm size such as 480G")
+        _check("job_name", self.job_name, _SBATCH_TEXT, "printable, without spaces or quotes")
+        # The setup line is shell by design (the user's own command line, never read from a --config file): it
+        # runs as written, but it stays one line so nothing after it in the script can be displaced.
+        one_line("setup", self.setup)
         parts = self.time.replace("-", ":").split(":")
         if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 4:
-            raise ValueError(f"time must be Slurm's [D-]HH:MM:SS, got {self.time!r}")
+            raise ValueError(f"--time must be Slurm's [D-]HH:MM:SS, got {self.time!r}")
+
+
+def one_line(key: str, value: str) -> None:
+    """Refuse a newline or any other control character in a value that reaches the batch script."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"--{key} must be one line without control characters (found {bad!r}): {value!r}")
+
+
+def _check(key: str, value: str, pattern: re.Pattern, what: str) -> None:
+    one_line(key, value)
+    if value and not pattern.fullmatch(value):
+        raise ValueError(f"--{key} must be {what}, got {value!r}")
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -74,19 +107,26 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def training_args(train_argv: list[str]) -> tuple[PretrainConfig, list[str]]:
     """The validated training config and its flags in canonical ``--key=value`` form, ending in ``--resume=auto``."""
     cfg = parse_overrides(train_argv)
-    flags = [f"--{k}={v}" for k, v in split_args(train_argv, PretrainConfig) if k not in ("resume", "output_dir")]
+    pairs = [(k, v) for k, v in split_args(train_argv, PretrainConfig) if k not in ("resume", "output_dir")]
+    for key, value in [*pairs, ("output_dir", os.path.abspath(cfg.output_dir))]:
+        one_line(key, value)  # quoted in the script too; a value spanning lines is never what was meant
+    _check("output_dir", os.path.abspath(cfg.output_dir), _SBATCH_TEXT, "a path without spaces or quotes (it is "
+           "written into #SBATCH --output)")
+    flags = [f"--{k}={v}" for k, v in pairs]
     return cfg, [*flags, f"--output_dir={os.path.abspath(cfg.output_dir)}", "--resume=auto"]
 
 
 def batch_script(job: SubmitConfig, cfg: PretrainConfig, train_flags: list[str], python: str, workdir: str) -> str:
     run_dir = os.path.abspath(cfg.output_dir)
+    job.validate()  # also when called without parse_overrides: the #SBATCH values below are written verbatim
+    one_line("workdir", workdir)
     name = job.job_name or f"fastmae-{Path(run_dir).name}"
     cpus = job.cpus_per_task or 10 * job.gpus_per_node
     sb = [f"--job-name={name}", f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={job.gpus_per_node}",
           f"--cpus-per-task={cpus}", f"--time={job.time}", f"--output={run_dir}/slurm-%j.out", "--open-mode=append",
           "--requeue", f"--signal=B:USR1@{job.grace_s}"]
     sb += [f"--{k}={getattr(job, k)}" for k in ("partition", "account", "qos", "mem") if getattr(job, k)]
-    launch = [python, "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={job.gpus_per_node}",
+    launch = [shlex.quote(python), "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={job.gpus_per_node}",
               "--rdzv_id=$SLURM_JOB_ID", "--rdzv_backend=c10d", f"--rdzv_endpoint=$head_node:{job.port}",
               "-m", "fastmae.cli", "pretrain", *(shlex.quote(f) for f in train_flags)]
     lines = ["#!/bin/bash", *(f"#SBATCH {s}" for s in sb),
@@ -97,19 +137,32 @@ def batch_script(job: SubmitConfig, cfg: PretrainConfig, train_flags: list[str],
              f"export OMP_NUM_THREADS={max(1, cpus // job.gpus_per_node)} OMP_WAIT_POLICY=PASSIVE",
              *([job.setup] if job.setup else []),
              'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-             "stop_training() {  # SIGTERM reaches every worker through srun and torchrun: each saves and exits 0",
+             # Every rank writes a file here after its part of a preemption save; torchrun itself exits 1 after
+             # forwarding a SIGTERM however cleanly they saved, so these files decide the job's exit code.
+             f"saved_dir={shlex.quote(f'{run_dir}/{SAVED_DIR}')}",
+             'rm -rf -- "$saved_dir"',
+             f"ranks=$(( SLURM_NNODES * {job.gpus_per_node} ))",
+             'finish() {  # exit 0 after a clean save on every rank, else torchrun\'s code',
+             '  local rc=$1 saved',
+             '  saved=$(find "$saved_dir" -maxdepth 1 -name "rank-*" 2>/dev/null | wc -l)',
+             '  if [ "$saved" -ge "$ranks" ]; then echo "fastmae submit: all $ranks ranks saved (launcher exit $rc)"; exit 0; fi',
+             '  [ "$rc" -ne 0 ] && echo "fastmae submit: $saved of $ranks ranks reported a clean save; exit $rc"',
+             '  exit "$rc"',
+             "}",
+             "stop_training() {  # SIGTERM reaches every worker through srun and torchrun: each saves and exits",
              '  kill -TERM "$child" 2>/dev/null',
              '  wait "$child"',
              "}",
              'on_time_limit() { echo "fastmae submit: time limit near: checkpoint, then requeue job $SLURM_JOB_ID"; '
-             'stop_training; scontrol requeue "$SLURM_JOB_ID"; exit 0; }',
-             'on_term() { echo "fastmae submit: SIGTERM (preemption or scancel): checkpoint and stop"; stop_training; exit 0; }',
+             'stop_training; local rc=$?; scontrol requeue "$SLURM_JOB_ID"; finish "$rc"; }',
+             'on_term() { echo "fastmae submit: SIGTERM (preemption or scancel): checkpoint and stop"; stop_training; '
+             'finish $?; }',
              "trap on_time_limit USR1",
              "trap on_term TERM",
              "srun --kill-on-bad-exit=1 " + " ".join(launch) + " &",
              "child=$!",
              'wait "$child"',
-             'exit $?']
+             'finish $?']
     return "\n".join(lines) + "\n"
 
 

@@ -161,8 +161,6 @@ def save_curves(metrics_path: str | Path, path: str | Path, title: str = "") -> 
 
     Returns None when matplotlib is not installed or nothing was logged.
     """
-    import json
-
     try:
         import matplotlib
 
@@ -170,8 +168,11 @@ def save_curves(metrics_path: str | Path, path: str | Path, title: str = "") -> 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r]
+    from fastmae.engine.logger import read_metrics_lines
+
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    rows = [r for _, r in read_metrics_lines(Path(metrics_path)) if r is not None and "step" in r and number(r.get("loss"))]
+    rows = [r if number(r.get("lr")) else {**r, "lr": float("nan")} for r in rows]
     if not rows:
         return None
     steps = [r["step"] for r in rows]

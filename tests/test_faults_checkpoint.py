@@ -161,6 +161,9 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
 
 
 def test_disk_full_message(tmp_path, monkeypatch):
+    from fastmae.engine import faults
+
+    monkeypatch.setattr(faults, "_current_step", -1)  # an in-process training run earlier may have moved it
     save_checkpoint(tmp_path, 2, _state(2), keep=1)
     monkeypatch.setenv("FASTMAE_FAULT", "disk_full@-1")
     with pytest.raises(CheckpointWriteError) as e:
@@ -209,3 +212,25 @@ def test_linprobe_with_a_foreign_checkpoint_is_one_line(tmp_path, capsys, obj, m
     assert main(["linprobe", f"--ckpt={tmp_path / 'w.pt'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastmae: error:") and re.search(match, err[0]), err
+
+
+@pytest.mark.parametrize("at", [0.3, 0.5, 0.6, 0.75])
+def test_flipped_bit_without_sidecar_is_caught_by_the_embedded_checksum(tmp_path, at):
+    """Issue 24 s3: the sidecar lost (or never copied along), a bit flip must still be found, and resume
+    falls back to the previous checkpoint with a warning."""
+    from fastmae.engine.checkpoint import find_resume_checkpoint
+
+    for s in (2, 4):
+        save_checkpoint(tmp_path, s, _state(s, seed=s), keep=3)
+    latest = tmp_path / "checkpoint-00000004.pt"
+    Path(str(latest) + ".json").unlink()
+    data = bytearray(latest.read_bytes())
+    data[int(len(data) * at)] ^= 0x04  # one bit, in the tensor bytes or the pickle
+    latest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC-32|damaged|cannot read"):
+        load_checkpoint(latest)
+    with pytest.raises(ValueError, match="CRC-32|damaged|cannot read"):
+        read_checkpoint(latest)  # export, visualize and evaluation read through here
+    warnings: list[str] = []
+    path, ckpt = find_resume_checkpoint(tmp_path, "auto", warnings.append)
+    assert path.name == "checkpoint-00000002.pt" and "skipping checkpoint-00000004.pt" in warnings[0]

@@ -56,3 +56,16 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastmae: error:"), err
     assert not out.exists(), "the run folder was created before the config was checked"
+
+
+@pytest.mark.parametrize("depth", [100_000, 5_000])
+def test_deeply_nested_config_file_is_one_line(tmp_path, capsys, depth):
+    """Issue 24 s3: a hostile --config nested past Python's recursion limit is a one-line error, not RecursionError."""
+    from fastmae.cli import main
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"data": ' + "[" * depth + "]" * depth + "}")
+    for command in (cli_main, lambda argv: main(["export", "--ckpt=x.pt", f"--out={tmp_path}/o", *argv])):
+        assert command([f"--config={cfg}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastmae: error: --config:") and "nested too deeply" in err and err.count("\n") == 1, err

@@ -112,6 +112,9 @@ def test_torchrun_process_group_sigterm_every_rank_saves_the_same_step(tmp_path,
     ckpt = _only_checkpoint(out)
     assert len(ckpt["rng"]) == 2, "both ranks took part in the save (a collective at the agreed step)"
     assert f"at step {ckpt['step']}; exiting" in stdout
+    # What a launcher reads instead of torchrun's exit status (fastmae submit's batch script: exit 0).
+    saved = {p.name: p.read_text().strip() for p in (out / "preempted").iterdir()}
+    assert saved == {"rank-0": str(ckpt["step"]), "rank-1": str(ckpt["step"])}, saved
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo_dir, fresh_env):

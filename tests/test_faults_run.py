@@ -162,6 +162,8 @@ def _saved(tmp_path: Path, obj) -> Path:
 def test_failed_resume_into_another_architecture_keeps_config_json(run_dir, demo_dir, capsys):
     config_before = (run_dir / "config.json").read_text()
     code, err = run(run_dir, demo_dir, capsys, "--max_steps=6", "--resume=auto", "--patch_size=8")
+    assert code == 2 and "patch_size 4 -> 8 changes what the run learns" in err  # issue 24: refused up front
+    code, err = run(run_dir, demo_dir, capsys, "--max_steps=6", "--resume=auto", "--patch_size=8", "--allow_config_change")
     assert code == 2 and "shape mismatch" in err
     assert (run_dir / "config.json").read_text() == config_before
 

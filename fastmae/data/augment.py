@@ -25,6 +25,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from .image_io import convert
+
 SCALE = (0.2, 1.0)
 # The random-resized-crop scale range of each crop-based augmentation (build_loader's ``augment``).
 AUGMENT_SCALES = {"mae": SCALE, "linprobe": (0.08, 1.0), "crop_flip": SCALE, "crop_color": SCALE}
@@ -168,8 +170,7 @@ def pil_apply(im: Image.Image, img_size: int, train: bool, params) -> np.ndarray
     """Decode-side transform for the PIL loader. params: (left, top, w, h, flip) of a crop when ``train``
     (:func:`train_params`), else (resize_w, resize_h, left, top) (:func:`eval_params`).
     -> uint8 (img_size, img_size, 3)."""
-    if im.mode != "RGB":
-        im = im.convert("RGB")
+    im = convert(im, "RGB")  # 16-bit images scaled, not clipped
     if train:
         left, top, w, h, flip = params
         im = im.crop((left, top, left + w, top + h)).resize((img_size, img_size), Image.BICUBIC)

@@ -56,6 +56,7 @@ from .augment import (
     sample_seed,
     train_params_batch,
 )
+from .image_io import MAX_PIXELS, convert
 from .sources import Source
 from .text import printable
 
@@ -329,10 +330,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def load(self, j: int, epoch: int, idx: int, params) -> np.ndarray:
         """File ``j`` as sample ``idx`` of ``epoch``: uint8 (S, S, 3), or float32 (3, S, S) for finetune."""
         with Image.open(io.BytesIO(self.src.read_bytes(j))) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:  # a decompression bomb that passed the header scan
+                raise ValueError(f"{im.size[0]}x{im.size[1]} pixels is more than the limit of {MAX_PIXELS}")
             im.load()
             if self.finetune is not None:
                 with seeded_global_rngs(sample_seed(self.seed, epoch, idx)):
-                    return self.finetune(im.convert("RGB")).numpy()
+                    return self.finetune(convert(im, "RGB")).numpy()
             if params is None or j != idx:
                 params = self.params(epoch, [idx], [j])[0].tolist()
             out = pil_apply(im, self.img_size, self.augment not in ("eval", "none"), params)

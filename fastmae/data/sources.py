@@ -57,6 +57,11 @@ _MAX_HEADER_BYTES = 16 << 20
 _MAX_CONFIRM_BYTES = 16 << 20
 _TRAILER_SEARCH = 1 << 20
 _INDEX_VERSION = 2
+# One encoded image (an 8K x 8K PNG is well below it); a bigger file (a sparse multi-GB file that passed the
+# header scan) is refused without being read.
+MAX_SAMPLE_BYTES = 128 << 20
+# A .cls member holds one integer label.
+_MAX_CLS_BYTES = 64
 
 __all__ = ["Source", "open_source", "resolve_spec", "split_classes", "expand_braces", "check_bytes"]
 
@@ -84,13 +89,22 @@ class Source:
         return len(self.locs)
 
     def read_bytes(self, i: int) -> bytes:
+        """The encoded sample, at most MAX_SAMPLE_BYTES (ValueError beyond: the loaders substitute it)."""
         loc = self.locs[i]
         if isinstance(loc, str):
             with open(loc, "rb") as f:
-                return f.read()
-        path, offset, size = loc
-        with open(path, "rb") as f:
-            return os.pread(f.fileno(), size, offset)
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(MAX_SAMPLE_BYTES + 1) if size <= MAX_SAMPLE_BYTES else b""
+            size = max(size, len(data))  # a file that grew after the stat is still capped
+        else:
+            path, offset, size = loc
+            data = b""
+            if size <= MAX_SAMPLE_BYTES:
+                with open(path, "rb") as f:
+                    data = os.pread(f.fileno(), size, offset)
+        if size > MAX_SAMPLE_BYTES:
+            raise ValueError(f"{printable(self.names[i])}: more than {MAX_SAMPLE_BYTES >> 20} MiB for one image")
+        return data
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -327,7 +341,9 @@ def _scan_tars(spec: str, tars: list[str], min_size: int, crop: int | None, clas
                 else:
                     problem, size, mode = _check_region(fd, m.offset_data, m.size, min_size)
                 label = -1
-                if "cls" in members:
+                if "cls" in members and members["cls"].size > _MAX_CLS_BYTES:
+                    problem = problem or f".cls member of {members['cls'].size} bytes (a label is a short integer)"
+                elif "cls" in members:
                     txt = os.pread(fd, members["cls"].size, members["cls"].offset_data).strip()
                     try:
                         label = int(txt)

@@ -17,6 +17,31 @@ def _is_terminal(stream) -> bool:
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
 
 
+def read_metrics_lines(path: Path) -> list[tuple[str, dict | None]]:
+    """Each line of a ``metrics.jsonl`` with its row, or None for a line that is not a row (torn by a kill,
+    garbage, a non-integer step); such lines are counted in one warning, never an error that costs a run."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out, bad = [], 0
+    with path.open("rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            try:
+                row = json.loads(line)
+                ok = isinstance(row, dict) and isinstance(row.get("step", 0), int) and not isinstance(row.get("step"), bool)
+            except (ValueError, RecursionError):
+                row, ok = None, False
+            if ok:
+                row.setdefault("step", 0)
+            else:
+                bad += line.strip() != ""
+            out.append((line, row if ok else None))
+    if bad:
+        print(f"fastmae: warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return out
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
                  tensorboard: bool = True, wandb: str = "", config: dict | None = None):
@@ -68,7 +93,8 @@ class RunLogger:
             print("  ".join(parts), flush=True)
 
     def resume_at(self, step: int) -> int:
-        """Make metrics.jsonl the history of a run resumed at ``step``; returns how many rows were dropped.
+        """Make metrics.jsonl the history of a run resumed at ``step`` (0: a fresh start, nothing kept); returns
+        how many rows were dropped.
 
         Rows logged after the checkpoint by the interrupted run would be logged again (and differently
         timed) by this one, and a SIGKILL may have torn the last line: both go. A ``{"event": "resume"}``
@@ -76,21 +102,20 @@ class RunLogger:
         """
         if not self.enabled:
             return 0
-        kept, dropped = [], 0
-        if self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
-                except (ValueError, TypeError):
-                    keep = False
-                if keep:
-                    kept.append(line)
-                else:
-                    dropped += 1
-        kept.append(json.dumps({"event": "resume", "step": step, "time": time.time()}))
+        kept, dropped, last = [], 0, 0
+        for line, row in read_metrics_lines(self.metrics_path):
+            # In step order only: a row behind one already kept is a duplicate from an earlier timeline.
+            if row is not None and last <= row["step"] <= step:
+                kept.append(line)
+                last = row["step"]
+            else:
+                dropped += 1
+        if step == 0:  # a fresh start (or a run killed before its first checkpoint): its rows begin again
+            kept = []
+        else:
+            kept.append(json.dumps({"event": "resume", "step": step, "time": time.time()}))
         tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(kept) + "\n")
+        tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
         return dropped
 

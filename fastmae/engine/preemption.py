@@ -9,11 +9,25 @@ SIGKILLs them after a grace period (30 s).
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from fastmae.engine.distributed import DistInfo
+
+
+# Under the run folder, one file per rank after a clean preemption save. torchrun exits 1 after it forwards a
+# SIGTERM (its SignalException) however cleanly the ranks saved; a launcher (``fastmae submit``'s batch script)
+# reads these files instead of torchrun's exit code.
+SAVED_DIR = "preempted"
+
+
+def mark_saved(run_dir: Path, rank: int, step: int) -> None:
+    """Record that this rank's part of the preemption checkpoint at ``step`` is done (rank 0: written to disk)."""
+    folder = Path(run_dir) / SAVED_DIR
+    folder.mkdir(exist_ok=True)
+    (folder / f"rank-{rank}").write_text(f"{step}\n")
 
 
 class Preemption:

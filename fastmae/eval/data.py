@@ -18,6 +18,7 @@ resume, padding labels), so one training loop serves both.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,4 +140,9 @@ def stream_loaders(train_spec: str, val_spec: str, *, img_size: int, batch_size:
         raise ValueError(f"the training data has {len(train.classes)} class; a classifier needs at least 2")
     val = build_loader(val_spec, split="val", batch_size=eval_batch_size, train=False, augment="eval", drop_last=False,
                        shuffle=False, classes=train.classes, **common)
+    seen = set(getattr(getattr(train, "source", None), "labels", range(len(train.classes))))
+    unseen = sorted({train.classes[y] for y in getattr(getattr(val, "source", None), "labels", []) if y not in seen})
+    if unseen and rank == 0:
+        print(f"fastmae: warning: class(es) {', '.join(unseen[:10])} have validation images but no training images: "
+              "they can never be predicted, so their images count as errors", file=sys.stderr)
     return train, val

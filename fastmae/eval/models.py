@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from fastmae.convert import load_pretrained, model_state_dict, read_checkpoint
+from fastmae.convert import check_arch, load_pretrained, model_state_dict, read_checkpoint
 from fastmae.methods.registry import build_meta_model
 from fastmae.models.vit import VisionTransformer
 
@@ -81,6 +81,7 @@ def infer_arch(sd: dict, meta: dict) -> dict:
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     if "img_size" not in arch and cfg.get("img_size"):
         arch["img_size"] = int(cfg["img_size"])
+    check_arch(arch, "checkpoint")  # shapes and records of a hostile file must not reach an allocation
     return arch
 
 

@@ -163,11 +163,19 @@ def _read_mask(path: str) -> Tensor:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"mask file not found: {p}")
-    if p.suffix == ".npy":
-        return torch.from_numpy(np.load(p))
-    if p.suffix in (".pt", ".pth"):
-        return torch.load(p, map_location="cpu", weights_only=True)
-    raise ValueError(f"mask must be a .npy or .pt file, got {p.name}")
+    if p.suffix not in (".npy", ".pt", ".pth"):
+        raise ValueError(f"mask must be a .npy or .pt file, got {p.name}")
+    try:
+        mask = torch.from_numpy(np.load(p, allow_pickle=False)) if p.suffix == ".npy" else \
+            torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's weights-only message runs to many lines: one line naming the file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--mask {p}: not a saved tensor ({first})") from None
+    if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16,
+                                                               torch.int32, torch.int64, torch.float16, torch.float32,
+                                                               torch.float64, torch.bfloat16):
+        raise ValueError(f"--mask {p}: holds a {type(mask).__name__}, expected a 0/1 tensor of shape (N, L)")
+    return mask
 
 
 def visualize(cfg: VisualizeConfig) -> Path:
