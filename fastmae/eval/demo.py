@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,6 +117,8 @@ def _run(cfg: DemoConfig) -> dict:
         row = {"protocol": name}
         for init, sd in (("random", None), ("mae", mae_sd)):
             tag = f"{init}_{name.split()[0]}"
+            # The demo's own sub-run of this invocation: a rerun of the demo replaces it (the encoder is new).
+            shutil.rmtree(out / tag, ignore_errors=True)
             # The architecture is spelled out so random init builds the very same encoder.
             ecfg = cls(**kw, output_dir=str(out / tag), seed=cfg.seed, quiet=cfg.quiet, ckpt=init,
                        embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
