@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune-video": ("fastmae.eval.video", "main", "VideoMAE fine-tuning on clip folders, multi-view clip-level top-1"),
 }
 
+# commands that train: SIGTERM is a preemption notice from the start (their loops then save and exit 0)
+TRAINING_COMMANDS = ("pretrain", "linprobe", "finetune", "finetune-video", "sweep", "demo-eval")
+
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    if name == "pretrain":
+    if name in TRAINING_COMMANDS:
         # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
         signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     prefer_passive_openmp()  # before the command imports torch

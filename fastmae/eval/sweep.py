@@ -32,7 +32,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -76,6 +78,10 @@ class SweepConfig:
         from fastmae.methods.registry import get_method
 
         get_method(self.method)
+
+
+class SweepPreempted(Exception):
+    """A run of the sweep saved on SIGTERM: the sweep stops there and exits 0 (a rerun continues it)."""
 
 
 def parse_values(spec: str) -> tuple[str, list[str]]:
@@ -166,17 +172,18 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
                     if kind != "protocol" and not source:
                         source, split = _pretrain(cfg, key, v, vdir, kind, split)
                     ecfg = dataclasses.replace(_protocol_config(p, per_protocol, {key: v} if kind == "protocol" else {}),
-                                               output_dir=str(run_dir))
+                                               output_dir=str(run_dir), resume="auto")
                     if kind == "pretrain":
                         ecfg = dataclasses.replace(ecfg, ckpt=source["ckpt"])
                     t0 = time.perf_counter()
                     r = run_eval(ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
                                  source_meta=source.get("meta"))
+                    if r.get("status") == "preempted":
+                        raise SweepPreempted(f"SIGTERM: {key}={v} {p} saved at step {r['step']}; rerun the same "
+                                             f"command to continue")
                     print(f"{key}={v} {p}: top-1 {r['top1']:.4f} ({r['reported']}) in {time.perf_counter() - t0:.0f}s",
                           flush=True)
-                res = json.loads(done.read_text())
-                rows.append({key: v, "protocol": p, "top1": res["top1"], "top5": res["top5"], "top1_last": res["top1_last"],
-                             "epoch": res["epoch"], "reported": res["reported"], "wall_s": round(res["wall_s"], 1)})
+                rows.append({key: v, "protocol": p, **read_result(done)})
     finally:
         torch.set_num_threads(threads)
     with (out / "sweep.csv").open("w", newline="") as f:
@@ -185,6 +192,22 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
         w.writerows(rows)
     plot(rows, key, out / "sweep.png", f"{cfg.method} on digits" if kind == "digits_pretrain" and key != "method" else "")
     return rows
+
+
+def read_result(path: Path) -> dict:
+    """The row of a finished run from its ``results.json``; ValueError (one line) for a damaged or foreign file."""
+    try:
+        res = json.loads(path.read_text())
+        row = {k: float(res[k]) for k in ("top1", "top5", "top1_last")}
+        row.update(epoch=int(res["epoch"]), reported=str(res["reported"]), wall_s=round(float(res["wall_s"]), 1))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not the results file of a finished run ({reason}); delete it to rerun that "
+                         f"value") from None
+    if not all(math.isfinite(row[k]) and 0.0 <= row[k] <= 1.0 for k in ("top1", "top5", "top1_last")):
+        raise ValueError(f"{path} is not the results file of a finished run (accuracies outside [0, 1]); delete it "
+                         f"to rerun that value")
+    return row
 
 
 def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, split):
@@ -207,11 +230,14 @@ def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, spl
                   f"final loss {pre['losses'][-1]:.4f}", flush=True)
         return {"sd": sd, "meta": meta}, split
     from fastmae.engine.checkpoint import latest_checkpoint
-    from fastmae.pretrain import main as pretrain_main
 
     pdir = vdir / "pretrain"
     if not (pdir / "summary.json").is_file():
-        pretrain_main([*shlex.split(cfg.pretrain_args), f"--{key}={value}", f"--output_dir={pdir}", "--resume=auto"])
+        # Its own process, as a user would run it (evaluation imports no program: DESIGN.md, layering).
+        cmd = [sys.executable, "-m", "fastmae.cli", "pretrain", *shlex.split(cfg.pretrain_args), f"--{key}={value}",
+               f"--output_dir={pdir}", "--resume=auto"]
+        if subprocess.run(cmd).returncode != 0:
+            raise ValueError(f"pretraining {key}={value} failed (see above): {shlex.join(cmd)}")
     return {"ckpt": str(latest_checkpoint(pdir))}, split
 
 
@@ -267,5 +293,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    except SweepPreempted as e:
+        print(e, flush=True)
+        return 0
     print(f"wrote {cfg.output_dir}/sweep.csv and sweep.png ({len(rows)} runs)")
     return 0
