@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data check": ("fastmae.data.check", "main", "list a dataset's problems (corrupt, unreadable, too small) before a long run"),
     "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
+    "knn": ("fastmae.eval.protocols.knn", "main", "k-NN top-1 of a frozen encoder (cosine, temperature-weighted vote)"),
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
     "export": ("fastmae.export", "main", "a checkpoint as a transformers (ViTMAE) or timm model folder"),

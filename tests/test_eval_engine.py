@@ -147,7 +147,7 @@ def test_kill_and_resume_logs_every_step_once(tmp_path):
 
 
 def test_sweep_stops_cleanly_when_a_run_is_preempted(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "run_eval", lambda cfg, **kw: {"status": "preempted", "step": 7})
+    monkeypatch.setattr(sweep, "run_protocol", lambda name, cfg, **kw: {"status": "preempted", "step": 7})
     rc = sweep.main(["--protocol=linprobe", "--values=epochs=1,2", f"--output_dir={tmp_path}"])
     assert rc == 0
     assert "SIGTERM: epochs=1 linprobe saved at step 7" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 ``--values="KEY=v1,v2,..."`` names the swept key:
 
 - a protocol key (``tune_blocks``, ``epochs``, ``blr``, ``drop_path``, ...): the
-  protocol (``--protocol=finetune|linprobe|both``) runs once per value.
+  protocol (``--protocol=`` a registered image protocol, a comma list, or
+  ``both``) runs once per value.
   ``tune_blocks=0`` is the linear probe (its own recipe, as with ``fastmae
   finetune --tune_blocks=0``), so ``tune_blocks=0,1,2,4,12`` is the paper's
   partial fine-tuning curve.
@@ -42,13 +43,10 @@ from pathlib import Path
 
 from fastmae.config import PretrainConfig, describe_keys, parse_overrides
 from fastmae.eval.demo import DemoConfig, pretrain_on_digits
-from fastmae.eval.finetune import PRESETS as FINETUNE_PRESETS
-from fastmae.eval.finetune import FinetuneConfig
-from fastmae.eval.linprobe import PRESETS as LINPROBE_PRESETS
-from fastmae.eval.linprobe import LinprobeConfig
-from fastmae.eval.protocol import EvalConfig, run_eval
+from fastmae.eval.protocol import EvalConfig
+from fastmae.eval.protocols import get_protocol, list_protocols, protocol_for
 
-PROTOCOLS = {"linprobe": (LinprobeConfig, LINPROBE_PRESETS), "finetune": (FinetuneConfig, FINETUNE_PRESETS)}
+BOTH = ("linprobe", "finetune")  # --protocol=both, and what a pretraining-key sweep scores each encoder with
 # keys of the digits demo's pretraining that a sweep may vary
 DIGITS_PRETRAIN_KEYS = ("method", "mask_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_blr", "decoder_dim",
                         "decoder_depth")
@@ -57,7 +55,9 @@ DIGITS_PRETRAIN_KEYS = ("method", "mask_ratio", "norm_pix_loss", "pretrain_epoch
 @dataclass
 class SweepConfig:
     preset: str = "default"
-    protocol: str = field(default="finetune", metadata={"help": "finetune | linprobe | both (pretraining keys always run both)"})
+    protocol: str = field(default="finetune", metadata={
+        "help": "a registered image protocol (linprobe, partial, finetune, knn), a comma list of them, or both "
+                "(linprobe,finetune; pretraining keys always run at least those)"})
     values: str = field(default="", metadata={"help": "the swept key and its values, 'KEY=v1,v2,...'"})
     output_dir: str = "runs/sweep"
     pretrain_epochs: int = 100  # digits demo pretraining (pretraining-key sweeps)
@@ -67,9 +67,18 @@ class SweepConfig:
         "help": "fastmae pretrain arguments for pretraining-key sweeps on real data"})
     threads: int = 1  # torch intra-op threads (0 = torch's default)
 
+    def protocols(self) -> list[str]:
+        """The registered image protocols ``--protocol`` names, in order."""
+        names = list(BOTH) if self.protocol == "both" else [p.strip() for p in self.protocol.split(",") if p.strip()]
+        images = [p for p in list_protocols() if get_protocol(p).images]
+        bad = [p for p in names if p not in images]
+        if bad or not names:
+            raise ValueError(f"protocol must be one of {', '.join(images)} (or a comma list, or both), "
+                             f"got {self.protocol!r}")
+        return list(dict.fromkeys(names))
+
     def validate(self) -> None:
-        if self.protocol not in ("finetune", "linprobe", "both"):
-            raise ValueError(f"protocol must be finetune, linprobe or both, got {self.protocol!r}")
+        self.protocols()
         key, vals = parse_values(self.values)
         if len(set(vals)) != len(vals):
             raise ValueError(f"--values repeats a value: {vals}")
@@ -97,7 +106,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """-> (the sweep's own --key=value, {protocol: its --key=value}); ``--linprobe.k=v`` goes to one protocol
     and wins over a shared ``--k=v``."""
     own_keys = {f.name for f in fields(SweepConfig)}
-    own, shared, scoped = [], [], {"linprobe": [], "finetune": []}
+    own, shared, scoped = [], [], {p: [] for p in list_protocols()}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"expected --key=value, got {arg!r}")
@@ -105,7 +114,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         scope, dot, sub = key.partition(".")
         if dot:
             if scope not in scoped:
-                raise ValueError(f"--{key}: the prefix must be linprobe. or finetune.")
+                raise ValueError(f"--{key}: the prefix must be a protocol name ({', '.join(scoped)})")
             scoped[scope].append(f"--{sub}={arg.partition('=')[2]}")
         elif key in own_keys:
             own.append(arg)
@@ -116,7 +125,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 def key_kind(key: str, demo: bool) -> str:
     """'protocol', 'digits_pretrain' or 'pretrain'; raises for a key nobody knows."""
-    if key in {f.name for f in fields(EvalConfig)}:
+    if key in {f.name for p in list_protocols() for f in fields(get_protocol(p).config)} | {
+            f.name for f in fields(EvalConfig)}:
         return "protocol"
     if demo and (key in DIGITS_PRETRAIN_KEYS):
         return "digits_pretrain"
@@ -127,23 +137,34 @@ def key_kind(key: str, demo: bool) -> str:
 
 
 def _protocol_config(name: str, per_protocol: dict[str, list[str]], overrides: dict) -> EvalConfig:
-    if name == "finetune" and str(overrides.get("tune_blocks", "")) == "0":
-        name = "linprobe"  # k = 0 is the linear probe, with its own recipe and keys
-        overrides = {k: v for k, v in overrides.items() if k != "tune_blocks"}
-    cls, presets = PROTOCOLS[name]
-    return parse_overrides([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], cls=cls, presets=presets)
+    spec = get_protocol(name)
+    if "tune_blocks" in overrides:
+        try:
+            target = protocol_for(int(overrides["tune_blocks"]))
+        except ValueError:
+            target = spec  # the protocol's own parser names the bad value
+        if target.config is not spec.config:  # e.g. k = 0 is the linear probe, with its own recipe and keys
+            name, spec = target.name, target
+            overrides = {k: v for k, v in overrides.items() if k != "tune_blocks"}
+    return parse_overrides([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], cls=spec.config,
+                           presets=spec.presets)
+
+
+def run_protocol(name: str, cfg: EvalConfig, **sources) -> dict:
+    """Run protocol ``name`` (the registry's) on ``cfg``; ``sources``: in-memory split and weights."""
+    return get_protocol(name).run(cfg, **sources)
 
 
 def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict]:
     cfg.validate()
     key, vals = parse_values(cfg.values)
-    protocols = ["linprobe", "finetune"] if cfg.protocol == "both" else [cfg.protocol]
+    protocols = cfg.protocols()
     # every protocol configuration is checked before the first run
     probes = {p: _protocol_config(p, per_protocol, {}) for p in protocols}
     demo = all(c.is_demo for c in probes.values())
     kind = key_kind(key, demo)
-    if kind != "protocol" and cfg.protocol != "both":
-        protocols = ["linprobe", "finetune"]  # a pretraining sweep scores each encoder both ways
+    if kind != "protocol":
+        protocols = list(dict.fromkeys([*BOTH, *protocols]))  # a pretraining sweep scores each encoder both ways
     for v in vals:
         for p in protocols:
             if kind == "protocol":
@@ -176,8 +197,8 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
                     if kind == "pretrain":
                         ecfg = dataclasses.replace(ecfg, ckpt=source["ckpt"])
                     t0 = time.perf_counter()
-                    r = run_eval(ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
-                                 source_meta=source.get("meta"))
+                    r = run_protocol(p, ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
+                                     source_meta=source.get("meta"))
                     if r.get("status") == "preempted":
                         raise SweepPreempted(f"SIGTERM: {key}={v} {p} saved at step {r['step']}; rerun the same "
                                              f"command to continue")
