@@ -385,16 +385,23 @@ def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dic
 
     ``split``/``source_sd`` let a caller (the demo, a sweep) pass data and weights held in memory.
     """
+    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _run_eval(
+        cfg, info, run_dir, write, preemption, split, source_sd, source_meta))
+
+
+def run_in_folder(cfg: EvalConfig, body: Callable[[DistInfo, Path | None, bool, Preemption], dict]) -> dict:
+    """Validate ``cfg``, join the process group, hold the run folder (:func:`eval_run`) while ``body`` runs, and
+    write ``results.json`` (rank 0) when it returns a finished summary; returns the summary with its wall time."""
     cfg.validate()
     t0 = time.perf_counter()
     info = init_distributed(cfg.device)
     try:
         with eval_run(cfg, info) as (run_dir, write, preemption):
-            summary = _run_eval(cfg, info, run_dir, write, preemption, split, source_sd, source_meta)
+            summary = body(info, run_dir, write, preemption)
     finally:
         shutdown(info)
     summary["wall_s"] = time.perf_counter() - t0
-    if write and summary.get("status") in ("done", None):
+    if write and summary["status"] == "done":
         (run_dir / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "model"},
                                                          indent=2) + "\n")
     return summary
@@ -420,7 +427,7 @@ def _run_eval(cfg: EvalConfig, info: DistInfo, run_dir: Path | None, write: bool
     model = Classifier(vit, start).to(device)
     if cfg.eval_only:
         ev = evaluate(model, data.val, device, amp_dtype, info)
-        return {"protocol": "eval_only", "source": cfg.ckpt, "top1": ev["top1"], "top5": ev["top5"],
+        return {"status": "done", "protocol": "eval_only", "source": cfg.ckpt, "top1": ev["top1"], "top5": ev["top5"],
                 "n_val": ev["n"], "data": data.kind, "rank": info.rank}
     if start > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
         raise ValueError("mixup/cutmix mix whole images: use them with full fine-tuning (tune_blocks=-1) only")

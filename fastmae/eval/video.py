@@ -20,8 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +28,9 @@ from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
-from fastmae.engine.distributed import init_distributed, shutdown
 from fastmae.engine.step import resolve_precision
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.protocol import EvalConfig, EvalData, eval_run, format_result, train_classifier
+from fastmae.eval.protocol import EvalConfig, EvalData, format_result, run_in_folder, train_classifier
 from fastmae.methods.videomae import VIDEOMAE_MODELS, VideoMAE, pair_frames
 
 
@@ -184,18 +181,8 @@ def build_video_classifier(cfg: VideoFinetuneConfig, sd: dict | None, meta: dict
 
 
 def run_video_finetune(cfg: VideoFinetuneConfig) -> dict:
-    cfg.validate()
-    t0 = time.perf_counter()
-    info = init_distributed(cfg.device)
-    try:
-        with eval_run(cfg, info) as (run_dir, write, preemption):
-            summary = _train_video(cfg, info, run_dir, write, preemption)
-    finally:
-        shutdown(info)
-    summary["wall_s"] = time.perf_counter() - t0
-    if write and summary["status"] == "done":
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _train_video(
+        cfg, info, run_dir, write, preemption))
 
 
 def _train_video(cfg: VideoFinetuneConfig, info, run_dir: Path | None, write: bool, preemption) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,12 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmae.engine.distributed import DistInfo, init_distributed, shutdown
+from fastmae.engine.distributed import DistInfo
 from fastmae.engine.step import resolve_precision
 from fastmae.eval.cli_util import run_cli
 from fastmae.eval.data import IGNORE, TensorLoader
 from fastmae.eval.models import read_source, resolve_arch
-from fastmae.eval.protocol import EvalConfig, build_classifier, build_data, encode, eval_run, format_result
+from fastmae.eval.protocol import EvalConfig, build_classifier, build_data, encode, format_result, run_in_folder
 from fastmae.eval.protocols.registry import ProtocolSpec, register_protocol
 
 
@@ -80,20 +79,7 @@ def loader_features(vit, loader, batch_size: int, amp_dtype, info: DistInfo) -> 
 
 
 def run_knn(cfg: KnnConfig, split=None, source_sd=None, source_meta=None) -> dict:
-    cfg.validate()
-    t0 = time.perf_counter()
-    info = init_distributed(cfg.device)
-    try:
-        with eval_run(cfg, info) as (run_dir, write, _):
-            summary = _knn(cfg, info, split, source_sd, source_meta)
-    finally:
-        shutdown(info)
-    summary["wall_s"] = time.perf_counter() - t0
-    if write:
-        import json
-
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _knn(cfg, info, split, source_sd, source_meta))
 
 
 def _knn(cfg: KnnConfig, info: DistInfo, split, source_sd, source_meta) -> dict:
