@@ -117,7 +117,7 @@ def trial(i: int, kind: str, at_step: int, delay: float, base: Path, cmd_for, en
     row = {"trial": i, "kind": kind, "after_step": at_step, "delay_s": round(delay, 2), "interrupted": interrupted,
            "exit": p.returncode, "steps_done": done_before}
     # --resume=auto starts from the newest checkpoint (saves are atomic: none is damaged here).
-    resume_step = max([int(c.name[11:19]) for c in out.glob("checkpoint-*.pt")], default=0)
+    resume_step = max([int(c.name[11:19]) for c in out.glob("checkpoint-[0-9]*.pt")], default=0)
     resumed_ok = False
     for _ in range(3):  # a resume that is itself complete ends the loop; SIGTERM runs may exit 0 mid-way
         r = subprocess.run(cmd_for(out) + ["--resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT,
