@@ -162,3 +162,24 @@ def test_a_damaged_sweep_results_file_is_a_one_line_error(tmp_path, capsys, cont
     rc = sweep.main(["--protocol=linprobe", "--values=epochs=1", f"--output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("fastmae: error:") and err.count("\n") == 1 and "delete it" in err, err
+
+
+def test_pretraining_logs_the_knn_monitor_beside_the_loss(tmp_path, demo_dir):
+    from fastmae.pretrain import main
+
+    out = tmp_path / "mon"
+    main([f"--data={demo_dir}", f"--output_dir={out}", "--max_steps=2", "--log_every=1", "--monitor=knn",
+          "--monitor_every=2", "--no_progress", "--no_tensorboard", "--num_workers=0", "--img_size=32",
+          "--patch_size=4", "--batch_size=8"])
+    rows = _loss_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "knn_top1" not in rows[0] and 0.1 < rows[1]["knn_top1"] <= 1.0  # well above chance: digits cluster
+
+
+def test_monitor_flags_are_checked():
+    from fastmae.config import parse_overrides
+
+    with pytest.raises(ValueError, match="monitor must be knn"):
+        parse_overrides(["--monitor=linprobe"])
+    with pytest.raises(ValueError, match="monitor_every must be >= 0"):
+        parse_overrides(["--monitor=knn", "--monitor_every=-1"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +180,15 @@ class LogWindow:
 
     def tick(self) -> None:
         self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (e.g. an online evaluation between steps) does not count as the window's."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
 
     def close(self, step: int, stats: StepStats, lr: Tensor, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> dict:
         """The log row of the window ending at ``step``; resets the window. ``reduce`` averages the loss over ranks."""

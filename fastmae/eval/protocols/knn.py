@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastmae.engine.distributed import DistInfo
+from fastmae.engine.monitor import knn_scores
 from fastmae.engine.step import resolve_precision
 from fastmae.eval.cli_util import run_cli
 from fastmae.eval.data import IGNORE, TensorLoader
@@ -43,20 +43,6 @@ class KnnConfig(EvalConfig):
 
 
 PRESETS: dict[str, dict] = {"digits": {}}
-
-
-@torch.no_grad()
-def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, num_classes: int, k: int = 20,
-               temperature: float = 0.07, chunk: int = 1024) -> Tensor:
-    """(N_test, num_classes) summed vote weights of each test feature's k nearest training features."""
-    train_f = F.normalize(train_f.float(), dim=1)
-    k = min(k, len(train_f))
-    out = []
-    for q in F.normalize(test_f.float(), dim=1).split(chunk):
-        sim, idx = (q @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes, device=q.device)
-        out.append(votes.scatter_add_(1, train_y[idx], (sim / temperature).exp()))
-    return torch.cat(out) if out else test_f.new_zeros(0, num_classes)
 
 
 def loader_features(vit, loader, batch_size: int, amp_dtype, info: DistInfo) -> tuple[Tensor, Tensor]:
