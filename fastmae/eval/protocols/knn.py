@@ -30,7 +30,8 @@ from fastmae.eval.protocols.registry import ProtocolSpec, register_protocol
 class KnnConfig(EvalConfig):
     output_dir: str = "runs/knn"
     tune_blocks: int = 0  # the encoder is frozen
-    augment: str = "eval"  # features of the un-augmented training images
+    augment: str = field(default="eval", metadata={
+        "help": "transform of the training images whose features vote (streamed data): eval (resize + center crop)"})
     knn_k: int = field(default=20, metadata={"help": "neighbours that vote"})
     knn_temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine / T)"})
 
