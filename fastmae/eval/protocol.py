@@ -470,6 +470,17 @@ def frozen_feature_data(vit: VisionTransformer, data: EvalData, cfg: EvalConfig,
                                kind=data.kind + ", frozen features computed once")
 
 
+def schedule(cfg: EvalConfig, info: DistInfo, loader_steps: int) -> tuple[int, int, int, float]:
+    """(accumulated micro-batches, optimizer steps per epoch, effective batch, base lr = blr x batch / 256)."""
+    accum = _accum_iter(cfg, info.world_size)
+    steps_per_epoch = loader_steps // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"the data gives {loader_steps} batches of {cfg.batch_size} per rank per epoch, "
+                         f"fewer than the {accum} accumulated for one step: lower batch_size or eff_batch_size")
+    eff_batch = cfg.batch_size * info.world_size * accum
+    return accum, steps_per_epoch, eff_batch, cfg.lr or cfg.blr * eff_batch / 256
+
+
 def _accum_iter(cfg: EvalConfig, world_size: int) -> int:
     per_step = cfg.batch_size * world_size
     if cfg.eff_batch_size == 0:
@@ -565,14 +576,8 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
     device = info.device
     vit = weights if weights is not None else getattr(model, "vit", model)
     scorer = data.score(model) if data.score is not None else model
-    accum = _accum_iter(cfg, info.world_size)
-    steps_per_epoch = data.train.steps_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"the data gives {data.train.steps_per_epoch} batches of {cfg.batch_size} per rank per epoch, "
-                         f"fewer than the {accum} accumulated for one step: lower batch_size or eff_batch_size")
+    accum, steps_per_epoch, eff_batch, base_lr = schedule(cfg, info, data.train.steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch
-    eff_batch = cfg.batch_size * info.world_size * accum
-    base_lr = cfg.lr or cfg.blr * eff_batch / 256
     recipe = build_recipe(cfg, info, model, vit, tune_blocks == 0, data.num_classes)
     history: list[dict] = []
     state = TrainState(vit, recipe.optimizer, data.train, None, info, steps_per_epoch=steps_per_epoch,
@@ -582,10 +587,7 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
     history.extend(done)
     if step >= total_steps and history:
         warn(f"nothing to do: the run in {run_dir} finished at step {step}; pick a new --output_dir to train again")
-    log = RunLogger(run_dir, total_steps, step, write, cfg.progress and not cfg.quiet) if run_dir else None
-    if log and cfg.resume:
-        log.resume_at(step)  # rows the interrupted run logged after its checkpoint would appear twice
-    say = (log.info if log else print) if info.is_main and not cfg.quiet else (lambda msg: None)
+    log, say = open_log(cfg, run_dir, total_steps, step, write, info)
     say(f"fastmae {cfg.protocol}: {arch['embed_dim']}-wide depth-{arch['depth']} {type(vit).__name__} on {device} "
         f"({info.world_size} proc), {data.kind}, {data.num_classes} classes, {amp_dtype}, compile={cfg.compile}, "
         f"steps {step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch} (accum {accum}), "
@@ -626,12 +628,7 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
                     if stop:
                         say(f"SIGTERM: saved {path.name if path else 'nothing (no run folder)'} at step {step}; exiting")
                         return {"status": "preempted", "step": step}
-            # Deliberate sync, once per epoch: the epoch's mean loss for the history.
-            row = {"epoch": epoch, "train_loss": epoch_loss.item() / max(epoch_steps, 1), "lr": lr}
-            ev = evaluate(scorer, data.val, device, amp_dtype, info)
-            row.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"], val_n=ev["n"])
-            if data.select is not None:
-                row["select_top1"] = evaluate(model, data.select, device, amp_dtype, info)["top1"]
+            row = score_epoch(model, scorer, data, amp_dtype, info, epoch, epoch_loss, epoch_steps, lr)
             history.append(row)
             if log:
                 log.log(step, row)
@@ -645,6 +642,27 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
                      "config": asdict(cfg)}, run_dir / "checkpoint-last.pt")
     return {"status": "done", "protocol": cfg.protocol, "step": step, **headline(history), "history": history,
             "n_val": data.n_val, "effective_batch": eff_batch}
+
+
+def open_log(cfg: EvalConfig, run_dir: Path | None, total_steps: int, step: int, write: bool,
+             info: DistInfo) -> tuple[RunLogger | None, Callable[[str], None]]:
+    """The run's logger (None without a run folder) and the function that prints a line on rank 0."""
+    log = RunLogger(run_dir, total_steps, step, write, cfg.progress and not cfg.quiet) if run_dir else None
+    if log and cfg.resume:
+        log.resume_at(step)  # rows the interrupted run logged after its checkpoint would appear twice
+    return log, (log.info if log else print) if info.is_main and not cfg.quiet else (lambda msg: None)
+
+
+def score_epoch(model: nn.Module, scorer: nn.Module, data: EvalData, amp_dtype, info: DistInfo, epoch: int,
+                loss_sum: Tensor, steps: int, lr: float) -> dict:
+    """The history row of an epoch: its mean training loss, validation top-1/top-5/loss (and the carved split's)."""
+    # Deliberate sync, once per epoch: the epoch's mean loss for the history.
+    row = {"epoch": epoch, "train_loss": loss_sum.item() / max(steps, 1), "lr": lr}
+    ev = evaluate(scorer, data.val, info.device, amp_dtype, info)
+    row.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"], val_n=ev["n"])
+    if data.select is not None:
+        row["select_top1"] = evaluate(model, data.select, info.device, amp_dtype, info)["top1"]
+    return row
 
 
 def headline(history: list[dict]) -> dict:
