@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError) as e:
         print(f"fastmae: error: command {name!r} is not available in this installation ({e})", file=sys.stderr)
         return 2
-    return int(entry(rest) or 0)
+    rc = int(entry(rest) or 0)
+    if name in TRAINING_COMMANDS:
+        # Done and saved: a SIGTERM from here on must not turn the exit code into death by signal (Python restores
+        # the default action of signals with Python handlers while it shuts down; an ignored one stays ignored).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return rc
 
 
 if __name__ == "__main__":
