@@ -398,12 +398,12 @@ def run_in_folder(cfg: EvalConfig, body: Callable[[DistInfo, Path | None, bool, 
     try:
         with eval_run(cfg, info) as (run_dir, write, preemption):
             summary = body(info, run_dir, write, preemption)
+            summary["wall_s"] = time.perf_counter() - t0
+            if write and summary["status"] == "done":  # still inside: a SIGTERM now cannot tear the file
+                (run_dir / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "model"},
+                                                                 indent=2) + "\n")
     finally:
         shutdown(info)
-    summary["wall_s"] = time.perf_counter() - t0
-    if write and summary["status"] == "done":
-        (run_dir / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "model"},
-                                                         indent=2) + "\n")
     return summary
 
 
