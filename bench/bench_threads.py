@@ -4,7 +4,8 @@
     python bench/bench_threads.py --steps=6 --rounds=3
 
 Each contender is a fresh process (OpenMP reads its wait policy once, when torch loads it) running the
-main job's step (mae_vit_tiny at 64 px, patch 8, batch 32, autocast as train.py picks it, fused AdamW)
+main job's step (``fastmae.engine.step.train_step``: mae_vit_tiny at 64 px, patch 8, batch 32, autocast as
+train.py picks it, fused AdamW)
 on random images: warm-up, then ``--steps`` timed steps; rounds are interleaved and medians taken.
 Ratios are against 1 thread in the same condition. Markdown table to stdout.
 """
@@ -30,19 +31,18 @@ torch.set_num_threads(resolve_threads(threads))
 torch.set_flush_denormal(True)
 from fastmae import mae_vit_tiny
 from fastmae.engine.optim import build_adamw
-from fastmae.pretrain import resolve_precision
-from fastmae.config import parse_overrides
+from fastmae.engine.step import resolve_precision, train_step
+from fastmae.config import PretrainConfig
 dev = torch.device("cpu")
-amp = resolve_precision(parse_overrides([]), dev)
+amp = resolve_precision(PretrainConfig().precision, dev)
 torch.manual_seed(0)
 m = mae_vit_tiny(img_size=64, patch_size=8)
 lr = torch.tensor(1e-4)
 opt = build_adamw(m, lr, 0.05, (0.9, 0.95), dev)
+params = [p for p in m.parameters() if p.requires_grad]
 x = torch.randn(32, 3, 64, 64)
 def step():
-    with torch.autocast("cpu", dtype=amp, enabled=amp != torch.float32):
-        loss = m(x, mask_ratio=0.75)[0]
-    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    train_step(m, opt, params, lambda: x, mask_ratio=0.75, amp_dtype=amp)
 for _ in range(3):
     step()
 t = time.perf_counter()

@@ -1,7 +1,9 @@
 """Random crash / preemption trials: kill a tiny training run at a random moment, resume it, and compare
 the final weights with an uninterrupted run, bit for bit.
 
-Each trial starts ``train.py`` in its own process group, waits for a random step to be logged (or, for
+Each trial starts ``train.py`` (``--target=pretrain``) or ``fastmae finetune`` on the embedded digits
+(``--target=finetune``: the evaluation loop, epoch-end validation and checkpoints included) in its own
+process group, waits for a random step to be logged (or, for
 step 0, a random moment of start-up), waits a random fraction of up to two steps more, sends SIGKILL or
 SIGTERM (alternating) to the whole group, DataLoader workers included, as a scheduler does, then runs
 ``--resume=auto`` until the run completes. It records:
@@ -14,6 +16,7 @@ SIGTERM (alternating) to the whole group, DataLoader workers included, as a sche
 
     python bench/fault_campaign.py --trials 10                 # the figures in bench/RESULTS.md ("Faults")
     python bench/fault_campaign.py --trials 2 --steps 6        # the CI smoke run (tests/test_faults_campaign.py)
+    python bench/fault_campaign.py --trials 10 --target=finetune   # the same campaign on fine-tuning
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ def train_cmd(out: Path, data: str, steps: int, ckpt_every: int, workers: int) -
     return [sys.executable, str(ROOT / "train.py"), f"--data={data}", f"--output_dir={out}", "--img_size=32",
             "--patch_size=4", "--batch_size=8", "--accum_iter=2", f"--num_workers={workers}", "--progress=false",
             "--precision=fp32", f"--max_steps={steps}", f"--ckpt_every={ckpt_every}", "--log_every=1", "--keep_ckpts=2"]
+
+
+FINETUNE_STEPS_PER_EPOCH = 10  # the digits' 1348 training images in batches of 128, the last partial one dropped
+
+
+def finetune_cmd(out: Path, steps: int, ckpt_every: int) -> list[str]:
+    if steps % FINETUNE_STEPS_PER_EPOCH:
+        raise SystemExit(f"--target=finetune runs whole epochs of {FINETUNE_STEPS_PER_EPOCH} steps: pick --steps "
+                         f"as a multiple of it")
+    return [sys.executable, "-m", "fastmae.cli", "finetune", "--ckpt=random", "--embed_dim=32", "--depth=2",
+            "--num_heads=2", "--batch_size=128", f"--epochs={steps // FINETUNE_STEPS_PER_EPOCH}", "--precision=fp32",
+            f"--output_dir={out}", f"--ckpt_every={ckpt_every}", "--log_every=1", "--keep_ckpts=2",
+            "--progress=false", "--quiet=true"]
 
 
 def run_to_end(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -101,7 +117,7 @@ def trial(i: int, kind: str, at_step: int, delay: float, base: Path, cmd_for, en
     row = {"trial": i, "kind": kind, "after_step": at_step, "delay_s": round(delay, 2), "interrupted": interrupted,
            "exit": p.returncode, "steps_done": done_before}
     # --resume=auto starts from the newest checkpoint (saves are atomic: none is damaged here).
-    resume_step = max([int(c.name[11:19]) for c in out.glob("checkpoint-*.pt")], default=0)
+    resume_step = max([int(c.name[11:19]) for c in out.glob("checkpoint-[0-9]*.pt")], default=0)
     resumed_ok = False
     for _ in range(3):  # a resume that is itself complete ends the loop; SIGTERM runs may exit 0 mid-way
         r = subprocess.run(cmd_for(out) + ["--resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT,
@@ -124,7 +140,8 @@ def trial(i: int, kind: str, at_step: int, delay: float, base: Path, cmd_for, en
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps of every run")
+    ap.add_argument("--target", choices=("pretrain", "finetune"), default="pretrain")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps of every run (default 12; finetune 20)")
     ap.add_argument("--ckpt_every", type=int, default=4)
     ap.add_argument("--num_workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -133,17 +150,21 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args()
+    args.steps = args.steps or (12 if args.target == "pretrain" else 2 * FINETUNE_STEPS_PER_EPOCH)
 
     base = Path(tempfile.mkdtemp(prefix="fastmae-faults-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTMAE_CACHE": os.environ.get("FASTMAE_CACHE", str(base / "cache")),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     data = args.data
-    if not data:
+    if not data and args.target == "pretrain":
         sys.path.insert(0, str(ROOT))
         from fastmae.data import prepare_demo_dataset
 
         data = str(prepare_demo_dataset(Path(env["FASTMAE_CACHE"]) / "demo"))
-    cmd_for = lambda out: train_cmd(out, data, args.steps, args.ckpt_every, args.num_workers)  # noqa: E731
+    if args.target == "finetune":
+        cmd_for = lambda out: finetune_cmd(out, args.steps, args.ckpt_every)  # noqa: E731
+    else:
+        cmd_for = lambda out: train_cmd(out, data, args.steps, args.ckpt_every, args.num_workers)  # noqa: E731
     try:
         t0 = time.perf_counter()
         run_to_end(cmd_for(base / "reference"), env, args.timeout)
@@ -172,7 +193,7 @@ def main() -> int:
 
 
 def summary(rows: list[dict], args, wall: float) -> str:
-    lines = [f"fault campaign: {args.trials} trials, {args.steps} steps, ckpt_every {args.ckpt_every}, "
+    lines = [f"fault campaign ({args.target}): {args.trials} trials, {args.steps} steps, ckpt_every {args.ckpt_every}, "
              f"{args.num_workers} loader workers, reference run {wall:.1f} s, seed {args.seed}; "
              "lost steps = steps logged before the kill minus the step resumed from",
              "", "| kill | trials | interrupted | exit 0 | resumed | bit-identical | lost steps (sum / max) |",

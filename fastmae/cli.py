@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data check": ("fastmae.data.check", "main", "list a dataset's problems (corrupt, unreadable, too small) before a long run"),
     "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
+    "knn": ("fastmae.eval.protocols.knn", "main", "k-NN top-1 of a frozen encoder (cosine, temperature-weighted vote)"),
     "analyze": ("fastmae.eval.analyze", "main", "attention distance, entropy and head diversity per layer"),
     "visualize": ("fastmae.eval.visualize", "main", "reconstruction grids for images and a checkpoint"),
     "export": ("fastmae.export", "main", "a checkpoint as a transformers (ViTMAE) or timm model folder"),
@@ -28,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sweep": ("fastmae.eval.sweep", "main", "one evaluation per value of a key (tune_blocks, mask_ratio, ...): CSV + curve"),
     "finetune-video": ("fastmae.eval.video", "main", "VideoMAE fine-tuning on clip folders, multi-view clip-level top-1"),
 }
+
+# commands that train: SIGTERM is a preemption notice from the start (their loops then save and exit 0)
+TRAINING_COMMANDS = ("pretrain", "linprobe", "finetune", "finetune-video", "sweep", "demo-eval")
 
 
 def usage() -> str:
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    if name == "pretrain":
+    if name in TRAINING_COMMANDS:
         # Preempted while importing and setting up: nothing to save yet, leave cleanly (as train.py does).
         signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     prefer_passive_openmp()  # before the command imports torch
@@ -58,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError) as e:
         print(f"fastmae: error: command {name!r} is not available in this installation ({e})", file=sys.stderr)
         return 2
-    return int(entry(rest) or 0)
+    rc = int(entry(rest) or 0)
+    if name in TRAINING_COMMANDS:
+        # Done and saved: a SIGTERM from here on must not turn the exit code into death by signal (Python restores
+        # the default action of signals with Python handlers while it shuts down; an ignored one stays ignored).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return rc
 
 
 if __name__ == "__main__":

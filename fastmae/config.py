@@ -109,6 +109,9 @@ class PretrainConfig:
     progress: bool = True
     tensorboard: bool = True
     wandb: str = ""  # W&B project; "" = off
+    monitor: str = field(default="", metadata={"help": "online evaluation logged beside the loss: knn (k-NN top-1 of "
+                                                        "the encoder's cls feature on the embedded digits) | '' (off)"})
+    monitor_every: int = field(default=0, metadata={"help": "optimizer steps between monitor scores; 0 = ckpt_every"})
 
     def __post_init__(self):
         if not self.output_dir:
@@ -147,6 +150,8 @@ class PretrainConfig:
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
+            (self.monitor in ("", "knn"), f"monitor must be knn or '' (off), got {self.monitor!r}"),
+            (self.monitor_every >= 0, f"monitor_every must be >= 0, got {self.monitor_every}"),
             (0 <= self.patch_size <= self.img_size,
              f"patch_size must be in [0, img_size={self.img_size}], got {self.patch_size}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),

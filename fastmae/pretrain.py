@@ -132,6 +132,10 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
 
     # ---- step loop ---------------------------------------------------------------------------------------
+    def loss_fn(imgs):  # the step's loss: the method's masked-image objective on one micro-batch
+        return forward(imgs, mask_ratio=cfg.mask_ratio)[0]
+
+    monitor = build_monitor(cfg, model, info, sharded)
     stats = StepStats.zeros(device)
     bad_data = BadDataReport(train_loader)
     next_batch = BatchStream(train_loader, device)
@@ -141,17 +145,23 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         while step < total_steps:
             faults.set_step(step)
             lr_t.fill_(lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr))
-            train_step(forward, optimizer, params, next_batch, accum_iter=cfg.accum_iter, mask_ratio=cfg.mask_ratio,
-                       amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, scaler=scaler, no_sync=no_sync, stats=stats)
+            train_step(loss_fn, optimizer, params, next_batch, accum_iter=cfg.accum_iter, amp_dtype=amp_dtype,
+                       clip_grad=cfg.clip_grad, scaler=scaler, no_sync=no_sync, stats=stats)
             step += 1
             faults.set_step(step)
             window.tick()
             log.advance()
             faults.point("after_step")
             stop = preemption.stop_now()
+            row = {}
             if step % cfg.log_every == 0 or step == total_steps:
-                log.log(step, window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info)))
+                row = window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info))
                 bad_data.log_new(log)
+            if monitor is not None and monitor.due(step, step == total_steps):
+                with window.paused():  # scoring is not training: it stays out of the throughput
+                    row.update(monitor.score(model, amp_dtype))  # between steps, rank 0 only
+            if row:
+                log.log(step, row)
                 window.check_bad_run(cfg.max_bad_steps)
             if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
@@ -172,6 +182,23 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     if info.is_main:
         write_summary(summary, cfg, run_dir, log)
     return summary
+
+
+def build_monitor(cfg: PretrainConfig, model, info: DistInfo, sharded: bool):
+    """The online k-NN monitor of ``--monitor=knn`` on rank 0 (the embedded digits at the model's input size),
+    or None."""
+    if not cfg.monitor or not info.is_main or sharded or not hasattr(model, "forward_features"):
+        if cfg.monitor and info.is_main:
+            print(f"fastmae: warning: --monitor={cfg.monitor} needs an image encoder on one process or DDP "
+                  f"(not FSDP); monitoring is off", file=sys.stderr)
+        return None
+    from fastmae.engine.monitor import KnnMonitor
+    from fastmae.eval.data import load_digits_split
+
+    split = load_digits_split(cfg.img_size, model.patch_embed.in_chans, seed=cfg.seed)
+    dev = info.device
+    return KnnMonitor(split.train_x.to(dev), split.train_y.to(dev), split.test_x.to(dev), split.test_y.to(dev),
+                      split.num_classes, every=cfg.monitor_every or cfg.ckpt_every)
 
 
 def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, info: DistInfo, total_steps: int,

@@ -62,7 +62,8 @@ def test_two_micro_batches_equal_one_batch():
     x, noise = _data(8)
     opt_full = torch.optim.SGD(full.parameters(), lr=1.0, fused=True)
     opt_accum = torch.optim.SGD(accum.parameters(), lr=1.0, fused=True)
-    loss_full, _ = train_step(lambda b, mask_ratio: full(b, mask_ratio, noise), opt_full, _params(full), lambda: x)
+    loss_full, _ = train_step(lambda b, mask_ratio: full(b, mask_ratio, noise), opt_full, _params(full), lambda: x,
+                              mask_ratio=0.75)
     halves = iter([(x[:4], noise[:4]), (x[4:], noise[4:])])
     current = {}
 
@@ -71,7 +72,7 @@ def test_two_micro_batches_equal_one_batch():
         return current["x"]
 
     loss_accum, _ = train_step(lambda b, mask_ratio: accum(b, mask_ratio, current["noise"]), opt_accum, _params(accum),
-                               next_half, accum_iter=2)
+                               next_half, accum_iter=2, mask_ratio=0.75)
     torch.testing.assert_close(loss_accum, loss_full, rtol=1e-6, atol=1e-7)
     for (name, a), b in zip(full.state_dict().items(), accum.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
@@ -87,12 +88,13 @@ def test_nonfinite_loss_skips_the_update_and_counts():
     before = copy.deepcopy(model.state_dict())
     poisoned = lambda b, mask_ratio: (model(b, mask_ratio, noise)[0] * float("nan"),)
     for _ in range(2):
-        loss, bad = train_step(poisoned, opt, _params(model), lambda: x, stats=stats)
+        loss, bad = train_step(poisoned, opt, _params(model), lambda: x, mask_ratio=0.75, stats=stats)
         assert bad.item() == 1.0 and torch.isnan(loss)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
     assert (stats.bad_total.item(), stats.bad_run.item(), stats.good.item(), stats.loss_sum.item()) == (2, 2, 0, 0)
-    train_step(lambda b, mask_ratio: model(b, mask_ratio, noise), opt, _params(model), lambda: x, stats=stats)
+    train_step(lambda b, mask_ratio: model(b, mask_ratio, noise), opt, _params(model), lambda: x, mask_ratio=0.75,
+               stats=stats)
     assert (stats.bad_total.item(), stats.bad_run.item(), stats.good.item()) == (2, 0, 1)
     assert not torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
 
@@ -138,6 +140,6 @@ def test_no_clipping_only_reads_the_gradients(clip_grad, rewritten):
     x, noise = _data(4)
     probe = _GradProbe(_params(model))
     _, bad = train_step(lambda b, mask_ratio: model(b, mask_ratio, noise), probe, _params(model), lambda: x,
-                        clip_grad=clip_grad)
+                        mask_ratio=0.75, clip_grad=clip_grad)
     assert bad.item() == 0 and len(probe.after_backward) == len(_params(model))
     assert bool(probe.rewritten) is rewritten

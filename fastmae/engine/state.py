@@ -22,17 +22,23 @@ from fastmae.engine.step import TrainingAborted
 
 @dataclass
 class TrainState:
-    """References to everything a checkpoint covers; ``loader`` has ``state_dict``/``load_state_dict``."""
+    """References to everything a checkpoint covers; ``loader`` has ``state_dict``/``load_state_dict``.
+
+    ``lr``: the shared learning-rate tensor of the optimizer groups, or None when the loop sets a float per
+    group (the evaluation protocols' LARS and layer-decayed AdamW). ``extra``: more entries of the checkpoint
+    (an evaluation run's history and architecture), read when a checkpoint is written.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loader: object
-    lr: Tensor
+    lr: Tensor | None
     info: DistInfo
     sharded: bool = False  # FSDP: state dicts are gathered from (and scattered to) every rank
     scaler: torch.amp.GradScaler | None = None
     steps_per_epoch: int = 1
     config: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
     def state_dict(self, step: int) -> dict | None:
         """The checkpoint at ``step`` on rank 0, None on the others. A collective: every rank must call it."""
@@ -54,7 +60,7 @@ class TrainState:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        return state
+        return {**self.extra, **state}
 
     def save(self, run_dir: Path, step: int, keep: int) -> Path | None:
         """Write checkpoint ``step`` atomically (rank 0; the others return None), keeping the last ``keep``."""
@@ -64,8 +70,9 @@ class TrainState:
     def load_state_dict(self, ckpt: dict) -> int:
         """Restore a checkpoint on every rank; returns its step."""
         load_train_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"], sharded=self.sharded)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        if self.lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["data"])

@@ -1,7 +1,8 @@
 """One optimizer step, and the device-side statistics around it.
 
-:func:`train_step` is what the training loop, the step benchmarks and the tests call: gradient
-accumulation, autocast, DDP ``no_sync`` on all but the last micro-batch, gradient norm (and
+:func:`train_step` is the one step of every training loop (pretraining, the evaluation protocols, the
+digits demo) and of the step benchmarks: a loss function over a micro-batch (images, or images and
+labels), gradient accumulation, autocast, DDP ``no_sync`` on all but the last micro-batch, gradient norm (and
 clipping), and a non-finite loss or gradient skipping the update inside fused AdamW
 (``found_inf``). Nothing in it waits for the device: loss, grad norm and bad-step counters are
 tensors that :class:`StepStats` accumulates and :class:`LogWindow` reads once per log window.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,13 @@ class TrainingAborted(RuntimeError):
     """Raised for a run that cannot continue (e.g. K non-finite steps in a row); the message says why."""
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype of a ``precision`` setting ("auto", "fp32", "bf16", "fp16") on ``device``."""
+def resolve_precision(precision: str, device: torch.device, cpu_auto: str = "native") -> torch.dtype:
+    """Autocast dtype of a ``precision`` setting ("auto", "fp32", "bf16", "fp16") on ``device``.
+
+    ``auto`` is bf16 on CUDA (fp16 where bf16 is missing). On CPU it follows ``cpu_auto``: "native" is bf16
+    where the CPU computes it natively (pretraining), "fp32" keeps full precision (the evaluation protocols:
+    their tiny CPU models run faster, and reproduce exactly, in fp32).
+    """
     if precision == "fp32":
         return torch.float32
     if precision == "fp16":
@@ -35,9 +41,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if precision == "bf16":
         return torch.bfloat16
-    # auto: bf16 where the hardware computes it natively, else fp32.
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cpu_auto == "fp32":
+        return torch.float32
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
@@ -69,14 +76,18 @@ class StepStats:
         self.good.zero_()
 
 
+def _device_type(batch) -> str:
+    return (batch[0] if isinstance(batch, (tuple, list)) else batch).device.type
+
+
 def train_step(
-    forward: Callable,
+    loss_fn: Callable,
     optimizer: torch.optim.Optimizer,
     params: list[Tensor],
-    next_batch: Callable[[], Tensor],
+    next_batch: Callable[[], object],
     *,
     accum_iter: int = 1,
-    mask_ratio: float = 0.75,
+    mask_ratio: float | None = None,
     amp_dtype: torch.dtype = torch.float32,
     clip_grad: float = 0.0,
     scaler: torch.amp.GradScaler | None = None,
@@ -85,19 +96,25 @@ def train_step(
 ) -> tuple[Tensor, Tensor]:
     """One optimizer step over ``accum_iter`` micro-batches; returns (loss, bad) as device tensors.
 
-    forward: ``forward(batch, mask_ratio=...)[0]`` is the loss (a model, its DDP wrapper or a compiled one).
+    loss_fn: ``loss_fn(batch)`` is the scalar loss of a micro-batch (a tensor of images, or a tuple such as
+    (images, labels)). mask_ratio: set for a masked-image model, whose ``loss_fn(batch, mask_ratio=...)[0]``
+    is the loss (a model, its DDP wrapper or a compiled one).
     params: the trainable parameters (gradient norm and clipping). next_batch: the next micro-batch, on device.
     no_sync: the DDP wrapper's ``no_sync`` (gradients are all-reduced on the last micro-batch only), or None.
     clip_grad: max gradient norm, 0 = no clipping. The loss is the mean over micro-batches; ``bad`` is 1.0
-    when the loss or the gradient norm is not finite, and then the optimizer leaves the parameters alone.
+    when the loss or the gradient norm is not finite, and then the optimizer leaves the parameters alone
+    (fused AdamW and the grad scaler skip on the device; other optimizers get their gradients zeroed).
     """
+    if mask_ratio is not None:
+        model = loss_fn
+        loss_fn = lambda batch: model(batch, mask_ratio=mask_ratio)[0]  # noqa: E731
     step_loss = None
     autocast = amp_dtype != torch.float32
     for micro in range(accum_iter):
         batch = next_batch()
         ctx = no_sync() if no_sync is not None and micro < accum_iter - 1 else nullcontext()
-        with ctx, torch.autocast(batch.device.type, dtype=amp_dtype, enabled=autocast):
-            loss = faults.poison(forward(batch, mask_ratio=mask_ratio)[0]) / accum_iter
+        with ctx, torch.autocast(_device_type(batch), dtype=amp_dtype, enabled=autocast):
+            loss = faults.poison(loss_fn(batch)) / accum_iter
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     if scaler is not None:
@@ -112,11 +129,25 @@ def train_step(
     else:
         # Fused AdamW skips the update on the device when found_inf is 1: no host round trip.
         optimizer.found_inf = bad
+        if not _skips_on_found_inf(optimizer):
+            _zero_bad_grads(params, bad)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if stats is not None:
         stats.update(step_loss, bad, gnorm)
     return step_loss, bad
+
+
+def _skips_on_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused"))
+
+
+def _zero_bad_grads(params: list[Tensor], bad: Tensor) -> None:
+    """An optimizer that ignores ``found_inf`` (LARS, foreach AdamW) gets zero gradients on a bad step, on the
+    device: its update is then weight decay and momentum only, never a NaN in the weights."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(torch.where(bad > 0, torch.zeros_like(p.grad), p.grad))
 
 
 class BatchStream:
@@ -149,6 +180,15 @@ class LogWindow:
 
     def tick(self) -> None:
         self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (e.g. an online evaluation between steps) does not count as the window's."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
 
     def close(self, step: int, stats: StepStats, lr: Tensor, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> dict:
         """The log row of the window ending at ``step``; resets the window. ``reduce`` averages the loss over ranks."""

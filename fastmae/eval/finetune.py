@@ -71,11 +71,13 @@ def _without_tune_blocks(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    from fastmae.eval.protocols import get_protocol
+
     try:
         k = parse_overrides(argv, cls=FinetuneConfig, presets=PRESETS).tune_blocks
     except ValueError:
         k = None  # run_cli reports it
-    if k == 0:
-        # k = 0 is the linear probe: the same protocol and defaults as `fastmae linprobe`.
+    if k is not None and get_protocol("linprobe").tune_blocks(k):
+        # The linear probe's value: the same protocol and defaults as `fastmae linprobe`.
         return linprobe.main(_without_tune_blocks(argv))
     return run_cli(argv, FinetuneConfig, PRESETS, _body, "finetune", __doc__)

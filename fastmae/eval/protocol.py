@@ -18,20 +18,25 @@ or dropped). The headline number is the last epoch's, or, with ``val_fraction``
 (digits), the test accuracy at the epoch chosen on a validation split carved
 from the training data; never the best epoch picked on the test split.
 
-The loop reads like pretraining's (``fastmae/pretrain.py``): torchrun DDP
-(gloo on CPU), bf16 autocast, optional ``torch.compile``, fused AdamW, no host
-syncs in the step (loss statistics stay on the device until a log window ends),
-atomic checkpoints with model, optimizer, data position and RNG states
-(``--resume=auto`` continues exactly), SIGTERM saves then exits 0.
+Training runs through pretraining's engine (``fastmae.engine``): the step
+(``train_step`` over a loss of (images, labels)), the checkpointed ``TrainState``,
+the resume path that skips a damaged newest checkpoint with a warning, the
+preemption vote (SIGTERM to any rank: every rank saves at the same step and
+exits 0), the run-folder lock, the log window and its one host sync. torchrun
+DDP (gloo on CPU), autocast, optional ``torch.compile``, no host syncs in the
+step. The linear probe on in-memory data (no augmentation) computes the frozen
+features once and trains the head on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import signal
+import math
+import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,17 +47,20 @@ from torch import Tensor, nn
 
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.engine.checkpoint import (
+    CheckpointError,
     atomic_save,
-    latest_checkpoint,
-    load_checkpoint,
+    check_position,
+    find_resume_checkpoint,
+    list_checkpoints,
     remove_partial_writes,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
 )
-from fastmae.engine.distributed import DistInfo, init_distributed, shutdown
+from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import lr_at
+from fastmae.engine.preemption import Preemption
+from fastmae.engine.runlock import RunLock
+from fastmae.engine.state import TrainState
+from fastmae.engine.step import LogWindow, StepStats, resolve_precision, train_step
 from fastmae.eval.data import IGNORE, LabelledSplit, TensorLoader, carve_validation, load_digits_split, stream_loaders
 from fastmae.eval.models import build_encoder, read_source, resolve_arch
 from fastmae.eval.optim import adamw_layer_decay, lars
@@ -121,6 +129,7 @@ class EvalConfig:
     compile: bool = False
     # logging and checkpoints
     log_every: int = 50
+    max_bad_steps: int = 10  # consecutive non-finite losses before aborting
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch only
     keep_ckpts: int = 2
     save_ckpt: bool = True
@@ -128,6 +137,10 @@ class EvalConfig:
     quiet: bool = False
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         checks = [
             (self.device in DEVICES or self.device.startswith("cuda:"), f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.loader in ("torch", "dali"), f"loader must be torch or dali, got {self.loader!r}"),
@@ -149,6 +162,7 @@ class EvalConfig:
             (0.0 <= self.smoothing < 1.0, f"smoothing must be in [0, 1), got {self.smoothing}"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
             (0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
             (self.log_every > 0 and self.ckpt_every >= 0 and self.keep_ckpts > 0,
              "log_every and keep_ckpts must be positive, ckpt_every >= 0"),
             (min(self.img_size, self.patch_size, self.in_chans, self.embed_dim, self.depth, self.num_heads) >= 0,
@@ -337,13 +351,32 @@ def evaluate(model: nn.Module, batches, device: torch.device, amp_dtype: torch.d
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    # auto: bf16 where the hardware computes it natively; small CPU models run faster (and exactly) in fp32.
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+@contextmanager
+def eval_run(cfg: EvalConfig, info: DistInfo):
+    """The run folder of an evaluation, as pretraining holds its own: rank 0 locks it for the run's lifetime,
+    a fresh training run into a folder holding another run's checkpoints or results is refused (``--resume=auto``
+    continues it), and SIGTERM is a preemption notice voted on by every rank. Yields (run_dir, write, preemption).
+    """
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    write = run_dir is not None and info.is_main
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with Preemption(info) as preemption, RunLock(run_dir) if write else nullcontext():
+        if run_dir is not None and not cfg.resume and not cfg.eval_only:
+            refuse_used_folder(run_dir)
+        if write:
+            remove_partial_writes(run_dir)
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+        yield run_dir, write, preemption
+
+
+def refuse_used_folder(run_dir: Path) -> None:
+    """A fresh run must not overwrite another run's checkpoints, metrics or results."""
+    used = [p.name for p in (*list_checkpoints(run_dir), run_dir / "checkpoint-last.pt", run_dir / "results.json",
+                             run_dir / "metrics.jsonl") if p.exists()]
+    if used:
+        raise ValueError(f"{run_dir} already holds another run ({', '.join(used[:3])}); continue it with "
+                         f"--resume=auto or pick a new --output_dir")
 
 
 def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dict | None = None,
@@ -352,21 +385,34 @@ def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dic
 
     ``split``/``source_sd`` let a caller (the demo, a sweep) pass data and weights held in memory.
     """
+    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _run_eval(
+        cfg, info, run_dir, write, preemption, split, source_sd, source_meta))
+
+
+def run_in_folder(cfg: EvalConfig, body: Callable[[DistInfo, Path | None, bool, Preemption], dict]) -> dict:
+    """Validate ``cfg``, join the process group, hold the run folder (:func:`eval_run`) while ``body`` runs, and
+    write ``results.json`` (rank 0) when it returns a finished summary; returns the summary with its wall time."""
     cfg.validate()
     t0 = time.perf_counter()
     info = init_distributed(cfg.device)
-    device = info.device
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    write = run_dir is not None and info.is_main
-    if run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if info.is_main:
-            remove_partial_writes(run_dir)
-            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
-    torch.set_flush_denormal(True)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
+    try:
+        with eval_run(cfg, info) as (run_dir, write, preemption):
+            summary = body(info, run_dir, write, preemption)
+            summary["wall_s"] = time.perf_counter() - t0
+            if write and summary["status"] == "done":  # still inside: a SIGTERM now cannot tear the file
+                (run_dir / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "model"},
+                                                                 indent=2) + "\n")
+    finally:
+        shutdown(info)
+    return summary
 
+
+def _run_eval(cfg: EvalConfig, info: DistInfo, run_dir: Path | None, write: bool, preemption: Preemption,
+              split: LabelledSplit | None, source_sd: dict | None, source_meta: dict | None) -> dict:
+    torch.set_flush_denormal(True)
+    device = info.device
+    amp_dtype = resolve_precision(cfg.precision, device, cpu_auto="fp32")
+    torch.manual_seed(cfg.seed)
     sd, meta = read_source(cfg.ckpt) if source_sd is None else (source_sd, source_meta or {})
     if cfg.eval_only and sd is None:
         raise ValueError("eval_only scores a trained classifier: pass --ckpt=<run>/checkpoint-last.pt")
@@ -381,22 +427,58 @@ def run_eval(cfg: EvalConfig, split: LabelledSplit | None = None, source_sd: dic
     model = Classifier(vit, start).to(device)
     if cfg.eval_only:
         ev = evaluate(model, data.val, device, amp_dtype, info)
-        summary = {"protocol": "eval_only", "source": cfg.ckpt, "top1": ev["top1"], "top5": ev["top5"],
-                   "n_val": ev["n"], "data": data.kind, "wall_s": time.perf_counter() - t0, "rank": info.rank}
-        if write:
-            (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        shutdown(info)
-        return summary
+        return {"status": "done", "protocol": "eval_only", "source": cfg.ckpt, "top1": ev["top1"], "top5": ev["top5"],
+                "n_val": ev["n"], "data": data.kind, "rank": info.rank}
     if start > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
         raise ValueError("mixup/cutmix mix whole images: use them with full fine-tuning (tune_blocks=-1) only")
-    summary = train_classifier(cfg, info, model, data, amp_dtype, run_dir, write, arch, tune_blocks)
+    trained, train_data = model, data
+    if tune_blocks == 0 and isinstance(data.train, TensorLoader):
+        # Frozen encoder, no augmentation: the features are computed once and the head trains on them.
+        trained, train_data = vit.head, frozen_feature_data(vit, data, cfg, info, amp_dtype)
+    summary = train_classifier(cfg, info, trained, train_data, amp_dtype, run_dir, write, arch, tune_blocks,
+                               preemption, weights=vit)
     summary.update(source=cfg.ckpt if source_sd is None else "<in memory>", arch=arch, data=data.kind,
-                   wall_s=time.perf_counter() - t0, chance=1.0 / data.num_classes, rank=info.rank)
-    if write and summary["status"] == "done":
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutdown(info)
+                   chance=1.0 / data.num_classes, rank=info.rank)
     summary["model"] = vit
     return summary
+
+
+@torch.no_grad()
+def encode(vit: VisionTransformer, x: Tensor, batch_size: int, amp_dtype: torch.dtype) -> Tensor:
+    """The frozen encoder's pooled features of ``x`` (what the probe head sees), in float32."""
+    was_training = vit.training
+    vit.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            out.append(vit.forward_head(vit.forward_features(x[i:i + batch_size]), pre_logits=True).float())
+    vit.train(was_training)
+    return torch.cat(out) if out else x.new_zeros(0, vit.embed_dim)
+
+
+def frozen_feature_data(vit: VisionTransformer, data: EvalData, cfg: EvalConfig, info: DistInfo,
+                        amp_dtype: torch.dtype) -> EvalData:
+    """``data`` with every in-memory split replaced by its frozen features (same order, shards and seeds)."""
+    def feats(loader: TensorLoader | None) -> TensorLoader | None:
+        if loader is None:
+            return None
+        f = encode(vit, loader.x, cfg.eval_batch_size, amp_dtype)
+        return TensorLoader(f, loader.y, batch_size=loader.batch_size, train=loader.train, seed=cfg.seed,
+                            rank=info.rank, world_size=info.world_size, device=info.device, classes=data.classes)
+
+    return dataclasses.replace(data, train=feats(data.train), val=feats(data.val), select=feats(data.select),
+                               kind=data.kind + ", frozen features computed once")
+
+
+def schedule(cfg: EvalConfig, info: DistInfo, loader_steps: int) -> tuple[int, int, int, float]:
+    """(accumulated micro-batches, optimizer steps per epoch, effective batch, base lr = blr x batch / 256)."""
+    accum = _accum_iter(cfg, info.world_size)
+    steps_per_epoch = loader_steps // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"the data gives {loader_steps} batches of {cfg.batch_size} per rank per epoch, "
+                         f"fewer than the {accum} accumulated for one step: lower batch_size or eff_batch_size")
+    eff_batch = cfg.batch_size * info.world_size * accum
+    return accum, steps_per_epoch, eff_batch, cfg.lr or cfg.blr * eff_batch / 256
 
 
 def _accum_iter(cfg: EvalConfig, world_size: int) -> int:
@@ -408,157 +490,179 @@ def _accum_iter(cfg: EvalConfig, world_size: int) -> int:
     return cfg.eff_batch_size // per_step
 
 
-def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: EvalData, amp_dtype, run_dir: Path | None,
-                     write: bool, arch: dict, tune_blocks: int) -> dict:
-    """The training loop of every protocol; ``model`` is a :class:`Classifier` (its ``vit`` holds the weights) or a
-    module with ``group_matcher`` (video). Validation scores ``data.score(model)`` when given (multi-view testing)."""
+@dataclass
+class Recipe:
+    """What the protocol trains with: optimizer, loss, batch mixing, the step's callables."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    mix: Callable | None
+    no_sync: Callable | None
+    params: list[Tensor]
+
+
+def build_recipe(cfg: EvalConfig, info: DistInfo, model: nn.Module, vit: nn.Module, linprobe: bool,
+                 num_classes: int) -> Recipe:
+    """LARS for the probe, layer-decayed AdamW otherwise; cross-entropy (soft targets under mixup/cutmix)."""
     device = info.device
-    vit = getattr(model, "vit", model)
-    scorer = data.score(model) if data.score is not None else model
-    linprobe = tune_blocks == 0
-    accum = _accum_iter(cfg, info.world_size)
-    steps_per_epoch = data.train.steps_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"the data gives {data.train.steps_per_epoch} batches of {cfg.batch_size} per rank per epoch, "
-                         f"fewer than the {accum} accumulated for one step: lower batch_size or eff_batch_size")
-    total_steps = cfg.epochs * steps_per_epoch
-    eff_batch = cfg.batch_size * info.world_size * accum
-    base_lr = cfg.lr or cfg.blr * eff_batch / 256
     if linprobe:
         optimizer = lars(model.parameters(), weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     else:
         optimizer = adamw_layer_decay(vit, cfg.weight_decay, cfg.layer_decay, (cfg.beta1, cfg.beta2), device)
-
-    mixup_fn = None
+    mix = None
     if not linprobe and (cfg.mixup > 0 or cfg.cutmix > 0):
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                         num_classes=data.num_classes)
+        mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                    num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if linprobe else cfg.smoothing)
-
     ddp_model = model
     if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(ddp_model) if cfg.compile else ddp_model
 
-    # ---- resume ----
-    step, history = 0, []
-    resume_path = None
-    if cfg.resume and run_dir is not None:
-        resume_path = latest_checkpoint(run_dir) if cfg.resume == "auto" else Path(cfg.resume)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        from fastmae.convert import load_into
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        imgs, labels = batch
+        return criterion(forward(imgs).float(), labels)
 
-        load_into(vit, ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history = int(ckpt["step"]), list(ckpt["history"])
-        data.train.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-    else:
+    return Recipe(optimizer, loss_fn, mix, ddp_model.no_sync if info.enabled else None,
+                  [p for p in model.parameters() if p.requires_grad])
+
+
+def labelled_batches(loader, device: torch.device, mix: Callable | None) -> Callable[[], tuple[Tensor, Tensor]]:
+    """The next (images, labels) micro-batch of the current epoch, on ``device``, mixed when the recipe mixes."""
+    batches = iter(loader)
+
+    def next_batch() -> tuple[Tensor, Tensor]:
+        imgs, labels = next(batches)
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return mix(imgs, labels) if mix is not None else (imgs, labels)
+
+    return next_batch
+
+
+def resume_classifier(state: TrainState, cfg: EvalConfig, run_dir: Path | None, info: DistInfo, total_steps: int,
+                      accum: int, warn: Callable[[str], None]) -> tuple[int, list[dict], Path | None]:
+    """Restore the newest usable checkpoint (damaged newer ones skipped with a warning) or seed a fresh run;
+    returns (step, history, checkpoint path)."""
+    found = find_resume_checkpoint(run_dir, cfg.resume, warn) if cfg.resume and run_dir is not None else None
+    if found is None:
         # Different dropout / mixup draws on every rank, reproducible from the seed (timm's Mixup draws from numpy).
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)
         np.random.seed(cfg.seed * 1000 + info.rank + 1)
+        return 0, [], None
+    path, ckpt = found
+    loader_spe = state.loader.steps_per_epoch
+    check_position(ckpt, total_steps=total_steps, steps_per_epoch=state.steps_per_epoch, accum_iter=accum,
+                   loader_steps_per_epoch=loader_spe if loader_spe % accum == 0 else None)
+    history = ckpt.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"checkpoint {path}: 'history' must be a list of epoch rows")
+    return state.load_state_dict(ckpt), list(history), path
 
-    log = RunLogger(run_dir, total_steps, step, write, cfg.progress and not cfg.quiet) if run_dir else None
-    say = (log.info if log else print) if info.is_main and not cfg.quiet else (lambda msg: None)
+
+def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: EvalData, amp_dtype, run_dir: Path | None,
+                     write: bool, arch: dict, tune_blocks: int, preemption: Preemption,
+                     weights: nn.Module | None = None) -> dict:
+    """Every protocol's training, through the engine's step, state, resume, vote and log window.
+
+    ``model`` is what trains: a :class:`Classifier`, the probe head on frozen features, or a module with
+    ``group_matcher`` (video); ``weights`` (default ``model.vit`` or ``model``) is what the checkpoints hold.
+    Validation scores ``data.score(model)`` when given (multi-view testing).
+    """
+    device = info.device
+    vit = weights if weights is not None else getattr(model, "vit", model)
+    scorer = data.score(model) if data.score is not None else model
+    accum, steps_per_epoch, eff_batch, base_lr = schedule(cfg, info, data.train.steps_per_epoch)
+    total_steps = cfg.epochs * steps_per_epoch
+    recipe = build_recipe(cfg, info, model, vit, tune_blocks == 0, data.num_classes)
+    history: list[dict] = []
+    state = TrainState(vit, recipe.optimizer, data.train, None, info, steps_per_epoch=steps_per_epoch,
+                       config=asdict(cfg), extra={"history": history, "arch": arch})
+    warn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if info.is_main else (lambda msg: None)
+    step, done, resume_path = resume_classifier(state, cfg, run_dir, info, total_steps, accum, warn)
+    history.extend(done)
+    if step >= total_steps and history:
+        warn(f"nothing to do: the run in {run_dir} finished at step {step}; pick a new --output_dir to train again")
+    log, say = open_log(cfg, run_dir, total_steps, step, write, info)
     say(f"fastmae {cfg.protocol}: {arch['embed_dim']}-wide depth-{arch['depth']} {type(vit).__name__} on {device} "
-        f"({info.world_size} proc), "
-        f"{data.kind}, {data.num_classes} classes, {amp_dtype}, compile={cfg.compile}, steps {step}->{total_steps} "
-        f"({steps_per_epoch}/epoch), effective batch {eff_batch} (accum {accum}), lr {base_lr:.3g}"
-        + (f", resumed from {resume_path.name}" if resume_path else ""))
+        f"({info.world_size} proc), {data.kind}, {data.num_classes} classes, {amp_dtype}, compile={cfg.compile}, "
+        f"steps {step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch} (accum {accum}), "
+        f"lr {base_lr:.3g}" + (f", resumed from {resume_path.name}" if resume_path else ""))
 
-    def checkpoint() -> None:
-        rngs = rng_state()
-        if info.enabled:
-            gathered = [None] * info.world_size
-            dist.all_gather_object(gathered, rngs)
-            rngs = gathered
-        if write and cfg.save_ckpt:
-            state = {"model": vit.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "data": data.train.state_dict(), "rng": rngs, "history": history, "config": asdict(cfg),
-                     "arch": arch}
-            save_checkpoint(run_dir, step, state, cfg.keep_ckpts)
+    def save() -> Path | None:
+        return state.save(run_dir, step, cfg.keep_ckpts) if run_dir is not None and cfg.save_ckpt else None
 
-    stop = {"sigterm": False}
-
-    def _on_sigterm(signum, frame):
-        stop["sigterm"] = True
-
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if info.is_main or info.enabled else None
-    zero = torch.zeros((), device=device)
-    loss_sum, window_steps, window_t0 = zero.clone(), 0, time.perf_counter()
-    try:
+    stats, window = StepStats.zeros(device), LogWindow(eff_batch, step, steps_per_epoch)
+    lr_t = torch.zeros((), device=device)
+    with closing(log) if log else nullcontext():
         for epoch in range(step // steps_per_epoch, cfg.epochs):
             data.train.set_epoch(epoch)  # keeps a restored mid-epoch position
-            batches = iter(data.train)
+            next_batch = labelled_batches(data.train, device, recipe.mix)
             model.train()
-            epoch_loss, epoch_steps = zero.clone(), 0
+            epoch_loss, epoch_steps = torch.zeros((), device=device), 0
             while step < (epoch + 1) * steps_per_epoch:
                 lr = lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr)
-                for g in optimizer.param_groups:
+                for g in recipe.optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
-                step_loss = zero.clone()
-                for micro in range(accum):
-                    imgs, labels = next(batches)
-                    imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    if mixup_fn is not None:
-                        imgs, labels = mixup_fn(imgs, labels)
-                    sync = micro == accum - 1
-                    ctx = ddp_model.no_sync() if info.enabled and not sync else nullcontext()
-                    with ctx, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                        loss = criterion(forward(imgs).float(), labels) / accum
-                    loss.backward()
-                    step_loss += loss.detach()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += step_loss
-                epoch_loss += step_loss
+                loss, _ = train_step(recipe.loss_fn, recipe.optimizer, recipe.params, next_batch, accum_iter=accum,
+                                     amp_dtype=amp_dtype, no_sync=recipe.no_sync, stats=stats)
+                epoch_loss += loss
                 epoch_steps += 1
                 step += 1
-                window_steps += 1
+                window.tick()
                 if log:
                     log.advance()
-                if log and (step % cfg.log_every == 0):
-                    # Deliberate sync, once per log window.
-                    mean_loss = (loss_sum / window_steps).item()
-                    img_s = window_steps * eff_batch / (time.perf_counter() - window_t0)
-                    log.log(step, {"epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr, "img_s": img_s})
-                    loss_sum.zero_()
-                    window_steps, window_t0 = 0, time.perf_counter()
+                stop = preemption.stop_now()
+                if step % cfg.log_every == 0:
+                    row = window.close(step, stats, lr_t.fill_(lr), reduce=lambda t: all_reduce_mean(t, info))
+                    if log:
+                        log.log(step, row)
+                    window.check_bad_run(cfg.max_bad_steps)
                 at_epoch_end = step == (epoch + 1) * steps_per_epoch
-                if stop["sigterm"] or (cfg.ckpt_every and step % cfg.ckpt_every == 0 and not at_epoch_end):
-                    checkpoint()
-                    if stop["sigterm"]:
-                        say(f"SIGTERM: saved step {step}; exiting")
+                if stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0 and not at_epoch_end):
+                    path = save()
+                    if stop:
+                        say(f"SIGTERM: saved {path.name if path else 'nothing (no run folder)'} at step {step}; exiting")
                         return {"status": "preempted", "step": step}
-            row = {"epoch": epoch, "train_loss": epoch_loss.item() / max(epoch_steps, 1), "lr": lr}
-            ev = evaluate(scorer, data.val, device, amp_dtype, info)
-            row.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"], val_n=ev["n"])
-            if data.select is not None:
-                row["select_top1"] = evaluate(model, data.select, device, amp_dtype, info)["top1"]
+            row = score_epoch(model, scorer, data, amp_dtype, info, epoch, epoch_loss, epoch_steps, lr)
             history.append(row)
             if log:
                 log.log(step, row)
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if run_dir is not None:
-                checkpoint()
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-        if log:
-            log.close()
+            save()
+    if not history:
+        raise ValueError(f"{run_dir} holds a finished run with no epoch history; pick a new --output_dir")
     if write and cfg.save_ckpt:
         atomic_save({"model": vit.state_dict(), "arch": arch, "classes": data.classes, "epoch": cfg.epochs - 1,
                      "top1": history[-1]["val_top1"], "pixel_mean": list(data.mean), "pixel_std": list(data.std),
                      "config": asdict(cfg)}, run_dir / "checkpoint-last.pt")
     return {"status": "done", "protocol": cfg.protocol, "step": step, **headline(history), "history": history,
             "n_val": data.n_val, "effective_batch": eff_batch}
+
+
+def open_log(cfg: EvalConfig, run_dir: Path | None, total_steps: int, step: int, write: bool,
+             info: DistInfo) -> tuple[RunLogger | None, Callable[[str], None]]:
+    """The run's logger (None without a run folder) and the function that prints a line on rank 0."""
+    log = RunLogger(run_dir, total_steps, step, write, cfg.progress and not cfg.quiet) if run_dir else None
+    if log and cfg.resume:
+        log.resume_at(step)  # rows the interrupted run logged after its checkpoint would appear twice
+    return log, (log.info if log else print) if info.is_main and not cfg.quiet else (lambda msg: None)
+
+
+def score_epoch(model: nn.Module, scorer: nn.Module, data: EvalData, amp_dtype, info: DistInfo, epoch: int,
+                loss_sum: Tensor, steps: int, lr: float) -> dict:
+    """The history row of an epoch: its mean training loss, validation top-1/top-5/loss (and the carved split's)."""
+    # Deliberate sync, once per epoch: the epoch's mean loss for the history.
+    row = {"epoch": epoch, "train_loss": loss_sum.item() / max(steps, 1), "lr": lr}
+    ev = evaluate(scorer, data.val, info.device, amp_dtype, info)
+    row.update(val_top1=ev["top1"], val_top5=ev["top5"], val_loss=ev["loss"], val_n=ev["n"])
+    if data.select is not None:
+        row["select_top1"] = evaluate(model, data.select, info.device, amp_dtype, info)["top1"]
+    return row
 
 
 def headline(history: list[dict]) -> dict:

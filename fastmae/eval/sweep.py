@@ -3,7 +3,8 @@
 ``--values="KEY=v1,v2,..."`` names the swept key:
 
 - a protocol key (``tune_blocks``, ``epochs``, ``blr``, ``drop_path``, ...): the
-  protocol (``--protocol=finetune|linprobe|both``) runs once per value.
+  protocol (``--protocol=`` a registered image protocol, a comma list, or
+  ``both``) runs once per value.
   ``tune_blocks=0`` is the linear probe (its own recipe, as with ``fastmae
   finetune --tune_blocks=0``), so ``tune_blocks=0,1,2,4,12`` is the paper's
   partial fine-tuning curve.
@@ -32,7 +33,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -40,13 +43,10 @@ from pathlib import Path
 
 from fastmae.config import PretrainConfig, describe_keys, parse_overrides
 from fastmae.eval.demo import DemoConfig, pretrain_on_digits
-from fastmae.eval.finetune import PRESETS as FINETUNE_PRESETS
-from fastmae.eval.finetune import FinetuneConfig
-from fastmae.eval.linprobe import PRESETS as LINPROBE_PRESETS
-from fastmae.eval.linprobe import LinprobeConfig
-from fastmae.eval.protocol import EvalConfig, run_eval
+from fastmae.eval.protocol import EvalConfig
+from fastmae.eval.protocols import get_protocol, list_protocols, protocol_for
 
-PROTOCOLS = {"linprobe": (LinprobeConfig, LINPROBE_PRESETS), "finetune": (FinetuneConfig, FINETUNE_PRESETS)}
+BOTH = ("linprobe", "finetune")  # --protocol=both, and what a pretraining-key sweep scores each encoder with
 # keys of the digits demo's pretraining that a sweep may vary
 DIGITS_PRETRAIN_KEYS = ("method", "mask_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_blr", "decoder_dim",
                         "decoder_depth")
@@ -55,7 +55,9 @@ DIGITS_PRETRAIN_KEYS = ("method", "mask_ratio", "norm_pix_loss", "pretrain_epoch
 @dataclass
 class SweepConfig:
     preset: str = "default"
-    protocol: str = field(default="finetune", metadata={"help": "finetune | linprobe | both (pretraining keys always run both)"})
+    protocol: str = field(default="finetune", metadata={
+        "help": "a registered image protocol (linprobe, partial, finetune, knn), a comma list of them, or both "
+                "(linprobe,finetune; pretraining keys always run at least those)"})
     values: str = field(default="", metadata={"help": "the swept key and its values, 'KEY=v1,v2,...'"})
     output_dir: str = "runs/sweep"
     pretrain_epochs: int = 100  # digits demo pretraining (pretraining-key sweeps)
@@ -65,9 +67,18 @@ class SweepConfig:
         "help": "fastmae pretrain arguments for pretraining-key sweeps on real data"})
     threads: int = 1  # torch intra-op threads (0 = torch's default)
 
+    def protocols(self) -> list[str]:
+        """The registered image protocols ``--protocol`` names, in order."""
+        names = list(BOTH) if self.protocol == "both" else [p.strip() for p in self.protocol.split(",") if p.strip()]
+        images = [p for p in list_protocols() if get_protocol(p).images]
+        bad = [p for p in names if p not in images]
+        if bad or not names:
+            raise ValueError(f"protocol must be one of {', '.join(images)} (or a comma list, or both), "
+                             f"got {self.protocol!r}")
+        return list(dict.fromkeys(names))
+
     def validate(self) -> None:
-        if self.protocol not in ("finetune", "linprobe", "both"):
-            raise ValueError(f"protocol must be finetune, linprobe or both, got {self.protocol!r}")
+        self.protocols()
         key, vals = parse_values(self.values)
         if len(set(vals)) != len(vals):
             raise ValueError(f"--values repeats a value: {vals}")
@@ -76,6 +87,10 @@ class SweepConfig:
         from fastmae.methods.registry import get_method
 
         get_method(self.method)
+
+
+class SweepPreempted(Exception):
+    """A run of the sweep saved on SIGTERM: the sweep stops there and exits 0 (a rerun continues it)."""
 
 
 def parse_values(spec: str) -> tuple[str, list[str]]:
@@ -91,7 +106,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """-> (the sweep's own --key=value, {protocol: its --key=value}); ``--linprobe.k=v`` goes to one protocol
     and wins over a shared ``--k=v``."""
     own_keys = {f.name for f in fields(SweepConfig)}
-    own, shared, scoped = [], [], {"linprobe": [], "finetune": []}
+    own, shared, scoped = [], [], {p: [] for p in list_protocols()}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"expected --key=value, got {arg!r}")
@@ -99,7 +114,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         scope, dot, sub = key.partition(".")
         if dot:
             if scope not in scoped:
-                raise ValueError(f"--{key}: the prefix must be linprobe. or finetune.")
+                raise ValueError(f"--{key}: the prefix must be a protocol name ({', '.join(scoped)})")
             scoped[scope].append(f"--{sub}={arg.partition('=')[2]}")
         elif key in own_keys:
             own.append(arg)
@@ -110,7 +125,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 def key_kind(key: str, demo: bool) -> str:
     """'protocol', 'digits_pretrain' or 'pretrain'; raises for a key nobody knows."""
-    if key in {f.name for f in fields(EvalConfig)}:
+    if key in {f.name for p in list_protocols() for f in fields(get_protocol(p).config)} | {
+            f.name for f in fields(EvalConfig)}:
         return "protocol"
     if demo and (key in DIGITS_PRETRAIN_KEYS):
         return "digits_pretrain"
@@ -121,23 +137,34 @@ def key_kind(key: str, demo: bool) -> str:
 
 
 def _protocol_config(name: str, per_protocol: dict[str, list[str]], overrides: dict) -> EvalConfig:
-    if name == "finetune" and str(overrides.get("tune_blocks", "")) == "0":
-        name = "linprobe"  # k = 0 is the linear probe, with its own recipe and keys
-        overrides = {k: v for k, v in overrides.items() if k != "tune_blocks"}
-    cls, presets = PROTOCOLS[name]
-    return parse_overrides([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], cls=cls, presets=presets)
+    spec = get_protocol(name)
+    if "tune_blocks" in overrides:
+        try:
+            target = protocol_for(int(overrides["tune_blocks"]))
+        except ValueError:
+            target = spec  # the protocol's own parser names the bad value
+        if target.config is not spec.config:  # e.g. k = 0 is the linear probe, with its own recipe and keys
+            name, spec = target.name, target
+            overrides = {k: v for k, v in overrides.items() if k != "tune_blocks"}
+    return parse_overrides([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], cls=spec.config,
+                           presets=spec.presets)
+
+
+def run_protocol(name: str, cfg: EvalConfig, **sources) -> dict:
+    """Run protocol ``name`` (the registry's) on ``cfg``; ``sources``: in-memory split and weights."""
+    return get_protocol(name).run(cfg, **sources)
 
 
 def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict]:
     cfg.validate()
     key, vals = parse_values(cfg.values)
-    protocols = ["linprobe", "finetune"] if cfg.protocol == "both" else [cfg.protocol]
+    protocols = cfg.protocols()
     # every protocol configuration is checked before the first run
     probes = {p: _protocol_config(p, per_protocol, {}) for p in protocols}
     demo = all(c.is_demo for c in probes.values())
     kind = key_kind(key, demo)
-    if kind != "protocol" and cfg.protocol != "both":
-        protocols = ["linprobe", "finetune"]  # a pretraining sweep scores each encoder both ways
+    if kind != "protocol":
+        protocols = list(dict.fromkeys([*BOTH, *protocols]))  # a pretraining sweep scores each encoder both ways
     for v in vals:
         for p in protocols:
             if kind == "protocol":
@@ -166,17 +193,18 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
                     if kind != "protocol" and not source:
                         source, split = _pretrain(cfg, key, v, vdir, kind, split)
                     ecfg = dataclasses.replace(_protocol_config(p, per_protocol, {key: v} if kind == "protocol" else {}),
-                                               output_dir=str(run_dir))
+                                               output_dir=str(run_dir), resume="auto")
                     if kind == "pretrain":
                         ecfg = dataclasses.replace(ecfg, ckpt=source["ckpt"])
                     t0 = time.perf_counter()
-                    r = run_eval(ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
-                                 source_meta=source.get("meta"))
+                    r = run_protocol(p, ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
+                                     source_meta=source.get("meta"))
+                    if r.get("status") == "preempted":
+                        raise SweepPreempted(f"SIGTERM: {key}={v} {p} saved at step {r['step']}; rerun the same "
+                                             f"command to continue")
                     print(f"{key}={v} {p}: top-1 {r['top1']:.4f} ({r['reported']}) in {time.perf_counter() - t0:.0f}s",
                           flush=True)
-                res = json.loads(done.read_text())
-                rows.append({key: v, "protocol": p, "top1": res["top1"], "top5": res["top5"], "top1_last": res["top1_last"],
-                             "epoch": res["epoch"], "reported": res["reported"], "wall_s": round(res["wall_s"], 1)})
+                rows.append({key: v, "protocol": p, **read_result(done)})
     finally:
         torch.set_num_threads(threads)
     with (out / "sweep.csv").open("w", newline="") as f:
@@ -185,6 +213,22 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
         w.writerows(rows)
     plot(rows, key, out / "sweep.png", f"{cfg.method} on digits" if kind == "digits_pretrain" and key != "method" else "")
     return rows
+
+
+def read_result(path: Path) -> dict:
+    """The row of a finished run from its ``results.json``; ValueError (one line) for a damaged or foreign file."""
+    try:
+        res = json.loads(path.read_text())
+        row = {k: float(res[k]) for k in ("top1", "top5", "top1_last")}
+        row.update(epoch=int(res["epoch"]), reported=str(res["reported"]), wall_s=round(float(res["wall_s"]), 1))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not the results file of a finished run ({reason}); delete it to rerun that "
+                         f"value") from None
+    if not all(math.isfinite(row[k]) and 0.0 <= row[k] <= 1.0 for k in ("top1", "top5", "top1_last")):
+        raise ValueError(f"{path} is not the results file of a finished run (accuracies outside [0, 1]); delete it "
+                         f"to rerun that value")
+    return row
 
 
 def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, split):
@@ -207,11 +251,14 @@ def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, spl
                   f"final loss {pre['losses'][-1]:.4f}", flush=True)
         return {"sd": sd, "meta": meta}, split
     from fastmae.engine.checkpoint import latest_checkpoint
-    from fastmae.pretrain import main as pretrain_main
 
     pdir = vdir / "pretrain"
     if not (pdir / "summary.json").is_file():
-        pretrain_main([*shlex.split(cfg.pretrain_args), f"--{key}={value}", f"--output_dir={pdir}", "--resume=auto"])
+        # Its own process, as a user would run it (evaluation imports no program: DESIGN.md, layering).
+        cmd = [sys.executable, "-m", "fastmae.cli", "pretrain", *shlex.split(cfg.pretrain_args), f"--{key}={value}",
+               f"--output_dir={pdir}", "--resume=auto"]
+        if subprocess.run(cmd).returncode != 0:
+            raise ValueError(f"pretraining {key}={value} failed (see above): {shlex.join(cmd)}")
     return {"ckpt": str(latest_checkpoint(pdir))}, split
 
 
@@ -267,5 +314,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2
+    except SweepPreempted as e:
+        print(e, flush=True)
+        return 0
     print(f"wrote {cfg.output_dir}/sweep.csv and sweep.png ({len(rows)} runs)")
     return 0

@@ -20,9 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +28,9 @@ from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.engine.step import resolve_precision
 from fastmae.eval.cli_util import run_cli
-from fastmae.eval.protocol import EvalConfig, EvalData, format_result, resolve_precision, train_classifier
+from fastmae.eval.protocol import EvalConfig, EvalData, format_result, run_in_folder, train_classifier
 from fastmae.methods.videomae import VIDEOMAE_MODELS, VideoMAE, pair_frames
 
 
@@ -182,19 +181,15 @@ def build_video_classifier(cfg: VideoFinetuneConfig, sd: dict | None, meta: dict
 
 
 def run_video_finetune(cfg: VideoFinetuneConfig) -> dict:
+    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _train_video(
+        cfg, info, run_dir, write, preemption))
+
+
+def _train_video(cfg: VideoFinetuneConfig, info, run_dir: Path | None, write: bool, preemption) -> dict:
     from fastmae.data import build_video_loader
     from fastmae.data.video import scan_videos
-    from fastmae.engine.distributed import init_distributed, shutdown
     from fastmae.eval.models import read_source
 
-    cfg.validate()
-    t0 = time.perf_counter()
-    info = init_distributed(cfg.device)
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    write = run_dir is not None and info.is_main
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
     torch.manual_seed(cfg.seed)
     sd, meta = read_source(cfg.ckpt)
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -224,13 +219,10 @@ def run_video_finetune(cfg: VideoFinetuneConfig) -> dict:
     data = EvalData(train, val, None, len(train.classes), list(train.classes), IMAGENET_MEAN, IMAGENET_STD,
                     len(items), f"clips ({cfg.num_clips} clips x {cfg.num_crops} crops at test)",
                     score=lambda m: MultiView(m, views))
-    summary = train_classifier(cfg, info, model, data, resolve_precision(cfg.precision, info.device), run_dir, write,
-                               arch, tune_blocks=-1)
-    summary.update(source=cfg.ckpt, arch=arch, data=data.kind, wall_s=time.perf_counter() - t0,
-                   chance=1.0 / data.num_classes, rank=info.rank, views=views)
-    if write and summary["status"] == "done":
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutdown(info)
+    summary = train_classifier(cfg, info, model, data, resolve_precision(cfg.precision, info.device, cpu_auto="fp32"),
+                               run_dir, write, arch, -1, preemption)
+    summary.update(source=cfg.ckpt, arch=arch, data=data.kind, chance=1.0 / data.num_classes, rank=info.rank,
+                   views=views)
     return summary
 
 
