@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from braceexpand import braceexpand
 from PIL import Image
 
 from ..constants import IMAGE_EXTENSIONS
@@ -95,6 +94,12 @@ class Source:
 
 def expand_braces(pattern: str) -> list[str]:
     """Expand webdataset brace patterns: ``a-{000..003}.tar`` (zero-padded ranges) and ``{x,y}``."""
+    if "{" not in pattern:
+        return [pattern]
+    try:  # imported here: a folder data set, or a box installed with --no-deps, never needs it
+        from braceexpand import braceexpand
+    except ImportError as e:
+        raise ValueError(f"the shard pattern {printable(pattern)} needs braceexpand (pip install braceexpand)") from e
     return list(braceexpand(pattern))
 
 
