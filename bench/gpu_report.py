@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -169,10 +170,16 @@ def kernel_backend(value: str):
         yield
 
 
-def _version(module: str) -> str:
+def _version(module: str, dist: str | None = None) -> str:
+    """The installed version of ``module``, read from its distribution's metadata when ``dist`` names it (no import:
+    transformers alone takes seconds to import), else from the imported module."""
     try:
+        if importlib.util.find_spec(module) is None:
+            return "not installed"
+        if dist:
+            return importlib.metadata.version(dist)
         return str(importlib.import_module(module).__version__)
-    except ImportError:
+    except (ImportError, ValueError):
         return "not installed"
     except Exception as e:  # a broken optional install must not stop the report
         return f"unusable ({type(e).__name__})"
@@ -182,10 +189,10 @@ def _version(module: str) -> str:
 
 
 def section_env(device: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-           "dali": _version("nvidia.dali"), "flash_attn": _version("flash_attn"),
+    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton", "triton"),
+           "dali": _version("nvidia.dali"), "flash_attn": _version("flash_attn", "flash-attn"),
            "flash_attn_3": "installed" if importlib.util.find_spec("flash_attn_interface") else "not installed",
-           "transformers": _version("transformers"), "cuda": str(torch.version.cuda),
+           "transformers": _version("transformers", "transformers"), "cuda": str(torch.version.cuda),
            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a"}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -725,7 +732,7 @@ def run_sections(report: dict, runs: dict[str, Callable], budgets: dict[str, tup
     for name, run in runs.items():
         estimate, cap = budgets[name]
         left = deadline - (time.monotonic() - t0)
-        if estimate > left:
+        if estimate and estimate > left:
             report["skipped"][name] = f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s left before --deadline {deadline:.0f}"
             print(f"gpu_report: {name} skipped ({report['skipped'][name]})", file=sys.stderr)
             write_report(report, out)
@@ -790,6 +797,10 @@ def main(argv: list[str] | None = None) -> int:
                     "command": " ".join(["python bench/gpu_report.py", *(argv if argv is not None else sys.argv[1:])]),
                     "date": time.strftime("%Y-%m-%d %H:%M"), "deadline_s": args.deadline,
                     "errors": {}, "skipped": {}, "seconds": {}}
+    out = Path(args.out)
+    for stale in out.glob(".gpu_report.*.tmp"):  # left by a run killed while it wrote
+        stale.unlink(missing_ok=True)
+    write_report(report, out)  # from the first second on, the files on disk are a complete (if empty) report
     env = section_env(device)
     spec = gpu_spec(env.get("gpu", ""))
     peak_tf, peak_tbs = (spec.peak_tflops, spec.hbm_tbs) if spec else (None, None)
@@ -809,7 +820,6 @@ def main(argv: list[str] | None = None) -> int:
                                              batch=args.residual_batch or sizes.residual_batch, demo_cache=args.demo_cache),
     }
     budgets = BUDGETS_QUICK if args.quick else BUDGETS_FULL
-    out = Path(args.out)
     run_sections(report, {k: v for k, v in runs.items() if k in sections}, budgets, args.deadline, out, t0)
     print(to_markdown(report))
     return 0

@@ -82,7 +82,7 @@ KEY_HELP = {
     # step
     "precision": "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)",
     "compile": "torch.compile the model",
-    "cuda_graphs": "CUDA graphs with compile on CUDA (reduce-overhead)",
+    "cuda_graphs": "CUDA graphs with compile on CUDA: auto (one GPU only), on (also under DDP), off",
     "fsdp": "shard parameters and optimizer state with FSDP2",
     "max_bad_steps": "consecutive non-finite steps before the run aborts",
     "residual_dtype": "residual stream under autocast: fp32 (official numerics) | bf16",

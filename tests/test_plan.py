@@ -160,8 +160,10 @@ def test_layout_never_combines_graphs_with_accumulation(preset, world):
     if lay.accum_iter > 1:
         assert not lay.cuda_graphs and lay.compile_mode != "reduce-overhead"
         assert "accum_iter" in lay.reason and "169545" in lay.reason
-    elif cfg.compile and cfg.cuda_graphs:
+    elif cfg.compile and world == 1:
         assert lay.cuda_graphs and lay.compile_mode == "reduce-overhead"
+    elif cfg.compile:  # many GPUs: DDP needs --cuda_graphs=on, FSDP (the huge preset) never graphs
+        assert not lay.cuda_graphs and ("unless --cuda_graphs=on" in lay.reason or "127225" in lay.reason)
     else:
         assert not lay.cuda_graphs and "compile is off" in lay.reason
 
@@ -172,9 +174,9 @@ def test_official_presets_split_across_gpus_before_accumulating(preset):
     _, _, _, w8 = _layout(preset, 8)
     _, _, _, w64 = _layout(preset, 64)
     _, _, _, w1 = _layout(preset, 1)
-    assert w64.accum_iter == 1 and w64.batch_size == 64 and w64.cuda_graphs
+    assert w64.accum_iter == 1 and w64.batch_size == 64 and not w64.cuda_graphs  # DDP: graphs only when asked for
     if preset != "huge":
-        assert w8.accum_iter == 1 and w8.batch_size == 512 and w8.cuda_graphs
+        assert w8.accum_iter == 1 and w8.batch_size == 512 and not w8.cuda_graphs
     assert w1.accum_iter > 1 and not w1.cuda_graphs
     assert w1.batch_size == w1.eff_batch // w1.accum_iter
 
@@ -201,7 +203,36 @@ def test_layout_off_gpu_and_explicit_split():
     _, _, _, given = _layout("base", 8, eff_batch=0, batch_size=128, accum_iter=4)
     assert (given.batch_size, given.accum_iter, given.eff_batch, given.cuda_graphs) == (128, 4, 4096, False)
     _, _, _, off = _layout("base", 8, cuda_graphs="false")
-    assert not off.cuda_graphs and "cuda_graphs=false" in off.reason and off.compile_mode == "default"
+    assert not off.cuda_graphs and "cuda_graphs=off" in off.reason and off.compile_mode == "default"
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+@pytest.mark.parametrize("world", [1, 2, 8, 32, 256])
+@pytest.mark.parametrize("preset", ["base", "large", "huge"])
+@pytest.mark.parametrize("choice", ["auto", "on", "off"])
+def test_cuda_graphs_only_where_the_combination_is_known_to_work(preset, world, fsdp, choice):
+    """Issue 20 C7: off under FSDP (#127225), off under DDP unless --cuda_graphs=on, the reason in the plan."""
+    cfg, _, _, lay = _layout(preset, world, fsdp=str(fsdp).lower(), cuda_graphs=choice)
+    text = planmod.format_plan(planmod.build_plan(cfg))
+    assert f"cuda graphs       {lay.reason}" in text
+    if choice == "off" or lay.accum_iter > 1:
+        expected = False
+    elif world > 1 and fsdp:
+        expected = False
+        assert "127225" in lay.reason
+    elif world > 1:
+        expected = choice == "on"
+        assert ("113809" in lay.reason) != expected or "at your request" in lay.reason
+    else:
+        expected = True
+    assert lay.cuda_graphs == expected and (lay.compile_mode == "reduce-overhead") == expected, lay.reason
+
+
+def test_cuda_graphs_accepts_the_old_booleans():
+    assert parse_overrides(["--cuda_graphs=true"]).cuda_graphs == "auto"
+    assert parse_overrides(["--cuda_graphs=false"]).cuda_graphs == "off"
+    with pytest.raises(ValueError, match="cuda_graphs must be one of auto, on, off"):
+        parse_overrides(["--cuda_graphs=maybe"])
 
 
 def test_layout_errors_name_the_problem():
@@ -247,7 +278,7 @@ def test_plan_prints_for_eight_h100s_without_accumulation(capsys):
     assert plan_command(["--preset=base", "--device=cuda", "--world_size=8"]) == 0
     out = capsys.readouterr().out
     assert "512 x accum_iter 1 x world 8 = effective batch 4096" in out
-    assert "compile mode      reduce-overhead" in out and "CUDA graphs on" in out
+    assert "compile mode      default" in out and "CUDA graphs off under DDP (8 processes) unless --cuda_graphs=on" in out
     for key in ("learning rate     0.0024", "attention         encoder:", "decoder:", "parameters        111.", "img/s per GPU",
                 "wall time", "assumptions", "memory per GPU", "kernels", "precision         bf16"):
         assert key in out, key

@@ -176,6 +176,9 @@ def max_batch_that_fits(act_per_image: float, state: float, gpu_mem_gib: float) 
 
 # ---- layout ----------------------------------------------------------------------------------------------------
 
+GRAPHS_FSDP_REASON = "CUDA graphs are known to fail with FSDP (pytorch/pytorch#127225)"
+GRAPHS_DDP_REASON = ("DDP with CUDA graphs has a history of failures (pytorch/pytorch#113809, #128218), and at hundreds of "
+                     "images per GPU the launch overhead graphs remove is already hidden")
 GRAPHS_ACCUM_REASON = (
     "gradients accumulated across CUDA-graph replays live in the graph's memory pool "
     "(pytorch/pytorch#169545; silently wrong sums in #96693)"
@@ -211,7 +214,7 @@ def resolve_layout(
     device_type: str,
     gpu_mem_gib: float | None,
     compile: bool,
-    cuda_graphs: bool,
+    cuda_graphs: str | bool,
     batch_size: int,
     accum_iter: int,
     fsdp: bool = False,
@@ -247,18 +250,34 @@ def resolve_layout(
         batch, accum = batch_size, accum_iter
         if max_batch is not None and batch > max_batch:
             note = f"warning: batch_size {batch} exceeds the memory model's {max_batch} per GPU"
-    if device_type != "cuda":
-        graphs, why_graphs = False, f"CUDA graphs off: device is {device_type}"
-    elif not compile:
-        graphs, why_graphs = False, "CUDA graphs off: compile is off (graphs come with compile's reduce-overhead mode)"
-    elif not cuda_graphs:
-        graphs, why_graphs = False, "CUDA graphs off: cuda_graphs=false"
-    elif accum > 1:
-        graphs, why_graphs = False, f"CUDA graphs off: accum_iter={accum} > 1; {GRAPHS_ACCUM_REASON}"
-    else:
-        graphs, why_graphs = True, "CUDA graphs on: compile mode reduce-overhead, no accumulation"
+    graphs, why_graphs = graphs_policy(device_type, compile, cuda_graphs, accum, world_size, fsdp)
     mode = "reduce-overhead" if graphs else ("default" if compile else "none")
     return Layout(batch, accum, batch * accum * world_size, graphs, mode, why_graphs, note, max_batch)
+
+
+def graphs_policy(device_type: str, compile: bool, cuda_graphs: str | bool, accum: int, world_size: int,
+                  fsdp: bool) -> tuple[bool, str]:
+    """(CUDA graphs on?, the reason to log): only where the combination is known to work (DESIGN.md, hazards).
+
+    ``cuda_graphs``: "auto" (one GPU), "on" (also under DDP, at the user's request), "off"; booleans as "auto"/"off".
+    FSDP and gradient accumulation turn graphs off even when asked for.
+    """
+    choice = {True: "auto", False: "off"}.get(cuda_graphs, cuda_graphs) if isinstance(cuda_graphs, bool) else cuda_graphs
+    if device_type != "cuda":
+        return False, f"CUDA graphs off: device is {device_type}"
+    if not compile:
+        return False, "CUDA graphs off: compile is off (graphs come with compile's reduce-overhead mode)"
+    if choice == "off":
+        return False, "CUDA graphs off: cuda_graphs=off"
+    if accum > 1:
+        return False, f"CUDA graphs off: accum_iter={accum} > 1; {GRAPHS_ACCUM_REASON}"
+    if world_size > 1 and fsdp:
+        return False, f"CUDA graphs off under FSDP, even with cuda_graphs={choice}: {GRAPHS_FSDP_REASON}"
+    if world_size > 1 and choice != "on":
+        return False, f"CUDA graphs off under DDP ({world_size} processes) unless --cuda_graphs=on: {GRAPHS_DDP_REASON}"
+    if world_size > 1:
+        return True, "CUDA graphs on under DDP (--cuda_graphs=on, at your request): compile mode reduce-overhead"
+    return True, "CUDA graphs on: one GPU, compile mode reduce-overhead, no accumulation"
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
