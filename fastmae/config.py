@@ -102,6 +102,8 @@ class PretrainConfig:
     dry_run: bool = False
     world_size: int = 0  # 0 = from the environment (WORLD_SIZE, else 1)
     gpu: str = ""  # target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; "" = this machine's
+    network: str = "ib400"  # a plan's network between nodes: ib400 (NDR / 400 GbE per GPU) | ib200 | eth100
+    gpus_per_node: int = 8  # a plan's GPUs per node (NVLink inside, the network across)
     # logging and checkpoints
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps; the final step always saves
@@ -162,6 +164,8 @@ class PretrainConfig:
             (self.world_size >= 0, f"world_size must be >= 0, got {self.world_size}"),
             (self.grad_compression in ("none", "bf16"), f"grad_compression must be none or bf16, got {self.grad_compression!r}"),
             (not self.hsdp or self.fsdp, "hsdp needs fsdp=true (it is FSDP's hybrid mode)"),
+            (self.network in ("ib400", "ib200", "eth100"), f"network must be ib400, ib200 or eth100, got {self.network!r}"),
+            (self.gpus_per_node > 0, f"gpus_per_node must be positive, got {self.gpus_per_node}"),
             (self.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}"),
             (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
             (self.video_target_norm in ("", "tubelet", "channel", "none"),
