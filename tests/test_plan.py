@@ -212,9 +212,10 @@ def test_layout_off_gpu_and_explicit_split():
 @pytest.mark.parametrize("choice", ["auto", "on", "off"])
 def test_cuda_graphs_only_where_the_combination_is_known_to_work(preset, world, fsdp, choice):
     """Issue 20 C7: off under FSDP (#127225), off under DDP unless --cuda_graphs=on, the reason in the plan."""
-    cfg, _, _, lay = _layout(preset, world, fsdp=str(fsdp).lower(), cuda_graphs=choice)
-    text = planmod.format_plan(planmod.build_plan(cfg))
-    assert f"cuda graphs       {lay.reason}" in text
+    cfg = _layout(preset, world, fsdp=str(fsdp).lower(), cuda_graphs=choice)[0]
+    plan = planmod.build_plan(cfg)
+    lay = plan.layout
+    assert f"cuda graphs       {lay.reason}" in planmod.format_plan(plan)
     if choice == "off" or lay.accum_iter > 1:
         expected = False
     elif world > 1 and fsdp:
