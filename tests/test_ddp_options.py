@@ -75,3 +75,22 @@ def test_hsdp_mesh_is_nodes_by_gpus_per_node(monkeypatch):
     assert hsdp_mesh_shape(32, 0) == (8, 4)
     with pytest.raises(ValueError, match="multiple of the GPUs per node"):
         hsdp_mesh_shape(12, 8)
+
+
+def test_each_rank_gets_its_share_of_compile_threads_and_gloo_follows_nccl():
+    from fastmae.engine.distributed import configure_rank_env
+
+    env = {"LOCAL_WORLD_SIZE": "8", "NCCL_SOCKET_IFNAME": "ib0"}
+    assert configure_rank_env(env, cores=64) == {"TORCHINDUCTOR_COMPILE_THREADS": "8", "GLOO_SOCKET_IFNAME": "ib0"}
+    assert env["TORCHINDUCTOR_COMPILE_THREADS"] == "8" and env["GLOO_SOCKET_IFNAME"] == "ib0"
+    mine = {"LOCAL_WORLD_SIZE": "8", "TORCHINDUCTOR_COMPILE_THREADS": "2", "GLOO_SOCKET_IFNAME": "eth1",
+            "NCCL_SOCKET_IFNAME": "ib0"}
+    assert configure_rank_env(mine, cores=64) == {} and mine["TORCHINDUCTOR_COMPILE_THREADS"] == "2"
+    assert configure_rank_env({"LOCAL_WORLD_SIZE": "8"}, cores=4) == {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+
+
+def test_cuda_12_and_13_dali_extras_are_both_offered():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["dali"] == ["nvidia-dali-cuda130"] and extras["dali-cu12"] == ["nvidia-dali-cuda120"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,39 @@ def resolve_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def configure_rank_env(env=None, cores: int | None = None) -> dict[str, str]:
+    """Per-rank settings torchrun does not make; what the user set wins. Returns what was set.
+
+    - ``TORCHINDUCTOR_COMPILE_THREADS``: Inductor sizes its compile pool by the machine's cores, in every rank: 8
+      ranks on 64 cores would start 8 x 64 workers. Each rank gets cores / local ranks instead.
+    - ``GLOO_SOCKET_IFNAME``: the preemption vote runs on a gloo group; on multi-node jobs gloo binds the interface
+      the host name resolves to, which on clusters is often not the one between the nodes. When only
+      ``NCCL_SOCKET_IFNAME`` is given, gloo takes the same interface.
+    """
+    env = os.environ if env is None else env
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    if cores is None:  # the cores this process may use (a cgroup or taskset may give fewer than the machine has)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    changes = {}
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in env:
+        changes["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, cores // local))
+    if "GLOO_SOCKET_IFNAME" not in env and env.get("NCCL_SOCKET_IFNAME"):
+        changes["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"]
+    env.update(changes)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None and "TORCHINDUCTOR_COMPILE_THREADS" in changes and env is os.environ:
+        inductor.compile_threads = int(changes["TORCHINDUCTOR_COMPILE_THREADS"])  # read at its import: set it too
+    return changes
+
+
 def init_distributed(device_pref: str) -> DistInfo:
     """Join the process group when launched by torchrun; a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local)
+    if world > 1:
+        configure_rank_env()
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
