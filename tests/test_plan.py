@@ -308,10 +308,10 @@ def test_plan_on_cpu_has_no_time_estimate(capsys):
 
 
 @pytest.mark.parametrize("preset", ["simmim_vit_base_patch16", "videomae_vit_base", "crossmae_vit_base_patch16"])
-def test_plan_for_other_methods_gives_the_layout_and_says_what_it_does_not_model(preset, capsys):
+def test_plan_for_other_methods_gives_the_layout_and_its_own_model(preset, capsys):
     assert plan_command([f"--preset={preset}", "--device=cuda", "--world_size=8"]) == 0
     out = capsys.readouterr().out
-    assert "batch per GPU" in out and "parameters" in out and "the roofline models MAE only" in out
+    assert "batch per GPU" in out and "parameters" in out and "MAE only" not in out and "activations" in out
 
 
 # ---- issue 20 C9: communication, memory beside the model, a range -------------------------------------------------
@@ -379,3 +379,49 @@ def test_dali_buffers_come_out_of_the_batch_budget():
                                                        f"--loader={ld}"])) for ld in ("torch", "dali")}
     act = planmod.activation_bytes_per_image(_layout("base", 8)[1])
     assert layouts["torch"].max_batch - layouts["dali"].max_batch == pytest.approx(planmod.DALI_MEM_GIB * 2**30 / act, abs=1)
+
+
+# ---- issue 20 C10: every method through the registry, traced, never MAE's numbers -----------------------------------
+
+
+@pytest.mark.parametrize("preset", ["crossmae_vit_base_patch16", "simmim_vit_base_patch16", "videomae_vit_base"])
+def test_other_methods_are_planned_from_their_own_traced_step(preset, capsys):
+    assert plan_command([f"--preset={preset}", "--device=cuda", "--world_size=8", "--gpu=h100"]) == 0
+    out = capsys.readouterr().out
+    assert "throughput" in out and "communication     DDP all-reduce" in out and "time estimate     none" not in out
+    mae = parse_overrides(["--preset=base"])
+    gflops = float(out.split("train FLOPs/img")[1].split()[0])
+    assert gflops != pytest.approx(3 * flops.mae_forward_flops(planmod.build_meta_model(mae.model, 224), 224, 0.75) / 1e9,
+                                   rel=0.02)
+
+
+def test_traced_flops_match_the_methods_own_count_and_the_paper_shapes():
+    """The trace counts what the model runs: for MAE it agrees with the analytic count; SimMIM's encoder sees every
+    token (about 3x MAE ViT-B's 58 GFLOP); a CrossMAE decoder costs less than MAE's."""
+    from fastmae.methods.registry import get_method
+
+    def traced(preset, shape=(3, 224, 224)):
+        cfg = parse_overrides([f"--preset={preset}"])
+        spec = get_method(cfg.method)
+        return planmod.trace_step(lambda: spec.build_model(cfg), shape, cfg.mask_ratio), cfg
+
+    mae, cfg = traced("base")
+    model = planmod.build_meta_model(cfg.model, 224)
+    assert mae.gemm_flops + mae.attention_flops == pytest.approx(3 * flops.mae_forward_flops(model, 224, 0.75), rel=0.06)
+    simmim, _ = traced("simmim_vit_base_patch16")
+    cross, _ = traced("crossmae_vit_base_patch16")
+    assert 90e9 < simmim.gemm_flops + simmim.attention_flops < 110e9  # 12 blocks x 197 tokens, forward x3
+    assert cross.gemm_flops + cross.attention_flops < mae.gemm_flops + mae.attention_flops
+    assert mae.saved_bytes > 0 and not mae.error
+
+
+def test_an_untraceable_method_says_why_instead_of_borrowing_mae():
+    def syncs():
+        class Sync(torch.nn.Module):
+            def forward(self, x, mask_ratio=0.75):
+                return (x.sum() * float(x.mean()),)  # a host read: no trace without data
+
+        return Sync()
+
+    trace = planmod.trace_step(syncs, (3, 8, 8), 0.75)
+    assert trace.error.startswith("DataDependentOutputException") and trace.gemm_flops == 0

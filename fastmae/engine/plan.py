@@ -227,6 +227,7 @@ def resolve_layout(
     residual_dtype: str = "fp32",
     attention: str = "auto",
     reserved_gib: float = 0.0,
+    act_per_image: float | None = None,  # saved bytes per sample of a traced method (no MAE shape)
 ) -> Layout:
     """Per-GPU batch, accumulation and CUDA-graph decision. Pure: no device is touched.
 
@@ -239,8 +240,8 @@ def resolve_layout(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     max_batch = None
     note = ""
-    if device_type == "cuda" and gpu_mem_gib and shape is not None:
-        act = activation_bytes_per_image(shape, residual_dtype, attention)
+    if device_type == "cuda" and gpu_mem_gib and (shape is not None or act_per_image):
+        act = act_per_image or activation_bytes_per_image(shape, residual_dtype, attention)
         max_batch = max_batch_that_fits(act, state_bytes(n_params, fsdp, world_size), gpu_mem_gib, reserved_gib)
         if max_batch < 1:
             raise ValueError(f"one image needs {act / 2**30:.1f} GiB of activations beyond the model state: "
@@ -493,6 +494,7 @@ class Plan:
     span: tuple[StepEstimate, StepEstimate] | None = None
     comm: tuple[CommEstimate | None, CommEstimate | None] = (None, None)
     reserved_gib: float = 0.0  # DALI's buffers
+    trace_note: str = ""  # a method the plan could not trace: why
 
 
 def _world_size(cfg) -> int:
@@ -517,14 +519,15 @@ def _target(cfg) -> tuple[str, GpuSpec | None, float | None, str]:
     return device, GPUS["h100"], GPUS["h100"].mem_gib, "no GPU here and no --gpu: assuming an H100 SXM"
 
 
-def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_gib: float | None, world: int) -> Layout:
+def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_gib: float | None, world: int,
+                 act_per_image: float | None = None) -> Layout:
     from fastmae.layers.attention import attention_backend
 
     return resolve_layout(
         shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
         compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
         fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(),
-        reserved_gib=DALI_MEM_GIB if cfg.loader == "dali" and device == "cuda" else 0.0,
+        reserved_gib=DALI_MEM_GIB if cfg.loader == "dali" and device == "cuda" else 0.0, act_per_image=act_per_image,
     )
 
 
@@ -564,7 +567,7 @@ def _target_caps(spec: GpuSpec | None):
     )
 
 
-def build_plan(cfg, model=None, flops_per_image: float | None = None) -> Plan:
+def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: TracedStep | None = None) -> Plan:
     """Everything a run of ``cfg`` would resolve to, for its target (``cfg.device``, ``cfg.gpu``, ``cfg.world_size``).
 
     ``model`` (meta device) and ``flops_per_image`` describe a model that is not an MAE (the caller asks the
@@ -576,7 +579,7 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None) -> Plan:
     device, spec, mem, note = _target(cfg)
     world = _world_size(cfg)
     if model is not None and not isinstance(model, MaskedAutoencoderViT):
-        return _generic_plan(cfg, model, flops_per_image, device, spec, note, world)
+        return _generic_plan(cfg, model, flops_per_image, device, spec, note, world, trace)
     model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
     n_params = sum(p.numel() for p in model.parameters())
     shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
@@ -625,18 +628,38 @@ def _precision(cfg, device: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def _generic_plan(cfg, model, flops_per_image, device: str, spec: GpuSpec | None, note: str, world: int) -> Plan:
+def _generic_plan(cfg, model, flops_per_image, device: str, spec: GpuSpec | None, note: str, world: int,
+                  trace: TracedStep | None = None) -> Plan:
+    """A method without an MAE shape: layout and parameters, and from ``trace`` (when it traced) FLOPs, memory and
+    the time range; otherwise it says what is missing."""
     from fastmae import ops
 
     n_params = sum(p.numel() for p in model.parameters())
+    traced = trace is not None and not trace.error
+    # The configured split, as the run itself resolves it (layout_for has no trace); the memory line says whether it fits.
     layout = _resolve_for(cfg, None, n_params, device, None, world)
     steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
+    span, comm, act = None, (None, None), None
+    if traced:
+        flops_per_image = trace.gemm_flops + trace.attention_flops  # counted, forward + backward
+        act = trace.saved_bytes * layout.batch_size / 2**30
+        if spec is not None:
+            link = interconnect_for(spec, cfg.network, cfg.gpus_per_node)
+            ends, comms = [], []
+            for a in (PESSIMISTIC, OPTIMISTIC):
+                price = lambda b, a=a: communication(n_params, world, cfg.fsdp, cfg.hsdp, cfg.grad_compression, link, a, b)
+                ends.append(estimate_traced(trace, n_params, layout, spec, cfg.compile, a, price))
+                comms.append(price((ends[-1].step_ms - ends[-1].glue_ms - ends[-1].comm_ms) * 2 / 3))
+            span, comm = tuple(ends), tuple(comms)
+    roof = estimate_traced(trace, n_params, layout, spec, cfg.compile, ROOFLINE) if span else None
+    total = steps * layout.eff_batch
     return Plan(
         model=cfg.model, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
         lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=_precision(cfg, device), kernels=ops.kernel_backend(device),
         attention={}, n_params=n_params, train_gflops_per_image=flops_per_image / 1e9 if flops_per_image else None,
-        activation_gib=None, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
-        estimate=None, total_images=steps * layout.eff_batch, wall_hours=None,
+        activation_gib=act, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
+        estimate=roof, total_images=total, wall_hours=total / (span[0].img_s * world) / 3600 if span else None,
+        span=span, comm=comm, trace_note=trace.error if trace is not None else "",
     )
 
 
@@ -667,7 +690,9 @@ def format_plan(plan: Plan) -> str:
     if est is not None and plan.span is not None:
         lines += _range_lines(plan)
     else:
-        why = "the roofline models MAE only" if plan.activation_gib is None else "no GPU target: pass --device=cuda --gpu=NAME"
+        why = ("no GPU target: pass --device=cuda --gpu=NAME" if not plan.gpu else
+               f"its training step could not be traced ({plan.trace_note})" if plan.trace_note else
+               "the method's step was not traced")
         lines.append(f"time estimate     none ({why})")
     ranged = [f"range ends: {a.label} = GEMMs {a.gemm_eff:.0%}, attention {a.attn_eff:.0%}, compiled elementwise "
               f"x{a.compile_elementwise}, glue {a.glue:.0%} of compute, {a.overlap:.0%} of communication hidden behind "
@@ -702,3 +727,73 @@ def _range_lines(plan: Plan) -> list[str]:
         f"wall time         {plan.total_images / (hi.img_s * plan.world_size) / 3600:.1f}-{plan.wall_hours:.1f} h "
         f"for {plan.total_images:,} images",
     ]
+
+
+# ---- any registered method: one step traced on fake tensors ------------------------------------------------------
+
+# Elementwise traffic per byte of saved activations, calibrated on MAE ViT-B/16 (143 B per token-channel per block,
+# 181 MB per image, over the 163 MB per image the trace saves): methods without a shape model borrow MAE's ratio.
+ELEMENTWISE_PER_SAVED_BYTE = 1.11
+
+
+@dataclass(frozen=True)
+class TracedStep:
+    """One training sample of any method, from a forward+backward on fake CPU tensors under bf16 autocast."""
+
+    gemm_flops: float  # matmuls and convolutions, forward + backward
+    attention_flops: float  # fused attention kernels, forward + backward
+    saved_bytes: float  # activations autograd keeps for the backward
+    error: str = ""  # why the step could not be traced (then the figures are 0)
+
+
+def trace_step(make_model: Callable[[], torch.nn.Module], sample_shape: tuple[int, ...], mask_ratio: float,
+               batch: int = 2) -> TracedStep:
+    """FLOPs by kind and saved bytes per sample of ``make_model()``'s training step, without data or a device.
+
+    The model is built and run under ``FakeTensorMode`` (shapes only), so whatever the method's model does (its
+    own shapes, masks, decoder, loss) is what is counted: the plan never borrows MAE's numbers for another method.
+    A forward that reads a tensor value on the host cannot be traced; the error says so."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    try:
+        with torch.device("meta"):  # built outside the fake mode: initializers may read values (trunc_normal_, tolist)
+            model = make_model()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = model.to_empty(device="cpu")
+            x = torch.empty((batch, *sample_shape))
+            with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(x, mask_ratio=mask_ratio)[0]
+                loss.backward()
+    except Exception as e:  # a data-dependent op (a host sync) or an unsupported op: reported, never guessed
+        return TracedStep(0.0, 0.0, 0.0, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    ops = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for k, v in ops.items() if "attention" in str(k))
+    return TracedStep((sum(ops.values()) - attention) / batch, attention / batch, saved[0] / batch)
+
+
+def estimate_traced(trace: TracedStep, n_params: int, layout: Layout, gpu: GpuSpec, compile: bool, a: Assumptions,
+                    comm: Callable[[float], CommEstimate | None] | None = None) -> StepEstimate:
+    """The step time of a traced method under ``a``: the same terms as :func:`estimate_step`, from counted FLOPs and
+    saved bytes instead of an MAE shape."""
+    images, peak = layout.batch_size * layout.accum_iter, gpu.peak_tflops * 1e12
+    per_byte = ELEMENTWISE_PER_SAVED_BYTE * (a.compile_elementwise if compile else 1.0)
+    terms = dict(gemm_ms=trace.gemm_flops * images / (peak * a.gemm_eff) * 1e3,
+                 attention_ms=trace.attention_flops * images / (peak * a.attn_eff) * 1e3,
+                 elementwise_ms=per_byte * trace.saved_bytes * images / _bw(gpu) * 1e3, kernels_ms=0.0,
+                 optimizer_ms=OPTIMIZER_BYTES_PER_PARAM * n_params / _bw(gpu) * 1e3)
+    compute = sum(terms.values())
+    c = comm(compute * 2 / 3) if comm else None
+    step = compute * (1 + a.glue) + (c.exposed_ms if c else 0.0)
+    img_s = min(images / (step / 1e3), a.loader_img_s)
+    flops = trace.gemm_flops + trace.attention_flops
+    return StepEstimate(**terms, step_ms=step, img_s=img_s, mfu=img_s * flops / peak,
+                        data_bound=images / (step / 1e3) > a.loader_img_s, glue_ms=compute * a.glue,
+                        comm_ms=c.exposed_ms if c else 0.0, label=a.label)
