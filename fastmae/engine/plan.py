@@ -17,6 +17,12 @@ Two decisions here guard the first GPU run:
 - :func:`estimate_step` is a roofline of one step (GEMMs at an assumed
   efficiency, attention at another, elementwise bytes at memory bandwidth),
   the same model as DESIGN.md's step table; its assumptions print with it.
+  The plan prints a range between two named assumption sets
+  (:data:`PESSIMISTIC`, :data:`OPTIMISTIC`) with glue and communication
+  (:func:`communication`) added; each term is one function, so a lever is one
+  more function and one more field of :class:`Assumptions`.
+- Methods other than MAE are planned from their own step, traced on fake
+  tensors (:func:`trace_step`): counted FLOPs and saved bytes, never MAE's.
 """
 
 from __future__ import annotations
@@ -593,7 +599,8 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: Tra
     estimate, span, comm = None, None, (None, None)
     if spec is not None:
         estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype)
-        span, comm = _span(cfg, shape, n_params, fwd_flops, layout, spec, world)
+        span, comm = _span(cfg, n_params, spec, world, lambda a, price: estimate_step(
+            shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, a, price))
     steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
     total_images = steps * layout.eff_batch
     wall = total_images / (span[0].img_s * world) / 3600 if span else None
@@ -607,16 +614,17 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: Tra
     )
 
 
-def _span(cfg, shape: ModelShape, n_params: int, fwd_flops: float, layout: Layout, spec: GpuSpec, world: int):
-    """The (pessimistic, optimistic) step estimates with glue and communication, and their communication."""
+def _span(cfg, n_params: int, spec: GpuSpec, world: int, estimate: Callable[..., StepEstimate]):
+    """The (pessimistic, optimistic) step estimates with glue and communication, and their communication;
+    ``estimate(assumptions, price)`` is :func:`estimate_step` or :func:`estimate_traced` bound to the run."""
     link = interconnect_for(spec, cfg.network, cfg.gpus_per_node)
     out, comms = [], []
     for a in (PESSIMISTIC, OPTIMISTIC):
         price = lambda backward_ms, a=a: communication(n_params, world, cfg.fsdp, cfg.hsdp, cfg.grad_compression, link,
                                                        a, backward_ms)
-        est = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, a, price)
+        est = estimate(a, price)
         out.append(est)
-        comms.append(price((est.step_ms - est.glue_ms - est.comm_ms) * 2 / 3))  # as estimate_step priced it
+        comms.append(price((est.step_ms - est.glue_ms - est.comm_ms) * 2 / 3))  # as the estimate priced it
     return tuple(out), tuple(comms)
 
 
@@ -644,13 +652,8 @@ def _generic_plan(cfg, model, flops_per_image, device: str, spec: GpuSpec | None
         flops_per_image = trace.gemm_flops + trace.attention_flops  # counted, forward + backward
         act = trace.saved_bytes * layout.batch_size / 2**30
         if spec is not None:
-            link = interconnect_for(spec, cfg.network, cfg.gpus_per_node)
-            ends, comms = [], []
-            for a in (PESSIMISTIC, OPTIMISTIC):
-                price = lambda b, a=a: communication(n_params, world, cfg.fsdp, cfg.hsdp, cfg.grad_compression, link, a, b)
-                ends.append(estimate_traced(trace, n_params, layout, spec, cfg.compile, a, price))
-                comms.append(price((ends[-1].step_ms - ends[-1].glue_ms - ends[-1].comm_ms) * 2 / 3))
-            span, comm = tuple(ends), tuple(comms)
+            span, comm = _span(cfg, n_params, spec, world,
+                               lambda a, price: estimate_traced(trace, n_params, layout, spec, cfg.compile, a, price))
     roof = estimate_traced(trace, n_params, layout, spec, cfg.compile, ROOFLINE) if span else None
     total = steps * layout.eff_batch
     return Plan(
