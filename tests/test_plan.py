@@ -311,7 +311,8 @@ def test_plan_on_cpu_has_no_time_estimate(capsys):
 def test_plan_for_other_methods_gives_the_layout_and_its_own_model(preset, capsys):
     assert plan_command([f"--preset={preset}", "--device=cuda", "--world_size=8"]) == 0
     out = capsys.readouterr().out
-    assert "batch per GPU" in out and "parameters" in out and "MAE only" not in out and "activations" in out
+    assert "batch per GPU" in out and "parameters" in out and "activations" in out
+    assert "memory model covers MAE only" not in out and "time estimate     none" not in out
 
 
 # ---- issue 20 C9: communication, memory beside the model, a range -------------------------------------------------
