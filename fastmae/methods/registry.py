@@ -20,9 +20,8 @@ No other file changes: ``--method=<name>`` and its presets work in ``fastmae pre
 
 from __future__ import annotations
 
-import os
-
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
