@@ -684,8 +684,9 @@ def to_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-class SectionTimeout(Exception):
-    """A section ran past its cap (raised by the interval timer in the main thread)."""
+class SectionTimeout(BaseException):
+    """A section ran past its cap (raised by the interval timer in the main thread). Not an Exception: the
+    sections catch Exception per row (one failing contender is a finding), and the cap must end the section."""
 
 
 @contextlib.contextmanager
@@ -743,7 +744,7 @@ def run_sections(report: dict, runs: dict[str, Callable], budgets: dict[str, tup
             with time_cap(min(cap, left)):
                 result = run(rows)
             report[name] = result
-        except Exception as e:  # keep every other section's figures (and this one's finished rows)
+        except (Exception, SectionTimeout) as e:  # keep every other section's figures (and this one's finished rows)
             report["errors"][name] = _error_text(e)
             if rows:
                 report[name] = _every_key(rows, ROW_FIGURES.get(name, ()))
@@ -758,7 +759,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU (what CI runs)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S,
-                    help="seconds from start: a section whose estimate no longer fits is skipped (and listed)")
+                    help="seconds from the start of the report (after Python's imports): a section whose estimate "
+                         "no longer fits is skipped (and listed), a running one is stopped")
     ap.add_argument("--out", default=str(RESULTS), help="directory for gpu_report.md and gpu_report.json")
     ap.add_argument("--device", default=None, help="default: cuda if present (cpu with --quick)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd kernel references")
