@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,8 +51,18 @@ from fastmae.layers.attention import (
 from fastmae.models.mae import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("env", "kernels", "attention", "step", "profile", "data", "residual")
+# In order of value for a short first slot on one GPU: what is learnt per second spent.
+SECTIONS = ("env", "kernels", "attention", "step", "compiled", "graphs", "profile", "large", "data", "residual")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_DEADLINE_S = 420.0
+# (estimate, cap) seconds per section. A section starts only when its estimate fits the time left before
+# --deadline, and is stopped at min(cap, time left); the environment (estimate 0) always runs. Full sizes:
+# guesses for an H100 (the report records each section's seconds, so the first GPU report corrects them);
+# quick sizes: measured on 2 quiet CPU cores, capped for a loaded machine.
+BUDGETS_FULL = {"env": (0, 30), "kernels": (45, 90), "attention": (20, 45), "step": (35, 75), "compiled": (75, 150),
+                "graphs": (75, 150), "profile": (15, 40), "large": (40, 90), "data": (45, 90), "residual": (40, 90)}
+BUDGETS_QUICK = {"env": (0, 60), "kernels": (10, 180), "attention": (2, 60), "step": (20, 180), "compiled": (25, 180),
+                 "graphs": (25, 180), "profile": (5, 60), "large": (20, 180), "data": (15, 120), "residual": (20, 120)}
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,8 @@ class Sizes:
 
     kernel_shapes: tuple[tuple[str, int, int, int], ...]  # (label, img_size, patch, decoder dim)
     kernel_batch: int
-    step_models: tuple[tuple[str, str, int, int], ...]  # (label, model, img_size, patch)
+    base: tuple[str, str, int, int]  # (label, model, img_size, patch): the model every step mode runs
+    large: tuple[str, str, int, int]  # the second model (eager and reference; compiled with --large-compiled)
     step_batch: int
     warmup: int
     repeats: int
@@ -72,14 +86,14 @@ class Sizes:
 GPU_SIZES = Sizes(
     kernel_shapes=(("ViT-B/16 and ViT-L/16", 224, 16, 512), ("ViT-H/14", 224, 14, 512)),
     kernel_batch=256,
-    step_models=(("ViT-B/16", "mae_vit_base_patch16", 224, 16), ("ViT-L/16", "mae_vit_large_patch16", 224, 16)),
+    base=("ViT-B/16", "mae_vit_base_patch16", 224, 16), large=("ViT-L/16", "mae_vit_large_patch16", 224, 16),
     step_batch=256, warmup=3, repeats=10, data_images=1024, data_batch=256, residual_steps=300, residual_batch=32,
     compile_backend="inductor",
 )
 QUICK_SIZES = Sizes(
     kernel_shapes=(("tiny 64/8", 64, 8, 128),),
     kernel_batch=4,
-    step_models=(("tiny", "mae_vit_tiny", 64, 8),),
+    base=("tiny", "mae_vit_tiny", 64, 8), large=("small 32/16", "mae_vit_small_patch16", 32, 16),
     step_batch=4, warmup=1, repeats=3, data_images=32, data_batch=8, residual_steps=10, residual_batch=8,
     compile_backend="aot_eager",
 )
@@ -156,10 +170,16 @@ def kernel_backend(value: str):
         yield
 
 
-def _version(module: str) -> str:
+def _version(module: str, dist: str | None = None) -> str:
+    """The installed version of ``module``, read from its distribution's metadata when ``dist`` names it (no import:
+    transformers alone takes seconds to import), else from the imported module."""
     try:
+        if importlib.util.find_spec(module) is None:
+            return "not installed"
+        if dist:
+            return importlib.metadata.version(dist)
         return str(importlib.import_module(module).__version__)
-    except ImportError:
+    except (ImportError, ValueError):
         return "not installed"
     except Exception as e:  # a broken optional install must not stop the report
         return f"unusable ({type(e).__name__})"
@@ -169,10 +189,10 @@ def _version(module: str) -> str:
 
 
 def section_env(device: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-           "dali": _version("nvidia.dali"), "flash_attn": _version("flash_attn"),
+    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton", "triton"),
+           "dali": _version("nvidia.dali"), "flash_attn": _version("flash_attn", "flash-attn"),
            "flash_attn_3": "installed" if importlib.util.find_spec("flash_attn_interface") else "not installed",
-           "transformers": _version("transformers"), "cuda": str(torch.version.cuda),
+           "transformers": _version("transformers", "transformers"), "cuda": str(torch.version.cuda),
            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a"}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -231,14 +251,20 @@ def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -
     }
 
 
-def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, compile_ref: bool) -> list[dict]:
+def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, compile_ref: bool,
+                    rows: list[dict] | None = None) -> list[dict]:
+    """K1-K3 per shape: eager reference, compiled reference, fused. Rows are appended to ``rows`` as they finish."""
     runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    rows = []
+    rows = [] if rows is None else rows
     for label, img, p, dd in sizes.kernel_shapes:
+        # The references are lambdas of one code object per kernel: without a reset, the second shape fails
+        # the first one's guards and dynamo recompiles it with dynamic shapes (another kernel than the step's).
+        torch._dynamo.reset()
         for name, case in _kernel_cases(img, p, dd, sizes.kernel_batch, device).items():
             impls = {"eager reference": case["ref"]}
             if compile_ref:
-                impls["compiled reference"] = torch.compile(case["ref"], fullgraph=True, backend=sizes.compile_backend)
+                impls["compiled reference"] = torch.compile(case["ref"], fullgraph=True, dynamic=False,
+                                                            backend=sizes.compile_backend)
             if runnable:
                 impls["fused (Triton)"] = case["fused"]
             for impl, fn in impls.items():
@@ -286,11 +312,12 @@ def _attention_candidates(device: torch.device, head_dim: int, dtype: torch.dtyp
     return out
 
 
-def section_attention(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) -> list[dict]:
+def section_attention(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype,
+                      rows: list[dict] | None = None) -> list[dict]:
     """Every available attention kernel at the encoder and decoder shapes, fwd and fwd+bwd, next to the chooser's pick."""
     caps = attention_capabilities()
-    rows = []
-    for label, name, img, p in sizes.step_models:
+    rows = [] if rows is None else rows
+    for label, name, img, p in (sizes.base, sizes.large):
         shape = model_shape(build_meta_model(name, img, p), img, 0.75)
         heads = {"encoder": shape.num_heads, "decoder": shape.decoder_num_heads}
         for part, (hd, T) in shape.attention_shapes().items():
@@ -356,71 +383,88 @@ def _hf_step(model, imgs_float: torch.Tensor, amp_dtype: torch.dtype):
     return step
 
 
-def _step_modes(device: torch.device) -> list[str]:
-    modes = ["reference (eager, reference ops)", "eager", "compiled"]
-    if device.type == "cuda":
-        modes.append("compiled + CUDA graphs")
-    return modes + ["HF ViTMAE (eager)"]
+STEP_MODES = {
+    "step": ("reference (eager, reference ops)", "eager", "HF ViTMAE (eager)"),
+    "compiled": ("compiled",),
+    "graphs": ("compiled + CUDA graphs",),
+    "large": ("reference (eager, reference ops)", "eager"),
+}
 
 
-def section_step(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype, peak_tflops: float | None) -> list[dict]:
-    rows = []
-    for label, name, img, p in sizes.step_models:
-        torch.manual_seed(0)
-        base = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
-        flops_img = 3 * mae_forward_flops(base, img, 0.75)
-        B = sizes.step_batch
-        u8 = torch.randint(0, 256, (B, img, img, 3), dtype=torch.uint8, device=device)
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        f32 = (u8.permute(0, 3, 1, 2).float() / 255 - mean) / std
-        for mode in _step_modes(device):
-            row = dict(model=label, mode=mode, batch=B, dtype=str(amp_dtype).replace("torch.", ""))
-            torch._dynamo.reset()
+def section_step(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype, peak_tflops: float | None,
+                 modes: tuple[str, ...] = STEP_MODES["step"], model: tuple[str, str, int, int] | None = None,
+                 rows: list[dict] | None = None) -> list[dict]:
+    """One row per step mode of one model (default: the base model's eager modes), appended as each finishes."""
+    rows = [] if rows is None else rows
+    label, name, img, p = model or sizes.base
+    torch.manual_seed(0)
+    base = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
+    flops_img = 3 * mae_forward_flops(base, img, 0.75)
+    B = sizes.step_batch
+    u8 = torch.randint(0, 256, (B, img, img, 3), dtype=torch.uint8, device=device)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    f32 = (u8.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    for mode in modes:
+        row = dict(model=label, mode=mode, batch=B, dtype=str(amp_dtype).replace("torch.", ""))
+        if mode.startswith("HF") and _version("transformers") == "not installed":
+            rows.append(_every_key([{**row, "note": "not installed"}], STEP_FIGURES)[0])
+            continue
+        torch._dynamo.reset()  # each compiled mode compiles once, for its own model: no recompiles across modes
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            step = _mode_step(mode, name, img, p, base, device, sizes, amp_dtype, f32, u8, row)
+            ctx = kernel_backend("torch") if mode.startswith("reference") else contextlib.nullcontext()
+            with ctx:
+                ms = bench_ms(step, device, sizes.warmup, sizes.repeats, do_bench=False)
+            row.update(step_ms=ms[0], p20_ms=ms[1], p80_ms=ms[2], img_s=B / (ms[0] / 1e3))
+            row["mfu"] = row["img_s"] * flops_img / peak_tflops / 1e12 if peak_tflops else None
             if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                model = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
-                model.load_state_dict(base.state_dict())
-                if mode.startswith("HF"):
-                    if _version("transformers") == "not installed":
-                        rows.append({**row, "note": "not installed"})
-                        continue
-                    step = _hf_step(model, f32, amp_dtype)
-                else:
-                    opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
-                    forward = model
-                    if mode.startswith("compiled"):
-                        kw = {"mode": "reduce-overhead"} if "graphs" in mode else {}
-                        forward = torch.compile(model, fullgraph=True, backend=sizes.compile_backend, **kw)
-                        row["compile"] = sizes.compile_backend
-                    graphs = "graphs" in mode and hasattr(torch.compiler, "cudagraph_mark_step_begin")
-                    # The reference path gets what it takes (float NCHW); the kernels read DALI's uint8 NHWC.
-                    x = f32 if mode.startswith("reference") else u8
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as e:  # one failing mode (e.g. out of memory) must not lose the report
+            row["error"] = _error_text(e)
+        rows.append(_every_key([row], STEP_FIGURES)[0])
+        torch._dynamo.reset()
+    return rows
 
-                    def step(model=model, forward=forward, opt=opt, x=x, graphs=graphs):
-                        if graphs:
-                            torch.compiler.cudagraph_mark_step_begin()
-                        return _step_fn(model, forward, opt, x, amp_dtype)
 
-                ctx = kernel_backend("torch") if mode.startswith("reference") else contextlib.nullcontext()
-                with ctx:
-                    ms = bench_ms(step, device, sizes.warmup, sizes.repeats, do_bench=False)
-                row.update(step_ms=ms[0], p20_ms=ms[1], p80_ms=ms[2], img_s=B / (ms[0] / 1e3))
-                row["mfu"] = row["img_s"] * flops_img / peak_tflops / 1e12 if peak_tflops else None
-                if device.type == "cuda":
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            except Exception as e:  # one failing mode (e.g. out of memory) must not lose the report
-                row["error"] = _error_text(e)
-            rows.append(row)
-            torch._dynamo.reset()
-        ref = next((r for r in rows if r["model"] == label and r["mode"].startswith("reference")
-                    and r.get("img_s") is not None), None)
-        for r in rows:
-            if ref and r["model"] == label and r.get("img_s") is not None:
-                r["vs_reference"] = r["img_s"] / ref["img_s"]
-    return _every_key(rows, STEP_FIGURES)
+def _mode_step(mode: str, name: str, img: int, p: int, base, device: torch.device, sizes: Sizes,
+               amp_dtype: torch.dtype, f32: torch.Tensor, u8: torch.Tensor, row: dict) -> Callable[[], object]:
+    """The closure one step mode times (a fresh copy of ``base`` each)."""
+    model = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
+    model.load_state_dict(base.state_dict())
+    if mode.startswith("HF"):
+        return _hf_step(model, f32, amp_dtype)
+    opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
+    forward = model
+    graphs = "graphs" in mode
+    if mode.startswith("compiled"):
+        kw = {"mode": "reduce-overhead"} if graphs and sizes.compile_backend == "inductor" else {}
+        forward = torch.compile(model, fullgraph=True, dynamic=False, backend=sizes.compile_backend, **kw)
+        row["compile"] = sizes.compile_backend
+    if graphs and device.type != "cuda":
+        row["note"] = "no CUDA here: the same code path without graphs"
+    graphs = graphs and device.type == "cuda" and hasattr(torch.compiler, "cudagraph_mark_step_begin")
+    # The reference path gets what it takes (float NCHW); the kernels read DALI's uint8 NHWC.
+    x = f32 if mode.startswith("reference") else u8
+
+    def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return _step_fn(model, forward, opt, x, amp_dtype)
+
+    return step
+
+
+def step_ratios(report: dict) -> None:
+    """``vs_reference`` of every step-family row: its img/s over its model's reference row (any section)."""
+    rows = [r for sec in STEP_MODES for r in report.get(sec) or []]
+    for r in rows:
+        ref = next((q for q in rows if q["model"] == r["model"] and q["mode"].startswith("reference")
+                    and q.get("img_s") is not None), None)
+        r["vs_reference"] = r["img_s"] / ref["img_s"] if ref and r.get("img_s") is not None else None
 
 
 PROFILE_CATEGORIES = (
@@ -445,7 +489,7 @@ def section_profile(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) 
     """Share of one training step's time per category (device time on CUDA, CPU self time elsewhere)."""
     from torch.profiler import ProfilerActivity, profile
 
-    label, name, img, p = sizes.step_models[0]
+    label, name, img, p = sizes.base
     torch.manual_seed(0)
     model = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
     opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
@@ -473,24 +517,34 @@ def section_profile(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) 
             "share": {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}}
 
 
+def _synthetic_photo(rng, h: int, w: int):
+    """A photo-like uint8 (h, w, 3) image from numpy alone: smooth colour gradients, a few hard-edged shapes and
+    sensor-like noise, so JPEG sizes and decode costs resemble a photo's (no scikit-image on a fresh GPU box)."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        a, b, ph = rng.uniform(0.5, 4.0, 3)
+        img[..., c] = 128 + 80 * np.sin(a * xx / w * np.pi + ph) * np.cos(b * yy / h * np.pi)
+    for _ in range(6):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(h // 10, h // 3)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def _make_jpegs(root: Path, n: int, size: int = 320) -> Path:
-    """n JPEG crops (q90, ~size px) of scikit-image's bundled photos in an ImageFolder layout."""
+    """n JPEGs (q90, size x 3/4 size px) of synthetic photos in an ImageFolder layout (PIL and numpy only)."""
     import numpy as np
     from PIL import Image
-    from skimage import data as skdata
 
-    photos = [np.asarray(getattr(skdata, k)()) for k in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
-    photos = [ph if ph.ndim == 3 else np.stack([ph] * 3, -1) for ph in photos]
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for i in range(n if split == "train" else 2):
-            ph = photos[i % len(photos)]
-            h, w = ph.shape[:2]
-            ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
-            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             out = root / split / f"c{i % 4}"
             out.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(ph[y:y + ch, x:x + cw, :3]).resize((size, size * 3 // 4)).save(out / f"{i:05d}.jpg", quality=90)
+            Image.fromarray(_synthetic_photo(rng, size * 3 // 4, size)).save(out / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -538,7 +592,11 @@ def residual_ab(device: torch.device, steps: int, amp_dtype: torch.dtype, batch:
     """
     from fastmae.config import pretrain_presets
     from fastmae.data import build_loader, prepare_demo_dataset
+    from fastmae.data.demo import sample_photos
 
+    if len(sample_photos()) < 2:  # the demo set is cut from photos bundled with scikit-image / scikit-learn
+        return [dict(residual_dtype=r, note="not installed (the demo set needs scikit-image or scikit-learn)")
+                for r in ("fp32", "bf16")]
     tiny = pretrain_presets()["tiny"]
     cache = demo_cache or Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae")) / "demo"
     root = prepare_demo_dataset(cache)  # built once from photos in installed packages (as train.py does)
@@ -591,8 +649,8 @@ def to_markdown(report: dict) -> str:
     out = [f"# fastmae GPU report ({report['mode']})", "", f"Command: `{report['command']}`", ""]
     if "env" in report:
         out += ["## Environment", "", _table([{"key": k, "value": v} for k, v in report["env"].items()], ["key", "value"]), ""]
-        if "attention" in report:
-            out += [f"Attention kernels (bf16): {report['attention']}", ""]
+        if "attention_choice" in report:
+            out += [f"Attention kernels (bf16): {report['attention_choice']}", ""]
     if "kernels" in report:
         out += ["## Kernels K1-K3 (fwd; fwd+bwd where the step runs a backward)", "",
                 _table(report["kernels"], ["shape", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
@@ -601,10 +659,11 @@ def to_markdown(report: dict) -> str:
         out += ["## Attention kernels per shape (fwd+bwd; `chosen` = what the model runs here)", "",
                 _table(report["attention"], ["model", "part", "batch", "heads", "head_dim", "tokens", "kernel", "chosen",
                                              "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note", "error"]), ""]
-    if "step" in report:
+    step_rows = [r for sec in STEP_MODES for r in report.get(sec) or []]
+    if step_rows:
         cols = ["model", "mode", "compile", "batch", "dtype", "step_ms", "p20_ms", "p80_ms", "img_s", "vs_reference", "mfu",
                 "peak_mem_gib", "note", "error"]
-        out += ["## Training step", "", _table(report["step"], cols), ""]
+        out += ["## Training step", "", _table(step_rows, cols), ""]
     if "profile" in report:
         prof = report["profile"]
         out += [f"## Profile of one {prof['model']} step ({prof['mode']}, {prof['timer']} time)", "",
@@ -618,21 +677,112 @@ def to_markdown(report: dict) -> str:
                                             "delta_vs_fp32", "seconds"]), ""]
     if report.get("errors"):
         out += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in report["errors"].items()] + [""]
+    if report.get("skipped"):
+        out += ["## Sections skipped", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()] + [""]
+    if report.get("seconds"):
+        out += ["Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()), ""]
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+class SectionTimeout(BaseException):
+    """A section ran past its cap (raised by the interval timer in the main thread). Not an Exception: the
+    sections catch Exception per row (one failing contender is a finding), and the cap must end the section."""
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float):
+    """Raise :class:`SectionTimeout` inside the block after ``seconds`` (main thread on POSIX; no cap elsewhere)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SectionTimeout(f"stopped at its {seconds:.0f} s cap")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """JSON and markdown, each replaced atomically: a kill at any moment leaves the last complete pair."""
+    out.mkdir(parents=True, exist_ok=True)
+    step_ratios(report)
+    for name, text in (("gpu_report.json", json.dumps(report, indent=2, default=str) + "\n"),
+                       ("gpu_report.md", to_markdown(report) + "\n")):
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+
+
+ROW_FIGURES = {"kernels": KERNEL_FIGURES, "attention": ATTENTION_FIGURES, "step": STEP_FIGURES,
+               "compiled": STEP_FIGURES, "graphs": STEP_FIGURES, "large": STEP_FIGURES, "data": DATA_FIGURES}
+
+
+def run_sections(report: dict, runs: dict[str, Callable], budgets: dict[str, tuple[float, float]], deadline: float,
+                 out: Path, t0: float) -> None:
+    """Run ``runs`` in order, each capped, skipping those whose estimate no longer fits before ``deadline``;
+    the report is rewritten after every section (finished, failed or skipped)."""
+    for name, run in runs.items():
+        estimate, cap = budgets[name]
+        left = deadline - (time.monotonic() - t0)
+        if estimate and estimate > left:
+            report["skipped"][name] = f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s left before --deadline {deadline:.0f}"
+            print(f"gpu_report: {name} skipped ({report['skipped'][name]})", file=sys.stderr)
+            write_report(report, out)
+            continue
+        rows: list[dict] = []
+        start = time.monotonic()
+        try:
+            with time_cap(min(cap, left)):
+                result = run(rows)
+            report[name] = result
+        except (Exception, SectionTimeout) as e:  # keep every other section's figures (and this one's finished rows)
+            report["errors"][name] = _error_text(e)
+            if rows:
+                report[name] = _every_key(rows, ROW_FIGURES.get(name, ()))
+        torch._dynamo.reset()
+        report["seconds"][name] = time.monotonic() - start
+        print(f"gpu_report: {name} done in {report['seconds'][name]:.0f} s", file=sys.stderr)
+        write_report(report, out)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU (what CI runs)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S,
+                    help="seconds from the start of the report (after Python's imports): a section whose estimate "
+                         "no longer fits is skipped (and listed), a running one is stopped")
     ap.add_argument("--out", default=str(RESULTS), help="directory for gpu_report.md and gpu_report.json")
     ap.add_argument("--device", default=None, help="default: cuda if present (cpu with --quick)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd kernel references")
+    ap.add_argument("--large-compiled", action="store_true", help="also time the large model compiled (one more compile)")
     ap.add_argument("--residual-steps", type=int, default=None, help="steps of the residual-dtype A/B")
     ap.add_argument("--residual-batch", type=int, default=None, help="batch of the residual-dtype A/B")
     ap.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: min(8, cores))")
     ap.add_argument("--demo-cache", default=None, help="where the demo set lives (default: $FASTMAE_CACHE/demo)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _env_section(report: dict, env: dict, device: torch.device, sizes: Sizes, amp: torch.dtype) -> dict:
+    report["env"] = env
+    _, name, img, p = sizes.base
+    probe = build_meta_model(name, img, p)
+    report["attention_choice"] = describe_attention(model_shape(probe, img, 0.75).attention_shapes(), amp, device.type)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.monotonic()
+    args = _parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -647,43 +797,33 @@ def main(argv: list[str] | None = None) -> int:
     amp = torch.bfloat16
     report: dict = {"mode": "quick (CPU, tiny sizes)" if args.quick else "full", "device": str(device),
                     "command": " ".join(["python bench/gpu_report.py", *(argv if argv is not None else sys.argv[1:])]),
-                    "date": time.strftime("%Y-%m-%d %H:%M"), "errors": {}}
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "deadline_s": args.deadline,
+                    "errors": {}, "skipped": {}, "seconds": {}}
+    out = Path(args.out)
+    for stale in out.glob(".gpu_report.*.tmp"):  # left by a run killed while it wrote
+        stale.unlink(missing_ok=True)
+    write_report(report, out)  # from the first second on, the files on disk are a complete (if empty) report
     env = section_env(device)
     spec = gpu_spec(env.get("gpu", ""))
-    peak_tf = spec.peak_tflops if spec else None
-    peak_tbs = spec.hbm_tbs if spec else None
-    if "env" in sections:
-        report["env"] = env
-        _, _, img, p = sizes.step_models[0]
-        probe = create_model(sizes.step_models[0][1], img_size=img, patch_size=p)
-        shapes = {"encoder": (probe.embed_dim // probe.blocks[0].attn.num_heads, 1 + int((img // p) ** 2 * 0.25)),
-                  "decoder": (probe.decoder_embed_dim // probe.decoder_blocks[0].attn.num_heads, 1 + (img // p) ** 2)}
-        report["attention"] = describe_attention(shapes, amp, device.type)
+    peak_tf, peak_tbs = (spec.peak_tflops, spec.hbm_tbs) if spec else (None, None)
     workers = args.workers or min(8, os.cpu_count() or 1)
+    large_modes = STEP_MODES["large"] + (("compiled",) if args.large_compiled else ())
     runs = {
-        "kernels": lambda: section_kernels(device, sizes, peak_tbs, not args.no_compile),
-        "attention": lambda: section_attention(device, sizes, amp),
-        "step": lambda: section_step(device, sizes, amp, peak_tf),
-        "profile": lambda: section_profile(device, sizes, amp),
-        "data": lambda: section_data(device, sizes, workers),
-        "residual": lambda: residual_ab(device, args.residual_steps or sizes.residual_steps, amp,
-                                        batch=args.residual_batch or sizes.residual_batch, demo_cache=args.demo_cache),
+        "env": lambda rows: _env_section(report, env, device, sizes, amp),
+        "kernels": lambda rows: section_kernels(device, sizes, peak_tbs, not args.no_compile, rows),
+        "attention": lambda rows: section_attention(device, sizes, amp, rows),
+        "step": lambda rows: section_step(device, sizes, amp, peak_tf, STEP_MODES["step"], rows=rows),
+        "compiled": lambda rows: section_step(device, sizes, amp, peak_tf, STEP_MODES["compiled"], rows=rows),
+        "graphs": lambda rows: section_step(device, sizes, amp, peak_tf, STEP_MODES["graphs"], rows=rows),
+        "profile": lambda rows: section_profile(device, sizes, amp),
+        "large": lambda rows: section_step(device, sizes, amp, peak_tf, large_modes, sizes.large, rows),
+        "data": lambda rows: section_data(device, sizes, workers),
+        "residual": lambda rows: residual_ab(device, args.residual_steps or sizes.residual_steps, amp,
+                                             batch=args.residual_batch or sizes.residual_batch, demo_cache=args.demo_cache),
     }
-    for name in sections:
-        if name == "env":
-            continue
-        t0 = time.perf_counter()
-        try:
-            report[name] = runs[name]()
-        except Exception as e:  # keep every other section's figures
-            report["errors"][name] = f"{type(e).__name__}: {e}"
-        print(f"gpu_report: {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md = to_markdown(report)
-    (out / "gpu_report.md").write_text(md + "\n")
-    print(md)
+    budgets = BUDGETS_QUICK if args.quick else BUDGETS_FULL
+    run_sections(report, {k: v for k, v in runs.items() if k in sections}, budgets, args.deadline, out, t0)
+    print(to_markdown(report))
     return 0
 
 

@@ -23,6 +23,7 @@ from fastmae.models.masks import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")
+CUDA_GRAPHS = ("auto", "on", "off")  # auto: single-GPU runs only (DESIGN.md, hazards)
 # Bounds that keep a typo from reaching a huge allocation (a 65536-px image is 51 GB of patches at batch 64).
 MAX_IMG_SIZE = 4096
 MAX_TOKENS = 65536
@@ -94,13 +95,18 @@ class PretrainConfig:
     # step
     precision: str = "auto"
     compile: bool = False
-    cuda_graphs: bool = True  # with compile on CUDA
+    # with compile on CUDA: auto = single GPU only (not under DDP or FSDP); on = also under DDP; off = never
+    cuda_graphs: str = "auto"
     fsdp: bool = False
+    hsdp: bool = False  # with fsdp: shard within a node, replicate across nodes
+    grad_compression: str = "none"  # DDP gradient all-reduce: none | bf16 (half the bytes)
     max_bad_steps: int = 10  # consecutive non-finite losses before aborting
     # planning (`fastmae plan`, `pretrain --dry_run`): resolve everything for a target without touching a GPU
     dry_run: bool = False
     world_size: int = 0  # 0 = from the environment (WORLD_SIZE, else 1)
     gpu: str = ""  # target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; "" = this machine's
+    network: str = "ib400"  # a plan's network between nodes: ib400 (NDR / 400 GbE per GPU) | ib200 | eth100
+    gpus_per_node: int = 8  # a plan's GPUs per node (NVLink inside, the network across)
     # logging and checkpoints
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps; the final step always saves
@@ -114,6 +120,8 @@ class PretrainConfig:
     monitor_every: int = field(default=0, metadata={"help": "optimizer steps between monitor scores; 0 = ckpt_every"})
 
     def __post_init__(self):
+        # Older config.json files and flags say true/false: true meant "where allowed" (auto).
+        self.cuda_graphs = {"true": "auto", "false": "off"}.get(str(self.cuda_graphs).lower(), str(self.cuda_graphs).lower())
         if not self.output_dir:
             self.output_dir = default_output_dir(self.method, self.preset)
 
@@ -162,6 +170,11 @@ class PretrainConfig:
              f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}"),
             (self.eff_batch >= 0, f"eff_batch must be >= 0, got {self.eff_batch}"),
             (self.world_size >= 0, f"world_size must be >= 0, got {self.world_size}"),
+            (self.grad_compression in ("none", "bf16"), f"grad_compression must be none or bf16, got {self.grad_compression!r}"),
+            (not self.hsdp or self.fsdp, "hsdp needs fsdp=true (it is FSDP's hybrid mode)"),
+            (self.network in ("ib400", "ib200", "eth100"), f"network must be ib400, ib200 or eth100, got {self.network!r}"),
+            (self.gpus_per_node > 0, f"gpus_per_node must be positive, got {self.gpus_per_node}"),
+            (self.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}"),
             (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
             (self.video_target_norm in ("", "tubelet", "channel", "none"),
              f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),

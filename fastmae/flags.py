@@ -83,8 +83,12 @@ KEY_HELP = {
     # step
     "precision": "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)",
     "compile": "torch.compile the model",
-    "cuda_graphs": "CUDA graphs with compile on CUDA (reduce-overhead)",
+    "cuda_graphs": "CUDA graphs with compile on CUDA: auto (one GPU only), on (also under DDP), off",
     "fsdp": "shard parameters and optimizer state with FSDP2",
+    "hsdp": "with fsdp: shard within a node, replicate across nodes (HSDP)",
+    "grad_compression": "DDP gradient all-reduce: none | bf16 (half the bytes, gradients rounded to bf16)",
+    "network": "a plan's network between nodes: ib400 | ib200 | eth100 (per-GPU NIC)",
+    "gpus_per_node": "a plan's GPUs per node (NVLink inside a node, the network across)",
     "max_bad_steps": "consecutive non-finite steps before the run aborts",
     "residual_dtype": "residual stream under autocast: fp32 (official numerics) | bf16",
     "eff_batch": "target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory",

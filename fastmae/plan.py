@@ -12,8 +12,9 @@ import torch
 
 from fastmae.config import describe_keys, parse_overrides
 from fastmae.engine.flops import GPUS
-from fastmae.engine.plan import build_plan, format_plan
+from fastmae.engine.plan import build_plan, format_plan, trace_step
 from fastmae.methods.registry import get_method
+from fastmae.models.mae import MaskedAutoencoderViT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = get_method(cfg.method)
         with torch.device("meta"):
             model = spec.build_model(cfg)
-        plan = build_plan(cfg, model, spec.flops_per_image(model, cfg))
+        trace = None
+        if not isinstance(model, MaskedAutoencoderViT):  # MAE has its shape model; any other method is traced
+            sample = (3, cfg.num_frames, cfg.img_size, cfg.img_size) if spec.unit == "clips" else (3, cfg.img_size, cfg.img_size)
+            trace = trace_step(lambda: spec.build_model(cfg), sample, cfg.mask_ratio)
+        plan = build_plan(cfg, model, spec.flops_per_image(model, cfg), trace)
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,14 @@ from fastmae.engine.checkpoint import (
     list_checkpoints,
     remove_partial_writes,
 )
-from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
+from fastmae.engine.distributed import (
+    DistInfo,
+    WrapOptions,
+    all_reduce_mean,
+    init_distributed,
+    shutdown,
+    wrap_model,
+)
 from fastmae.engine.flops import peak_flops
 from fastmae.engine.logger import RunLogger, read_metrics_lines
 from fastmae.engine.optim import build_adamw, lr_at
@@ -93,7 +100,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     base_lr = cfg.lr or cfg.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
-    ddp_model = wrap_model(model, info, cfg.fsdp)
+    ddp_model = wrap_model(model, info, cfg.fsdp, WrapOptions(
+        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.grad_compression, hsdp=cfg.hsdp))
     optimizer = build_adamw(model, lr_t, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     forward = compile_forward(ddp_model, cfg, info, layout.cuda_graphs)

@@ -3,25 +3,47 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 import gpu_report  # noqa: E402
+
+# What a fresh GPU box may lack (issue 20): the report must run without any of them.
+OPTIONAL = ("braceexpand", "skimage", "sklearn", "nvidia.dali", "tensorboard", "torch.utils.tensorboard", "wandb")
+BLOCKED_RUN = (f"import runpy, sys\nfor m in {OPTIONAL!r}:\n    sys.modules[m] = None  # import m -> ImportError\n"
+               f"sys.argv = ['gpu_report.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'bench' / 'gpu_report.py')!r}, "
+               f"run_name='__main__')\n")
+
+
+def _report_process(tmp: Path, *args: str, blocked: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTMAE_CACHE": str(tmp / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    head = ["-c", BLOCKED_RUN] if blocked else [str(ROOT / "bench" / "gpu_report.py")]
+    return subprocess.Popen([sys.executable, *head, "--quick", "--out", str(tmp / "out"), *args], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory, demo_dir):
-    out = tmp_path_factory.mktemp("gpu_report")
-    assert gpu_report.main(["--quick", "--out", str(out), "--demo-cache", str(demo_dir.parent)]) == 0
-    return json.loads((out / "gpu_report.json").read_text()), (out / "gpu_report.md").read_text()
+def quick_report(tmp_path_factory):
+    """The whole --quick report, run with every optional module blocked (as on a fresh GPU box)."""
+    tmp = tmp_path_factory.mktemp("gpu_report")
+    proc = _report_process(tmp, "--deadline", "900", blocked=True)
+    out, err = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads((tmp / "out" / "gpu_report.json").read_text()), (tmp / "out" / "gpu_report.md").read_text()
 
 
 def test_quick_report_has_every_section(quick_report):
     report, md = quick_report
-    assert report["errors"] == {}
+    assert report["errors"] == {} and report["skipped"] == {}
     for title in ("## Environment", "## Kernels K1-K3", "## Attention kernels per shape", "## Training step",
                   "## Profile of one", "## Data loader",
                   "## Residual stream dtype"):
@@ -29,6 +51,104 @@ def test_quick_report_has_every_section(quick_report):
     env = report["env"]
     for key in ("torch", "triton", "dali", "flash_attn", "transformers", "gpu", "kernels"):
         assert key in env
+    assert set(report["seconds"]) == set(gpu_report.SECTIONS)
+
+
+def _measured_or_not_installed(row: dict, figure: str) -> bool:
+    return row.get(figure) is not None or str(row.get("note") or "").startswith("not installed")
+
+
+def test_without_optional_modules_every_section_is_measured_or_not_installed(quick_report):
+    """braceexpand, scikit-image, scikit-learn, DALI, tensorboard and wandb were blocked in this run."""
+    report, _ = quick_report
+    assert report["env"]["dali"] == "not installed"
+    figures = {"kernels": "fwd_ms", "attention": "fwd_bwd_ms", "step": "img_s", "compiled": "img_s",
+               "graphs": "img_s", "large": "img_s", "data": "img_s", "residual": "final_loss"}
+    for section, figure in figures.items():
+        rows = report[section]
+        assert rows, section
+        bad = [r for r in rows if not _measured_or_not_installed(r, figure) and r.get("impl") != "fused (Triton)"]
+        assert not bad, (section, bad)
+    assert report["profile"]["share"]
+    assert [r["note"] for r in report["data"] if r["loader"] == "dali"] == ["not installed"]
+    assert all(r["note"].startswith("not installed") for r in report["residual"])  # the demo set needs skimage/sklearn
+
+
+def test_a_killed_report_leaves_the_finished_sections(tmp_path):
+    """Issue 20's done-check: --quick --deadline 60, SIGKILL at 30 s: the JSON on disk holds what finished."""
+    start = time.monotonic()
+    proc = _report_process(tmp_path, "--deadline", "60")
+    path = tmp_path / "out" / "gpu_report.json"
+    # 30 s as in the issue; on a loaded CI box the imports alone can take that long, so the kill waits (at most
+    # 5 minutes) until the first section is on disk: it still lands in the middle of the later ones.
+    while time.monotonic() - start < 300 and proc.poll() is None and (
+            time.monotonic() - start < 30 or not path.is_file() or "env" not in json.loads(path.read_text())["seconds"]):
+        time.sleep(0.5)
+    assert proc.poll() is None, "the report finished before the kill: nothing was tested"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    report = json.loads(path.read_text())
+    done = list(report["seconds"])
+    assert done[:1] == ["env"] and report["env"]["torch"]
+    for name in done:  # every section the file says finished has its figures (or its error)
+        assert name in report or name in report["errors"], name
+    assert "# fastmae GPU report" in (tmp_path / "out" / "gpu_report.md").read_text()
+    # A kill during a write may leave its temp file beside; the next run removes it.
+    gpu_report.main(["--quick", "--sections", "env", "--out", str(tmp_path / "out")])
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_deadline_skips_sections_that_would_not_fit_and_says_which(tmp_path, capsys):
+    budgets = {**gpu_report.BUDGETS_QUICK, "kernels": (1e6, 1e6)}
+    report = {"errors": {}, "skipped": {}, "seconds": {}, "mode": "quick", "command": "x"}
+    runs = {"kernels": lambda rows: pytest.fail("started a section that cannot fit"),
+            "profile": lambda rows: {"model": "m", "mode": "eager", "timer": "cpu", "share": {"GEMM": 1.0}}}
+    gpu_report.run_sections(report, runs, budgets, 100.0, tmp_path, time.monotonic())
+    assert "kernels" not in report and report["skipped"]["kernels"].startswith("needs ~1000000 s")
+    assert report["profile"]["share"] == {"GEMM": 1.0}  # a later section that fits still runs
+    on_disk = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert "kernels" in on_disk["skipped"] and "## Sections skipped" in (tmp_path / "gpu_report.md").read_text()
+    assert "kernels skipped" in capsys.readouterr().err
+
+
+def test_deadline_flag_skips_from_the_command_line(tmp_path):
+    assert gpu_report.main(["--quick", "--sections", "env,kernels", "--deadline", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["env"]["torch"] and "kernels" in report["skipped"] and "kernels" not in report
+
+
+def test_a_section_past_its_cap_keeps_its_finished_rows(tmp_path):
+    def slow(rows):
+        rows.append({"kernel": "K1", "fwd_ms": 1.0})
+        for _ in range(3):
+            try:  # as the sections do: one failing row is a finding; the cap must still end the section
+                time.sleep(30)
+            except Exception as e:
+                rows.append({"kernel": "K2", "error": str(e)})
+
+    report = {"errors": {}, "skipped": {}, "seconds": {}, "mode": "quick", "command": "x"}
+    budgets = {"kernels": (0.0, 1.0)}
+    t0 = time.monotonic()
+    gpu_report.run_sections(report, {"kernels": slow}, budgets, 100.0, tmp_path, t0)
+    assert time.monotonic() - t0 < 20
+    assert report["errors"]["kernels"] == "SectionTimeout: stopped at its 1 s cap"
+    assert report["kernels"][0]["fwd_ms"] == 1.0 and report["kernels"][0]["error"] is None
+    assert len(report["kernels"]) == 1  # stopped in the first sleep, not swallowed by the row's handler
+
+
+def test_compiled_references_do_not_recompile_across_shapes(monkeypatch):
+    """Two kernel shapes, compiled references: with recompiles made errors, no row may fail (before: the second
+    shape failed the first one's guards on the shared lambdas and recompiled with dynamic shapes)."""
+    import torch
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    sizes = gpu_report.replace(gpu_report.QUICK_SIZES, warmup=0, repeats=1,
+                               kernel_shapes=(("a", 32, 8, 32), ("b", 48, 8, 32)))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the fused rows are not the point here
+    rows = gpu_report.section_kernels(torch.device("cpu"), sizes, None, compile_ref=True)
+    compiled = [r for r in rows if r["impl"] == "compiled reference"]
+    assert len(compiled) == 6 and all(r["error"] is None and r["fwd_ms"] > 0 for r in compiled), compiled
 
 
 def test_kernels_are_timed_against_eager_and_compiled_references(quick_report):
@@ -46,8 +166,9 @@ def test_kernels_are_timed_against_eager_and_compiled_references(quick_report):
 
 def test_attention_kernels_are_timed_per_shape_with_the_choice_marked(quick_report):
     rows = quick_report[0]["attention"]
-    for part in ("encoder", "decoder"):
-        part_rows = [r for r in rows if r["part"] == part]
+    assert {r["model"] for r in rows} == {gpu_report.QUICK_SIZES.base[0], gpu_report.QUICK_SIZES.large[0]}
+    for model, part in ((m, p) for m in {r["model"] for r in rows} for p in ("encoder", "decoder")):
+        part_rows = [r for r in rows if r["part"] == part and r["model"] == model]
         assert {r["kernel"] for r in part_rows} >= {"eager", "sdpa"}
         assert [r["kernel"] for r in part_rows if r["chosen"]] == ["sdpa"]  # CPU: torch picks its own SDPA kernel
         assert min(r["vs_fastest"] for r in part_rows) == 1.0
@@ -55,9 +176,12 @@ def test_attention_kernels_are_timed_per_shape_with_the_choice_marked(quick_repo
 
 
 def test_step_modes_and_ratios_against_the_reference(quick_report):
-    rows = quick_report[0]["step"]
+    report = quick_report[0]
+    rows = report["step"] + report["compiled"] + report["graphs"]
     modes = {r["mode"]: r for r in rows}
-    assert set(modes) == {"reference (eager, reference ops)", "eager", "compiled", "HF ViTMAE (eager)"}
+    assert set(modes) == {"reference (eager, reference ops)", "eager", "compiled", "compiled + CUDA graphs",
+                          "HF ViTMAE (eager)"}
+    assert {r["mode"] for r in report["large"]} == {"reference (eager, reference ops)", "eager"}
     errored = {r["mode"]: r["error"] for r in rows if r["error"]}
     assert not errored, f"step modes that errored: {errored}"
     assert modes["reference (eager, reference ops)"]["vs_reference"] == 1.0
@@ -66,6 +190,7 @@ def test_step_modes_and_ratios_against_the_reference(quick_report):
             continue
         assert r["img_s"] > 0 and r["p20_ms"] <= r["step_ms"] <= r["p80_ms"], r
     assert modes["compiled"]["compile"] == "aot_eager"
+    assert modes["compiled + CUDA graphs"]["note"].startswith("no CUDA here")
 
 
 def test_a_contender_that_errors_keeps_every_key(monkeypatch):
@@ -92,8 +217,9 @@ def test_profile_shares_sum_to_one(quick_report):
     assert {"GEMM", "attention"} <= set(share)
 
 
-def test_residual_ab_uses_the_same_start(quick_report):
-    fp32, bf16 = quick_report[0]["residual"]
+def test_residual_ab_uses_the_same_start(demo_dir):
+    fp32, bf16 = gpu_report.residual_ab(gpu_report.torch.device("cpu"), 6, gpu_report.torch.bfloat16, batch=8,
+                                        demo_cache=str(demo_dir.parent))
     assert (fp32["residual_dtype"], bf16["residual_dtype"]) == ("fp32", "bf16")
     assert fp32["first_loss"] == pytest.approx(bf16["first_loss"], rel=2e-2)  # same weights, data and masks
     assert bf16["delta_vs_fp32"] == pytest.approx(bf16["final_loss"] - fp32["final_loss"])

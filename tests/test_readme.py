@@ -125,7 +125,7 @@ def _target(seg: list[str]) -> tuple[int, str, list[str]]:
 def _sized(seg: list[str], gpu: bool, line: str) -> list[str]:
     nproc, command, args = _target(seg)
     if not command:
-        return seg
+        return _bench_script(seg, gpu)
     training = command in ("pretrain", "train.py")
     if "--help" in args or "--dry_run" in args:
         return _launch(0, command, args)
@@ -140,6 +140,14 @@ def _sized(seg: list[str], gpu: bool, line: str) -> list[str]:
         return _launch(0, command, [*args, *([f"--world_size={nproc}"] if nproc else []), "--dry_run"])
     tiny = TINY_TRAIN if training else TINY.get(command, [])
     return _launch(min(nproc, 2), command, [*args, *tiny])
+
+
+def _bench_script(seg: list[str], gpu: bool) -> list[str]:
+    """``python bench/X.py ...`` runs the repository's script; a GPU report line runs its CPU twin, environment only."""
+    if seg[0] != "python" or len(seg) < 2 or not seg[1].startswith("bench/"):
+        return seg
+    args = [*seg[2:], "--quick", "--sections", "env", "--out", "gpu-report"] if gpu else seg[2:]
+    return [sys.executable, str(ROOT / seg[1]), *args]
 
 
 def _launch(nproc: int, command: str, args: list[str]) -> list[str]:

@@ -128,7 +128,9 @@ def build_loader(
 
         import_dali()  # fail on a missing extra before scanning a large dataset
     carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
-    src = open_source(root_or_spec, "train" if carve else split, **scan)
+    # A rank-sharded loader is built by every rank of the job together: rank 0 scans, the others receive the table.
+    shared = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    src = open_source(root_or_spec, "train" if carve else split, shared=shared, **scan)
     if carve:
         src = holdout(src, holdout_fraction, seed, split)
     if loader == "dali":

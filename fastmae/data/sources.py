@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from braceexpand import braceexpand
 from PIL import Image
 
 from ..constants import IMAGE_EXTENSIONS
@@ -109,6 +108,12 @@ class Source:
 
 def expand_braces(pattern: str) -> list[str]:
     """Expand webdataset brace patterns: ``a-{000..003}.tar`` (zero-padded ranges) and ``{x,y}``."""
+    if "{" not in pattern:
+        return [pattern]
+    try:  # imported here: a folder data set, or a box installed with --no-deps, never needs it
+        from braceexpand import braceexpand
+    except ImportError as e:
+        raise ValueError(f"the shard pattern {printable(pattern)} needs braceexpand (pip install braceexpand)") from e
     return list(braceexpand(pattern))
 
 
@@ -246,10 +251,14 @@ def _scan_folder(
     classes: list[str] | None = None,
 ) -> Source:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is not None:
+    if classes is not None and not class_dirs:
+        # A flat split (ROOT/val/*.jpg) beside a class-folder train/: its images have no label (-1); the held-out
+        # pretraining loss needs none, and require_labels makes it an error for evaluation.
+        classes, groups = list(classes), [(-1, root)]
+    elif classes is not None:
         known = {c: i for i, c in enumerate(classes)}
         unknown = [d.name for d in class_dirs if d.name not in known]
-        if unknown or not class_dirs:
+        if unknown:
             what = f"class folder(s) {printable(unknown[:3])}" if unknown else "no class folder"
             raise ValueError(f"{printable(root)}: {what} not among the {len(classes)} given classes")
         classes = list(classes)
@@ -263,7 +272,7 @@ def _scan_folder(
     entries, bad, empty = [], [], []
     for ci, d in groups:
         files = sorted(str(p) for p in d.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts[-2:]))
-        if not files:
+        if not files and ci >= 0:
             empty.append(classes[ci])
         for f in files:
             if f.lower().endswith(IMAGE_EXTENSIONS):
@@ -440,6 +449,51 @@ def holdout(src: Source, fraction: float, seed: int, split: str) -> Source:
                                names=pick(src.names))
 
 
+def _scan(root_or_spec, split: str, min_size: int, threads: int, crop: int | None, index_cache, classes) -> Source:
+    kind, where = resolve_spec(root_or_spec, split)
+    if kind == "folder":
+        return _scan_folder(where, min_size, threads, crop, index_cache, classes or split_classes(root_or_spec))
+    return _scan_tars(os.fspath(root_or_spec), where, min_size, crop, classes)
+
+
+def _source_to_json(src: Source) -> dict:
+    return dataclasses.asdict(src)
+
+
+def _source_from_json(data: dict) -> Source:
+    """Inverse of :func:`_source_to_json` (JSON has lists where the table holds tuples)."""
+    tup = lambda xs: [tuple(x) for x in xs]
+    locs = [loc if isinstance(loc, str) else tuple(loc) for loc in data["locs"]]
+    return Source(data["kind"], data["root"], locs, list(data["labels"]), tup(data["sizes"]), list(data["names"]),
+                  list(data["classes"]), tup(data["bad"]), tup(data["notes"]), list(data["empty_classes"]))
+
+
+def _scan_on_rank0(scan) -> Source:
+    """Rank 0 runs ``scan`` and broadcasts its result (or its error) as JSON bytes; never pickle between ranks."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    payload, err = b"", None
+    if dist.get_rank() == 0:
+        try:
+            payload = json.dumps({"source": _source_to_json(scan())}).encode()
+        except (ValueError, FileNotFoundError) as e:  # the other ranks must hear about it, not wait forever
+            err = e
+            payload = json.dumps({"error": str(e), "type": type(e).__name__}).encode()
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if payload else \
+        torch.empty(int(size.item()), dtype=torch.uint8, device=device)  # deliberate sync: start-up, once
+    dist.broadcast(buf, 0)
+    if err is not None:
+        raise err
+    data = json.loads(bytes(buf.cpu().numpy()).decode())
+    if "error" in data:
+        raise (FileNotFoundError if data["type"] == "FileNotFoundError" else ValueError)(data["error"])
+    return _source_from_json(data["source"])
+
+
 def open_source(
     root_or_spec: str | os.PathLike,
     split: str = "train",
@@ -451,8 +505,13 @@ def open_source(
     index_cache: str | os.PathLike | None = None,
     classes: list[str] | None = None,
     require_labels: bool = False,
+    shared: bool = False,
 ) -> Source:
     """Scan a folder or tar shards into a clean :class:`Source`; raises if no usable sample remains.
+
+    ``shared=True`` (every rank of the initialized process group calls this together, e.g. for a rank-sharded
+    loader): rank 0 scans (or reuses its ``index_cache``) and broadcasts the table as JSON, so a job of N ranks
+    reads the file system's metadata once, not N times.
 
     Class ids: folders number their class-folder names in sorted order; in a ``ROOT/{train,val}``
     tree, the sorted union of both splits' folder names (:func:`split_classes`), so ids agree across
@@ -461,18 +520,18 @@ def open_source(
     each sample's ``.cls`` member (``-1`` when absent; ``require_labels=True`` makes that an error).
     ``index_cache``: a directory where folder scans are kept; later scans re-check only files whose
     size or mtime changed (the directory walk itself still runs, so added/removed files are seen)."""
-    kind, where = resolve_spec(root_or_spec, split)
-    if kind == "folder":
-        src = _scan_folder(where, min_size, threads, crop, index_cache, classes or split_classes(root_or_spec))
+    if shared:
+        src = _scan_on_rank0(lambda: _scan(root_or_spec, split, min_size, threads, crop, index_cache, classes))
     else:
-        src = _scan_tars(os.fspath(root_or_spec), where, min_size, crop, classes)
+        src = _scan(root_or_spec, split, min_size, threads, crop, index_cache, classes)
     if len(src) == 0:
         why = f"; {len(src.bad)} bad file(s), e.g. {printable(src.bad[0][0])}: {printable(src.bad[0][1])}" if src.bad else ""
         raise ValueError(f"no usable images in {printable(root_or_spec)} (split {split!r}){why}")
     unlabeled = [n for n, lb in zip(src.names, src.labels, strict=True) if lb < 0]
     if require_labels and unlabeled:
         first = printable(unlabeled[0])
-        raise ValueError(f"{len(unlabeled)} sample(s) in {printable(root_or_spec)} have no .cls label, e.g. {first}")
+        why = ".cls label" if src.kind == "tar" else "class folder (a flat folder has no labels)"
+        raise ValueError(f"{len(unlabeled)} sample(s) in {printable(root_or_spec)} have no {why}, e.g. {first}")
     if warn and (src.bad or src.empty_classes):
         first = "; ".join(f"{printable(p)}: {printable(r)}" for p, r in src.bad[:3])
         empty = ", ".join(printable(c) for c in src.empty_classes[:5])

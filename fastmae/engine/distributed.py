@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,39 @@ def resolve_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def configure_rank_env(env=None, cores: int | None = None) -> dict[str, str]:
+    """Per-rank settings torchrun does not make; what the user set wins. Returns what was set.
+
+    - ``TORCHINDUCTOR_COMPILE_THREADS``: Inductor sizes its compile pool by the machine's cores, in every rank: 8
+      ranks on 64 cores would start 8 x 64 workers. Each rank gets cores / local ranks instead.
+    - ``GLOO_SOCKET_IFNAME``: the preemption vote runs on a gloo group; on multi-node jobs gloo binds the interface
+      the host name resolves to, which on clusters is often not the one between the nodes. When only
+      ``NCCL_SOCKET_IFNAME`` is given, gloo takes the same interface.
+    """
+    env = os.environ if env is None else env
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    if cores is None:  # the cores this process may use (a cgroup or taskset may give fewer than the machine has)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    changes = {}
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in env:
+        changes["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, cores // local))
+    if "GLOO_SOCKET_IFNAME" not in env and env.get("NCCL_SOCKET_IFNAME"):
+        changes["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"]
+    env.update(changes)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None and "TORCHINDUCTOR_COMPILE_THREADS" in changes and env is os.environ:
+        inductor.compile_threads = int(changes["TORCHINDUCTOR_COMPILE_THREADS"])  # read at its import: set it too
+    return changes
+
+
 def init_distributed(device_pref: str) -> DistInfo:
     """Join the process group when launched by torchrun; a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local)
+    if world > 1:
+        configure_rank_env()
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -49,18 +77,61 @@ def init_distributed(device_pref: str) -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
+@dataclass(frozen=True)
+class WrapOptions:
+    """How the model is spread over the ranks. ``param_dtype``: FSDP2's compute dtype for gathered parameters
+    (None = the stored fp32); gradients are always reduced in fp32. ``grad_compression``: DDP all-reduce in
+    "bf16" (half the bytes, gradients rounded to bf16 before the sum) or "none". ``hsdp``: FSDP2 shards within a
+    node and replicates across nodes (a 2-D mesh of nodes x ``local_world_size``)."""
+
+    param_dtype: torch.dtype | None = None
+    grad_compression: str = "none"
+    hsdp: bool = False
+    local_world_size: int = 0  # 0 = LOCAL_WORLD_SIZE from torchrun, else the whole world (one node)
+
+
+def hsdp_mesh_shape(world_size: int, local_world_size: int) -> tuple[int, int]:
+    """(replicas, shards) of an HSDP mesh: one replica per node, one shard per GPU of a node."""
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local < 1 or world_size % local:
+        raise ValueError(f"hsdp needs the world size ({world_size}) to be a multiple of the GPUs per node ({local})")
+    return world_size // local, local
+
+
+def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool, options: WrapOptions | None = None) -> nn.Module:
     if not info.enabled:
         return model
+    options = options or WrapOptions()
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for blk in list(getattr(model, "blocks", [])) + list(getattr(model, "decoder_blocks", [])):
-            fully_shard(blk)
-        fully_shard(model)
-        return model
+        return _fully_shard(model, info, options)
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # Gradients live in the all-reduce buckets (no copy in and out of them); buffers (none in an MAE: the position
+    # embeddings are fixed parameters) are not re-broadcast before every forward.
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                              broadcast_buffers=False)
+    if options.grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        ddp.register_comm_hook(state=None, hook=bf16_compress_hook)
+    elif options.grad_compression != "none":
+        raise ValueError(f"grad_compression must be none or bf16, got {options.grad_compression!r}")
+    return ddp
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, options: WrapOptions) -> nn.Module:
+    """FSDP2 per block and at the root: parameters gathered in ``param_dtype``, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: dict = {"mp_policy": MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)}
+    if options.hsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kw["mesh"] = init_device_mesh(info.device.type, hsdp_mesh_shape(info.world_size, options.local_world_size),
+                                      mesh_dim_names=("replicate", "shard"))
+    for blk in list(getattr(model, "blocks", [])) + list(getattr(model, "decoder_blocks", [])):
+        fully_shard(blk, **kw)
+    fully_shard(model, **kw)
+    return model
 
 
 def full_train_state(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:

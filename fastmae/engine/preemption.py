@@ -40,7 +40,9 @@ class Preemption:
     all ranks see the same vote after the same step and stop one step after the earliest flag. The vote
     runs on a gloo group over CPU tensors: a collective between the hosts, overlapped with a step of
     work, never a device sync. (Piggybacking on the log-window sync would cost nothing extra but could
-    stop up to ``log_every`` steps late, past the grace period on slow steps.)
+    stop up to ``log_every`` steps late, past the grace period on slow steps.) On multi-node jobs gloo must
+    use the interface between the nodes: ``GLOO_SOCKET_IFNAME`` (taken from ``NCCL_SOCKET_IFNAME`` when only that
+    is set, :func:`fastmae.engine.distributed.configure_rank_env`).
     """
 
     def __init__(self, info: DistInfo | None = None):

@@ -21,6 +21,7 @@ No other file changes: ``--method=<name>`` and its presets work in ``fastmae pre
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,14 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
         cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
         train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
         drop_last=train, holdout_fraction=cfg.holdout_fraction, augment=(cfg.augment or None) if train else None,
+        index_cache=_scan_index_dir(cfg),
     )
+
+
+def _scan_index_dir(cfg) -> str | None:
+    """The scan index kept beside the run (``OUTPUT_DIR/scan-index``): a requeued job re-reads no unchanged file."""
+    out = getattr(cfg, "output_dir", "")
+    return os.path.join(out, "scan-index") if out else None
 
 
 def no_flops(model: nn.Module, cfg) -> float | None:
