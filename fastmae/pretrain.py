@@ -36,7 +36,7 @@ from fastmae.engine.checkpoint import (
 )
 from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown, wrap_model
 from fastmae.engine.flops import peak_flops
-from fastmae.engine.logger import RunLogger
+from fastmae.engine.logger import DATA_WAIT_WARN, DataWait, RunLogger, data_wait_warning
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.plan import build_meta_model, layout_for, model_shape
 from fastmae.engine.preemption import Preemption
@@ -129,7 +129,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 
     # ---- step loop ---------------------------------------------------------------------------------------
     stats = StepStats.zeros(device)
-    next_batch = BatchStream(train_loader, device)
+    next_batch = DataWait(BatchStream(train_loader, device))
     step = start_step
     model.train()
     with closing(log):
@@ -145,7 +145,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             faults.point("after_step")
             stop = preemption.stop_now()
             if step % cfg.log_every == 0 or step == total_steps:
-                log.log(step, window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info)))
+                row = window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info))
+                log.log(step, {**row, "data_wait": next_batch.close()})
                 window.check_bad_run(cfg.max_bad_steps)
             if step % cfg.ckpt_every == 0 or step == total_steps or stop:
                 path = state.save(run_dir, step, cfg.keep_ckpts)
@@ -156,7 +157,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
     summary = {"status": "done", "step": step, "train_loss": window.last_row.get("loss"),
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
-               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included"}
+               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
+               "data_wait": next_batch.run_fraction()}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
@@ -188,6 +190,8 @@ def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLog
         summary["curves"] = str(curves)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info(summary_text(summary))
+    if (summary.get("data_wait") or 0.0) > DATA_WAIT_WARN:
+        log.info(data_wait_warning(summary["data_wait"], "this run"))
 
 
 def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
@@ -309,9 +313,15 @@ def summary_text(s: dict) -> str:
         f"held-out loss    {fmt(s.get('val_loss'))}  ({s.get('val_images')} {s.get('val_unit', 'images')}, fixed masks; "
         f"{s.get('val_source', 'val split')})",
         f"throughput       {fmt(s.get('img_s'))} img/s ({s.get('img_s_note', 'after warm-up')})",
+        f"data wait        {_pct(s.get('data_wait'))} of wall time in next(loader) (same windows as throughput; "
+        f"warning above {DATA_WAIT_WARN:.0%})",
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, float) else str(v)
 
 
 def _run_files(run_dir: Path) -> list[str]:
