@@ -125,6 +125,11 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     )
     log.info(f"layout: batch {cfg.batch_size} x accum {cfg.accum_iter} x {info.world_size} proc; {layout.reason}"
              + (f"; {layout.note}" if layout.note else "") + f"; attention kernels {attention_kernels(cfg, amp_dtype, device)}")
+    if getattr(train_loader, "repeat", 1) > 1:
+        k = train_loader.repeat
+        log.info(f"repeat_samples={k}: each image is decoded once for {k} crops (each its own mask); an epoch is {k} x "
+                 f"{train_loader.num_files} files = {train_loader.num_samples} samples, and epochs, the lr schedule and "
+                 "the resume position count samples")
     log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
 
     # ---- step loop ---------------------------------------------------------------------------------------

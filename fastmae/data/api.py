@@ -98,6 +98,10 @@ def build_loader(
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
     _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
+    if not isinstance(repeat_samples, int) or repeat_samples < 1:
+        raise ValueError(f"repeat_samples must be an int >= 1, got {repeat_samples!r}")
+    if repeat_samples > 1 and loader != "torch":
+        raise ValueError(f"repeat_samples > 1 needs loader='torch' (got {loader!r})")
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     augment = augment or ("mae" if train else "eval")

@@ -432,7 +432,7 @@ class TorchLoader(BaseLoader):
             self.dataset,
             batch_sampler=self._sampler,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=getattr(dataset, "collate", _collate),  # a dataset may batch its own items (data.repeat)
             worker_init_fn=ignore_sigterm,
             pin_memory=self.device.type == "cuda",
             # A private generator: DataLoader otherwise draws its worker base seed from the global RNG on

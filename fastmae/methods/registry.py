@@ -63,6 +63,7 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
         cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
         train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
         drop_last=train, holdout_fraction=cfg.holdout_fraction, augment=(cfg.augment or None) if train else None,
+        decode=getattr(cfg, "decode", "pil"), repeat_samples=getattr(cfg, "repeat_samples", 1) if train else 1,
     )
 
 
