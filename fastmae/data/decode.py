@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -62,8 +63,9 @@ def decode_rgb(data: bytes, windows: np.ndarray | None = None, img_size: int = 0
 def crops_from_array(img: np.ndarray, windows: np.ndarray, img_size: int, scale: float = 1.0) -> torch.Tensor:
     """uint8 (H, W, 3) and K windows (left, top, w, h, flip) of the full-resolution image (``scale``: the
     decode's reduction) -> uint8 (K, img_size, img_size, 3)."""
-    # torch warns on read-only arrays (PIL's); nothing here writes through the view
-    src = torch.from_numpy(img) if img.flags.writeable else torch.from_numpy(img.copy())
+    with warnings.catch_warnings():  # PIL's arrays are read-only and torch warns; nothing here writes through them
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(img)
     H, W = src.shape[:2]
     out = torch.empty((len(windows), img_size, img_size, 3), dtype=torch.uint8)
     for k, (left, top, w, h, flip) in enumerate(np.asarray(windows).tolist()):
