@@ -298,7 +298,7 @@ def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
     windows); each callable does all of a sample's work from its bytes on disk to a uint8 224x224 crop."""
     import torch.nn.functional as F
 
-    from fastmae.data.decode import crops_from_array, decode_crops, decode_rgb
+    from fastmae.data.decode import crops_from_image, decode_crops, decode_image
     from fastmae.data.loader import ImageDataset
     from fastmae.data.repeat import RepeatDataset
     from fastmae.data.sources import open_source
@@ -314,7 +314,7 @@ def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
     dali_decode = _dali_roi_decode([src.read_bytes(int(i)) for i in ids], windows)
     pbytes = [psrc.read_bytes(int(i)) for i in ids]
     pwin = np.array([k[2] for k in pkeys], np.int64)
-    pdec = [decode_rgb(b) for b in pbytes]
+    pdec = [decode_image(b) for b in pbytes]
 
     def dali_torch():
         for i in ids:  # reading the bytes is the DALI reader's part; the external source above holds them
@@ -333,9 +333,9 @@ def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
         "packed + fast + repeat x2": (lambda: [rep[2][k] for k in rkeys[2]], 2),
         "packed + fast + repeat x4": (lambda: [rep[4][k] for k in rkeys[4]], 4),
         "packed: read bytes (stage)": (lambda: [psrc.read_bytes(int(i)) for i in ids], 1),
-        "packed: PIL decode (stage)": (lambda: [decode_rgb(b) for b in pbytes], 1),
-        "packed: crop + torch resize + flip (stage)": (
-            lambda: [crops_from_array(img, w[None], img_size, s) for (img, s), w in zip(pdec, pwin, strict=True)], 1),
+        "packed: PIL decode (stage)": (lambda: [decode_image(b) for b in pbytes], 1),
+        "packed: crop out of PIL + torch resize + flip (stage)": (
+            lambda: [crops_from_image(img, w[None], img_size, s) for (img, s), w in zip(pdec, pwin, strict=True)], 1),
         "packed: whole sample via decode_crops (stage sum check)": (
             lambda: [decode_crops(b, w[None], img_size) for b, w in zip(pbytes, pwin, strict=True)], 1),
     }

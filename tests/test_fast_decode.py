@@ -15,7 +15,7 @@ from PIL import Image
 
 from fastmae.data import build_loader
 from fastmae.data.augment import pil_apply, train_params_batch
-from fastmae.data.decode import PSNR_FLOOR_DRAFT, PSNR_FLOOR_RESIZE, decode_crops, decode_rgb
+from fastmae.data.decode import PSNR_FLOOR_DRAFT, PSNR_FLOOR_RESIZE, decode_crops, decode_image
 from fastmae.data.demo import sample_photos
 
 
@@ -64,11 +64,11 @@ def test_imagenet_like_windows_within_psnr_floor(photos):
 def test_dct_scaled_decode_engages_only_when_every_window_allows_and_stays_within_floor(photos):
     data = jpeg(photos[1], (1600, 1200))
     big = np.array([[100, 80, 1000, 900, 0], [400, 200, 1150, 980, 1]])
-    img, scale = decode_rgb(data, big, 112)
-    assert scale == 4.0 and img.shape[:2] == (300, 400)  # 900/4 = 225 >= 2 x 112; 1/8 would give 112
-    assert decode_rgb(data, big, 224)[1] == 2.0
-    assert decode_rgb(data, np.array([[0, 0, 1000, 900, 0], [0, 0, 300, 300, 0]]), 112)[1] == 1.0
-    assert decode_rgb(data, big, 300)[1] == 1.0  # 900/2 < 2 x 300: the bicubic kernel does it all
+    img, scale = decode_image(data, big, 112)
+    assert scale == 4.0 and img.size == (400, 300)  # 900/4 = 225 >= 2 x 112; 1/8 would give 112
+    assert decode_image(data, big, 224)[1] == 2.0
+    assert decode_image(data, np.array([[0, 0, 1000, 900, 0], [0, 0, 300, 300, 0]]), 112)[1] == 1.0
+    assert decode_image(data, big, 300)[1] == 1.0  # 900/2 < 2 x 300: the bicubic kernel does it all
     got = decode_crops(data, big, 112)
     for k, window in enumerate(big.tolist()):
         assert psnr(got[k].numpy(), reference(data, window, 112)) >= PSNR_FLOOR_DRAFT
