@@ -121,6 +121,7 @@ def test_killed_pack_resumes_to_the_same_pack(tree, tmp_path, fresh_env):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (dst / "pack.json").exists(), "the pack finished before the kill: the test proves nothing"
+    (dst / ".train-000099.tar.12345.tmp").write_bytes(b"half a shard")  # what a kill mid-shard leaves
     r = subprocess.run(cmd, cwd=ROOT, env=fresh_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "resuming:" in r.stdout

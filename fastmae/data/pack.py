@@ -186,6 +186,8 @@ def pack(cfg: PackConfig, log=print) -> dict:
         log(f"{printable(dst)} already holds this pack ({sum(s['count'] for s in done['splits'].values())} samples)")
         return done
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in dst.glob(".*.tmp"):  # half-written shards of a killed pack; their shards are redone below
+        stale.unlink()
     (dst / ".pack-plan.json").write_text(json.dumps({"plan": key, "src": os.fspath(cfg.src)}))
     jobs = {s: _shard_jobs(cfg, dst, s, src) for s, src in sources.items()}
     todo = [j for js in jobs.values() for j in js if not Path(j["path"]).with_suffix(".json").is_file()]
