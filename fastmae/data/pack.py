@@ -11,7 +11,7 @@ nothing, and a random-resized crop keeps >= 224 source px per side whenever it c
 image (about half of the 0.2-1 draws; the rest are upsampled from 132-224 px, versus 193-224 px from a
 500 x 375 original). Decode cost scales with pixels: 256 x 341 is 0.47x of 500 x 375. ``--short_side=320``
 keeps 79 % of draws at full detail for 0.73x the pixels. Images already within the bound and stored as
-baseline RGB/grayscale JPEG are copied byte for byte (no second lossy generation).
+RGB or grayscale JPEGs are copied byte for byte (no second lossy generation).
 
 Work is split into shards, each written by one worker process to a temporary name and renamed with a
 sidecar listing its samples: a killed pack restarts where it stopped (finished shards are kept), a DST
