@@ -252,6 +252,135 @@ def setup_bench(root: Path, args) -> None:
         print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / base:.3f}x |")
 
 
+def packed_copy(root: Path, data_dir: Path, short_side: int) -> Path:
+    """``fastmae data pack`` of ``root`` (cached: a second pack of the same data is a no-op)."""
+    from fastmae.data.pack import PackConfig, pack
+
+    dst = data_dir / f"{root.name}-pack{short_side}"
+    pack(PackConfig(src=str(root), dst=str(dst), short_side=short_side, workers=2), log=lambda m: None)
+    return dst
+
+
+def new_path_loaders(root: Path, data_dir: Path, common: dict) -> dict:
+    """The issue-21 paths as real torch loaders (workers, IPC and collate included)."""
+    packed = data_dir / f"{root.name}-pack256"
+    out = {"fast": ("torch workers, fast exact path (data.decode)", build_loader(root, decode="fast", **common))}
+    if packed.is_dir():
+        out["packed"] = ("torch workers, packed 256 + fast path", build_loader(packed, decode="fast", **common))
+        out["packed_x2"] = (
+            "torch workers, packed 256 + fast + repeat x2",
+            build_loader(packed, decode="fast", repeat_samples=2, **common),
+        )
+    return out
+
+
+def _dali_roi_decode(datas: list[bytes], windows: np.ndarray):
+    """A one-thread DALI CPU pipeline that ROI-decodes each file's window: -> callable returning the crops."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    enc = [np.frombuffer(d, np.uint8) for d in datas]
+    anchors = [np.array(w[:2], np.float32) for w in windows]
+    shapes = [np.array(w[2:4], np.float32) for w in windows]
+
+    @pipeline_def(batch_size=len(datas), num_threads=1, device_id=None, exec_pipelined=False, exec_async=False)
+    def pipe():
+        e, a, s = fn.external_source(source=lambda: (enc, anchors, shapes), num_outputs=3, batch=True)
+        return fn.decoders.image_slice(e, a, s, normalized_anchor=False, normalized_shape=False, output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    p.run()
+    return lambda: [np.asarray(t) for t in p.run()[0]]
+
+
+def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
+    """One thread, CPU ms per training sample of each path on the same n files (and, unpacked, the same
+    windows); each callable does all of a sample's work from its bytes on disk to a uint8 224x224 crop."""
+    import torch.nn.functional as F
+
+    from fastmae.data.decode import crops_from_image, decode_crops, decode_image
+    from fastmae.data.loader import ImageDataset
+    from fastmae.data.repeat import RepeatDataset
+    from fastmae.data.sources import open_source
+
+    src, psrc = open_source(root, "train", warn=False), open_source(packed, "train", warn=False)
+    ids = np.arange(min(n, len(src), len(psrc)))
+    ds = {d: ImageDataset(src, img_size, "mae", 0, d) for d in ("pil", "fast")}
+    pds = ImageDataset(psrc, img_size, "mae", 0, "fast")
+    keys, pkeys = ds["pil"].batch_keys(1, ids), pds.batch_keys(1, ids)
+    rep = {k: RepeatDataset(psrc, img_size, "mae", 0, "fast", k) for k in (2, 4)}
+    rkeys = {k: r.batch_keys(1, (ids[:, None] * k + np.arange(k)).reshape(-1)) for k, r in rep.items()}
+    windows = np.array([k[2] for k in keys], np.int64)
+    dali_decode = _dali_roi_decode([src.read_bytes(int(i)) for i in ids], windows)
+    pbytes = [psrc.read_bytes(int(i)) for i in ids]
+    pwin = np.array([k[2] for k in pkeys], np.int64)
+    pdec = [decode_image(b) for b in pbytes]
+
+    def dali_torch():
+        for i in ids:  # reading the bytes is the DALI reader's part; the external source above holds them
+            src.read_bytes(int(i))
+        for c, w in zip(dali_decode(), windows, strict=True):
+            r = F.interpolate(torch.from_numpy(c).permute(2, 0, 1)[None], size=(img_size, img_size), mode="bicubic",
+                              antialias=True)[0].permute(1, 2, 0)
+            (r.flip(1) if w[4] else r).contiguous()
+
+    return {
+        "today's PIL path (reference)": (lambda: [ds["pil"][k] for k in keys], 1),
+        "fast exact path (PIL decode + torch uint8 resize)": (lambda: [ds["fast"][k] for k in keys], 1),
+        "DALI CPU ROI decode + torch uint8 resize": (dali_torch, 1),
+        "DALI CPU ROI decode alone (stage)": (dali_decode, 1),
+        f"packed ({packed.name}) + fast path": (lambda: [pds[k] for k in pkeys], 1),
+        "packed + fast + repeat x2": (lambda: [rep[2][k] for k in rkeys[2]], 2),
+        "packed + fast + repeat x4": (lambda: [rep[4][k] for k in rkeys[4]], 4),
+        "packed: read bytes (stage)": (lambda: [psrc.read_bytes(int(i)) for i in ids], 1),
+        "packed: PIL decode (stage)": (lambda: [decode_image(b) for b in pbytes], 1),
+        "packed: crop out of PIL + torch resize + flip (stage)": (
+            lambda: [crops_from_image(img, w[None], img_size, s) for (img, s), w in zip(pdec, pwin, strict=True)], 1),
+        "packed: whole sample via decode_crops (stage sum check)": (
+            lambda: [decode_crops(b, w[None], img_size) for b, w in zip(pbytes, pwin, strict=True)], 1),
+    }
+
+
+def path_table(root: Path, packed: Path, args, rounds: int = 7) -> None:
+    """The goal table (one thread, CPU ms per sample, ratios to today's PIL path in the same run) and the cores
+    one GPU needs at 4,400 and 8,500 img/s."""
+    costs = path_costs(root, packed, args.img_size, min(args.images, 200))
+    n = min(args.images, 200, len(open_source_names(root)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ms: dict[str, list[float]] = {k: [] for k in costs}
+    try:
+        for _ in range(rounds):  # round-robin: machine noise hits every path alike
+            for k, (f, per) in costs.items():
+                c0 = time.process_time()
+                f()
+                ms[k].append((time.process_time() - c0) * 1e3 / (n * per))
+    finally:
+        torch.set_num_threads(threads)
+    ref = statistics.median(ms["today's PIL path (reference)"])
+    print(f"\nCPU ms per training sample, 1 thread, {root.name} ({n} files), {args.img_size} px, RandomResizedCrop "
+          f"0.2-1 + bicubic antialias + flip, uint8; median of {rounds} rounds; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores\n")
+    print("| path | CPU ms/sample | range | vs today's PIL | samples/s per core | cores per GPU at 4,400 / 8,500 img/s |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for k, v in ms.items():
+        m = statistics.median(v)
+        stage = "(stage)" in k
+        cores = "" if stage else f"{4400 * m / 1e3:.1f} / {8500 * m / 1e3:.1f}"
+        print(f"| {k} | {m:.3f} | {min(v):.3f}-{max(v):.3f} | {ref / m:.2f}x faster | {1e3 / m:.0f} | {cores} |")
+        rows.append({"bench": "data_paths", "path": k, "cpu_ms_per_sample": round(m, 4), "speedup_vs_pil": round(ref / m, 3),
+                     "files": n, "img_size": args.img_size, **stamp(torch.device("cpu"))})
+    if not args.no_csv:
+        append_csv(rows)
+
+
+def open_source_names(root: Path) -> list[str]:
+    from fastmae.data.sources import open_source
+
+    return open_source(root, "train", warn=False).names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
@@ -266,6 +395,9 @@ def main() -> None:
     ap.add_argument("--no_csv", action="store_true")
     ap.add_argument("--ops", action="store_true", help="also print a per-stage CPU-cost breakdown")
     ap.add_argument("--setup", action="store_true", help="only the DALI per-epoch setup comparison (demo set)")
+    ap.add_argument("--no_paths", action="store_true", help="skip the one-thread per-path table and the new-path loaders")
+    ap.add_argument("--paths_only", action="store_true", help="only the one-thread per-path table and cores per GPU")
+    ap.add_argument("--short_side", type=int, default=256, help="short side of the packed copy (fastmae data pack)")
     args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
     if args.setup:
         setup_bench(prepare_demo_dataset(Path(args.data_dir)), args)
@@ -279,6 +411,11 @@ def main() -> None:
     }
     device = torch.device(args.device)
     load0 = os.getloadavg()[0]
+    if not args.no_paths:
+        inet = next(iter(sets.values()))
+        path_table(inet, packed_copy(inet, data_dir, args.short_side), args)
+        if args.paths_only:
+            return
     common = dict(
         batch_size=args.batch,
         img_size=args.img_size,
@@ -291,6 +428,9 @@ def main() -> None:
         loaders = {kind: build_loader(root, loader=kind, **common) for kind in ("torch", "dali")}
         dali_mode = "mixed (nvJPEG)" if loaders["dali"].device_id is not None else "CPU"
         labels = {"torch": "torch/PIL workers", "dali": f"DALI {dali_mode}"}
+        if root.name.startswith("inet-like") and not args.no_paths:
+            for key, (label, ld) in new_path_loaders(root, data_dir, common).items():
+                loaders[key], labels[key] = ld, label
         if not args.no_diagnostic:
             from fastmae.data.dali import DaliLoader
             from fastmae.data.sources import open_source

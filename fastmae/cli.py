@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("fastmae.pretrain", "cli_main", "MAE/SimMIM/VideoMAE pretraining (what train.py runs)"),
     "plan": ("fastmae.plan", "main", "what a run resolves to on a target GPU setup (= pretrain --dry_run)"),
     "data check": ("fastmae.data.check", "main", "list a dataset's problems (corrupt, unreadable, too small) before a long run"),
+    "data pack": ("fastmae.data.pack", "main", "webdataset shards at a bounded short side + JSON index (fast loading)"),
     "linprobe": ("fastmae.eval.linprobe", "main", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.eval.finetune", "main", "partial (--tune_blocks k) or full fine-tuning"),
     "knn": ("fastmae.eval.protocols.knn", "main", "k-NN top-1 of a frozen encoder (cosine, temperature-weighted vote)"),

@@ -45,7 +45,7 @@ from fastmae.engine.distributed import (
     wrap_model,
 )
 from fastmae.engine.flops import peak_flops
-from fastmae.engine.logger import RunLogger, read_metrics_lines
+from fastmae.engine.logger import DATA_WAIT_WARN, DataWait, RunLogger, data_wait_warning, read_metrics_lines
 from fastmae.engine.optim import build_adamw, lr_at
 from fastmae.engine.plan import build_meta_model, layout_for, model_shape
 from fastmae.engine.preemption import SAVED_DIR, Preemption, mark_saved
@@ -137,6 +137,11 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     )
     log.info(f"layout: batch {cfg.batch_size} x accum {cfg.accum_iter} x {info.world_size} proc; {layout.reason}"
              + (f"; {layout.note}" if layout.note else "") + f"; attention kernels {attention_kernels(cfg, amp_dtype, device)}")
+    if getattr(train_loader, "repeat", 1) > 1:
+        k = train_loader.repeat
+        log.info(f"repeat_samples={k}: each image is decoded once for {k} crops (each its own mask); an epoch is {k} x "
+                 f"{train_loader.num_files} files = {train_loader.num_samples} samples, and epochs, the lr schedule and "
+                 "the resume position count samples")
     log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
 
     # ---- step loop ---------------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     monitor = build_monitor(cfg, model, info, sharded)
     stats = StepStats.zeros(device)
     bad_data = BadDataReport(train_loader)
-    next_batch = BatchStream(train_loader, device)
+    next_batch = DataWait(BatchStream(train_loader, device))
     step = start_step
     model.train()
     with closing(log):
@@ -164,6 +169,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             row = {}
             if step % cfg.log_every == 0 or step == total_steps:
                 row = window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info))
+                row["data_wait"] = next_batch.close()
                 bad_data.log_new(log)
             if monitor is not None and monitor.due(step, step == total_steps):
                 with window.paused():  # scoring is not training: it stays out of the throughput
@@ -184,7 +190,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     summary = {"status": "done", "step": step, "train_loss": last_loss,
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
                "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
-               **bad_data.summary()}
+               "data_wait": next_batch.run_fraction(), **bad_data.summary()}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
@@ -297,6 +303,8 @@ def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLog
         summary["curves"] = str(curves)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info(summary_text(summary))
+    if (summary.get("data_wait") or 0.0) > DATA_WAIT_WARN:
+        log.info(data_wait_warning(summary["data_wait"], "this run"))
 
 
 def prepare_run_dir(run_dir: Path, resume: str, info: DistInfo) -> None:
@@ -421,9 +429,15 @@ def summary_text(s: dict) -> str:
         f"throughput       {fmt(s.get('img_s'))} img/s ({s.get('img_s_note', 'after warm-up')})",
         *([f"substituted      {s['substitutions']} sample(s) that failed to decode: "
            f"{', '.join(map(str, s.get('substituted_files', [])[:5]))}"] if s.get("substitutions") else []),
+        f"data wait        {_pct(s.get('data_wait'))} of wall time in next(loader) (same windows as throughput; "
+        f"warning above {DATA_WAIT_WARN:.0%})",
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, float) else str(v)
 
 
 def _run_files(run_dir: Path) -> list[str]:

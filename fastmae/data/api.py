@@ -16,6 +16,7 @@ from .sources import has_split, holdout, open_source
 from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
+DECODES = ("pil", "fast")  # torch loader's train crops: PIL resize, or data.decode (torch uint8 resize, stated PSNR)
 OUTPUTS = ("float", "uint8")
 # The last four: the MAE paper's pretraining augmentation table (see augment.py); "crop_flip" is "mae".
 AUGMENTS = ("mae", "linprobe", "finetune", "eval", "none", "crop", "crop_flip", "crop_color")
@@ -64,6 +65,8 @@ def build_loader(
     classes: list[str] | None = None,
     require_labels: bool = False,
     holdout_fraction: float = 0.0,
+    decode: str = "pil",
+    repeat_samples: int = 1,
 ) -> BaseLoader:
     """Build a loader yielding ``(imgs, labels)``.
 
@@ -87,9 +90,20 @@ def build_loader(
     ``holdout_fraction``: for data without a ``val/`` split, a seeded share of the files (:func:`holdout`) is the
     val split and is left out of train; the loader's ``holdout_fraction`` then says so (0 = a real split).
     The loader's ``source`` is the scanned file table it reads.
+    ``decode`` (torch loader, crop augmentations): ``"pil"`` (Pillow crop + bicubic resize) or ``"fast"``
+    (:mod:`fastmae.data.decode`: the same windows, torch's uint8 bicubic-antialias resize, DCT-scaled JPEG
+    decode where every window allows it). ``repeat_samples`` K > 1 (torch loader, training): each file is
+    decoded once per epoch and gives K consecutive samples with their own crops and flips; an epoch is
+    K x files samples (``fastmae.data.repeat``).
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
     _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
+    if not isinstance(repeat_samples, int) or repeat_samples < 1:
+        raise ValueError(f"repeat_samples must be an int >= 1, got {repeat_samples!r}")
+    if repeat_samples > 1 and loader != "torch":
+        raise ValueError(f"repeat_samples > 1 needs loader='torch' (got {loader!r})")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     augment = augment or ("mae" if train else "eval")
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
@@ -135,8 +149,12 @@ def build_loader(
         src = holdout(src, holdout_fraction, seed, split)
     if loader == "dali":
         ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+    elif repeat_samples > 1:
+        from .repeat import RepeatLoader
+
+        ld = RepeatLoader(src, repeat_samples, augment=augment, decode=decode, num_workers=num_workers, **common)
     else:
-        dataset = ImageDataset(src, img_size, augment, seed)
+        dataset = ImageDataset(src, img_size, augment, seed, decode)
         ld = TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
     ld.source = src
     ld.holdout_fraction = holdout_fraction if carve else 0.0

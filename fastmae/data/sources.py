@@ -427,7 +427,12 @@ def resolve_spec(root_or_spec: str | os.PathLike, split: str) -> tuple[str, Path
 
 def has_split(root_or_spec: str | os.PathLike, split: str) -> bool:
     """Whether the data set has its own ``split`` folder (``ROOT/val/``); tar shards have no splits."""
-    return Path(os.fspath(root_or_spec), split).is_dir()
+    p = Path(os.fspath(root_or_spec))
+    if (p / "pack.json").is_file():
+        from .pack import pack_splits
+
+        return split in pack_splits(p)
+    return (p / split).is_dir()
 
 
 def holdout(src: Source, fraction: float, seed: int, split: str) -> Source:
@@ -520,6 +525,10 @@ def open_source(
     each sample's ``.cls`` member (``-1`` when absent; ``require_labels=True`` makes that an error).
     ``index_cache``: a directory where folder scans are kept; later scans re-check only files whose
     size or mtime changed (the directory walk itself still runs, so added/removed files are seen)."""
+    if Path(os.fspath(root_or_spec), "pack.json").is_file():  # `fastmae data pack` output: the index is the table
+        from .pack import open_pack
+
+        return open_pack(root_or_spec, split)
     if shared:
         src = _scan_on_rank0(lambda: _scan(root_or_spec, split, min_size, threads, crop, index_cache, classes))
     else:

@@ -53,6 +53,7 @@ class RunLogger:
         self._wandb = None
         self._bar = None
         self.backends: list[str] = []  # what this run logs to, for the start-up line
+        self._warned_wait = False  # the data-wait warning is said once per run (the summary repeats the run's figure)
         if not enabled:
             return
         if tensorboard:
@@ -82,6 +83,9 @@ class RunLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+        if row.get("data_wait", 0.0) > DATA_WAIT_WARN and not self._warned_wait:
+            self._warned_wait = True
+            self.info(data_wait_warning(row["data_wait"], f"the window ending at step {step}"))
         shown = {k: _fmt(row[k]) for k in ("loss", "lr", "img_s") if k in row}
         if self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
@@ -90,6 +94,8 @@ class RunLogger:
             parts = [f"step {step}/{self.total_steps} ({pct:.0f}%)"] + [f"{k} {shown[k]}" for k in ("loss", "lr") if k in shown]
             if "img_s" in shown:
                 parts.append(f"{shown['img_s']} img/s")
+            if "data_wait" in row:
+                parts.append(f"data wait {100 * row['data_wait']:.1f}%")
             print("  ".join(parts), flush=True)
 
     def resume_at(self, step: int) -> int:
@@ -141,6 +147,58 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+# Above this share of wall time spent waiting for batches, the loader (not the model) sets the pace.
+DATA_WAIT_WARN = 0.10
+
+
+def data_wait_warning(fraction: float, where: str) -> str:
+    return (f"warning: the step waited for data {100 * fraction:.1f}% of the time in {where} (above "
+            f"{100 * DATA_WAIT_WARN:.0f}%): the input pipeline is the bottleneck; raise --num_workers, use "
+            f"--loader=dali, pack the data (fastmae data pack) or use --repeat_samples")
+
+
+class DataWait:
+    """Wraps the step's ``next_batch``: the share of each log window's wall time spent inside it.
+
+    Host clocks only, no device sync: on a GPU the step's kernels are queued asynchronously, so a loader
+    that keeps up costs ~0 here while a slow one shows as the host blocking in ``next``. The first
+    window (worker start-up, compilation) is reported but left out of the run figure when later windows
+    exist, as throughput is."""
+
+    def __init__(self, next_batch):
+        self._next = next_batch
+        self._wait, self._t0 = 0.0, time.perf_counter()
+        self._windows = 0
+        self._run_wait = self._run_s = 0.0
+        self._first = (0.0, 0.0)
+
+    def __call__(self):
+        t = time.perf_counter()
+        try:
+            return self._next()
+        finally:
+            self._wait += time.perf_counter() - t
+
+    def close(self) -> float:
+        """The fraction of the window since the last close spent waiting for data; starts the next window."""
+        now = time.perf_counter()
+        wall = max(now - self._t0, 1e-9)
+        frac = min(self._wait / wall, 1.0)
+        if self._windows:
+            self._run_wait += self._wait
+            self._run_s += wall
+        else:
+            self._first = (self._wait, wall)
+        self._windows += 1
+        self._wait, self._t0 = 0.0, now
+        return frac
+
+    def run_fraction(self) -> float | None:
+        """Waited / wall over the windows after the first (or the first alone); None before any window closed."""
+        wait, wall = (self._run_wait, self._run_s) if self._run_s else self._first
+        return wait / wall if wall else None
 
 
 def open_tensorboard(log_dir: Path):

@@ -65,6 +65,7 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
         train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
         drop_last=train, holdout_fraction=cfg.holdout_fraction, augment=(cfg.augment or None) if train else None,
         index_cache=_scan_index_dir(cfg),
+        decode=getattr(cfg, "decode", "pil"), repeat_samples=getattr(cfg, "repeat_samples", 1) if train else 1,
     )
 
 
