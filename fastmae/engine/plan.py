@@ -188,7 +188,7 @@ class Layout:
     accum_iter: int
     eff_batch: int  # batch_size * accum_iter * world_size
     cuda_graphs: bool
-    compile_mode: str  # "reduce-overhead" | "default" | "none"
+    compile_mode: str  # "reduce-overhead" | "default" | "max-autotune-no-cudagraphs" | "none"
     reason: str  # why CUDA graphs are (not) on; log it
     note: str  # how the batch was split (or a memory warning)
     max_batch: int | None  # the memory model's largest per-GPU batch (None off-GPU)
@@ -217,6 +217,7 @@ def resolve_layout(
     fsdp: bool = False,
     residual_dtype: str = "fp32",
     attention: str = "auto",
+    compile_mode: str = "auto",
 ) -> Layout:
     """Per-GPU batch, accumulation and CUDA-graph decision. Pure: no device is touched.
 
@@ -257,8 +258,26 @@ def resolve_layout(
         graphs, why_graphs = False, f"CUDA graphs off: accum_iter={accum} > 1; {GRAPHS_ACCUM_REASON}"
     else:
         graphs, why_graphs = True, "CUDA graphs on: compile mode reduce-overhead, no accumulation"
-    mode = "reduce-overhead" if graphs else ("default" if compile else "none")
+    graphs, mode, why_graphs = _compile_mode(compile_mode, compile, graphs, why_graphs, device_type, accum)
     return Layout(batch, accum, batch * accum * world_size, graphs, mode, why_graphs, note, max_batch)
+
+
+def _compile_mode(asked: str, compile: bool, graphs: bool, why: str, device_type: str, accum: int) -> tuple[bool, str, str]:
+    """(CUDA graphs, torch.compile mode, reason) from ``--compile_mode``: ``auto`` keeps the graph decision above;
+    an explicit mode without graphs turns them off; ``reduce-overhead`` asked where graphs are unsafe is an error."""
+    if asked == "auto":
+        return graphs, "reduce-overhead" if graphs else ("default" if compile else "none"), why
+    if not compile:
+        raise ValueError(f"compile_mode={asked} needs --compile=true")
+    if asked != "reduce-overhead":
+        reason = why if not graphs else f"CUDA graphs off: compile_mode={asked}"
+        return False, asked, reason
+    if device_type == "cuda" and accum > 1:
+        raise ValueError(f"compile_mode=reduce-overhead with accum_iter={accum}: {GRAPHS_ACCUM_REASON}; "
+                         "reach the batch with more GPUs or use compile_mode=default")
+    if not graphs and device_type == "cuda":
+        raise ValueError(f"compile_mode=reduce-overhead is CUDA graphs, which are off here ({why})")
+    return graphs, asked if graphs else "default", why
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
@@ -347,6 +366,7 @@ class Plan:
     total_images: int
     wall_hours: float | None
     assumptions: tuple[str, ...] = field(default=ASSUMPTIONS)
+    levers: list[str] = field(default_factory=list)  # issue 22's per-lever lines (fastmae.engine.levers)
 
 
 def _world_size(cfg) -> int:
@@ -377,7 +397,7 @@ def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_
     return resolve_layout(
         shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
         compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
-        fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(),
+        fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(), compile_mode=cfg.compile_mode,
     )
 
 
@@ -443,6 +463,7 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None) -> Plan:
     estimate = None
     if spec is not None:
         estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype)
+    levers = _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate)
     steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
     total_images = steps * layout.eff_batch
     wall = total_images / (estimate.img_s * world) / 3600 if estimate else None
@@ -451,8 +472,18 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None) -> Plan:
         lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=precision, kernels=ops.kernel_backend(device),
         attention=attention, n_params=n_params, train_gflops_per_image=3 * fwd_flops / 1e9,
         activation_gib=act / 2**30, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
-        estimate=estimate, total_images=total_images, wall_hours=wall,
+        estimate=estimate, total_images=total_images, wall_hours=wall, levers=levers,
     )
+
+
+def _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate) -> list[str]:
+    from fastmae.engine import levers
+    from fastmae.layers.attention import attention_table
+
+    if estimate is None:
+        return []
+    rows = levers.lever_rows(cfg, shape, fwd_flops, layout, spec, estimate, attention_table(cfg.attention_table))
+    return levers.format_lever_rows(rows) + ["                  " + a for a in levers.LEVER_ASSUMPTIONS]
 
 
 def _precision(cfg, device: str) -> str:
@@ -513,4 +544,4 @@ def format_plan(plan: Plan) -> str:
         why = "the roofline models MAE only" if plan.activation_gib is None else "no GPU target: pass --device=cuda --gpu=NAME"
         lines.append(f"time estimate     none ({why})")
     lines.append("assumptions       " + "\n                  ".join(plan.assumptions))
-    return "\n".join(lines)
+    return "\n".join(lines + plan.levers)
