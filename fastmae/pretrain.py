@@ -88,6 +88,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 
     # ---- model, optimizer, distributed wrapping, compile -------------------------------------------------
     model = spec.build_model(cfg).to(device)
+    fp8_note = apply_fp8(model, cfg.fp8, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     base_lr = cfg.lr or cfg.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
@@ -127,6 +128,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     log.info(f"layout: batch {cfg.batch_size} x accum {cfg.accum_iter} x {info.world_size} proc; {layout.reason}"
              + (f"; {layout.note}" if layout.note else "") + f"; attention kernels "
              f"{attention_kernels(cfg, amp_dtype, device, run_dir / 'attention.json' if info.is_main else None)}")
+    log.info(fp8_note)
     log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
 
     # ---- step loop ---------------------------------------------------------------------------------------
@@ -215,6 +217,17 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
             f"fewer than accum_iter={cfg.accum_iter}: lower batch_size or accum_iter"
         )
     return steps
+
+
+def apply_fp8(model, mode: str, device: torch.device) -> str:
+    """``--fp8``: torchao's float8 training for the block linears (before DDP/FSDP wrapping and compile); the log line."""
+    if mode == "off":
+        return "fp8: off (bf16 GEMMs)"
+    from fastmae.engine.fp8 import convert_fp8
+
+    swapped, skipped = convert_fp8(model, mode, device)
+    return (f"fp8: {mode} scaling on {len(swapped)} block linears; bf16 kept for "
+            + ", ".join(f"{name} ({why})" for name, why in skipped.items()))
 
 
 def compile_forward(model, cfg: PretrainConfig, info: DistInfo, mode: str):
