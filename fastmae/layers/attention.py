@@ -240,7 +240,10 @@ def run_attention(qkv: Tensor, kernel: str, scale: float, caps: AttnCaps) -> Ten
         from flash_attn import flash_attn_qkvpacked_func
 
         return flash_attn_qkvpacked_func(qkv, softmax_scale=scale).reshape(B, T, H * Dh)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+    # Unbind the packed dim in place, then move heads: the same strided views as permuting first, but autograd's
+    # backward stacks the three gradients straight into qkv's (B, T, 3, H, Dh) layout, one pass instead of a
+    # stack into (3, B, H, T, Dh) and a permuted copy (issue 22, lever 6).
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, T, Dh)
     return dense_attention(q, k, v, kernel, scale, caps).transpose(1, 2).reshape(B, T, H * Dh)
 
 
