@@ -346,3 +346,68 @@ def test_packed_qkv_gradient_arrives_in_qkv_layout_without_a_permuted_copy():
     q, k, v = x.detach().permute(2, 0, 3, 1, 4)  # the eager formula, independent of the code under test
     ref = (((q * Dh**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * Dh)
     torch.testing.assert_close(out.detach(), ref)
+
+
+# ---- the plan: one step estimate per lever ------------------------------------------------------------------------
+
+PLAN_B256 = ["--preset=base", "--device=cuda", "--gpu=h100", "--eff_batch=0", "--batch_size=256", "--accum_iter=1"]
+
+
+def _lever_rows(*extra):
+    from fastmae.config import parse_overrides
+    from fastmae.engine import levers
+    from fastmae.engine import plan as planmod
+
+    cfg = parse_overrides([*PLAN_B256, *extra])
+    model = planmod.build_meta_model(cfg.model, cfg.img_size)
+    shape = planmod.model_shape(model, cfg.img_size, cfg.mask_ratio)
+    fwd = planmod.mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
+    lay = planmod.layout_for(cfg)
+    est = planmod.estimate_step(shape, 0, fwd, lay, planmod.GPUS[cfg.gpu], cfg.compile, cfg.residual_dtype)
+    return {r.name: r for r in levers.lever_rows(cfg, shape, fwd, lay, planmod.GPUS[cfg.gpu], est)}, est
+
+
+def test_plan_prints_a_row_per_lever_and_fp8_counts_when_on(capsys):
+    from fastmae.plan import main as plan_command
+
+    assert plan_command(PLAN_B256 + ["--fp8=rowwise"]) == 0
+    out = capsys.readouterr().out
+    for name in ("as planned", "fp8=rowwise", "decoder_input_dtype=autocast", "residual_dtype=bf16",
+                 "compile_mode=max-autotune-no-cudagraphs", "attention_table", "fewer elementwise passes",
+                 "all levers that help"):
+        assert name in out
+    off, est = _lever_rows()
+    on, _ = _lever_rows("--fp8=rowwise")
+    assert on["as planned"].step_ms == pytest.approx(off["fp8=rowwise"].step_ms)
+    assert off["as planned"].step_ms != pytest.approx(on["as planned"].step_ms)
+
+
+def test_lever_rows_count_k2_and_the_decoder_stream_and_skip_what_does_not_apply():
+    from fastmae.engine import levers
+    from fastmae.engine import plan as planmod
+
+    rows, est = _lever_rows()
+    gpu = planmod.GPUS["h100"]
+    bw = gpu.hbm_tbs * 1e12 * planmod.BW_EFF
+    k2 = (levers.k2_bytes(256, 196, 49, 512, 4) - levers.k2_bytes(256, 196, 49, 512, 2)) / bw * 1e3
+    # The plan counts K2 at bf16: today's fp32 decoder input adds its bytes back in the "as planned" row.
+    assert rows["as planned"].step_ms == pytest.approx(est.step_ms + k2)
+    dec_tc = 8 * 197 * 512 * 256
+    dec_stream = planmod.BF16_RESIDUAL_SAVING * planmod.COMPILE_ELEMENTWISE_FACTOR * dec_tc / bw * 1e3
+    assert rows["as planned"].step_ms - rows["decoder_input_dtype=autocast"].step_ms == pytest.approx(k2 + dec_stream)
+    a100, _ = _lever_rows("--gpu=a100")
+    assert a100["fp8=rowwise"].step_ms != a100["fp8=rowwise"].step_ms  # NaN: no FP8 tensor cores
+    no_compile, _ = _lever_rows("--compile=false")
+    assert "needs --compile" in no_compile["compile_mode=max-autotune-no-cudagraphs"].note
+    helping = rows["all levers that help"]
+    assert helping.step_ms < min(r.step_ms for n, r in rows.items() if n != "all levers that help")
+
+
+def test_measured_attention_time_replaces_the_roofline_when_both_shapes_are_in_the_table():
+    from fastmae.engine.levers import measured_attention_ms
+    from fastmae.engine.plan import build_meta_model, model_shape
+
+    shape = model_shape(build_meta_model("mae_vit_base_patch16", 224), 224, 0.75)
+    table = {(64, 50): ("sdpa_cudnn", 0.2, 128), (32, 197): ("sdpa_efficient", 0.5, 128)}
+    assert measured_attention_ms(shape, table, 256) == pytest.approx(12 * 0.4 + 8 * 1.0)
+    assert measured_attention_ms(shape, {(64, 50): ("sdpa", 0.2, 128)}, 256) is None
