@@ -59,6 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     # Inductor computes graph.count_bytes only with its metrics log on; kernel profiling names each fused kernel.
     torch._inductor.config.cpp.enable_kernel_profile = True
+    # A cached graph skips code generation, and with it the byte count.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     torch._logging.set_logs(inductor_metrics=True)
     logging.getLogger("torch._inductor.compile_fx").setLevel(logging.WARNING)
     print("| part | residual | batch | fused kernels run | bytes (fwd+bwd) | bytes per token-channel | dtype conversions | "
