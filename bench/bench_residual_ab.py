@@ -61,9 +61,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     presets = sorted({r["preset"] for r in rows})
     fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 3.5), squeeze=False)
-    for ax, preset in zip(axes[0], presets):
+    for ax, preset in zip(axes[0], presets, strict=True):
         for r in (r for r in rows if r["preset"] == preset):
-            steps, losses = zip(*r["curve"])
+            steps, losses = zip(*r["curve"], strict=True)
             ax.plot(steps, losses, color="C0" if r["arm"] == rows[0]["arm"] else "C3", alpha=0.7,
                     label=f"{r['arm']} seed {r['seed']}")
         ax.set(title=f"{preset}: {rows[0]['arm']} (blue) vs the other arm (red)", xlabel="step", ylabel="train loss")
