@@ -192,7 +192,8 @@ def _row(name: str, extra_ms: float, est, images: int, fwd_flops: float, gpu, no
 def format_lever_rows(rows: list[LeverRow]) -> list[str]:
     """The plan's lever lines: step, img/s and MFU per lever, and the speed-up against the plan with its own levers."""
     base = rows[0].step_ms
-    out = ["levers            step estimate with each lever alone, then all (issue 22; MFU at the bf16 peak)"]
+    out = ["levers            step estimate with each lever alone, then together (issue 22; compute-bound: no loader "
+           "cap; MFU at the bf16 peak)"]
     for r in rows:
         if r.step_ms != r.step_ms:  # NaN: the lever does not apply to this target
             out.append(f"  {r.name:<40} n/a ({r.note})")
