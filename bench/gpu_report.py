@@ -343,6 +343,23 @@ def section_attention(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype
     return _every_key(rows, ATTENTION_FIGURES)
 
 
+def write_attention_table(rows: list[dict], path: Path, device: str, dtype: torch.dtype) -> Path:
+    """The attention section's timings as the chooser's table (``--attention_table=PATH``): per (head_dim, tokens),
+    the fwd+bwd milliseconds of every kernel that ran (errors left out)."""
+    from fastmae.layers.attention import TABLE_FORMAT
+
+    shapes: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        if r.get("fwd_bwd_ms") is None:
+            continue
+        entry = shapes.setdefault((r["head_dim"], r["tokens"]), {"head_dim": r["head_dim"], "tokens": r["tokens"],
+                                                                 "batch": r["batch"], "heads": r["heads"], "fwd_bwd_ms": {}})
+        entry["fwd_bwd_ms"][r["kernel"]] = r["fwd_bwd_ms"]
+    doc = {"format": TABLE_FORMAT, "device": device, "dtype": str(dtype).removeprefix("torch."), "shapes": list(shapes.values())}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
 def _time_attention(qkv: torch.Tensor, grad_out: torch.Tensor, kernel: str, caps, device: torch.device,
                     sizes: Sizes) -> dict:
     scale = qkv.shape[-1] ** -0.5
@@ -823,6 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     budgets = BUDGETS_QUICK if args.quick else BUDGETS_FULL
     run_sections(report, {k: v for k, v in runs.items() if k in sections}, budgets, args.deadline, out, t0)
+    if isinstance(report.get("attention"), list):  # the measured table for --attention_table (issue 22)
+        write_attention_table(report["attention"], out / "attention_table.json", env.get("gpu", str(device)), amp)
     print(to_markdown(report))
     return 0
 

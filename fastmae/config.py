@@ -19,6 +19,7 @@ from fastmae import flags
 from fastmae.engine.flops import GPUS
 from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
 from fastmae.methods.registry import get_method, list_methods
+from fastmae.models.mae import DECODER_INPUT_DTYPES
 from fastmae.models.masks import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -122,6 +123,15 @@ class PretrainConfig:
     monitor: str = field(default="", metadata={"help": "online evaluation logged beside the loss: knn (k-NN top-1 of "
                                                         "the encoder's cls feature on the embedded digits) | '' (off)"})
     monitor_every: int = field(default=0, metadata={"help": "optimizer steps between monitor scores; 0 = ckpt_every"})
+    # compute levers (issue 22): each off / official by default
+    decoder_input_dtype: str = field(default="auto", metadata={"help": "decoder input (K2 output) under autocast: fp32 "
+                                     "(official) | autocast (bf16 table: half of K2's bytes) | auto (= residual_dtype)"})
+    compile_mode: str = field(default="auto", metadata={"help": "torch.compile mode: auto (reduce-overhead when CUDA "
+                              "graphs are allowed, else default) | default | reduce-overhead | max-autotune-no-cudagraphs"})
+    attention_table: str = field(default="", metadata={"help": "JSON of measured attention timings per shape "
+                                 "(bench/gpu_report.py --attention_table); the fastest kernel per shape wins; '' = rules"})
+    fp8: str = field(default="off", metadata={"help": "FP8 training of the encoder/decoder block linears through torchao: "
+                     "off | tensorwise | rowwise (needs torchao; on CUDA sm_89+)"})
 
     def __post_init__(self):
         # Older config.json files and flags say true/false: true meant "where allowed" (auto).
@@ -198,6 +208,7 @@ class PretrainConfig:
             (0.0 <= self.prediction_ratio <= 1.0,
              f"prediction_ratio must be in [0, 1] (0 = the model's), got {self.prediction_ratio}"),
             (self.feature_fusion in ("", "true", "false"), f"feature_fusion must be true or false, got {self.feature_fusion!r}"),
+            *_lever_checks(self),
         ]
         for ok, reason in checks:
             if not ok:
@@ -210,12 +221,34 @@ class PretrainConfig:
                 f"patches per image, more than {MAX_TOKENS}"
             )
         _check_output_dir(self.output_dir)
+        _check_attention_table(self.attention_table)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
+
+
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+FP8_MODES = ("off", "tensorwise", "rowwise")
+
+
+def _lever_checks(cfg: PretrainConfig) -> list[tuple[bool, str]]:
+    """The compute levers' keys (issue 22); the attention table's content is checked where it is read."""
+    return [
+        (cfg.decoder_input_dtype in DECODER_INPUT_DTYPES,
+         f"decoder_input_dtype must be one of {', '.join(DECODER_INPUT_DTYPES)}, got {cfg.decoder_input_dtype!r}"),
+        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}"),
+        (cfg.fp8 in FP8_MODES, f"fp8 must be one of {', '.join(FP8_MODES)}, got {cfg.fp8!r}"),
+    ]
+
+
+def _check_attention_table(path: str) -> None:
+    """A measured attention table is read (and rejected with a one-line reason) before any work starts."""
+    from fastmae.layers.attention import load_attention_table
+
+    load_attention_table(path)
 
 
 def default_output_dir(method: str, preset: str) -> str:

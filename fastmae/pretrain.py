@@ -53,7 +53,7 @@ from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import BatchStream, LogWindow, StepStats, TrainingAborted, resolve_precision, train_step
 from fastmae.layers import attention_backend
-from fastmae.layers.attention import describe_attention
+from fastmae.layers.attention import attention_table, describe_attention, load_attention_table, set_attention_table
 from fastmae.methods.registry import MethodSpec, get_method
 from fastmae.threads import resolve_threads
 
@@ -81,6 +81,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
     torch.set_flush_denormal(True)
     amp_dtype = resolve_precision(cfg.precision, device)
+    set_attention_table(load_attention_table(cfg.attention_table))  # before any model is built or compiled
     torch.manual_seed(cfg.seed)
 
     # On GPUs the effective batch comes from more GPUs before accumulation, and CUDA graphs never replay an
@@ -97,6 +98,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 
     # ---- model, optimizer, distributed wrapping, compile -------------------------------------------------
     model = spec.build_model(cfg).to(device)
+    fp8_note = apply_fp8(model, cfg.fp8, device)
     eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
     base_lr = cfg.lr or cfg.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
@@ -104,7 +106,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.grad_compression, hsdp=cfg.hsdp))
     optimizer = build_adamw(model, lr_t, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    forward = compile_forward(ddp_model, cfg, info, layout.cuda_graphs)
+    forward = compile_forward(ddp_model, cfg, info, layout.compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     no_sync = ddp_model.no_sync if info.enabled and not cfg.fsdp else None
 
@@ -136,7 +138,9 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
         + (f", resumed from {resume_path.name}" if resume_path else "")
     )
     log.info(f"layout: batch {cfg.batch_size} x accum {cfg.accum_iter} x {info.world_size} proc; {layout.reason}"
-             + (f"; {layout.note}" if layout.note else "") + f"; attention kernels {attention_kernels(cfg, amp_dtype, device)}")
+             + (f"; {layout.note}" if layout.note else "") + f"; attention kernels "
+             f"{attention_kernels(cfg, amp_dtype, device, run_dir / 'attention.json' if info.is_main else None)}")
+    log.info(fp8_note)
     if getattr(train_loader, "repeat", 1) > 1:
         k = train_loader.repeat
         log.info(f"repeat_samples={k}: each image is decoded once for {k} crops (each its own mask); an epoch is {k} x "
@@ -333,26 +337,46 @@ def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
     return steps
 
 
-def compile_forward(model, cfg: PretrainConfig, info: DistInfo, cuda_graphs: bool):
-    """``torch.compile`` (one graph on a single process; CUDA graphs when the layout allows them), or the model.
+def apply_fp8(model, mode: str, device: torch.device) -> str:
+    """``--fp8``: torchao's float8 training for the block linears (before DDP/FSDP wrapping and compile); the log line."""
+    if mode == "off":
+        return "fp8: off (bf16 GEMMs)"
+    from fastmae.engine.fp8 import convert_fp8
 
-    ``cuda_graphs`` is the one decision of :func:`fastmae.engine.plan.layout_for`: on only for CUDA with compile
-    and no gradient accumulation (gradients accumulated across replays of a graphed backward live in the
-    graph's memory pool and are overwritten; DESIGN.md, hazard).
+    swapped, skipped = convert_fp8(model, mode, device)
+    return (f"fp8: {mode} scaling on {len(swapped)} block linears; bf16 kept for "
+            + ", ".join(f"{name} ({why})" for name, why in skipped.items()))
+
+
+def compile_forward(model, cfg: PretrainConfig, info: DistInfo, mode: str):
+    """``torch.compile`` (one graph on a single process) in the layout's mode, or the model.
+
+    ``mode`` is the one decision of :func:`fastmae.engine.plan.layout_for`: ``reduce-overhead`` (CUDA graphs) only
+    for CUDA with compile and no gradient accumulation (gradients accumulated across replays of a graphed backward
+    live in the graph's memory pool and are overwritten; DESIGN.md, hazard); ``max-autotune-no-cudagraphs`` lets
+    Inductor pick GEMM templates with fused epilogues when ``--compile_mode`` asks for it.
     """
     if not cfg.compile:
         return model
-    return torch.compile(model, fullgraph=not info.enabled, mode="reduce-overhead" if cuda_graphs else None)
+    return torch.compile(model, fullgraph=not info.enabled, mode=None if mode in ("default", "none") else mode)
 
 
-def attention_kernels(cfg: PretrainConfig, amp_dtype: torch.dtype, device: torch.device) -> str:
-    """The kernel each attention shape of an MAE run gets (encoder / decoder), for the start-up log."""
+def attention_kernels(cfg: PretrainConfig, amp_dtype: torch.dtype, device: torch.device, record: Path | None = None) -> str:
+    """The kernel each attention shape of an MAE run gets (encoder / decoder), for the start-up log; with ``record``
+    also written there as JSON with where each choice came from (the measured table or the rules)."""
     try:
         model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
     except ValueError:
         return f"policy {attention_backend()}"
     shapes = model_shape(model, cfg.img_size, cfg.mask_ratio).attention_shapes()
     chosen = describe_attention(shapes, amp_dtype, device.type)
+    if record is not None:
+        table = attention_table() or {}
+        rows = {name: {"head_dim": hd, "tokens": t, "kernel": chosen[name],
+                       "source": f"table {cfg.attention_table}" if table.get((hd, t), ("",))[0] == chosen[name] else "rules"}
+                for name, (hd, t) in shapes.items()}
+        record.write_text(json.dumps({"policy": attention_backend(), "dtype": str(amp_dtype), "device": device.type,
+                                      "shapes": rows}, indent=2) + "\n")
     return ", ".join(f"{name} {shapes[name][0]}-dim x {shapes[name][1]} tokens: {k}" for name, k in chosen.items())
 
 

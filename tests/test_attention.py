@@ -96,9 +96,9 @@ def test_chooser_sees_the_autocast_dtype_not_the_block_input(monkeypatch):
     seen = []
     real = attn_mod.choose_attention_backend
 
-    def spy(head_dim, seq_len, dtype, device_type, caps, policy="auto"):
+    def spy(head_dim, seq_len, dtype, device_type, caps, policy="auto", table=None):
         seen.append(dtype)
-        return real(head_dim, seq_len, dtype, device_type, caps, policy)
+        return real(head_dim, seq_len, dtype, device_type, caps, policy, table)
 
     monkeypatch.setattr(attn_mod, "choose_attention_backend", spy)
     attn = Attention(64, 2)

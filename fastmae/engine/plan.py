@@ -203,7 +203,7 @@ class Layout:
     accum_iter: int
     eff_batch: int  # batch_size * accum_iter * world_size
     cuda_graphs: bool
-    compile_mode: str  # "reduce-overhead" | "default" | "none"
+    compile_mode: str  # "reduce-overhead" | "default" | "max-autotune-no-cudagraphs" | "none"
     reason: str  # why CUDA graphs are (not) on; log it
     note: str  # how the batch was split (or a memory warning)
     max_batch: int | None  # the memory model's largest per-GPU batch (None off-GPU)
@@ -234,6 +234,7 @@ def resolve_layout(
     attention: str = "auto",
     reserved_gib: float = 0.0,
     act_per_image: float | None = None,  # saved bytes per sample of a traced method (no MAE shape)
+    compile_mode: str = "auto",
 ) -> Layout:
     """Per-GPU batch, accumulation and CUDA-graph decision. Pure: no device is touched.
 
@@ -265,7 +266,7 @@ def resolve_layout(
         if max_batch is not None and batch > max_batch:
             note = f"warning: batch_size {batch} exceeds the memory model's {max_batch} per GPU"
     graphs, why_graphs = graphs_policy(device_type, compile, cuda_graphs, accum, world_size, fsdp)
-    mode = "reduce-overhead" if graphs else ("default" if compile else "none")
+    graphs, mode, why_graphs = _compile_mode(compile_mode, compile, graphs, why_graphs, device_type, accum)
     return Layout(batch, accum, batch * accum * world_size, graphs, mode, why_graphs, note, max_batch)
 
 
@@ -292,6 +293,24 @@ def graphs_policy(device_type: str, compile: bool, cuda_graphs: str | bool, accu
     if world_size > 1:
         return True, "CUDA graphs on under DDP (--cuda_graphs=on, at your request): compile mode reduce-overhead"
     return True, "CUDA graphs on: one GPU, compile mode reduce-overhead, no accumulation"
+
+
+def _compile_mode(asked: str, compile: bool, graphs: bool, why: str, device_type: str, accum: int) -> tuple[bool, str, str]:
+    """(CUDA graphs, torch.compile mode, reason) from ``--compile_mode``: ``auto`` keeps the graph decision above;
+    an explicit mode without graphs turns them off; ``reduce-overhead`` asked where graphs are unsafe is an error."""
+    if asked == "auto":
+        return graphs, "reduce-overhead" if graphs else ("default" if compile else "none"), why
+    if not compile:
+        raise ValueError(f"compile_mode={asked} needs --compile=true")
+    if asked != "reduce-overhead":
+        reason = why if not graphs else f"CUDA graphs off: compile_mode={asked}"
+        return False, asked, reason
+    if device_type == "cuda" and accum > 1:
+        raise ValueError(f"compile_mode=reduce-overhead with accum_iter={accum}: {GRAPHS_ACCUM_REASON}; "
+                         "reach the batch with more GPUs or use compile_mode=default")
+    if not graphs and device_type == "cuda":
+        raise ValueError(f"compile_mode=reduce-overhead is CUDA graphs, which are off here ({why})")
+    return graphs, asked if graphs else "default", why
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
@@ -501,6 +520,7 @@ class Plan:
     comm: tuple[CommEstimate | None, CommEstimate | None] = (None, None)
     reserved_gib: float = 0.0  # DALI's buffers
     trace_note: str = ""  # a method the plan could not trace: why
+    levers: list[str] = field(default_factory=list)  # issue 22's per-lever lines (fastmae.engine.levers)
 
 
 def _world_size(cfg) -> int:
@@ -532,7 +552,7 @@ def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_
     return resolve_layout(
         shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
         compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
-        fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(),
+        fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(), compile_mode=cfg.compile_mode,
         reserved_gib=DALI_MEM_GIB if cfg.loader == "dali" and device == "cuda" else 0.0, act_per_image=act_per_image,
     )
 
@@ -601,6 +621,7 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: Tra
         estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype)
         span, comm = _span(cfg, n_params, spec, world, lambda a, price: estimate_step(
             shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, a, price))
+    levers = _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate)
     steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
     total_images = steps * layout.eff_batch
     wall = total_images / (span[0].img_s * world) / 3600 if span else None
@@ -609,7 +630,7 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: Tra
         lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=precision, kernels=ops.kernel_backend(device),
         attention=attention, n_params=n_params, train_gflops_per_image=3 * fwd_flops / 1e9,
         activation_gib=act / 2**30, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
-        estimate=estimate, total_images=total_images, wall_hours=wall, span=span, comm=comm,
+        estimate=estimate, total_images=total_images, wall_hours=wall, span=span, comm=comm, levers=levers,
         reserved_gib=DALI_MEM_GIB if cfg.loader == "dali" and device == "cuda" else 0.0,
     )
 
@@ -626,6 +647,16 @@ def _span(cfg, n_params: int, spec: GpuSpec, world: int, estimate: Callable[...,
         out.append(est)
         comms.append(price((est.step_ms - est.glue_ms - est.comm_ms) * 2 / 3))  # as the estimate priced it
     return tuple(out), tuple(comms)
+
+
+def _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate) -> list[str]:
+    from fastmae.engine import levers
+    from fastmae.layers.attention import attention_table
+
+    if estimate is None:
+        return []
+    rows = levers.lever_rows(cfg, shape, fwd_flops, layout, spec, estimate, attention_table(cfg.attention_table))
+    return levers.format_lever_rows(rows) + ["                  " + a for a in levers.LEVER_ASSUMPTIONS]
 
 
 def _precision(cfg, device: str) -> str:
@@ -702,7 +733,7 @@ def format_plan(plan: Plan) -> str:
               f"the backward, NCCL at {a.link_eff:.0%} of the link, loader {a.loader_img_s:,.0f} img/s per GPU"
               for a in (PESSIMISTIC, OPTIMISTIC)] if plan.span else []
     lines.append("assumptions       " + "\n                  ".join((*plan.assumptions, *ranged)))
-    return "\n".join(lines)
+    return "\n".join(lines + plan.levers)
 
 
 def _range_lines(plan: Plan) -> list[str]:

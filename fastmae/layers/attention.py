@@ -43,6 +43,9 @@ _HALF = (torch.float16, torch.bfloat16)
 _override: str | None = None
 _resolved: str | None = None
 _caps: AttnCaps | None = None
+# {(head_dim, tokens): (kernel, fwd+bwd ms, batch)}: the measured fastest kernel per shape (set_attention_table)
+_table: dict[tuple[int, int], tuple[str, float, int]] | None = None
+TABLE_FORMAT = "fastmae-attention-table/1"
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,21 @@ def set_attention_capabilities(caps: AttnCaps | None) -> None:
 
 
 def choose_attention_backend(
-    head_dim: int, seq_len: int, dtype: torch.dtype, device_type: str, caps: AttnCaps, policy: str = "auto"
+    head_dim: int, seq_len: int, dtype: torch.dtype, device_type: str, caps: AttnCaps, policy: str = "auto",
+    table: dict | None = None,
 ) -> str:
-    """The kernel (one of ``KERNELS``) for one shape. Pure: the same inputs give the same answer."""
+    """The kernel (one of ``KERNELS``) for one shape. Pure: the same inputs give the same answer.
+
+    ``table`` (:func:`load_attention_table`): on CUDA with a half dtype, under ``auto``/``sdpa``, a measured shape
+    runs its fastest kernel that this process can run and the policy allows; other shapes follow the rules."""
     if policy == "eager":
         return "eager"
     if device_type != "cuda":
         return "sdpa"  # CPU: torch picks its flash/math kernels
     half = dtype in _HALF
+    measured = (table or {}).get((head_dim, seq_len))
+    if measured and half and policy in ("auto", "sdpa") and _runnable(measured[0], caps, policy):
+        return measured[0]
     aligned = head_dim % 8 == 0
     if policy in ("auto", "flash") and half:
         if caps.flash_attn_3 and head_dim in FA3_HEAD_DIMS:
@@ -119,12 +129,63 @@ def choose_attention_backend(
     return "sdpa"
 
 
+def _runnable(kernel: str, caps: AttnCaps, policy: str) -> bool:
+    """Whether this process has ``kernel`` (a measured table may come from another machine)."""
+    if kernel.startswith("flash_attn"):
+        return policy == "auto" and getattr(caps, kernel)
+    return kernel in ("sdpa", "eager") or getattr(caps, kernel, False)
+
+
 def describe_attention(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, device_type: str,
-                       caps: AttnCaps | None = None) -> dict[str, str]:
-    """{name: kernel} for named (head_dim, seq_len) shapes, e.g. {"encoder": (64, 50), "decoder": (32, 197)}."""
+                       caps: AttnCaps | None = None, table: dict | None = None) -> dict[str, str]:
+    """{name: kernel} for named (head_dim, seq_len) shapes, e.g. {"encoder": (64, 50), "decoder": (32, 197)};
+    ``table`` defaults to the process's (:func:`set_attention_table`)."""
     caps = caps or attention_capabilities()
-    return {name: choose_attention_backend(hd, t, dtype, device_type, caps, attention_backend())
+    table = _table if table is None else table
+    return {name: choose_attention_backend(hd, t, dtype, device_type, caps, attention_backend(), table)
             for name, (hd, t) in shapes.items()}
+
+
+def load_attention_table(path: str) -> dict[tuple[int, int], tuple[str, float, int]] | None:
+    """The fastest kernel per (head_dim, tokens) of a timings JSON (``bench/gpu_report.py --attention_table``);
+    ``""`` gives None. Any defect raises ValueError with a one-line reason naming the file."""
+    if not path:
+        return None
+    import json
+
+    try:
+        doc = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"attention_table {path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT or not isinstance(doc.get("shapes"), list):
+        raise ValueError(f"attention_table {path}: not a {TABLE_FORMAT} file (needs 'format' and a 'shapes' list)")
+    table = {}
+    for i, entry in enumerate(doc["shapes"]):
+        try:
+            hd, t, batch, kernels = int(entry["head_dim"]), int(entry["tokens"]), int(entry["batch"]), entry["fwd_bwd_ms"]
+            timed = {k: float(v) for k, v in kernels.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"attention_table {path}: shape {i} needs head_dim, tokens, batch and fwd_bwd_ms "
+                             f"{{kernel: ms}} ({type(e).__name__}: {e})") from None
+        bad = [k for k, v in timed.items() if k not in KERNELS or not v > 0 or v != v or v == float("inf")]
+        if bad or not timed or min(hd, t, batch) < 1:
+            raise ValueError(f"attention_table {path}: shape {i} has unknown kernels or non-positive values: "
+                             f"{bad or 'no kernels'}; kernels are {', '.join(KERNELS)}")
+        best = min(timed, key=timed.get)
+        table[(hd, t)] = (best, timed[best], batch)
+    return table
+
+
+def set_attention_table(table: dict | None) -> None:
+    """Make a measured table (:func:`load_attention_table`) the process's: every Attention module and
+    :func:`describe_attention` consult it (None: the rules alone). Call before building or compiling models."""
+    global _table
+    _table = table
+
+
+def attention_table(path: str = "") -> dict | None:
+    """The table at ``path`` when given, else the process's."""
+    return load_attention_table(path) if path else _table
 
 
 def _resolve(requested: str) -> str:
@@ -179,7 +240,10 @@ def run_attention(qkv: Tensor, kernel: str, scale: float, caps: AttnCaps) -> Ten
         from flash_attn import flash_attn_qkvpacked_func
 
         return flash_attn_qkvpacked_func(qkv, softmax_scale=scale).reshape(B, T, H * Dh)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+    # Unbind the packed dim in place, then move heads: the same strided views as permuting first, but autograd's
+    # backward stacks the three gradients straight into qkv's (B, T, 3, H, Dh) layout, one pass instead of a
+    # stack into (3, B, H, T, Dh) and a permuted copy (issue 22, lever 6).
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, T, Dh)
     return dense_attention(q, k, v, kernel, scale, caps).transpose(1, 2).reshape(B, T, H * Dh)
 
 
@@ -214,7 +278,8 @@ class Attention(nn.Module):
         """x: (B, T, D) -> (B, T, D)"""
         qkv = self._qkv(x)  # the dtype the kernel sees: bf16 under autocast even when x is fp32
         caps = attention_capabilities()
-        kernel = choose_attention_backend(self.head_dim, x.shape[1], qkv.dtype, qkv.device.type, caps, attention_backend())
+        kernel = choose_attention_backend(self.head_dim, x.shape[1], qkv.dtype, qkv.device.type, caps, attention_backend(),
+                                          _table)
         return self.proj(run_attention(qkv, kernel, self.scale, caps))
 
     def attention_probs(self, x: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
 def model_kwargs(cfg) -> dict:
     kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss, "residual_dtype": cfg.residual_dtype}
     # The MAE paper's ablations (fields of PretrainConfig; 0 = the model's decoder shape).
-    for key in ("mask_type", "loss_on", "encoder_mask_tokens"):
+    for key in ("mask_type", "loss_on", "encoder_mask_tokens", "decoder_input_dtype"):
         kw[key] = getattr(cfg, key)
     for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         if getattr(cfg, key):

@@ -11,6 +11,8 @@ The MAE paper's ablations are constructor switches (each keeps every shape stati
 - ``mask_type``: ``random`` (MAE), ``block`` (BEiT-style blocks) or ``grid`` (keep one of every 2x2), the
   paper's Fig. 6; see :func:`fastmae.models.masks.mae_mask_keys` for how the counts stay exact;
 - ``loss_on``: ``masked`` (MAE) or ``all`` (the loss on every patch, the paper's "w/o masked only");
+- ``decoder_input_dtype``: ``fp32`` (official) or ``autocast`` (the decoder input, K2's output, in the autocast
+  dtype: half of K2's traffic); ``auto`` follows ``residual_dtype``. The checkpoint keeps the fp32 table either way;
 - ``encoder_mask_tokens``: the encoder embeds every patch and replaces the masked ones by ``mask_token``
   (1, 1, D) before adding positions (the paper's "encoder w/ [M]", ~3.3x the encoder's FLOPs); the
   decoder then reads the encoder's full sequence plus its positions and has no mask token of its own.
@@ -28,6 +30,10 @@ from fastmae.layers import Block, init_weights, sincos_2d
 from fastmae.models.masks import MASK_TYPES, mae_mask_keys
 from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
+
+# "fp32": the official numerics (fp32 table, fp32 decoder input under autocast); "autocast": the table in the autocast
+# dtype, so the decoder input is bf16 under bf16 autocast; "auto": the residual stream's choice.
+DECODER_INPUT_DTYPES = ("auto", "fp32", "autocast")
 
 
 class MaskedAutoencoderViT(VisionTransformer):
@@ -49,6 +55,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         mask_type: str = "random",
         loss_on: str = "masked",
         encoder_mask_tokens: bool = False,
+        decoder_input_dtype: str = "auto",
         **vit_kwargs,
     ):
         super().__init__(
@@ -68,6 +75,13 @@ class MaskedAutoencoderViT(VisionTransformer):
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         if loss_on not in ("masked", "all"):
             raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
+        if decoder_input_dtype not in DECODER_INPUT_DTYPES:
+            raise ValueError(f"decoder_input_dtype must be one of {DECODER_INPUT_DTYPES}, got {decoder_input_dtype!r}")
+        # "auto": the decoder input is the first value of the decoder's residual stream, so it takes that stream's
+        # dtype; an fp32 stream keeps the official numerics (bf16 tokens + fp32 table, summed and stored in fp32).
+        if decoder_input_dtype == "auto":
+            decoder_input_dtype = "autocast" if self.residual_dtype == "bf16" else "fp32"
+        self.decoder_input_dtype = decoder_input_dtype
         self.norm_pix_loss = norm_pix_loss
         self.loss_type = loss_type
         self.mask_type = mask_type
@@ -107,10 +121,20 @@ class MaskedAutoencoderViT(VisionTransformer):
         return random_masking(noise, len_keep)
 
     def decoder_pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
+        """The decoder position table for ``grid``, in the dtype the decoder input is to have (see
+        ``decoder_input_dtype``): under autocast with ``"autocast"`` a low-precision copy, so K2 writes its
+        (N, 1+L, D) output in bf16 instead of fp32 (type promotion with an fp32 table)."""
         if tuple(grid) == self.patch_embed.grid_size:
-            return self.decoder_pos_embed
-        table = sincos_2d(self.decoder_embed_dim, grid, cls_token=True).unsqueeze(0)
-        return table.to(device=self.decoder_pos_embed.device, dtype=self.decoder_pos_embed.dtype)
+            table = self.decoder_pos_embed
+        else:
+            table = sincos_2d(self.decoder_embed_dim, grid, cls_token=True).unsqueeze(0)
+            table = table.to(device=self.decoder_pos_embed.device, dtype=self.decoder_pos_embed.dtype)
+        dev = table.device.type
+        if self.decoder_input_dtype == "autocast" and torch.is_autocast_enabled(dev):
+            # Cast per call, not cached: (1+L) x D values (0.4 MB for ViT-B) against the ~100 MB of K2 output it
+            # saves, and no copy can go stale when a checkpoint loads or the table is trainable.
+            table = table.to(torch.get_autocast_dtype(dev))
+        return table
 
     # ---- forward ------------------------------------------------------------------------------------------
 
