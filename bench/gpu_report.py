@@ -675,7 +675,8 @@ def to_markdown(report: dict) -> str:
     if "attention" in report:
         out += ["## Attention kernels per shape (fwd+bwd; `chosen` = what the model runs here)", "",
                 _table(report["attention"], ["model", "part", "batch", "heads", "head_dim", "tokens", "kernel", "chosen",
-                                             "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note", "error"]), ""]
+                                             "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20", "fwd_bwd_p80", "vs_fastest", "note",
+                                             "error"]), ""]
     step_rows = [r for sec in STEP_MODES for r in report.get(sec) or []]
     if step_rows:
         cols = ["model", "mode", "compile", "batch", "dtype", "step_ms", "p20_ms", "p80_ms", "img_s", "vs_reference", "mfu",
@@ -687,7 +688,8 @@ def to_markdown(report: dict) -> str:
                 _table([{"category": k, "share": f"{v:.1%}"} for k, v in prof["share"].items()], ["category", "share"]), ""]
     if "data" in report:
         out += ["## Data loader (generated JPEGs, 224 px, uint8 output)", "",
-                _table(report["data"], ["loader", "decode", "images", "batch", "workers", "img_s", "vs_torch", "note", "error"]), ""]
+                _table(report["data"], ["loader", "decode", "images", "batch", "workers", "img_s", "vs_torch", "note",
+                                        "error"]), ""]
     if "residual" in report:
         out += ["## Residual stream dtype (tiny preset, demo data, same seed)", "",
                 _table(report["residual"], ["residual_dtype", "dtype", "steps", "batch", "first_loss", "final_loss",

@@ -126,7 +126,8 @@ def batch_script(job: SubmitConfig, cfg: PretrainConfig, train_flags: list[str],
           f"--cpus-per-task={cpus}", f"--time={job.time}", f"--output={run_dir}/slurm-%j.out", "--open-mode=append",
           "--requeue", f"--signal=B:USR1@{job.grace_s}"]
     sb += [f"--{k}={getattr(job, k)}" for k in ("partition", "account", "qos", "mem") if getattr(job, k)]
-    launch = [shlex.quote(python), "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES", f"--nproc_per_node={job.gpus_per_node}",
+    launch = [shlex.quote(python), "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES",
+              f"--nproc_per_node={job.gpus_per_node}",
               "--rdzv_id=$SLURM_JOB_ID", "--rdzv_backend=c10d", f"--rdzv_endpoint=$head_node:{job.port}",
               "-m", "fastmae.cli", "pretrain", *(shlex.quote(f) for f in train_flags)]
     lines = ["#!/bin/bash", *(f"#SBATCH {s}" for s in sb),

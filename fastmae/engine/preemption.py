@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from fastmae.engine.distributed import DistInfo
 
-
 # Under the run folder, one file per rank after a clean preemption save. torchrun exits 1 after it forwards a
 # SIGTERM (its SignalException) however cleanly the ranks saved; a launcher (``fastmae submit``'s batch script)
 # reads these files instead of torchrun's exit code.
