@@ -238,3 +238,18 @@ def test_a_class_only_in_val_is_warned_about(tmp_path, demo_dir, capsys):
     shutil.rmtree(root / "val" / "c")
     stream_loaders(str(root), str(root), **kw)
     assert "no training images" not in capsys.readouterr().err
+
+
+def test_an_undecodable_validation_image_is_excluded_from_the_count_and_named(tmp_path, demo_dir):
+    """A validation file that passes the scan but fails to decode is not scored (label ignored) and is named."""
+    from fastmae.data import build_loader
+
+    data = tmp_path / "val" / "c0"
+    data.parent.mkdir()
+    corrupt, bomb = _planted_folder(demo_dir, data)
+    ld = build_loader(tmp_path, split="val", batch_size=8, img_size=32, train=False, augment="eval",
+                      drop_last=False, loader="torch", num_workers=0)
+    ld.set_epoch(0)
+    scored = sum(int((labels >= 0).sum()) for _, labels in ld)
+    assert scored == 22  # 24 files, two of which cannot be decoded
+    assert sorted(Path(p).name for p, _ in ld.bad_files) == sorted([corrupt, bomb])

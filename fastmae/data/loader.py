@@ -356,7 +356,11 @@ class ImageDataset(torch.utils.data.Dataset):
         for k in range(n):
             j = (idx + k) % n
             try:
-                return self.load(j, epoch, idx, params), self.src.labels[j], bad
+                img = self.load(j, epoch, idx, params)
+                # An evaluation sample that failed to decode is scored by nobody: its stand-in keeps the batch
+                # shape but carries the ignore label, so it never counts in top-1 or in the number of images scored.
+                label = -1 if bad and self.augment == "eval" else self.src.labels[j]
+                return img, label, bad
             except Exception as e:  # any decode failure: substitute deterministically, keep training
                 bad.append((self.src.names[j], f"decode failed ({type(e).__name__}: {str(e)[:80]})"))
         raise RuntimeError(f"no decodable image left in {printable(self.src.root)}")
