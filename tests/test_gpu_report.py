@@ -142,11 +142,12 @@ def test_compiled_references_do_not_recompile_across_shapes(monkeypatch):
     shape failed the first one's guards on the shared lambdas and recompiled with dynamic shapes)."""
     import torch
 
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     sizes = gpu_report.replace(gpu_report.QUICK_SIZES, warmup=0, repeats=1,
                                kernel_shapes=(("a", 32, 8, 32), ("b", 48, 8, 32)))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the fused rows are not the point here
-    rows = gpu_report.section_kernels(torch.device("cpu"), sizes, None, compile_ref=True)
+    # config.patch, not monkeypatch: undoing a setattr on torch's config module deletes the key for later tests
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rows = gpu_report.section_kernels(torch.device("cpu"), sizes, None, compile_ref=True)
     compiled = [r for r in rows if r["impl"] == "compiled reference"]
     assert len(compiled) == 6 and all(r["error"] is None and r["fwd_ms"] > 0 for r in compiled), compiled
 

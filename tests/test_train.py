@@ -143,6 +143,7 @@ def test_compiled_step_runs_fullgraph_on_cpu(tmp_path, demo_dir, fresh_env):
 def test_resume_into_another_architecture_names_the_mismatch(tmp_path, demo_dir, fresh_env):
     out = tmp_path / "arch"
     train(out, demo_dir, "--max_steps=1", env=fresh_env)
-    r = train(out, demo_dir, "--max_steps=2", "--resume=auto", "--patch_size=8", env=fresh_env, check=False)
+    r = train(out, demo_dir, "--max_steps=2", "--resume=auto", "--patch_size=8", "--allow_config_change",
+              env=fresh_env, check=False)
     assert r.returncode == 2
     assert "shape mismatch for patch_embed.proj.weight" in r.stderr and "Traceback" not in r.stderr
