@@ -27,8 +27,9 @@ def _report_process(tmp: Path, *args: str, blocked: bool = False) -> subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTMAE_CACHE": str(tmp / "cache"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     head = ["-c", BLOCKED_RUN] if blocked else [str(ROOT / "bench" / "gpu_report.py")]
+    # Its own process group: Inductor's compile workers inherit the pipes, so a kill must reach them too.
     return subprocess.Popen([sys.executable, *head, "--quick", "--out", str(tmp / "out"), *args], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_a_killed_report_leaves_the_finished_sections(tmp_path):
             time.monotonic() - start < 30 or not path.is_file() or "env" not in json.loads(path.read_text())["seconds"]):
         time.sleep(0.5)
     assert proc.poll() is None, "the report finished before the kill: nothing was tested"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the report and every worker it started, as a scheduler's kill would
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     report = json.loads(path.read_text())

@@ -130,7 +130,12 @@ def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp
     import json
 
     data = tmp_path / "data"
-    names = _planted_folder(demo_dir, data)
+    (data / "train").mkdir(parents=True)
+    names = _planted_folder(demo_dir, data / "train" / "c0")
+    # A val/ split of its own: otherwise a seeded 5% of train/ (chosen by path) is held out and may hold a planted file.
+    (data / "val" / "c0").mkdir(parents=True)
+    for p in sorted(demo_dir.rglob("*.jpg"))[22:24]:
+        shutil.copy(p, data / "val" / "c0" / p.name)
     out = tmp_path / "run"
     steps = 9  # three epochs of 24 files at batch 8: every file is visited
     assert cli_main([f"--data={data}", f"--output_dir={out}", *TINY, f"--max_steps={steps}", "--ckpt_every=100"]) == 0
