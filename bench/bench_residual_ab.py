@@ -9,7 +9,8 @@ Each (preset, seed, residual_dtype) is one ``fastmae pretrain`` run on the embed
 ``--precision=bf16`` (without autocast the residual dtype changes nothing), one process at a time.
 A finished run (its summary.json exists) is read back, not rerun. Prints a markdown table of the
 held-out and last-window training losses per run, then per preset the mean and seed spread of each
-arm and the bf16 - fp32 difference against the seed noise (max - min of the fp32 arm); writes
+arm and the bf16 - fp32 difference against the seed noise (max - min of the fp32 arm), and how far each
+run is from converged (the training loss's relative change between the run's last two tenths); writes
 rows to bench/results/residual_ab.csv. Saves the loss curves of both arms to bench/figures.
 """
 
@@ -41,6 +42,14 @@ def run_one(preset: str, seed: int, arm: str, flags: list[str], epochs: int, out
     return {"preset": preset, "seed": seed, "arm": arm, "flags": " ".join(flags), "epochs": epochs, "steps": s["step"],
             "train_loss": s["train_loss"], "val_loss": s["val_loss"], "img_s": s["img_s"],
             "curve": [(r["step"], r["loss"]) for r in curve]}
+
+
+def plateau(curve: list[tuple[int, float]]) -> float:
+    """Relative change of the mean training loss between the last two tenths of the run: near 0 = converged."""
+    tenth = max(1, len(curve) // 10)
+    last = statistics.mean(v for _, v in curve[-tenth:])
+    before = statistics.mean(v for _, v in curve[-2 * tenth:-tenth] or curve[-tenth:])
+    return (last - before) / before
 
 
 def verdict(rows: list[dict], key: str, a: str, b: str) -> str:
@@ -88,10 +97,11 @@ def main() -> None:
     a, b = arms
     rows = [run_one(p, s, arm, flags, epochs[p], Path(args.out), args.threads)
             for p in args.presets for s in args.seeds for arm, flags in arms.items()]
-    print("| preset | seed | arm | steps | train loss | held-out loss | img/s |\n|---|---:|---|---:|---:|---:|---:|")
+    print("| preset | seed | arm | steps | train loss | held-out loss | last-tenth change | img/s |\n"
+          "|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['preset']} | {r['seed']} | {r['arm']} | {r['steps']} | {r['train_loss']:.4f} | "
-              f"{r['val_loss']:.4f} | {r['img_s']:.1f} |")
+              f"{r['val_loss']:.4f} | {plateau(r['curve']):+.2%} | {r['img_s']:.1f} |")
     for p in args.presets:
         sub = [r for r in rows if r["preset"] == p]
         print(f"\n{p}: {verdict(sub, 'val_loss', a, b)}\n{p}: {verdict(sub, 'train_loss', a, b)}")

@@ -3,13 +3,14 @@
     python bench/bench_step.py                       # tiny ViT at 224/16, batch 8, CPU or CUDA
     python bench/bench_step.py --model mae_vit_base_patch16 --batch 64 --device cuda
     python bench/bench_step.py --modes eager_bf16 --levers decoder_input_dtype=autocast residual_dtype=bf16 fp8=rowwise
+    python bench/bench_step.py --modes compiled_bf16 --levers compile_mode=max-autotune-no-cudagraphs
 
 Every fastmae mode runs ``fastmae.engine.step.train_step``, the step of ``fastmae pretrain``.
 Modes: eager fp32 (the reference path: eager ops), eager bf16 (autocast),
 compiled fp32, compiled bf16 (torch.compile fullgraph; CUDA graphs on CUDA),
 and HF ViTMAE fp32 with torch's default AdamW as the outside reference. ``--levers KEY=VALUE ...`` (issue 22) adds,
 for the first listed fastmae mode, one contender per lever (a model keyword such as ``residual_dtype=bf16``, or
-``fp8=tensorwise|rowwise``), timed in the same rounds; its "vs base" column is the ratio against that mode.
+``fp8=tensorwise|rowwise``, or ``compile_mode=MODE`` on a compiled mode), timed in the same rounds; its "vs base" column is the ratio against that mode.
 Every contender runs the same weights and noise; rounds are interleaved and
 medians taken after warm-up. Markdown table to stdout, rows to bench/results/<bench>.csv.
 """
@@ -29,27 +30,30 @@ from fastmae.flags import underscores
 from fastmae.models import create_model
 
 
-def make_step(model, device, amp_dtype, compiled: bool, x, noise):
+def make_step(model, device, amp_dtype, compiled: bool, x, noise, compile_mode: str | None = None):
     fwd = model
     if compiled:
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
         fwd = torch.compile(model, fullgraph=True, mode=mode)
     return make_train_step(model, device, amp_dtype, functools.partial(fwd, noise=noise), x, 0.75)
 
 
 def lever_step(args, base_mode: str, lever: str, device, x, noise):
-    """The step of ``base_mode`` with one lever on: a model keyword, or ``fp8=MODE`` (torchao's block linears)."""
+    """The step of ``base_mode`` with one lever on: a model keyword, ``fp8=MODE`` (torchao's block linears) or
+    ``compile_mode=MODE`` (torch.compile's mode; a compiled base mode only)."""
     key, _, value = lever.partition("=")
     torch.manual_seed(0)
-    kw = {} if key == "fp8" else {key: value}
+    kind, prec = base_mode.split("_")
+    if key == "compile_mode" and kind != "compiled":
+        raise SystemExit(f"--levers compile_mode=... needs a compiled first mode, got {base_mode}")
+    kw = {} if key in ("fp8", "compile_mode") else {key: value}
     model = create_model(args.model, img_size=args.img_size, patch_size=args.patch_size, norm_pix_loss=True, **kw).to(device)
     if key == "fp8":
         from fastmae.engine.fp8 import convert_fp8
 
         convert_fp8(model, value, device)
-    kind, prec = base_mode.split("_")
     amp = {"fp32": torch.float32, "bf16": torch.bfloat16}[prec]
-    return make_step(model, device, amp, kind == "compiled", x, noise)
+    return make_step(model, device, amp, kind == "compiled", x, noise, value if key == "compile_mode" else None)
 
 
 def main() -> None:
