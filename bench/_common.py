@@ -30,7 +30,7 @@ Commands (pytest-benchmark saves and compares runs under ``.benchmarks/``):
     python -m pytest bench/bench_patchify_gather.py --benchmark-only -q
     python -m pytest bench/bench_*.py --benchmark-only --benchmark-autosave
     python -m pytest bench/bench_*.py --benchmark-only --benchmark-compare
-    python bench/bench_patchify_gather.py            # the same, then a ratio table for RESULTS.md
+    python bench/bench_patchify_gather.py            # the same, then a ratio table (bench/RESULTS.md "Kernels" keeps the summary)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Two facts make torch's default (one thread per core, OpenMP's default wait polic
 shared CPU: OpenMP threads spin-wait between parallel regions, and one thread per core means a core
 that another process is using makes every parallel region wait for the slowest, preempted thread.
 On a 2-core machine with one core busy the tiny pretraining step ran ~20x slower with 2 threads than
-with 1 (bench/bench_threads.py, bench/RESULTS.md). So:
+with 1 (bench/bench_threads.py, bench/RESULTS.md "CPU threads"). So:
 
 - :func:`prefer_passive_openmp` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it; libgomp reads it
   once, when torch loads it, so the commands call this before importing torch;

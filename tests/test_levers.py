@@ -77,7 +77,7 @@ def test_decoder_input_auto_follows_the_residual_stream():
 def test_k2_bytes_at_batch_256_halve_with_a_bf16_decoder_input():
     from fastmae.engine.levers import k2_bytes
 
-    # ViT-B/16: 196 patches, 49 visible, decoder width 512; counted by hand in bench/RESULTS.md section 3.
+    # ViT-B/16: 196 patches, 49 visible, decoder width 512; counted by hand in bench/reports/2026-11-30-kernels.md.
     fp32 = k2_bytes(256, 196, 49, 512, out_bytes=4)
     bf16 = k2_bytes(256, 196, 49, 512, out_bytes=2)
     assert fp32 / 1e6 == pytest.approx(234.0, abs=0.5)

@@ -335,7 +335,8 @@ ROOFLINE = Assumptions("roofline", GEMM_EFF, ATTN_EFF, COMPILE_ELEMENTWISE_FACTO
 # The range the plan prints. Pessimistic: the independent read of 2026-12-03 (GEMMs at 50% for K/N = 512/768
 # shapes, 3.5-5 ms of casts, bucket copies and glue in a ~50 ms ViT-B step = ~10%, Inductor fusing less than hoped,
 # half the communication exposed, NCCL at 60% of the link). Optimistic: DESIGN.md's roofline with 4% glue, 90% of
-# the communication hidden and NCCL at 85% of the link. Unmeasured until a GPU report lands (bench/RESULTS.md §14).
+# the communication hidden and NCCL at 85% of the link. Unmeasured until a GPU report lands
+# (bench/RESULTS.md, "GPU readiness and the plan").
 OPTIMISTIC = Assumptions("optimistic", 0.58, 0.18, 0.70, 0.04, 0.90, 0.85, 7000.0)
 PESSIMISTIC = Assumptions("pessimistic", 0.50, 0.12, 0.85, 0.10, 0.50, 0.60, 5500.0)
 
