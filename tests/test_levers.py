@@ -382,6 +382,26 @@ def test_plan_prints_a_row_per_lever_and_fp8_counts_when_on(capsys):
     assert off["as planned"].step_ms != pytest.approx(on["as planned"].step_ms)
 
 
+def test_the_plans_range_counts_the_levers_a_run_turns_on():
+    """The step estimate and its range (not only the lever table) price FP8 GEMMs and the other levers when on."""
+    from fastmae.config import parse_overrides
+    from fastmae.engine.plan import build_plan
+
+    off = build_plan(parse_overrides(PLAN_B256))
+    rows_off, _ = _lever_rows()
+    for flag in ("--fp8=rowwise", "--decoder_input_dtype=autocast", "--compile_mode=max-autotune-no-cudagraphs"):
+        on = build_plan(parse_overrides([*PLAN_B256, flag]))
+        rows, _ = _lever_rows(flag)
+        lever = flag[2:]
+        delta = rows["as planned"].step_ms - rows_off["as planned"].step_ms
+        assert delta != 0, flag
+        assert on.estimate.step_ms - off.estimate.step_ms == pytest.approx(delta), flag
+        assert on.estimate.levers_ms - off.estimate.levers_ms == pytest.approx(delta), flag
+        assert rows[lever].note.startswith("on") or "K2" in rows[lever].note, flag
+        for lo_on, lo_off in zip(on.span, off.span):  # both ends of the printed range move with it
+            assert (lo_on.step_ms - lo_off.step_ms) * delta > 0, flag
+
+
 def test_lever_rows_count_k2_and_the_decoder_stream_and_skip_what_does_not_apply():
     from fastmae.engine import levers
     from fastmae.engine import plan as planmod

@@ -18,7 +18,8 @@ Nothing here runs at import; every constant is an assumption printed with the ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 # FP8 (e4m3 forward, e5m2 gradients) tensor cores run at 2x the dense bf16 rate on sm_89/sm_90/sm_100; A100 has none.
 FP8_PEAK_FACTOR = {"a100": 0.0, "a100_pcie": 0.0, "a100_40gb": 0.0}
@@ -160,13 +161,26 @@ def _levers(cfg, shape, fwd_flops: float, images: int, gpu, est, attention_table
     return levers, dec_res, (0.0 if dec_on else -k2)
 
 
+def _planned(levers: list[_Lever], k2_fp32: float) -> float:
+    # The plan counts K2 at its ideal bf16 output: an fp32 decoder input adds its extra bytes back.
+    return k2_fp32 + sum(lv.delta_ms for lv in levers if lv.on and not lv.counted and lv.delta_ms is not None)
+
+
+def planned_ms(cfg, shape, fwd_flops: float, images: int, gpu, terms: dict[str, float],
+               attention_table: dict | None = None) -> float:
+    """The change the levers ``cfg`` turns on make to a step whose roofline terms are ``terms`` (``estimate_step``'s
+    gemm_ms, attention_ms, ...): what the plan's estimate and range add to the terms it counts itself."""
+    levers, _, k2_fp32 = _levers(cfg, shape, fwd_flops, images, gpu, SimpleNamespace(**terms), attention_table)
+    return _planned(levers, k2_fp32)
+
+
 def lever_rows(cfg, shape, fwd_flops: float, layout, gpu, est, attention_table: dict | None = None) -> list[LeverRow]:
-    """The plan of ``cfg`` with the levers it turns on ("as planned"), then each lever it leaves off turned on
-    alone, then all of them."""
+    """The plan of ``cfg`` with the levers it turns on ("as planned": ``est`` as the plan printed it, its
+    ``levers_ms`` included), then each lever it leaves off turned on alone, then all of them."""
     images = layout.batch_size * layout.accum_iter
     levers, dec_res, k2_fp32 = _levers(cfg, shape, fwd_flops, images, gpu, est, attention_table)
-    # The plan counts K2 at its ideal bf16 output: an fp32 decoder input adds its extra bytes back.
-    planned = k2_fp32 + sum(lv.delta_ms for lv in levers if lv.on and not lv.counted and lv.delta_ms is not None)
+    planned = _planned(levers, k2_fp32)
+    est = replace(est, step_ms=est.step_ms - est.levers_ms)  # the terms alone; each row adds its own levers
     rows = [_row("as planned", planned, est, images, fwd_flops, gpu, "")]
     for lv in levers:
         if lv.delta_ms is None:

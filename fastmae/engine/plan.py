@@ -393,6 +393,9 @@ class StepEstimate:
     glue_ms: float = 0.0
     comm_ms: float = 0.0  # exposed communication
     label: str = "roofline"
+    # The levers this run turns on that the terms above leave out (FP8 GEMMs, the decoder input's dtype, max-autotune
+    # epilogues, a measured attention table): fastmae.engine.levers.planned_ms
+    levers_ms: float = 0.0
 
 
 def attention_flops_per_image(shape: ModelShape) -> float:
@@ -472,9 +475,11 @@ def estimate_step(
     residual_dtype: str = "fp32",
     assumptions: Assumptions = ROOFLINE,
     comm: Callable[[float], CommEstimate | None] | None = None,
+    levers: Callable[[dict[str, float]], float] | None = None,
 ) -> StepEstimate:
     """Time of one step of ``layout`` on ``gpu`` under ``assumptions`` (default: DESIGN.md's roofline);
-    ``forward_flops`` per image; ``comm(backward_ms)`` prices the step's communication (None: one GPU)."""
+    ``forward_flops`` per image; ``comm(backward_ms)`` prices the step's communication (None: one GPU);
+    ``levers(terms)`` the change the run's compute levers make to these terms (ms; None: none)."""
     a, images = assumptions, layout.batch_size * layout.accum_iter
     attn_fwd = attention_flops_per_image(shape)
     terms = dict(gemm_ms=gemm_ms(forward_flops, attn_fwd, images, gpu, a),
@@ -482,7 +487,8 @@ def estimate_step(
                  elementwise_ms=elementwise_ms(shape, images, gpu, a, compile, residual_dtype),
                  kernels_ms=kernel_bytes_per_image(shape) * images / _bw(gpu) * 1e3,
                  optimizer_ms=OPTIMIZER_BYTES_PER_PARAM * n_params / _bw(gpu) * 1e3)
-    compute = sum(terms.values())
+    lever_ms = levers(terms) if levers else 0.0
+    compute = sum(terms.values()) + lever_ms
     glue = a.glue * compute
     c = comm(compute * 2 / 3) if comm else None  # the backward is ~2/3 of the compute
     step = compute + glue + (c.exposed_ms if c else 0.0)
@@ -490,7 +496,7 @@ def estimate_step(
     img_s = min(compute_img_s, a.loader_img_s)
     mfu = img_s * 3 * forward_flops / (gpu.peak_tflops * 1e12)
     return StepEstimate(**terms, step_ms=step, img_s=img_s, mfu=mfu, data_bound=compute_img_s > a.loader_img_s,
-                        glue_ms=glue, comm_ms=c.exposed_ms if c else 0.0, label=a.label)
+                        glue_ms=glue, comm_ms=c.exposed_ms if c else 0.0, label=a.label, levers_ms=lever_ms)
 
 
 # ---- the whole plan --------------------------------------------------------------------------------------------
@@ -619,9 +625,10 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: Tra
     act = activation_bytes_per_image(shape, cfg.residual_dtype, policy) * layout.batch_size
     estimate, span, comm = None, None, (None, None)
     if spec is not None:
-        estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype)
+        on = _planned_levers(cfg, shape, fwd_flops, layout, spec)
+        estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, levers=on)
         span, comm = _span(cfg, n_params, spec, world, lambda a, price: estimate_step(
-            shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, a, price))
+            shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, a, price, on))
     levers = _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate)
     steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
     total_images = steps * layout.eff_batch
@@ -648,6 +655,16 @@ def _span(cfg, n_params: int, spec: GpuSpec, world: int, estimate: Callable[...,
         out.append(est)
         comms.append(price((est.step_ms - est.glue_ms - est.comm_ms) * 2 / 3))  # as the estimate priced it
     return tuple(out), tuple(comms)
+
+
+def _planned_levers(cfg, shape, fwd_flops, layout, spec) -> Callable[[dict[str, float]], float]:
+    """The step-time change of the levers ``cfg`` turns on, given an estimate's terms (its GEMM and attention times)."""
+    from fastmae.engine import levers
+    from fastmae.layers.attention import attention_table
+
+    table = attention_table(cfg.attention_table)
+    return lambda terms: levers.planned_ms(cfg, shape, fwd_flops, layout.batch_size * layout.accum_iter, spec, terms,
+                                           table)
 
 
 def _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate) -> list[str]:
@@ -743,7 +760,7 @@ def _range_lines(plan: Plan) -> list[str]:
     rf = plan.estimate
     terms = lambda e: (f"GEMM {e.gemm_ms:.1f} + attention {e.attention_ms:.1f} + elementwise {e.elementwise_ms:.1f} + "
                        f"K1-K3 {e.kernels_ms:.2f} + optimizer {e.optimizer_ms:.1f} + glue {e.glue_ms:.1f} + "
-                       f"exposed communication {e.comm_ms:.1f}")
+                       f"exposed communication {e.comm_ms:.1f}" + (f" + levers on {e.levers_ms:+.1f}" if e.levers_ms else ""))
     c_lo, c_hi = plan.comm
     if c_lo is None:
         comm = "none (one process)"
