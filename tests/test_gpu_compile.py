@@ -1,6 +1,6 @@
 """Every Triton kernel configuration compiles for sm_80 and sm_90 without spilling, on a machine without a GPU.
 
-Runs ``bench/kernel_compile_report.py`` in a subprocess: the compile needs the real Triton
+Runs ``tools/kernel_compile_report.py`` in a subprocess: the compile needs the real Triton
 JIT, while the other kernel tests run the kernels under ``TRITON_INTERPRET=1`` in this
 process. CI compiles a subset (every block size / num_warps choice once, every dtype and
 flag combination at the ViT-B shape); ``-m slow`` runs the full cross product (~1,550
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "kernel_compile_report.py"
+SCRIPT = ROOT / "tools" / "kernel_compile_report.py"
 
 
 def _run_report(subset: str, tmp_path: Path) -> list[dict]:

@@ -9,7 +9,7 @@ and reads registers / stack / local (spill) memory from the cubin with
 only filled in when a binary is loaded on a device). Shared memory comes from
 the compiled metadata.
 
-    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--only gather_queries ...]
+    python tools/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--only gather_queries ...]
                                           [--json out.json] [--workers 2]
 
 Exit status 1 if any configuration fails to compile or spills.
