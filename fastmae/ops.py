@@ -35,11 +35,13 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch._library.custom_ops import CustomOpDef
+
+if TYPE_CHECKING:  # the class torch.library.custom_op returns; torch exports it under a private module only
+    from torch._library.custom_ops import CustomOpDef
 
 from fastmae import reference
 
