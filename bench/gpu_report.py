@@ -59,9 +59,9 @@ DEFAULT_DEADLINE_S = 420.0
 # --deadline, and is stopped at min(cap, time left); the environment (estimate 0) always runs. Full sizes:
 # guesses for an H100 (the report records each section's seconds, so the first GPU report corrects them);
 # quick sizes: measured on 2 quiet CPU cores, capped for a loaded machine.
-BUDGETS_FULL = {"env": (0, 30), "kernels": (45, 90), "attention": (20, 45), "step": (35, 75), "compiled": (75, 150),
+BUDGETS_FULL = {"env": (0, 30), "kernels": (75, 150), "attention": (20, 45), "step": (35, 75), "compiled": (75, 150),
                 "graphs": (75, 150), "profile": (15, 40), "large": (40, 90), "data": (45, 90), "residual": (40, 90)}
-BUDGETS_QUICK = {"env": (0, 60), "kernels": (10, 180), "attention": (2, 60), "step": (20, 180), "compiled": (25, 180),
+BUDGETS_QUICK = {"env": (0, 60), "kernels": (20, 180), "attention": (2, 60), "step": (20, 180), "compiled": (25, 180),
                  "graphs": (25, 180), "profile": (5, 60), "large": (20, 180), "data": (15, 120), "residual": (20, 120)}
 
 
