@@ -1,5 +1,9 @@
 """Shared machinery of the kernel microbenchmarks (bench/bench_<op>.py), which are pytest-benchmark modules.
 
+Each op of ``fastmae.ops.OPS`` has one: ``cases(scale_name)`` gives its shapes as :class:`Case` objects,
+``test_<op> = bench_test(CASES)`` is its pytest-benchmark test (timed by pytest-benchmark, which saves and
+compares runs), and ``bench/gpu_report.py`` times the same cases through ``bench/_harness.py``.
+
 Every benchmark calls the op through ``fastmae.ops`` with the backend forced
 (``FASTMAE_KERNELS``), so what is timed is what trains:
 
