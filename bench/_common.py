@@ -1,5 +1,9 @@
 """Shared machinery of the kernel microbenchmarks (bench/bench_<op>.py), which are pytest-benchmark modules.
 
+Each op of ``fastmae.ops.OPS`` has one: ``cases(scale_name)`` gives its shapes as :class:`Case` objects,
+``test_<op> = bench_test(CASES)`` is its pytest-benchmark test (timed by pytest-benchmark, which saves and
+compares runs), and ``bench/gpu_report.py`` times the same cases through ``bench/_harness.py``.
+
 Every benchmark calls the op through ``fastmae.ops`` with the backend forced
 (``FASTMAE_KERNELS``), so what is timed is what trains:
 
@@ -47,8 +51,8 @@ from pathlib import Path
 if os.environ.get("FASTMAE_BENCH_TRITON") == "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402 - after the interpreter switch above
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the interpreter switch above
+from _harness import sync  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -70,9 +74,24 @@ def batch_size() -> int:
     return int(os.environ.get("FASTMAE_BENCH_BATCH", BATCH[scale()]))
 
 
-def image_size(patch: int) -> int:
+def image_size(patch: int, scale_name: str | None = None) -> int:
     """224 px (the ViT recipes), or 2 x 2 patches at the tiny scale: the patch dim P stays the real one."""
-    return 2 * patch if scale() == "tiny" else 224
+    return 2 * patch if (scale_name or scale()) == "tiny" else 224
+
+
+def element_bytes(src: str | torch.dtype) -> int:
+    """Bytes of one element of ``src`` ('uint8', a float dtype's name, or a dtype)."""
+    return 1 if src == "uint8" else torch.finfo(getattr(torch, src) if isinstance(src, str) else src).bits // 8
+
+
+def bench_images(src: str, batch: int, size: int, device: torch.device, requires_grad: bool = False) -> tuple:
+    """(imgs, mean, std): uint8 NHWC as the loaders deliver them with ImageNet's mean/std (C,), or float NCHW of
+    dtype ``src`` without them."""
+    if src == "uint8":
+        imgs = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+        return imgs, torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
+    imgs = torch.randn(batch, 3, size, size, device=device, dtype=getattr(torch, src), requires_grad=requires_grad)
+    return imgs, None, None
 
 
 def device() -> torch.device:
@@ -88,6 +107,8 @@ def _triton_skip_reason() -> str | None:
 
 def backend_params() -> list:
     """The backend axis of every benchmark; the Triton rows carry a skip mark without CUDA (reason included)."""
+    import pytest
+
     reason = _triton_skip_reason()
     marks = [pytest.mark.skip(reason=reason)] if reason else []
     return [pytest.param(b, marks=marks if b == "triton" else []) for b in BACKENDS]
@@ -137,12 +158,12 @@ def inputs_device(inputs: dict) -> torch.device:
 
 
 def _pass_fn(fn: Callable[[dict], torch.Tensor], inputs: dict, grad_keys: Sequence[str], kind: str) -> Callable:
-    sync = torch.cuda.synchronize if inputs_device(inputs).type == "cuda" else (lambda: None)
+    dev = inputs_device(inputs)
     if kind == "fwd":
         def run_fwd():
             with torch.no_grad():
                 fn(inputs)
-            sync()
+            sync(dev)
         return run_fwd
     leaves = [inputs[k] for k in grad_keys]
     out = fn(inputs)
@@ -150,7 +171,7 @@ def _pass_fn(fn: Callable[[dict], torch.Tensor], inputs: dict, grad_keys: Sequen
 
     def run_bwd():
         torch.autograd.grad(out, leaves, gout, retain_graph=True)
-        sync()
+        sync(dev)
     return run_bwd
 
 
@@ -170,6 +191,8 @@ def eager_bytes(case: Case, batch: int, dev: torch.device, kind: str) -> int:
 
 def bench_op(benchmark, case: Case, kind: str, backend: str) -> None:
     """Time one (case, pass, backend) row through ``fastmae.ops`` with the backend forced."""
+    import pytest
+
     if kind == "bwd" and not case.grad_keys:
         pytest.skip("no differentiable input (uint8 images): forward only")
     dev, batch = device(), batch_size()
@@ -189,6 +212,19 @@ def bench_op(benchmark, case: Case, kind: str, backend: str) -> None:
         run = _pass_fn(fn, inputs, case.grad_keys, kind)
         rounds = int(os.environ.get("FASTMAE_BENCH_ROUNDS", "5"))
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+def bench_test(cases: Sequence[Case]) -> Callable:
+    """The pytest-benchmark test of an op's module (bind it to ``test_<op>``): every case x pass x backend."""
+    import pytest
+
+    @pytest.mark.parametrize("backend", backend_params())
+    @pytest.mark.parametrize("kind", PASSES)
+    @pytest.mark.parametrize("case", cases, ids=lambda c: c.name.replace(" ", "-").replace(",", ""))
+    def test(benchmark, case, kind, backend):
+        bench_op(benchmark, case, kind, backend)
+
+    return test
 
 
 def ratio_table(results: dict) -> str:
@@ -214,6 +250,8 @@ def ratio_table(results: dict) -> str:
 
 def main(module_file: str) -> int:
     """``python bench/bench_<op>.py [pytest args]``: run the module's benchmarks, then print the ratio table."""
+    import pytest
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         code = pytest.main([module_file, "--benchmark-only", "-q", f"--benchmark-json={out}", *sys.argv[1:]])

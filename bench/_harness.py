@@ -1,4 +1,8 @@
-"""Shared bits of the model/step benchmarks: interleaved timing, environment stamp, CSV rows."""
+"""The one timing harness of bench/ (interleaved rounds after warm-up; CUDA events on a GPU, ``perf_counter``
+elsewhere; median and p20-p80 spread), and the shared bits of the model/step benchmarks: the HF ViTMAE step,
+the engine's training step, environment stamp, CSV rows. Every bench script and the GPU report time through
+:func:`interleaved` / :func:`time_ms`; the pytest-benchmark modules leave the timing to pytest-benchmark and
+share only :func:`sync`."""
 
 from __future__ import annotations
 
@@ -30,11 +34,25 @@ def device_name(device: torch.device) -> str:
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)  # deliberate: a timer's edge
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """One call's time: CUDA events around it on a GPU (the device's time, launches included), wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()  # deliberate: this is a timer
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times in round-robin order (after ``warmup`` rounds).
+    """Seconds of each function, ``repeats`` samples each, timed in round-robin order after ``warmup`` rounds.
 
     Round-robin spreads the machine's noise (other processes, frequency changes)
     evenly over the contenders, so their ratio is more stable than their times.
@@ -46,16 +64,24 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warm
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_seconds(fn, device))
     return times
 
 
 def median_ms(ts: list[float]) -> float:
     return statistics.median(ts) * 1e3
+
+
+def spread_ms(ts: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds of samples in seconds."""
+    ms = [t * 1e3 for t in ts]
+    qs = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return statistics.median(ms), qs[1], qs[7]
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of one function (:func:`interleaved` with a single contender)."""
+    return spread_ms(interleaved({"fn": fn}, device, warmup, repeats)["fn"])
 
 
 def append_csv(rows: list[dict]) -> Path:
@@ -84,6 +110,34 @@ def make_train_step(model, device: torch.device, amp_dtype: torch.dtype, forward
     opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
     params = [p for p in model.parameters() if p.requires_grad]
     return lambda: train_step(forward, opt, params, lambda: batch, mask_ratio=mask_ratio, amp_dtype=amp_dtype)
+
+
+def hf_vitmae_step(model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
+                   amp_dtype: torch.dtype = torch.float32, adamw: bool = True) -> Callable[[], torch.Tensor]:
+    """transformers' ``ViTMAEForPreTraining`` with ``model``'s config and weights, as one step on a fixed batch: the
+    forward (under autocast unless fp32; with ``noise``, the same masks as fastmae's), the backward and, with
+    ``adamw``, torch's AdamW at MAE's settings; the step returns the loss (a device tensor, no host sync). The
+    outside reference of the step benchmarks and the GPU report."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from fastmae.convert import hf_config_kwargs, to_hf_vitmae
+
+    hf = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(model), mask_ratio=0.75)).to(pixel_values.device)
+    hf.load_state_dict(to_hf_vitmae(model.state_dict()))
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05) if adamw else None
+    extra = {} if noise is None else {"noise": noise}
+    autocast = torch.autocast(pixel_values.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    def step():
+        with autocast:
+            loss = hf(pixel_values=pixel_values, **extra).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
 
 
 def stamp(device: torch.device) -> dict:

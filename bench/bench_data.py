@@ -381,7 +381,7 @@ def open_source_names(root: Path) -> list[str]:
     return open_source(root, "train", warn=False).names
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
     ap.add_argument("--batch", type=int, default=64)
@@ -398,7 +398,57 @@ def main() -> None:
     ap.add_argument("--no_paths", action="store_true", help="skip the one-thread per-path table and the new-path loaders")
     ap.add_argument("--paths_only", action="store_true", help="only the one-thread per-path table and cores per GPU")
     ap.add_argument("--short_side", type=int, default=256, help="short side of the packed copy (fastmae data pack)")
-    args = ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
+    return ap.parse_args(underscores(sys.argv[1:]))  # --img-size = --img_size, as in fastmae
+
+
+def _loaders(root: Path, data_dir: Path, common: dict, args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """The contenders on one data set: (loaders, their table labels, DALI's decode mode)."""
+    loaders = {kind: build_loader(root, loader=kind, **common) for kind in ("torch", "dali")}
+    dali_mode = "mixed (nvJPEG)" if loaders["dali"].device_id is not None else "CPU"
+    labels = {"torch": "torch/PIL workers", "dali": f"DALI {dali_mode}"}
+    if root.name.startswith("inet-like") and not args.no_paths:
+        for key, (label, ld) in new_path_loaders(root, data_dir, common).items():
+            loaders[key], labels[key] = ld, label
+    if not args.no_diagnostic:
+        from fastmae.data.dali import DaliLoader
+        from fastmae.data.sources import open_source
+
+        src = open_source(root, "train", crop=args.img_size, warn=False)
+        loaders["dali_tri"] = DaliLoader(
+            src,
+            resize_filter="triangular",
+            train=True,
+            shuffle=True,
+            seed=0,
+            rank=0,
+            world_size=1,
+            drop_last=True,
+            **common,
+        )
+        labels["dali_tri"] = f"DALI {dali_mode}, triangular resize (diagnostic, not the MAE recipe)"
+    return loaders, labels, dali_mode
+
+
+def _measure(loaders: dict, epochs: int) -> tuple[dict, dict, dict]:
+    """Img/s and CPU ms/img per loader, ``epochs`` round-robin epochs after a warm-up: (rates, medians, CPU medians)."""
+    rates: dict[str, list[float]] = {k: [] for k in loaders}
+    cpu: dict[str, list[float]] = {k: [] for k in loaders}
+    for ld in loaders.values():
+        ld.set_epoch(0)
+        run_epoch(ld)  # warm-up: worker start, pipeline build, page cache
+    for e in range(1, epochs + 1):
+        for k, ld in loaders.items():  # round-robin: machine noise hits every loader alike
+            ld.set_epoch(e)
+            r, c = run_epoch(ld)
+            rates[k].append(r)
+            cpu[k].append(c)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return rates, med, mcpu
+
+
+def main() -> None:
+    args = _parse_args()
     if args.setup:
         setup_bench(prepare_demo_dataset(Path(args.data_dir)), args)
         return
@@ -425,42 +475,8 @@ def main() -> None:
     )
     rows, lines = [], []
     for set_name, root in sets.items():
-        loaders = {kind: build_loader(root, loader=kind, **common) for kind in ("torch", "dali")}
-        dali_mode = "mixed (nvJPEG)" if loaders["dali"].device_id is not None else "CPU"
-        labels = {"torch": "torch/PIL workers", "dali": f"DALI {dali_mode}"}
-        if root.name.startswith("inet-like") and not args.no_paths:
-            for key, (label, ld) in new_path_loaders(root, data_dir, common).items():
-                loaders[key], labels[key] = ld, label
-        if not args.no_diagnostic:
-            from fastmae.data.dali import DaliLoader
-            from fastmae.data.sources import open_source
-
-            src = open_source(root, "train", crop=args.img_size, warn=False)
-            loaders["dali_tri"] = DaliLoader(
-                src,
-                resize_filter="triangular",
-                train=True,
-                shuffle=True,
-                seed=0,
-                rank=0,
-                world_size=1,
-                drop_last=True,
-                **common,
-            )
-            labels["dali_tri"] = f"DALI {dali_mode}, triangular resize (diagnostic, not the MAE recipe)"
-        rates: dict[str, list[float]] = {k: [] for k in loaders}
-        cpu: dict[str, list[float]] = {k: [] for k in loaders}
-        for ld in loaders.values():
-            ld.set_epoch(0)
-            run_epoch(ld)  # warm-up: worker start, pipeline build, page cache
-        for e in range(1, args.epochs + 1):
-            for k, ld in loaders.items():  # round-robin: machine noise hits every loader alike
-                ld.set_epoch(e)
-                r, c = run_epoch(ld)
-                rates[k].append(r)
-                cpu[k].append(c)
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+        loaders, labels, dali_mode = _loaders(root, data_dir, common, args)
+        rates, med, mcpu = _measure(loaders, args.epochs)
         n = loaders["torch"].steps_per_epoch * args.batch
         for k in loaders:
             lines.append(

@@ -12,15 +12,14 @@ parameter; the position table is fp32, fixed (sin-cos) or trainable (then its gr
 
 from __future__ import annotations
 
-import pytest
 import torch
-from _common import PASSES, Case, backend_params, bench_op, main, scale
+from _common import Case, bench_test, main, scale
 
 from fastmae import ops
 
 
-def _case(name: str, L: int, D: int, pos_trainable: bool) -> Case:
-    if scale() == "tiny":
+def _case(scale_name: str, name: str, L: int, D: int, pos_trainable: bool) -> Case:
+    if scale_name == "tiny":
         L, D = 8, 32
     L_t = L // 4
 
@@ -45,18 +44,17 @@ def _case(name: str, L: int, D: int, pos_trainable: bool) -> Case:
     return Case(name, make, op, grad, ideal, note=note)
 
 
-CASES = [
-    _case("vit_b16_l16 crossmae 49 of 196 D=512", 196, 512, False),
-    _case("vit_b16_l16 crossmae 49 of 196 D=512 trainable pos", 196, 512, True),
-    _case("vit_h14 crossmae 64 of 256 D=512", 256, 512, False),
-]
+def cases(scale_name: str) -> list[Case]:
+    """The benchmark shapes at a scale of ``_common.BATCH`` (the GPU report asks for its own)."""
+    return [
+        _case(scale_name, "vit_b16_l16 crossmae 49 of 196 D=512", 196, 512, False),
+        _case(scale_name, "vit_b16_l16 crossmae 49 of 196 D=512 trainable pos", 196, 512, True),
+        _case(scale_name, "vit_h14 crossmae 64 of 256 D=512", 256, 512, False),
+    ]
 
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("kind", PASSES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
-def test_gather_queries(benchmark, case, kind, backend):
-    bench_op(benchmark, case, kind, backend)
+CASES = cases(scale())
+test_gather_queries = bench_test(CASES)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ import argparse
 import sys
 
 import torch
-from _harness import append_csv, interleaved, median_ms, stamp
+from _harness import append_csv, hf_vitmae_step, interleaved, median_ms, stamp
 
 from fastmae import mae_vit_base_patch16, mae_vit_tiny
-from fastmae.convert import hf_config_kwargs, to_hf_vitmae
 from fastmae.flags import underscores
 
 CONFIGS = {
@@ -27,21 +26,15 @@ CONFIGS = {
 
 
 def run(name: str, batch: int, warmup: int, repeats: int, device: torch.device) -> dict:
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
     torch.manual_seed(0)
     ours = CONFIGS[name]().to(device)
-    hf = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(ours), mask_ratio=0.75)).to(device)
-    hf.load_state_dict(to_hf_vitmae(ours.state_dict()))
     x = torch.randn(batch, 3, 224, 224, device=device)
     noise = torch.rand(batch, ours.patch_embed.num_patches, device=device)
+    step_hf = hf_vitmae_step(ours, x, noise, adamw=False)
 
     def step_ours():
         loss = ours(x, 0.75, noise)[0]
         loss.backward()
-
-    def step_hf():
-        hf(pixel_values=x, noise=noise).loss.backward()
 
     times = interleaved({"fastmae": step_ours, "hf": step_hf}, device, warmup, repeats)
     ms_ours, ms_hf = median_ms(times["fastmae"]), median_ms(times["hf"])

@@ -12,28 +12,23 @@ float NCHW (with the image gradient, for the backward row).
 
 from __future__ import annotations
 
-import pytest
 import torch
-from _common import MEAN, PASSES, STD, Case, backend_params, bench_op, image_size, main
+from _common import Case, bench_images, bench_test, element_bytes, image_size, main, scale
 
 from fastmae import ops
 
 
-def _case(name: str, p: int, src: str, out_dtype: torch.dtype) -> Case:
-    size = image_size(p)
+def _case(scale_name: str, name: str, p: int, src: str, out_dtype: torch.dtype) -> Case:
+    size = image_size(p, scale_name)
     L = (size // p) ** 2
     n_vis = int(L * 0.25)
     P = p * p * 3
-    in_b = 1 if src == "uint8" else torch.finfo(getattr(torch, src)).bits // 8
-    out_b = torch.finfo(out_dtype).bits // 8
+    in_b, out_b = element_bytes(src), element_bytes(out_dtype)
 
     def make(batch: int, device: torch.device) -> dict:
         ids_keep = torch.argsort(torch.rand(batch, L, device=device), dim=1)[:, :n_vis]
-        if src == "uint8":
-            imgs = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
-            return dict(imgs=imgs, ids=ids_keep, mean=torch.tensor(MEAN, device=device), std=torch.tensor(STD, device=device))
-        imgs = torch.randn(batch, 3, size, size, device=device, dtype=getattr(torch, src), requires_grad=True)
-        return dict(imgs=imgs, ids=ids_keep, mean=None, std=None)
+        imgs, mean, std = bench_images(src, batch, size, device, requires_grad=True)
+        return dict(imgs=imgs, ids=ids_keep, mean=mean, std=std)
 
     def op(x: dict) -> torch.Tensor:
         return ops.patchify_gather(x["imgs"], x["ids"], p, x["mean"], x["std"], out_dtype)
@@ -49,18 +44,17 @@ def _case(name: str, p: int, src: str, out_dtype: torch.dtype) -> Case:
     return Case(name, make, op, grad, ideal, note=f"{src}->{str(out_dtype).split('.')[-1]} P={P}")
 
 
-CASES = [
-    _case("vit_b16_l16 uint8 NHWC->bf16", 16, "uint8", torch.bfloat16),
-    _case("vit_b16_l16 fp32 NCHW->bf16", 16, "float32", torch.bfloat16),
-    _case("vit_h14 uint8 NHWC->bf16", 14, "uint8", torch.bfloat16),
-]
+def cases(scale_name: str) -> list[Case]:
+    """The benchmark shapes at a scale of ``_common.BATCH`` (the GPU report asks for its own)."""
+    return [
+        _case(scale_name, "vit_b16_l16 uint8 NHWC->bf16", 16, "uint8", torch.bfloat16),
+        _case(scale_name, "vit_b16_l16 fp32 NCHW->bf16", 16, "float32", torch.bfloat16),
+        _case(scale_name, "vit_h14 uint8 NHWC->bf16", 14, "uint8", torch.bfloat16),
+    ]
 
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("kind", PASSES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
-def test_patchify_gather(benchmark, case, kind, backend):
-    bench_op(benchmark, case, kind, backend)
+CASES = cases(scale())
+test_patchify_gather = bench_test(CASES)
 
 
 if __name__ == "__main__":

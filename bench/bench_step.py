@@ -23,9 +23,8 @@ import functools
 import sys
 
 import torch
-from _harness import append_csv, interleaved, make_train_step, median_ms, stamp
+from _harness import append_csv, hf_vitmae_step, interleaved, make_train_step, median_ms, stamp
 
-from fastmae.convert import hf_config_kwargs, to_hf_vitmae
 from fastmae.flags import underscores
 from fastmae.models import create_model
 
@@ -81,18 +80,7 @@ def main() -> None:
         steps[f"{base_mode}[{lever}]"] = lever_step(args, base_mode, lever, device, x, noise)
     for mode in args.modes:
         if mode == "hf_fp32":
-            from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-            hf = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(base), mask_ratio=0.75)).to(device)
-            hf.load_state_dict(to_hf_vitmae(base.state_dict()))
-            hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-
-            def hf_step(hf=hf, hf_opt=hf_opt):
-                hf(pixel_values=x, noise=noise).loss.backward()
-                hf_opt.step()
-                hf_opt.zero_grad(set_to_none=True)
-
-            steps[mode] = hf_step
+            steps[mode] = hf_vitmae_step(base, x, noise)
             continue
         kind, prec = mode.split("_")
         amp = {"fp32": torch.float32, "bf16": torch.bfloat16}[prec]

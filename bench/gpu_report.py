@@ -5,12 +5,12 @@
     python bench/gpu_report.py --sections kernels,step           # a subset
 
 Writes ``bench/results/gpu_report.md`` and ``gpu_report.json`` (``--out DIR``). Every speed is a ratio
-against the reference measured in the same run: the kernels K1-K3 against their eager twins
-(``fastmae.reference``) and ``torch.compile`` of those twins; the training step against the eager
+against the reference measured in the same run: every op of ``fastmae.ops.OPS`` (at its bench/bench_<op>.py
+cases) against its eager twin (``fastmae.reference``) and ``torch.compile`` of that twin; the training step against the eager
 reference path (fastmae's model with the reference ops) and HF ``ViTMAEForPreTraining`` when
 ``transformers`` is installed. Optional parts that are missing (DALI, flash-attn, transformers) give
-"not installed" rows. Timing: ``triton.testing.do_bench`` on CUDA (median, p20, p80), a wall-clock
-timer on CPU. Every step goes through :func:`_step_fn`, i.e. ``fastmae.engine.step.train_step``.
+"not installed" rows. Timing: bench/_harness.py (CUDA events on a GPU, a wall-clock timer elsewhere;
+median, p20, p80). Every step goes through :func:`_step_fn`, i.e. ``fastmae.engine.step.train_step``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from _harness import hf_vitmae_step, sync, time_ms
 
-from fastmae import ops, reference
+from fastmae import ops
 from fastmae.engine.flops import gpu_spec, mae_forward_flops
 from fastmae.engine.optim import build_adamw
 from fastmae.engine.plan import build_meta_model, model_shape
@@ -59,9 +59,9 @@ DEFAULT_DEADLINE_S = 420.0
 # --deadline, and is stopped at min(cap, time left); the environment (estimate 0) always runs. Full sizes:
 # guesses for an H100 (the report records each section's seconds, so the first GPU report corrects them);
 # quick sizes: measured on 2 quiet CPU cores, capped for a loaded machine.
-BUDGETS_FULL = {"env": (0, 30), "kernels": (45, 90), "attention": (20, 45), "step": (35, 75), "compiled": (75, 150),
+BUDGETS_FULL = {"env": (0, 30), "kernels": (75, 150), "attention": (20, 45), "step": (35, 75), "compiled": (75, 150),
                 "graphs": (75, 150), "profile": (15, 40), "large": (40, 90), "data": (45, 90), "residual": (40, 90)}
-BUDGETS_QUICK = {"env": (0, 60), "kernels": (10, 180), "attention": (2, 60), "step": (20, 180), "compiled": (25, 180),
+BUDGETS_QUICK = {"env": (0, 60), "kernels": (20, 180), "attention": (2, 60), "step": (20, 180), "compiled": (25, 180),
                  "graphs": (25, 180), "profile": (5, 60), "large": (20, 180), "data": (15, 120), "residual": (20, 120)}
 
 
@@ -69,7 +69,7 @@ BUDGETS_QUICK = {"env": (0, 60), "kernels": (10, 180), "attention": (2, 60), "st
 class Sizes:
     """What one run measures: GPU sizes by default, tiny CPU sizes with --quick."""
 
-    kernel_shapes: tuple[tuple[str, int, int, int], ...]  # (label, img_size, patch, decoder dim)
+    kernel_scale: str  # the shapes of each op's bench/bench_<op>.py cases (see bench/_common.py)
     kernel_batch: int
     base: tuple[str, str, int, int]  # (label, model, img_size, patch): the model every step mode runs
     large: tuple[str, str, int, int]  # the second model (eager and reference; compiled with --large-compiled)
@@ -84,57 +84,19 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(
-    kernel_shapes=(("ViT-B/16 and ViT-L/16", 224, 16, 512), ("ViT-H/14", 224, 14, 512)),
+    kernel_scale="gpu",
     kernel_batch=256,
     base=("ViT-B/16", "mae_vit_base_patch16", 224, 16), large=("ViT-L/16", "mae_vit_large_patch16", 224, 16),
     step_batch=256, warmup=3, repeats=10, data_images=1024, data_batch=256, residual_steps=300, residual_batch=32,
     compile_backend="inductor",
 )
 QUICK_SIZES = Sizes(
-    kernel_shapes=(("tiny 64/8", 64, 8, 128),),
+    kernel_scale="tiny",
     kernel_batch=4,
     base=("tiny", "mae_vit_tiny", 64, 8), large=("small 32/16", "mae_vit_small_patch16", 32, 16),
     step_batch=4, warmup=1, repeats=3, data_images=32, data_batch=8, residual_steps=10, residual_batch=8,
     compile_backend="aot_eager",
 )
-
-
-# ---- timing --------------------------------------------------------------------------------------------------
-
-
-def _quantiles_ms(samples: list[float]) -> tuple[float, float, float]:
-    qs = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else [samples[0]] * 9
-    return statistics.median(samples), qs[1], qs[7]  # median, p20, p80
-
-
-def bench_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-             do_bench: bool = True) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of ``fn``: triton's do_bench on CUDA (microbenchmarks: it sizes its own
-    repeats and flushes L2), CUDA events for whole steps (``do_bench=False``), a wall-clock timer off-GPU."""
-    if device.type == "cuda" and do_bench:
-        try:
-            from triton.testing import do_bench
-
-            res = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-            return tuple(float(v) for v in res)  # type: ignore[return-value]
-        except (ImportError, TypeError):  # no triton, or a do_bench without quantiles: CUDA events below
-            pass
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()  # deliberate: this is a timer
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles_ms(samples)
 
 
 # The figures of each section's rows: a contender that errors still carries every key (None) and its error text,
@@ -156,11 +118,6 @@ def _every_key(rows: list[dict], figures: tuple[str, ...]) -> list[dict]:
         for k in (*figures, "error", "note"):
             r.setdefault(k, None)
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -212,90 +169,75 @@ def section_env(device: torch.device) -> dict:
     return env
 
 
-def _kernel_cases(img: int, p: int, dd: int, batch: int, device: torch.device) -> dict[str, dict]:
-    """Inputs, reference, fused op and ideal bytes of K1-K3 at one model shape, as the training step calls them."""
-    L = (img // p) ** 2
-    V = int(L * 0.25)
-    P = p * p * 3
-    g = torch.Generator(device="cpu").manual_seed(0)
-    imgs = torch.randint(0, 256, (batch, img, img, 3), generator=g, dtype=torch.uint8).to(device)
-    shuffle = torch.argsort(torch.rand(batch, L, generator=g), dim=1).to(device)
-    ids_keep, ids_masked = shuffle[:, :V], shuffle[:, V:]
-    ids_restore = torch.argsort(shuffle, dim=1)
-    mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
-    bf16 = torch.bfloat16
-    x = torch.randn(batch, 1 + V, dd, device=device, dtype=bf16, requires_grad=True)
-    mask_token = torch.zeros(dd, device=device, dtype=bf16, requires_grad=True)
-    pos = torch.randn(1, 1 + L, dd, device=device)
-    pred = torch.randn(batch, L, P, device=device, dtype=bf16, requires_grad=True)
-    ref_k3 = lambda: reference.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std)  # noqa: E731
-    # fastmae.ops' public entry points; kernel_backend("triton") routes them to the Triton custom ops.
-    fused = {
-        "K1": lambda: ops.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
-        "K2": lambda: ops.unshuffle_scatter(x, mask_token, ids_restore, pos),
-        "K3": lambda: ops.masked_recon_loss(pred, imgs, ids_masked, p, True, "mse", mean, std),
-    }
-    return {
-        # K1 on uint8 images has no backward (images need no gradient).
-        "K1 patchify+gather": dict(ref=lambda: reference.patchify_gather(imgs, ids_keep, p, mean, std, bf16),
-                                   fused=fused["K1"], grad=None, bytes=(batch * V * P * 3 + batch * V * 8, 0)),
-        # As in the step: bf16 decoder_embed output + fp32 positions -> an fp32 decoder input.
-        "K2 unshuffle scatter": dict(ref=lambda: reference.unshuffle_scatter(x, mask_token, ids_restore, pos),
-                                     fused=fused["K2"], grad=x, grad_out=torch.ones(batch, 1 + L, dd, device=device),
-                                     bytes=(batch * ((1 + V) * dd * 2 + (1 + L) * dd * 4 + L * 8),
-                                            batch * ((1 + L) * dd * 4 + (1 + V) * dd * 2))),
-        # K3 reads the masked rows of pred (bf16) and their pixels (uint8); its backward reads them again and writes
-        # the gradient of pred (bf16; visible rows are zero wherever they are produced).
-        "K3 norm-pix loss": dict(ref=ref_k3, fused=fused["K3"], grad=pred, grad_out=torch.ones((), device=device),
-                                 bytes=(batch * (L - V) * P * 3, batch * ((L - V) * P * 3 + L * P * 2))),
-    }
+def op_cases(scale_name: str) -> dict[str, list]:
+    """Each registered op's benchmark cases (``cases(scale)`` of its bench/bench_<op>.py), found by convention."""
+    import importlib.util as iu
+
+    found = {}
+    for name in ops.OPS:
+        spec = iu.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"bench_{name}.py"))
+        module = iu.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found[name] = module.cases(scale_name)
+    return found
 
 
 def section_kernels(device: torch.device, sizes: Sizes, peak_tbs: float | None, compile_ref: bool,
                     rows: list[dict] | None = None) -> list[dict]:
-    """K1-K3 per shape: eager reference, compiled reference, fused. Rows are appended to ``rows`` as they finish."""
+    """Every registered op's cases: eager reference, compiled reference, fused. Rows are appended as they finish."""
     runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     rows = [] if rows is None else rows
-    for label, img, p, dd in sizes.kernel_shapes:
-        # The references are lambdas of one code object per kernel: without a reset, the second shape fails
-        # the first one's guards and dynamo recompiles it with dynamic shapes (another kernel than the step's).
-        torch._dynamo.reset()
-        for name, case in _kernel_cases(img, p, dd, sizes.kernel_batch, device).items():
-            impls = {"eager reference": case["ref"]}
+    for name, cases in op_cases(sizes.kernel_scale).items():
+        for case in cases:
+            # The cases of a module share one code object: without a reset, the second case fails the first one's
+            # guards and dynamo recompiles it with dynamic shapes (another kernel than the step's).
+            torch._dynamo.reset()
+            impls = {"eager reference": ("torch", case.op)}
             if compile_ref:
-                impls["compiled reference"] = torch.compile(case["ref"], fullgraph=True, dynamic=False,
-                                                            backend=sizes.compile_backend)
+                impls["compiled reference"] = ("torch", torch.compile(case.op, fullgraph=True, dynamic=False,
+                                                                      backend=sizes.compile_backend))
             if runnable:
-                impls["fused (Triton)"] = case["fused"]
-            for impl, fn in impls.items():
-                ctx = kernel_backend("triton") if impl.startswith("fused") else contextlib.nullcontext()
-                interpreted = impl.startswith("fused") and device.type != "cuda"
-                row = dict(shape=label, kernel=name, impl=impl, batch=sizes.kernel_batch)
-                try:
-                    with ctx:  # the interpreter's time means nothing: one call checks the path
-                        row.update(_time_kernel(fn, case, device,
-                                                replace(sizes, warmup=0, repeats=1) if interpreted else sizes))
-                    row["pct_peak_bw"] = row["GBps"] / (peak_tbs * 1e3) if peak_tbs else None
-                except Exception as e:  # one implementation failing is a finding, not a lost section
-                    row["error"] = _error_text(e)
-                if interpreted:
-                    row["note"] = "Triton interpreter: checks the code path, the time means nothing"
-                rows.append(row)
+                impls["fused (Triton)"] = ("triton", case.op)
+            for impl, (backend, fn) in impls.items():
+                rows.append(_kernel_row(name, case, impl, backend, fn, device, sizes, peak_tbs))
             if not runnable:
-                rows.append(dict(shape=label, kernel=name, impl="fused (Triton)", note="needs CUDA or TRITON_INTERPRET=1"))
+                rows.append(dict(op=name, kernel=case.name, impl="fused (Triton)", note="needs CUDA or TRITON_INTERPRET=1"))
     return _every_key(rows, KERNEL_FIGURES)
 
 
-def _time_kernel(fn: Callable, case: dict, device: torch.device, sizes: Sizes) -> dict:
-    """fwd (and fwd+bwd where the step runs a backward) quantiles and GB/s of one implementation."""
-    fwd = bench_ms(fn, device, sizes.warmup, sizes.repeats)
-    row = dict(fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2])
-    fwd_b, bwd_b = case["bytes"]
-    if case["grad"] is not None:
-        t, g = case["grad"], case["grad_out"]
-        both = bench_ms(lambda: (fn().backward(g), setattr(t, "grad", None)), device, sizes.warmup, sizes.repeats)
-        row.update(bwd_ms=max(both[0] - fwd[0], 0.0), fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
-    row["GBps"] = (fwd_b + bwd_b) / ((row.get("fwd_bwd_ms") or fwd[0]) * 1e-3) / 1e9
+def _kernel_row(name: str, case, impl: str, backend: str, fn: Callable, device: torch.device, sizes: Sizes,
+                peak_tbs: float | None) -> dict:
+    interpreted = backend == "triton" and device.type != "cuda"
+    row = dict(op=name, kernel=case.name, impl=impl, batch=sizes.kernel_batch)
+    try:
+        with kernel_backend(backend):  # the interpreter's time means nothing: one call checks the path
+            row.update(_time_kernel(fn, case, device, replace(sizes, warmup=0, repeats=1) if interpreted else sizes))
+        row["pct_peak_bw"] = row["GBps"] / (peak_tbs * 1e3) if peak_tbs else None
+    except Exception as e:  # one implementation failing is a finding, not a lost section
+        row["error"] = _error_text(e)
+    if interpreted:
+        row["note"] = "Triton interpreter: checks the code path, the time means nothing"
+    return row
+
+
+def _time_kernel(fn: Callable, case, device: torch.device, sizes: Sizes) -> dict:
+    """fwd and, for ops with a differentiable input, fwd+bwd quantiles, and GB/s of the ideal traffic. The forward
+    runs with autograd on, as in the training step (and one grad mode keeps the compiled reference to one graph)."""
+    inputs = case.make(sizes.kernel_batch, device)
+    f = time_ms(lambda: fn(inputs), device, sizes.warmup, sizes.repeats)
+    row = dict(fwd_ms=f[0], fwd_p20=f[1], fwd_p80=f[2])
+    moved = case.ideal_bytes(sizes.kernel_batch, "fwd")
+    if case.grad_keys:
+        leaves = [inputs[k] for k in case.grad_keys]
+
+        def both():
+            out = fn(inputs)
+            torch.autograd.grad(out, leaves, torch.full_like(out, 0.5))
+
+        b = time_ms(both, device, sizes.warmup, sizes.repeats)
+        row.update(bwd_ms=max(b[0] - f[0], 0.0), fwd_bwd_ms=b[0], fwd_bwd_p20=b[1], fwd_bwd_p80=b[2])
+        moved += case.ideal_bytes(sizes.kernel_batch, "bwd")
+    row["GBps"] = moved / ((row.get("fwd_bwd_ms") or f[0]) * 1e-3) / 1e9
     return row
 
 
@@ -363,8 +305,8 @@ def write_attention_table(rows: list[dict], path: Path, device: str, dtype: torc
 def _time_attention(qkv: torch.Tensor, grad_out: torch.Tensor, kernel: str, caps, device: torch.device,
                     sizes: Sizes) -> dict:
     scale = qkv.shape[-1] ** -0.5
-    fwd = bench_ms(lambda: run_attention(qkv, kernel, scale, caps), device, sizes.warmup, sizes.repeats)
-    both = bench_ms(lambda: (run_attention(qkv, kernel, scale, caps).backward(grad_out), setattr(qkv, "grad", None)),
+    fwd = time_ms(lambda: run_attention(qkv, kernel, scale, caps), device, sizes.warmup, sizes.repeats)
+    both = time_ms(lambda: (run_attention(qkv, kernel, scale, caps).backward(grad_out), setattr(qkv, "grad", None)),
                     device, sizes.warmup, sizes.repeats)
     return dict(fwd_ms=fwd[0], fwd_bwd_ms=both[0], fwd_bwd_p20=both[1], fwd_bwd_p80=both[2])
 
@@ -379,25 +321,6 @@ def _step_fn(model: torch.nn.Module, forward: Callable, optimizer: torch.optim.O
     params = [p for p in model.parameters() if p.requires_grad]
     loss, _ = train_step(forward, optimizer, params, lambda: imgs, mask_ratio=mask_ratio, amp_dtype=amp_dtype)
     return loss
-
-
-def _hf_step(model, imgs_float: torch.Tensor, amp_dtype: torch.dtype):
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    from fastmae.convert import hf_config_kwargs, to_hf_vitmae
-
-    hf = ViTMAEForPreTraining(ViTMAEConfig(**hf_config_kwargs(model), mask_ratio=0.75)).to(imgs_float.device)
-    hf.load_state_dict(to_hf_vitmae(model.state_dict()))
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-
-    def step():
-        with torch.autocast(imgs_float.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss = hf(pixel_values=imgs_float).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 STEP_MODES = {
@@ -435,7 +358,7 @@ def section_step(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype, pea
             step = _mode_step(mode, name, img, p, base, device, sizes, amp_dtype, f32, u8, row)
             ctx = kernel_backend("torch") if mode.startswith("reference") else contextlib.nullcontext()
             with ctx:
-                ms = bench_ms(step, device, sizes.warmup, sizes.repeats, do_bench=False)
+                ms = time_ms(step, device, sizes.warmup, sizes.repeats)
             row.update(step_ms=ms[0], p20_ms=ms[1], p80_ms=ms[2], img_s=B / (ms[0] / 1e3))
             row["mfu"] = row["img_s"] * flops_img / peak_tflops / 1e12 if peak_tflops else None
             if device.type == "cuda":
@@ -453,7 +376,7 @@ def _mode_step(mode: str, name: str, img: int, p: int, base, device: torch.devic
     model = create_model(name, img_size=img, patch_size=p, norm_pix_loss=True).to(device)
     model.load_state_dict(base.state_dict())
     if mode.startswith("HF"):
-        return _hf_step(model, f32, amp_dtype)
+        return hf_vitmae_step(model, f32, amp_dtype=amp_dtype)
     opt = build_adamw(model, torch.tensor(1e-4, device=device), 0.05, (0.9, 0.95), device)
     forward = model
     graphs = "graphs" in mode
@@ -485,7 +408,7 @@ def step_ratios(report: dict) -> None:
 
 
 PROFILE_CATEGORIES = (
-    ("K1-K3", ("patchify_gather", "unshuffle_scatter", "masked_recon_loss")),
+    ("fused ops", tuple(ops.OPS)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "norm_", "_fused_adamw")),
     ("GEMM", ("gemm", "cutlass", "xmma", "cublas", "mm", "addmm", "matmul", "linear", "nvjet")),
@@ -513,11 +436,11 @@ def section_profile(device: torch.device, sizes: Sizes, amp_dtype: torch.dtype) 
     imgs = torch.randint(0, 256, (sizes.step_batch, img, img, 3), dtype=torch.uint8, device=device)
     for _ in range(2):
         _step_fn(model, model, opt, imgs, amp_dtype)
-    _sync(device)
+    sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         _step_fn(model, model, opt, imgs, amp_dtype)
-        _sync(device)
+        sync(device)
     totals: dict[str, float] = {}
     for evt in prof.key_averages():
         if device.type == "cuda":  # kernels carry the self device time; host-side ops have none
@@ -587,7 +510,7 @@ def section_data(device: torch.device, sizes: Sizes, workers: int) -> list[dict]
                     ld.set_epoch(epoch)
                     for imgs, _ in ld:
                         n += imgs.to(device, non_blocking=True).shape[0]
-                _sync(device)
+                sync(device)
                 row.update(img_s=n / (time.perf_counter() - t0),
                            decode="mixed (nvJPEG)" if loader == "dali" and device.type == "cuda" else "cpu")
             except Exception as e:  # an optional loader failing must not lose the report
@@ -669,8 +592,8 @@ def to_markdown(report: dict) -> str:
         if "attention_choice" in report:
             out += [f"Attention kernels (bf16): {report['attention_choice']}", ""]
     if "kernels" in report:
-        out += ["## Kernels K1-K3 (fwd; fwd+bwd where the step runs a backward)", "",
-                _table(report["kernels"], ["shape", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
+        out += ["## Kernels: every registered op (fwd; fwd+bwd where it has a differentiable input)", "",
+                _table(report["kernels"], ["op", "kernel", "impl", "batch", "fwd_ms", "fwd_p20", "fwd_p80", "bwd_ms",
                                            "fwd_bwd_ms", "GBps", "pct_peak_bw", "note", "error"]), ""]
     if "attention" in report:
         out += ["## Attention kernels per shape (fwd+bwd; `chosen` = what the model runs here)", "",

@@ -21,23 +21,33 @@ The reference path stays plain PyTorch so Inductor can fuse it into its
 neighbours. Backward kernels are custom ops of their own, so compiled
 backward graphs call them the same way. The kernel modules are imported only when a kernel
 first runs.
+
+Every op is one :func:`register_op` call (schemas, fakes, what the backward keeps and how its outputs map to
+input gradients) plus its typed public function; the call fills :data:`OPS`, from which the tests, the
+benchmarks, the compile report and the GPU report find the ops (checklist: kernels/README.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # the class torch.library.custom_op returns; torch exports it under a private module only
+    from torch._library.custom_ops import CustomOpDef
 
 from fastmae import reference
 
 __all__ = [
     "patchify_gather", "unshuffle_scatter", "gather_queries", "masked_recon_loss", "kernel_backend", "set_kernel_backend",
-    "use_kernel_backend", "ENV_VAR",
+    "use_kernel_backend", "ENV_VAR", "OPS", "KernelOp", "register_op",
 ]
 
 ENV_VAR = "FASTMAE_KERNELS"
@@ -107,57 +117,108 @@ def _check_runnable(t: Tensor) -> None:
         )
 
 
+# ---- the registry: one call per op ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """One fused op as the registry knows it. By convention everything else is found from ``name``: the eager
+    twin ``fastmae.reference.<name>``, the launchers ``<name>_fwd`` / ``<name>_bwd`` in ``kernels/<name>.py``,
+    the tests ``tests/test_<name>.py`` and the benchmark ``bench/bench_<name>.py``."""
+
+    name: str
+    forward: CustomOpDef  # fastmae::<name>
+    backward: CustomOpDef  # fastmae::<name>_backward
+
+    @property
+    def reference(self) -> Callable[..., Any]:
+        return getattr(reference, self.name)
+
+    @property
+    def kernel_module(self) -> str:
+        return f"fastmae.kernels.{self.name}"
+
+
+OPS: dict[str, KernelOp] = {}
+
+
+def _launcher(module: str, launcher: str) -> Callable[..., Any]:
+    """The custom op's body: the Triton launcher, its module imported on the first call (it imports triton)."""
+
+    def launch(*args):
+        _check_runnable(args[0])
+        return getattr(importlib.import_module(f"fastmae.kernels.{module}"), launcher)(*args)
+
+    launch.__name__ = launcher
+    return launch
+
+
+def _grad_of_first(needs: tuple[bool, ...], backward: Callable[..., Any], grad: Tensor, *saved) -> tuple:
+    """The default backward: the backward kernel gives the first input's gradient; the other inputs have none."""
+    return (backward(*saved) if needs[0] else None, *(None,) * (len(needs) - 1))
+
+
+def _autograd(op: CustomOpDef, backward_op: CustomOpDef, save: Callable[..., tuple], grads: Callable[..., tuple]) -> None:
+    """Registers ``op``'s backward: ``save(*inputs)`` picks what it keeps (tensors through ``save_for_backward``),
+    ``grads(needs_input_grad, backward, grad, *saved)`` maps the backward kernel's outputs to input gradients."""
+
+    def setup_context(ctx, inputs, output):
+        saved = save(*inputs)
+        ctx.slots = [i for i, a in enumerate(saved) if isinstance(a, Tensor)]
+        ctx.save_for_backward(*(saved[i] for i in ctx.slots))
+        ctx.meta = [None if i in ctx.slots else a for i, a in enumerate(saved)]
+
+    def backward(ctx, grad):
+        saved = list(ctx.meta)
+        for i, t in zip(ctx.slots, ctx.saved_tensors, strict=True):
+            saved[i] = t
+        return grads(ctx.needs_input_grad, lambda *args: backward_op(grad, *args), grad, *saved)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_op(name: str, schema: str, fake: Callable[..., Any], backward_schema: str, backward_fake: Callable[..., Any],
+                save: Callable[..., tuple], grads: Callable[..., tuple] = _grad_of_first) -> Callable[..., Any]:
+    """Registers the custom ops ``fastmae::<name>`` and ``fastmae::<name>_backward`` (bodies: the launchers of
+    ``kernels/<name>.py``; ``fake`` / ``backward_fake`` give their output shapes to the compiler), the autograd
+    that joins them (see :func:`_autograd`), and an entry in :data:`OPS`. Returns the device dispatch: the
+    reference on the torch backend, else the custom op, called with the op's arguments in schema order."""
+    if name in OPS:
+        raise ValueError(f"op {name!r} is registered twice")
+    forward = torch.library.custom_op(f"fastmae::{name}", _launcher(name, f"{name}_fwd"), mutates_args=(), schema=schema)
+    forward.register_fake(fake)
+    backward = torch.library.custom_op(f"fastmae::{name}_backward", _launcher(name, f"{name}_bwd"), mutates_args=(),
+                                       schema=backward_schema)
+    backward.register_fake(backward_fake)
+    _autograd(forward, backward, save, grads)
+    OPS[name] = KernelOp(name, forward, backward)
+
+    def dispatch(*args):
+        if _backend_for(args[0].device.type) == "torch":
+            # Looked up per call (not bound here), so the twin is always the module's current function.
+            return getattr(reference, name)(*args)
+        return forward(*args)
+
+    dispatch.__name__ = name
+    return dispatch
+
+
 # ---- K1: patchify + normalize + gather -------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmae::patchify_gather", mutates_args=())
-def _patchify_gather_op(
-    imgs: Tensor, ids_keep: Tensor, patch_size: int, mean: Tensor | None, std: Tensor | None, out_dtype: torch.dtype
-) -> Tensor:
-    _check_runnable(imgs)
-    from fastmae.kernels.patchify_gather import patchify_gather_fwd
-
-    return patchify_gather_fwd(imgs, ids_keep, patch_size, mean, std, out_dtype)
-
-
-@_patchify_gather_op.register_fake
-def _(imgs, ids_keep, patch_size, mean, std, out_dtype):
+def _patchify_gather_fake(imgs, ids_keep, patch_size, mean, std, out_dtype):
     C = imgs.shape[3] if imgs.dtype == torch.uint8 else imgs.shape[1]
     return imgs.new_empty((imgs.shape[0], ids_keep.shape[1], patch_size * patch_size * C), dtype=out_dtype)
 
 
-@torch.library.custom_op("fastmae::patchify_gather_backward", mutates_args=())
-def _patchify_gather_backward_op(
-    grad: Tensor, ids_keep: Tensor, patch_size: int, img_shape: list[int], img_dtype: torch.dtype
-) -> Tensor:
-    _check_runnable(grad)
-    from fastmae.kernels.patchify_gather import patchify_gather_bwd
-
-    return patchify_gather_bwd(grad, ids_keep, patch_size, list(img_shape), img_dtype)
-
-
-@_patchify_gather_backward_op.register_fake
-def _(grad, ids_keep, patch_size, img_shape, img_dtype):
-    return grad.new_empty(img_shape, dtype=img_dtype)
-
-
-def _patchify_gather_setup(ctx, inputs, output):
-    imgs, ids_keep, patch_size = inputs[:3]
-    ctx.save_for_backward(ids_keep)
-    ctx.patch_size = patch_size
-    ctx.img_shape = list(imgs.shape)
-    ctx.img_dtype = imgs.dtype
-
-
-def _patchify_gather_backward(ctx, grad):
-    grad_imgs = None
-    if ctx.needs_input_grad[0]:
-        (ids_keep,) = ctx.saved_tensors
-        grad_imgs = _patchify_gather_backward_op(grad, ids_keep, ctx.patch_size, ctx.img_shape, ctx.img_dtype)
-    return grad_imgs, None, None, None, None, None
-
-
-_patchify_gather_op.register_autograd(_patchify_gather_backward, setup_context=_patchify_gather_setup)
+_patchify_gather = register_op(
+    "patchify_gather",
+    "(Tensor imgs, Tensor ids_keep, SymInt patch_size, Tensor? mean, Tensor? std, ScalarType out_dtype) -> Tensor",
+    _patchify_gather_fake,
+    "(Tensor grad, Tensor ids_keep, SymInt patch_size, SymInt[] img_shape, ScalarType img_dtype) -> Tensor",
+    lambda grad, ids_keep, patch_size, img_shape, img_dtype: grad.new_empty(img_shape, dtype=img_dtype),
+    save=lambda imgs, ids_keep, patch_size, *_: (ids_keep, patch_size, list(imgs.shape), imgs.dtype),
+)
 
 
 def patchify_gather(
@@ -170,203 +231,97 @@ def patchify_gather(
 ) -> Tensor:
     """Visible patches (K1). imgs: float (N, C, H, W) or uint8 (N, H, W, C) with mean/std (C,);
     ids_keep: (N, L_vis) -> (N, L_vis, p*p*C) in ``out_dtype`` (default fp32 for uint8, else imgs.dtype)."""
-    if _backend_for(imgs.device.type) == "torch":
-        return reference.patchify_gather(imgs, ids_keep, patch_size, mean, std, out_dtype)
     if out_dtype is None:
         out_dtype = torch.float32 if imgs.dtype == torch.uint8 else imgs.dtype
-    return _patchify_gather_op(imgs, ids_keep, patch_size, mean, std, out_dtype)
+    return _patchify_gather(imgs, ids_keep, patch_size, mean, std, out_dtype)
 
 
 # ---- K2: unshuffle scatter + mask token + positions -------------------------------------------------------
 
 
-@torch.library.custom_op("fastmae::unshuffle_scatter", mutates_args=())
-def _unshuffle_scatter_op(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
-    _check_runnable(x)
-    from fastmae.kernels.unshuffle_scatter import unshuffle_scatter_fwd
-
-    return unshuffle_scatter_fwd(x, mask_token, ids_restore, pos_embed)
-
-
-@_unshuffle_scatter_op.register_fake
-def _(x, mask_token, ids_restore, pos_embed):
-    return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=torch.result_type(x, pos_embed))
-
-
-@torch.library.custom_op("fastmae::unshuffle_scatter_backward", mutates_args=())
-def _unshuffle_scatter_backward_op(
-    grad: Tensor, ids_restore: Tensor, n_vis: int, x_dtype: torch.dtype, mask_token_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    _check_runnable(grad)
-    from fastmae.kernels.unshuffle_scatter import unshuffle_scatter_bwd
-
-    return unshuffle_scatter_bwd(grad, ids_restore, n_vis, x_dtype, mask_token_dtype)
-
-
-@_unshuffle_scatter_backward_op.register_fake
-def _(grad, ids_restore, n_vis, x_dtype, mask_token_dtype):
+def _unshuffle_scatter_fake_backward(grad, ids_restore, n_vis, x_dtype, mask_token_dtype):
     N, _, D = grad.shape
     return grad.new_empty((N, n_vis + 1, D), dtype=x_dtype), grad.new_empty((D,), dtype=mask_token_dtype)
 
 
-def _unshuffle_scatter_setup(ctx, inputs, output):
-    x, mask_token, ids_restore, pos_embed = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.meta = (x.shape[1] - 1, x.dtype, mask_token.dtype, pos_embed.dtype)
-
-
-def _unshuffle_scatter_backward(ctx, grad):
-    (ids_restore,) = ctx.saved_tensors
-    n_vis, x_dtype, mt_dtype, pos_dtype = ctx.meta
+def _unshuffle_scatter_grads(needs, backward, grad, ids_restore, n_vis, x_dtype, mt_dtype, pos_dtype):
     grad_x = grad_mt = grad_pos = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x, grad_mt = _unshuffle_scatter_backward_op(grad, ids_restore, n_vis, x_dtype, mt_dtype)
-    if ctx.needs_input_grad[3]:
+    if needs[0] or needs[1]:
+        grad_x, grad_mt = backward(ids_restore, n_vis, x_dtype, mt_dtype)
+    if needs[3]:
         # Only for a trainable position table: the broadcast add's gradient, formed as autograd forms it.
         grad_pos = grad.sum(0, keepdim=True).to(pos_dtype)
     return grad_x, grad_mt, None, grad_pos
 
 
-_unshuffle_scatter_op.register_autograd(_unshuffle_scatter_backward, setup_context=_unshuffle_scatter_setup)
+_unshuffle_scatter = register_op(
+    "unshuffle_scatter",
+    "(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor pos_embed) -> Tensor",
+    lambda x, mask_token, ids_restore, pos_embed: x.new_empty(
+        (x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=torch.result_type(x, pos_embed)),
+    "(Tensor grad, Tensor ids_restore, SymInt n_vis, ScalarType x_dtype, ScalarType mask_token_dtype) -> (Tensor, Tensor)",
+    _unshuffle_scatter_fake_backward,
+    save=lambda x, mask_token, ids_restore, pos_embed: (ids_restore, x.shape[1] - 1, x.dtype, mask_token.dtype,
+                                                        pos_embed.dtype),
+    grads=_unshuffle_scatter_grads,
+)
 
 
 def unshuffle_scatter(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
     """Decoder input (K2). x: (N, 1+L_vis, D) cls first; mask_token: (D,); ids_restore: (N, L);
     pos_embed: (1, 1+L, D) -> (N, 1+L, D)."""
-    if _backend_for(x.device.type) == "torch":
-        return reference.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
-    return _unshuffle_scatter_op(x, mask_token, ids_restore, pos_embed)
+    return _unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
 
 
 # ---- CrossMAE decoder queries: mask token + positions of the patches to predict ---------------------------
 
 
-@torch.library.custom_op("fastmae::gather_queries", mutates_args=())
-def _gather_queries_op(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
-    _check_runnable(mask_token)
-    from fastmae.kernels.gather_queries import gather_queries_fwd
-
-    return gather_queries_fwd(mask_token, pos_embed, ids)
-
-
-@_gather_queries_op.register_fake
-def _(mask_token, pos_embed, ids):
-    shape = (ids.shape[0], ids.shape[1], mask_token.shape[0])
-    return mask_token.new_empty(shape, dtype=torch.result_type(mask_token, pos_embed))
-
-
-@torch.library.custom_op("fastmae::gather_queries_backward", mutates_args=())
-def _gather_queries_backward_op(
-    grad: Tensor, ids: Tensor, num_patches: int, mask_token_dtype: torch.dtype, pos_dtype: torch.dtype, with_pos: bool
-) -> tuple[Tensor, Tensor]:
-    _check_runnable(grad)
-    from fastmae.kernels.gather_queries import gather_queries_bwd
-
-    return gather_queries_bwd(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos)
-
-
-@_gather_queries_backward_op.register_fake
-def _(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos):
+def _gather_queries_fake_backward(grad, ids, num_patches, mask_token_dtype, pos_dtype, with_pos):
     D = grad.shape[2]
     grad_pos = grad.new_empty((1, num_patches + 1, D), dtype=pos_dtype) if with_pos else grad.new_empty((0,))
     return grad.new_empty((D,), dtype=mask_token_dtype), grad_pos
 
 
-def _gather_queries_setup(ctx, inputs, output):
-    mask_token, pos_embed, ids = inputs
-    ctx.save_for_backward(ids)
-    ctx.meta = (pos_embed.shape[1] - 1, mask_token.dtype, pos_embed.dtype)
+def _gather_queries_grads(needs, backward, grad, ids, num_patches, mt_dtype, pos_dtype):
+    with_pos = needs[1]
+    grad_mt, grad_pos = backward(ids, num_patches, mt_dtype, pos_dtype, with_pos)
+    return (grad_mt if needs[0] else None), (grad_pos if with_pos else None), None
 
 
-def _gather_queries_backward(ctx, grad):
-    (ids,) = ctx.saved_tensors
-    num_patches, mt_dtype, pos_dtype = ctx.meta
-    with_pos = ctx.needs_input_grad[1]
-    grad_mt, grad_pos = _gather_queries_backward_op(grad, ids, num_patches, mt_dtype, pos_dtype, with_pos)
-    return (grad_mt if ctx.needs_input_grad[0] else None), (grad_pos if with_pos else None), None
-
-
-_gather_queries_op.register_autograd(_gather_queries_backward, setup_context=_gather_queries_setup)
+_gather_queries = register_op(
+    "gather_queries",
+    "(Tensor mask_token, Tensor pos_embed, Tensor ids) -> Tensor",
+    lambda mask_token, pos_embed, ids: mask_token.new_empty(
+        (ids.shape[0], ids.shape[1], mask_token.shape[0]), dtype=torch.result_type(mask_token, pos_embed)),
+    "(Tensor grad, Tensor ids, SymInt num_patches, ScalarType mask_token_dtype, ScalarType pos_dtype, bool with_pos)"
+    " -> (Tensor, Tensor)",
+    _gather_queries_fake_backward,
+    save=lambda mask_token, pos_embed, ids: (ids, pos_embed.shape[1] - 1, mask_token.dtype, pos_embed.dtype),
+    grads=_gather_queries_grads,
+)
 
 
 def gather_queries(mask_token: Tensor, pos_embed: Tensor, ids: Tensor) -> Tensor:
     """CrossMAE decoder queries ``mask_token + pos_embed[0, ids + 1]``. mask_token: (D,); pos_embed: (1, 1+L, D)
     with the cls slot at row 0 (patch l's position is row l + 1); ids: (N, L_t) patch ids in [0, L)
     -> (N, L_t, D) in the promoted dtype of mask_token and pos_embed."""
-    if _backend_for(mask_token.device.type) == "torch":
-        return reference.gather_queries(mask_token, pos_embed, ids)
-    return _gather_queries_op(mask_token, pos_embed, ids)
+    return _gather_queries(mask_token, pos_embed, ids)
 
 
 # ---- K3: masked reconstruction loss ----------------------------------------------------------------------
 
+_LOSS_ARGS = ("Tensor pred, Tensor imgs, Tensor ids_masked, SymInt patch_size, bool norm_pix, str loss_type, Tensor? mean, "
+              "Tensor? std, float eps")
 
-@torch.library.custom_op("fastmae::masked_recon_loss", mutates_args=())
-def _masked_recon_loss_op(
-    pred: Tensor,
-    imgs: Tensor,
-    ids_masked: Tensor,
-    patch_size: int,
-    norm_pix: bool,
-    loss_type: str,
-    mean: Tensor | None,
-    std: Tensor | None,
-    eps: float,
-) -> Tensor:
-    _check_runnable(pred)
-    from fastmae.kernels.masked_recon_loss import masked_recon_loss_fwd
-
-    return masked_recon_loss_fwd(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
-
-
-@_masked_recon_loss_op.register_fake
-def _(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
-    return pred.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastmae::masked_recon_loss_backward", mutates_args=())
-def _masked_recon_loss_backward_op(
-    grad_loss: Tensor,
-    pred: Tensor,
-    imgs: Tensor,
-    ids_masked: Tensor,
-    patch_size: int,
-    norm_pix: bool,
-    loss_type: str,
-    mean: Tensor | None,
-    std: Tensor | None,
-    eps: float,
-) -> Tensor:
-    _check_runnable(pred)
-    from fastmae.kernels.masked_recon_loss import masked_recon_loss_bwd
-
-    return masked_recon_loss_bwd(grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
-
-
-@_masked_recon_loss_backward_op.register_fake
-def _(grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps):
-    return pred.new_empty(pred.shape)
-
-
-def _masked_recon_loss_setup(ctx, inputs, output):
-    pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps = inputs
+_masked_recon_loss = register_op(
+    "masked_recon_loss",
+    f"({_LOSS_ARGS}) -> Tensor",
+    lambda pred, *_: pred.new_empty((), dtype=torch.float32),
+    f"(Tensor grad_loss, {_LOSS_ARGS}) -> Tensor",
+    lambda grad_loss, pred, *_: pred.new_empty(pred.shape),
     # The backward recomputes the target from the images (see kernels/masked_recon_loss.py): no gradient is saved.
-    ctx.save_for_backward(pred, imgs, ids_masked, mean, std)
-    ctx.args = (patch_size, norm_pix, loss_type, eps)
-
-
-def _masked_recon_loss_backward(ctx, grad_loss):
-    grad_pred = None
-    if ctx.needs_input_grad[0]:
-        pred, imgs, ids_masked, mean, std = ctx.saved_tensors
-        patch_size, norm_pix, loss_type, eps = ctx.args
-        grad_pred = _masked_recon_loss_backward_op(
-            grad_loss, pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps
-        )
-    return grad_pred, None, None, None, None, None, None, None, None
-
-
-_masked_recon_loss_op.register_autograd(_masked_recon_loss_backward, setup_context=_masked_recon_loss_setup)
+    save=lambda *inputs: inputs,
+)
 
 
 def masked_recon_loss(
@@ -382,6 +337,4 @@ def masked_recon_loss(
 ) -> Tensor:
     """MAE's loss on masked patches (K3), fp32 scalar. pred: (N, L, P) or (N, L_mask, P);
     imgs: float (N, C, H, W) or uint8 (N, H, W, C) with mean/std (C,); ids_masked: (N, L_mask)."""
-    if _backend_for(pred.device.type) == "torch":
-        return reference.masked_recon_loss(pred, imgs, ids_masked, patch_size, norm_pix, loss_type, mean, std, eps)
-    return _masked_recon_loss_op(pred, imgs, ids_masked, patch_size, bool(norm_pix), loss_type, mean, std, float(eps))
+    return _masked_recon_loss(pred, imgs, ids_masked, patch_size, bool(norm_pix), loss_type, mean, std, float(eps))

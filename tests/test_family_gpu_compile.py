@@ -3,7 +3,7 @@
 VideoMAE feeds K1 and K3 images of t*C = 6 channels (P = 16*16*6 = 1536 for 2x16x16 tubelets) and a
 masked-only prediction; SimMIM uses K1 on every patch and K3's L1 mode on raw pixels with a full
 prediction. These constexpr combinations are outside the image report's CI subset, so they are
-compiled here with ``bench/kernel_compile_report.compile_one`` (``triton.compile(ASTSource(...),
+compiled here with ``tools/kernel_compile_report.compile_one`` (``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))``) in a subprocess, where the Triton interpreter is off.
 """
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
 import json, sys
-sys.path.insert(0, "bench")
+sys.path.insert(0, "tools")
 import kernel_compile_report as R
 
 specs = []

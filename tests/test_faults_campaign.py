@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 def _campaign(tmp_path, args: list[str], timeout: float) -> tuple[list[dict], str]:
     """Run the campaign at CI size (2 trials: one SIGKILL, one SIGTERM) and check what every target must hold."""
     rows_path = tmp_path / "rows.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "fault_campaign.py"), "--trials=2", *args, f"--json={rows_path}"]
+    cmd = [sys.executable, str(ROOT / "tools" / "fault_campaign.py"), "--trials=2", *args, f"--json={rows_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "FASTMAE_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -4,7 +4,7 @@ The forward is data movement plus one add in fp32, rounded once: bit for bit (bf
 interpreter: ``kernel_helpers.kernel_downcast``), and against an independent one-hot formula. The
 gradients are sums over queries in another order than PyTorch's: compared with an fp64 oracle of
 the same terms, within fp32 summation error plus one final rounding to the parameter's dtype.
-The sm_80 / sm_90 compile check runs ``bench/kernel_compile_report.py --only gather_queries``.
+The sm_80 / sm_90 compile check runs ``tools/kernel_compile_report.py --only gather_queries``.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def test_bad_input_raises(case, exc, match):
 def test_kernels_compile_for_sm80_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
-    script = ROOT / "bench" / "kernel_compile_report.py"
+    script = ROOT / "tools" / "kernel_compile_report.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--subset", "ci", "--only", "gather_queries", "--arch", "80", "90", "--json", str(out)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,

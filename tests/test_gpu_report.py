@@ -18,7 +18,9 @@ import gpu_report  # noqa: E402
 
 # What a fresh GPU box may lack (issue 20): the report must run without any of them.
 OPTIONAL = ("braceexpand", "skimage", "sklearn", "nvidia.dali", "tensorboard", "torch.utils.tensorboard", "wandb")
+# runpy.run_path does not put the script's folder on sys.path as `python bench/gpu_report.py` does: done here.
 BLOCKED_RUN = (f"import runpy, sys\nfor m in {OPTIONAL!r}:\n    sys.modules[m] = None  # import m -> ImportError\n"
+               f"sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
                f"sys.argv = ['gpu_report.py', *sys.argv[1:]]\nrunpy.run_path({str(ROOT / 'bench' / 'gpu_report.py')!r}, "
                f"run_name='__main__')\n")
 
@@ -45,7 +47,7 @@ def quick_report(tmp_path_factory):
 def test_quick_report_has_every_section(quick_report):
     report, md = quick_report
     assert report["errors"] == {} and report["skipped"] == {}
-    for title in ("## Environment", "## Kernels K1-K3", "## Attention kernels per shape", "## Training step",
+    for title in ("## Environment", "## Kernels: every registered op", "## Attention kernels per shape", "## Training step",
                   "## Profile of one", "## Data loader",
                   "## Residual stream dtype"):
         assert title in md
@@ -140,30 +142,34 @@ def test_a_section_past_its_cap_keeps_its_finished_rows(tmp_path):
 
 def test_compiled_references_do_not_recompile_across_shapes(monkeypatch):
     """Two kernel shapes, compiled references: with recompiles made errors, no row may fail (before: the second
-    shape failed the first one's guards on the shared lambdas and recompiled with dynamic shapes)."""
+    shape failed the first one's guards on the shared lambdas and recompiled with dynamic shapes). Every op module
+    has several cases of one code object, so a missing reset between them fails here."""
     import torch
 
-    sizes = gpu_report.replace(gpu_report.QUICK_SIZES, warmup=0, repeats=1,
-                               kernel_shapes=(("a", 32, 8, 32), ("b", 48, 8, 32)))
+    sizes = gpu_report.replace(gpu_report.QUICK_SIZES, warmup=0, repeats=1)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the fused rows are not the point here
     # config.patch, not monkeypatch: undoing a setattr on torch's config module deletes the key for later tests
     with torch._dynamo.config.patch(error_on_recompile=True):
         rows = gpu_report.section_kernels(torch.device("cpu"), sizes, None, compile_ref=True)
     compiled = [r for r in rows if r["impl"] == "compiled reference"]
-    assert len(compiled) == 6 and all(r["error"] is None and r["fwd_ms"] > 0 for r in compiled), compiled
+    n_cases = sum(len(c) for c in gpu_report.op_cases("tiny").values())
+    assert len(compiled) == n_cases > len(gpu_report.ops.OPS) and all(r["error"] is None and r["fwd_ms"] > 0 for r in compiled), compiled
 
 
 def test_kernels_are_timed_against_eager_and_compiled_references(quick_report):
+    """Every registered op (found through fastmae.ops.OPS, gather_queries included), every case of its bench module."""
     rows = quick_report[0]["kernels"]
-    for kernel in ("K1 patchify+gather", "K2 unshuffle scatter", "K3 norm-pix loss"):
-        impls = {r["impl"]: r for r in rows if r["kernel"] == kernel}
-        assert set(impls) == {"eager reference", "compiled reference", "fused (Triton)"}
-        for r in impls.values():
-            assert r["error"] is None, r
-            if r["fwd_ms"] is not None:
-                assert 0 < r["fwd_p20"] <= r["fwd_ms"] <= r["fwd_p80"] and r["GBps"] > 0
-        if kernel != "K1 patchify+gather":  # K1 reads uint8 images: no backward in the step
-            assert impls["eager reference"]["fwd_bwd_ms"] > 0
+    assert {r["op"] for r in rows} == set(gpu_report.ops.OPS) and "gather_queries" in gpu_report.ops.OPS
+    for name, cases in gpu_report.op_cases("tiny").items():
+        for case in cases:
+            impls = {r["impl"]: r for r in rows if (r["op"], r["kernel"]) == (name, case.name)}
+            assert set(impls) == {"eager reference", "compiled reference", "fused (Triton)"}, (name, case.name)
+            for r in impls.values():
+                assert r["error"] is None, r
+                if r["fwd_ms"] is not None:
+                    assert 0 < r["fwd_p20"] <= r["fwd_ms"] <= r["fwd_p80"] and r["GBps"] > 0
+            # uint8 images have no gradient: only ops with a differentiable input time a backward
+            assert (impls["eager reference"]["fwd_bwd_ms"] is not None) == bool(case.grad_keys)
 
 
 def test_attention_kernels_are_timed_per_shape_with_the_choice_marked(quick_report):
@@ -200,7 +206,7 @@ def test_a_contender_that_errors_keeps_every_key(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("planted failure\nsecond line")
 
-    monkeypatch.setattr(gpu_report, "_hf_step", broken)
+    monkeypatch.setattr(gpu_report, "hf_vitmae_step", broken)
     sizes = gpu_report.replace(gpu_report.QUICK_SIZES, warmup=0, repeats=1)
     rows = gpu_report.section_step(gpu_report.torch.device("cpu"), sizes, gpu_report.torch.bfloat16, None)
     keys = set(gpu_report.STEP_FIGURES) | {"error", "note", "model", "mode", "batch", "dtype"}

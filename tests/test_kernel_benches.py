@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastmae import ops
+
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["bench_patchify_gather.py", "bench_unshuffle_scatter.py", "bench_masked_recon_loss.py",
-           "bench_gather_queries.py"]
+# Found by convention: every registered op has bench/bench_<name>.py (tests/test_ops_dispatch.py holds it).
+MODULES = [f"bench_{name}.py" for name in ops.OPS]
 
 
 def _env() -> dict:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from kernel_helpers import DEVICE, INTERPRETER, images, masking
@@ -160,3 +162,44 @@ def test_opcheck_all_ops():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+# ---- ops found by convention (issue 23) -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _missing_parts(names) -> list[str]:
+    """What each op's conventions require and the tree lacks: its kernel launchers, its eager twin, its public entry
+    point, its tests and its benchmark module (the tests and reports find ops through ``ops.OPS`` and these names)."""
+    missing = []
+    for name in names:
+        kernel = ROOT / "kernels" / f"{name}.py"
+        source = kernel.read_text() if kernel.is_file() else ""
+        missing += [f"kernels/{name}.py: def {name}_{kind}(" for kind in ("fwd", "bwd") if f"def {name}_{kind}(" not in source]
+        missing += [f"fastmae.reference.{name}"] if not callable(getattr(R, name, None)) else []
+        missing += [f"fastmae.ops.{name}"] if not callable(getattr(ops, name, None)) else []
+        missing += [str(p.relative_to(ROOT)) for p in (ROOT / "tests" / f"test_{name}.py", ROOT / "bench" / f"bench_{name}.py")
+                    if not p.is_file()]
+    return missing
+
+
+def test_every_op_has_its_kernel_twin_tests_and_bench():
+    kernel_modules = {p.stem for p in (ROOT / "kernels").glob("*.py") if not p.stem.startswith("_")}
+    assert kernel_modules == set(ops.OPS), "every kernels/<name>.py is registered in fastmae/ops.py, and only those"
+    assert _missing_parts(ops.OPS) == []
+    for name, op in ops.OPS.items():
+        assert (op.forward._qualname, op.backward._qualname) == (f"fastmae::{name}", f"fastmae::{name}_backward")
+        assert op.reference is getattr(R, name) and op.kernel_module == f"fastmae.kernels.{name}"
+
+
+def test_an_op_without_its_parts_is_reported():
+    assert _missing_parts(["frobnicate"]) == [
+        "kernels/frobnicate.py: def frobnicate_fwd(", "kernels/frobnicate.py: def frobnicate_bwd(",
+        "fastmae.reference.frobnicate", "fastmae.ops.frobnicate", "tests/test_frobnicate.py", "bench/bench_frobnicate.py",
+    ]
+
+
+def test_register_op_refuses_a_second_registration():
+    with pytest.raises(ValueError, match="registered twice"):
+        ops.register_op("gather_queries", "(Tensor x) -> Tensor", None, "(Tensor g) -> Tensor", None, save=tuple)

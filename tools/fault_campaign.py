@@ -14,9 +14,9 @@ SIGTERM (alternating) to the whole group, DataLoader workers included, as a sche
   (work done twice; a SIGTERM must lose none);
 - a SIGTERM run must exit 0 (preempted or finished).
 
-    python bench/fault_campaign.py --trials 10                 # the figures in bench/RESULTS.md ("Faults and hostile input")
-    python bench/fault_campaign.py --trials 2 --steps 6        # the CI smoke run (tests/test_faults_campaign.py)
-    python bench/fault_campaign.py --trials 10 --target=finetune   # the same campaign on fine-tuning
+    python tools/fault_campaign.py --trials 10                 # the figures in bench/RESULTS.md ("Faults and hostile input")
+    python tools/fault_campaign.py --trials 2 --steps 6        # the CI smoke run (tests/test_faults_campaign.py)
+    python tools/fault_campaign.py --trials 10 --target=finetune   # the same campaign on fine-tuning
 """
 
 from __future__ import annotations

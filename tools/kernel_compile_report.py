@@ -9,7 +9,7 @@ and reads registers / stack / local (spill) memory from the cubin with
 only filled in when a binary is loaded on a device). Shared memory comes from
 the compiled metadata.
 
-    python bench/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--only gather_queries ...]
+    python tools/kernel_compile_report.py [--subset ci|full] [--arch 80 90] [--only gather_queries ...]
                                           [--json out.json] [--workers 2]
 
 Exit status 1 if any configuration fails to compile or spills.
@@ -205,25 +205,26 @@ _GENERATORS = {
     "gather_queries": (_gq_fwd_jobs, _gq_bwd_jobs),
 }
 
-_MODULES = {
-    "_patchify_gather_fwd_kernel": "fastmae.kernels.patchify_gather",
-    "_patchify_gather_bwd_kernel": "fastmae.kernels.patchify_gather",
-    "_unshuffle_scatter_fwd_kernel": "fastmae.kernels.unshuffle_scatter",
-    "_unshuffle_scatter_bwd_kernel": "fastmae.kernels.unshuffle_scatter",
-    "_masked_recon_loss_fwd_kernel": "fastmae.kernels.masked_recon_loss",
-    "_masked_recon_loss_bwd_kernel": "fastmae.kernels.masked_recon_loss",
-    "_gather_queries_fwd_kernel": "fastmae.kernels.gather_queries",
-    "_gather_queries_bwd_kernel": "fastmae.kernels.gather_queries",
-}
+
+
+def kernel_op(fn_name: str) -> str:
+    """The op a jit kernel belongs to, by the naming convention of kernels/<op>.py: ``_<op>_{fwd,bwd}_kernel``."""
+    return fn_name.removeprefix("_").removesuffix("_kernel").rsplit("_", 1)[0]
 
 
 def as_jobs(specs, archs: list[int]) -> list[dict]:
     """Compile jobs (dicts for ``compile_one``) of each (kernel, fn, signature, constexprs, warps, config) spec, per arch."""
-    return [dict(kernel=kernel, fn=fn_name, signature=sig, constexprs=const, num_warps=warps, config=desc, arch=arch)
-            for kernel, fn_name, sig, const, warps, desc in specs for arch in archs]
+    return [dict(kernel=kernel, op=kernel_op(fn_name), fn=fn_name, signature=sig, constexprs=const, num_warps=warps,
+                 config=desc, arch=arch) for kernel, fn_name, sig, const, warps, desc in specs for arch in archs]
 
 
 def all_jobs(subset: str, archs: list[int], only: list[str] | None = None) -> list[dict]:
+    from fastmae.ops import OPS
+
+    unknown = sorted(set(OPS) - set(_GENERATORS))
+    if unknown:  # a new op must bring its compile jobs: the report covers every registered op
+        raise SystemExit(f"fastmae: error: no compile jobs for the op(s) {unknown}: add their generators to _GENERATORS "
+                         f"in {Path(__file__).name}")
     gens = [gen for name, pair in _GENERATORS.items() if not only or name in only for gen in pair]
     return as_jobs([spec for gen in gens for spec in gen(subset)], archs)
 
@@ -258,8 +259,8 @@ def compile_one(job: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn = getattr(importlib.import_module(_MODULES[job["fn"]]), job["fn"])
-    row = {k: job[k] for k in ("kernel", "config", "arch", "num_warps")}
+    fn = getattr(importlib.import_module(f"fastmae.kernels.{job['op']}"), job["fn"])
+    row = {k: job[k] for k in ("kernel", "op", "config", "arch", "num_warps")}
     c = job["constexprs"]
     rows_block = c.get("BLOCK_T", c.get("BLOCK_N"))
     row["block"] = f"{rows_block}x{c['BLOCK_D']}" if rows_block else c.get("BLOCK_P", c.get("BLOCK_D"))
