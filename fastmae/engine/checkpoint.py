@@ -109,7 +109,7 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _write_error(path: Path, err: BaseException | None, fallback: BaseException) -> CheckpointWriteError:
+def write_error(path: Path, err: BaseException | None, fallback: BaseException) -> CheckpointWriteError:
     e = err if err is not None else fallback
     code = getattr(e, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -164,7 +164,7 @@ def atomic_save(obj: dict, path: Path) -> None:
                                sidecar_path(path))
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:
-            raise _write_error(path, writer.error if writer else None, e) from e
+            raise write_error(path, writer.error if writer else None, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -19,6 +19,7 @@ handled in :func:`_start_async` alone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -28,12 +29,13 @@ import shutil
 import tempfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from fastmae.engine.checkpoint import CheckpointError, fsync_dir, tmp_prefix, write_json_atomic
+from fastmae.engine.checkpoint import CheckpointError, CheckpointWriteError, fsync_dir, tmp_prefix, write_error, write_json_atomic
 
 MANIFEST = "fastmae-manifest.json"
 SUFFIX = ".dcp"
@@ -132,12 +134,32 @@ def save_local(run_dir: Path, step: int, state: dict) -> Path:
     _quiet_single_process()
     skeleton, tensors = split_tensors(state)
     tmp = _new_tmp(run_dir)
-    try:
+    with _cleanup(tmp, folder_path(run_dir, step)):
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
         return _finish(tmp, folder_path(run_dir, step), step, skeleton, _hash_files(tmp, _data_files(tmp)))
-    except BaseException:
+
+
+@contextmanager
+def _cleanup(tmp: Path, final: Path):
+    """A failed write removes its temporary folder and says so in one line (CheckpointWriteError, as for files)."""
+    try:
+        yield
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit, CheckpointWriteError)):  # DCP's error is a BaseException
+            raise write_error(final, _first_os_error(e), e) from e
         raise
+
+
+def _first_os_error(e: BaseException | None) -> OSError | None:
+    """DCP wraps a writer's OSError (in a CheckpointException holding a traceback per rank): find the original."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError):
+            return e
+        per_rank = list(getattr(e, "failures", {}).values())
+        e, seen = (per_rank[0] if per_rank else e.__cause__ or e.__context__), seen + 1
+    return None
 
 
 def _data_files(folder: Path) -> list[str]:
@@ -167,12 +189,9 @@ class AsyncSaver:
         self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmae-ckpt")
 
         def write() -> Path:
-            try:
+            with _cleanup(tmp, final):
                 _start_async(staged, tmp).result()
                 path = _finish(tmp, final, step, skeleton, _hash_files(tmp, _data_files(tmp)))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             if after is not None:
                 after(path)
             return path
@@ -230,22 +249,19 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, skeleton, rank: int) -
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)))
         mine = _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.name.startswith(f"__{rank}_")))
-    except OSError as e:
-        failed, mine = e, {}
+    except Exception as e:  # noqa: BLE001 - every rank must reach the gather below, or the others hang in it
+        failed, mine = write_error(folder_path(run_dir, step), _first_os_error(e), e), {}
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine if failed is None else None)
     if rank != 0:
         if failed is not None:
             raise failed
         return None
-    try:
+    with _cleanup(tmp, folder_path(run_dir, step)):
         if failed is not None or any(p is None for p in parts):
-            raise failed or OSError(f"another rank failed to write its shards of {tmp}")
+            raise failed or OSError(errno.EIO, "another rank failed to write its shards")
         files = {k: v for p in parts for k, v in p.items()} | _hash_files(tmp, [".metadata"])
         return _finish(tmp, folder_path(run_dir, step), step, skeleton, files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -339,9 +355,9 @@ def read_folder(folder: Path) -> dict:
     try:
         dcp.load(full, storage_reader=_reader(folder), no_dist=True)
         return join_tensors(man["skeleton"], full)
-    except CheckpointError:
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - any failure inside DCP becomes one line naming the folder
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; one line naming the folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {folder}: cannot read ({first[:300]})") from None
 

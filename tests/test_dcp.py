@@ -1,0 +1,177 @@
+"""Issue 20 item 11: DCP checkpoint folders (``--ckpt_format=dcp``) keep every guarantee of the ``.pt`` files.
+
+Unit tests on :mod:`fastmae.engine.dcp` (round trip, manifest, planted ``.metadata``, fallback, rotation, the
+background write's private copy); the training command on one process (resume bit-identical, SIGTERM, export)
+is in this file too; 2 gloo ranks (DDP and FSDP2) are in ``test_dcp_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae.engine import dcp
+from fastmae.engine.checkpoint import (
+    CheckpointError,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_partial_writes,
+)
+
+
+def _state(step: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 4, generator=g)
+    return {
+        "model": {"w": w, "b": torch.randn(4, generator=g).to(torch.bfloat16), "n": torch.arange(3)},
+        "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.randn(8, 4, generator=g)}},
+                      "param_groups": [{"params": [0], "betas": (0.9, 0.95), "lr": torch.tensor(1e-3), "eps": 1e-8,
+                                        "foreach": None, "amsgrad": False}]},
+        "step": step, "epoch": 0, "data": {"epoch": 0, "step": step}, "rng": {},
+        "config": {"clip": float("inf"), "name": "x"},
+    }
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_round_trip_keeps_every_value_and_python_type(tmp_path):
+    state = _state(3)
+    path = dcp.save_local(tmp_path, 3, state)
+    assert path.name == "checkpoint-00000003.dcp" and (path / dcp.MANIFEST).is_file()
+    _assert_same(state, load_checkpoint(path))  # int keys, the betas tuple, inf, None, bf16: all as written
+
+
+def test_half_written_folder_is_never_a_checkpoint(tmp_path):
+    dcp.save_local(tmp_path, 2, _state(2))
+    later = dcp.save_local(tmp_path, 4, _state(4))
+    (later / dcp.MANIFEST).unlink()  # e.g. copied by hand without it: nothing vouches for .metadata
+    with pytest.raises(CheckpointError, match="no fastmae-manifest.json"):
+        load_checkpoint(later)
+    shutil.rmtree(later)
+    partial = tmp_path / ".tmp-somehost-1-abc.dcp"  # a save killed before its rename
+    shutil.copytree(tmp_path / "checkpoint-00000002.dcp", partial)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002.dcp"]
+
+
+def test_damaged_latest_folder_falls_back_with_a_warning(tmp_path):
+    dcp.save_local(tmp_path, 2, _state(2))
+    bad = dcp.save_local(tmp_path, 4, _state(4))
+    data = next(bad.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    warnings: list[str] = []
+    path, ckpt = find_resume_checkpoint(tmp_path, "auto", warnings.append)
+    assert path.name == "checkpoint-00000002.dcp" and ckpt["step"] == 2
+    assert "skipping checkpoint-00000004.dcp" in warnings[0] and "sha256" in warnings[0]
+
+
+class _Planted:
+    """Unpickling this runs ``open(marker, "w")``: what a planted ``.metadata`` could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_planted_metadata_is_refused_before_anything_unpickles_it(tmp_path):
+    import torch.distributed.checkpoint as tdcp
+
+    folder = dcp.save_local(tmp_path, 2, _state(2))
+    marker = tmp_path / "unpickled"
+    size = (folder / ".metadata").stat().st_size
+    planted = pickle.dumps(_Planted(marker))  # padded to the real size: the unpickler stops at its STOP opcode
+    (folder / ".metadata").write_bytes(planted + b"\0" * (size - len(planted)))
+    # The control: DCP's own reader does run the planted file (so the file is live, and the check is needed).
+    with pytest.raises(BaseException):  # noqa: B017 - whatever DCP makes of the opened file; the marker is the point
+        tdcp.load({"model/w": torch.empty(8, 4)}, storage_reader=tdcp.FileSystemReader(str(folder)), no_dist=True)
+    assert marker.exists()
+    marker.unlink()
+    # fastmae's load: the sha256 check fails before DCP opens .metadata.
+    with pytest.raises(CheckpointError, match=r"\.metadata fails its sha256 check"):
+        load_checkpoint(folder)
+    assert not marker.exists()
+    # A manifest rewritten to match (the attacker can write the whole folder): the restricted unpickler refuses.
+    man = json.loads((folder / dcp.MANIFEST).read_text())
+    man["files"][".metadata"] = dcp._hash_files(folder, [".metadata"])[".metadata"]
+    (folder / dcp.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="builtins.open is not part of DCP metadata"):
+        load_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_rotation_deletes_whole_folders_and_startup_removes_dead_writers_folders(tmp_path):
+    for step in (1, 2, 3):
+        dcp.save_local(tmp_path, step, _state(step))
+    prune_checkpoints(tmp_path, 3, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000002.dcp", "checkpoint-00000003.dcp"]
+    dead = tmp_path / f".tmp-{os.uname().nodename}-999999999-x1.dcp"
+    live = tmp_path / f".tmp-{os.uname().nodename}-{os.getpid()}-x2.dcp"
+    for d in (dead, live):
+        shutil.copytree(tmp_path / "checkpoint-00000002.dcp", d)
+    assert remove_partial_writes(tmp_path) == 1
+    assert not dead.exists() and live.exists()
+
+
+def test_background_write_saves_the_values_of_its_step_while_training_goes_on(tmp_path, monkeypatch):
+    """The step loop returns at once and goes on updating the tensors in place; the folder holds the values of
+    the step it was started at (a private copy), and appears only when the write is complete."""
+    release, started = threading.Event(), threading.Event()
+    real = dcp._start_async
+
+    def slow(tensors, folder):
+        started.set()
+        assert release.wait(60)
+        return real(tensors, folder)
+
+    monkeypatch.setattr(dcp, "_start_async", slow)
+    state = _state(2)
+    before = state["model"]["w"].clone()
+    saver = dcp.AsyncSaver()
+    final = saver.start(tmp_path, 2, state)
+    assert started.wait(60)
+    state["model"]["w"].add_(1.0)  # the next optimizer step
+    assert not final.exists() and list_checkpoints(tmp_path) == []
+    release.set()
+    assert saver.wait() == final
+    assert torch.equal(load_checkpoint(final)["model"]["w"], before)
+    saver.close()
+
+
+def test_background_write_error_is_one_line_at_the_next_wait(tmp_path, monkeypatch):
+    from fastmae.engine.checkpoint import CheckpointWriteError
+
+    def full(tensors, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "_start_async", full)
+    saver = dcp.AsyncSaver()
+    saver.start(tmp_path, 2, _state(2))
+    with pytest.raises(CheckpointWriteError, match="no space left on device: .*checkpoint-00000002.dcp"):
+        saver.wait()
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone too
