@@ -42,7 +42,8 @@ def _state(step: int, seed: int = 0) -> dict:
 
 
 def _assert_same(a, b, where: str = "") -> None:
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    kind = lambda x: dict if isinstance(x, dict) else type(x)  # noqa: E731 - an OrderedDict is read back as a dict
+    assert kind(a) is kind(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
@@ -175,3 +176,78 @@ def test_background_write_error_is_one_line_at_the_next_wait(tmp_path, monkeypat
     with pytest.raises(CheckpointWriteError, match="no space left on device: .*checkpoint-00000002.dcp"):
         saver.wait()
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone too
+
+
+# ---- the training command on one process -----------------------------------------------------------------
+
+RUN = ["--img_size=32", "--patch_size=4", "--batch_size=8", "--num_workers=0", "--progress=false", "--precision=fp32",
+       "--log_every=1", "--ckpt_every=2", "--keep_ckpts=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, demo_dir):
+    """The same seed four steps: straight through as DCP, as DCP stopped at 2 and resumed, and as a .pt file run."""
+    from fastmae.pretrain import cli_main
+
+    base = tmp_path_factory.mktemp("dcp_runs")
+    out = {name: base / name for name in ("dcp", "resumed", "file")}
+    common = [f"--data={demo_dir}", *RUN]
+    assert cli_main([*common, f"--output_dir={out['dcp']}", "--max_steps=4", "--ckpt_format=dcp"]) == 0
+    assert cli_main([*common, f"--output_dir={out['resumed']}", "--max_steps=2", "--ckpt_format=dcp"]) == 0
+    assert cli_main([*common, f"--output_dir={out['resumed']}", "--max_steps=4", "--ckpt_format=dcp",
+                     "--resume=auto"]) == 0
+    assert cli_main([*common, f"--output_dir={out['file']}", "--max_steps=4"]) == 0
+    return out
+
+
+def test_one_process_dcp_resume_is_bit_identical_and_matches_the_file_run(runs):
+    straight = load_checkpoint(runs["dcp"] / "checkpoint-00000004.dcp")
+    resumed = load_checkpoint(runs["resumed"] / "checkpoint-00000004.dcp")
+    for key in ("model", "optimizer", "data", "step"):
+        _assert_same(straight[key], resumed[key], key)
+    from_file = torch.load(runs["file"] / "checkpoint-00000004.pt", weights_only=True)
+    _assert_same(from_file["model"], straight["model"], "model")  # the format changes nothing of the training
+    assert sorted(p.name for p in runs["dcp"].glob("checkpoint-*")) == ["checkpoint-00000002.dcp",
+                                                                       "checkpoint-00000004.dcp"]
+    summary = json.loads((runs["dcp"] / "summary.json").read_text())
+    assert summary["checkpoint_save"].startswith("checkpoint ") and "s/GB" in summary["checkpoint_save"]
+
+
+@pytest.mark.parametrize("fmt", ["timm", "pth"])
+def test_export_from_a_dcp_run_equals_export_from_the_file_run(runs, tmp_path, fmt):
+    from safetensors.torch import load_file
+
+    from fastmae.export import main as export_main
+
+    for name in ("dcp", "file"):
+        assert export_main([f"--ckpt={runs[name]}", f"--out={tmp_path / name}", f"--format={fmt}"]) == 0
+    if fmt == "timm":
+        a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("dcp", "file"))
+    else:
+        a, b = (torch.load(tmp_path / n / "checkpoint.pth", weights_only=True)["model"] for n in ("dcp", "file"))
+        assert len(a) == len(torch.load(runs["file"] / "checkpoint-00000004.pt", weights_only=True)["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_with_dcp_saves_blocking_exits_zero_and_prints_seconds_per_gb(tmp_path, demo_dir, fresh_env):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "pre"
+    cmd = [sys.executable, "train.py", f"--data={demo_dir}", f"--output_dir={out}", *RUN, "--max_steps=100000",
+           "--ckpt_every=1", "--ckpt_format=dcp"]  # background saves in flight at every step when the signal comes
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fresh_env,
+                         cwd=Path(__file__).parent.parent)
+    deadline, metrics = time.time() + 180, out / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    last = list_checkpoints(out)[-1]
+    step = load_checkpoint(last)["step"]
+    line = next(x for x in stdout.splitlines() if "SIGTERM: saved" in x)
+    assert f"SIGTERM: saved {last} at step {step} (checkpoint " in line and " s/GB)); exiting" in line
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]  # nothing left half-written
