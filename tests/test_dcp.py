@@ -139,18 +139,24 @@ def test_rotation_deletes_whole_folders_and_startup_removes_dead_writers_folders
     assert not dead.exists() and live.exists()
 
 
-def test_background_write_saves_the_values_of_its_step_while_training_goes_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["async_save", "own thread"])
+def test_background_write_saves_the_values_of_its_step_while_training_goes_on(tmp_path, monkeypatch, path):
     """The step loop returns at once and goes on updating the tensors in place; the folder holds the values of
-    the step it was started at (a private copy), and appears only when the write is complete."""
-    release, started = threading.Event(), threading.Event()
-    real = dcp._start_async
+    the step it was started at (a private copy), and appears only when the write is complete. ``own thread``: the
+    path for a process group without a CPU backend (NCCL alone) and for torch without ``async_save(no_dist=)``."""
+    import torch.distributed.checkpoint as tdcp
 
-    def slow(tensors, folder):
+    release, started = threading.Event(), threading.Event()
+    real_write = tdcp.FileSystemWriter.write_data
+
+    def gated(self, *args, **kwargs):  # DCP's writer blocks until the test has stepped on
         started.set()
         assert release.wait(60)
-        return real(tensors, folder)
+        return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(dcp, "_start_async", slow)
+    monkeypatch.setattr(tdcp.FileSystemWriter, "write_data", gated)
+    if path == "own thread":
+        monkeypatch.delattr(tdcp, "async_save")
     state = _state(2)
     before = state["model"]["w"].clone()
     saver = dcp.AsyncSaver()
@@ -167,8 +173,8 @@ def test_background_write_saves_the_values_of_its_step_while_training_goes_on(tm
 def test_background_write_error_is_one_line_at_the_next_wait(tmp_path, monkeypatch):
     from fastmae.engine.checkpoint import CheckpointWriteError
 
-    def full(tensors, folder):
-        raise OSError(28, "No space left on device")
+    def full(tensors, folder, pool):
+        return pool.submit(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device")))
 
     monkeypatch.setattr(dcp, "_start_async", full)
     saver = dcp.AsyncSaver()

@@ -52,6 +52,10 @@ class TrainState:
     ckpt_format: str = "file"  # file (one .pt on rank 0) | dcp (a folder: sharded under FSDP, else asynchronous)
     saver: dcp.AsyncSaver = field(default_factory=dcp.AsyncSaver, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.ckpt_format == "dcp":
+            dcp.preload()
+
     def state_dict(self, step: int) -> dict | None:
         """The checkpoint at ``step`` on rank 0, None on the others. A collective: every rank must call it."""
         model_sd, optim_sd = full_train_state(self.model, self.optimizer, sharded=self.sharded)
