@@ -191,7 +191,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
                 saved = timed_note(path, time.perf_counter() - t0) if path is not None and path.exists() else None
                 if stop:
                     mark_saved(run_dir, info.rank, step)
-                    log.info(f"SIGTERM: saved {path} at step {step}" + (f" ({saved})" if saved else "") + "; exiting")
+                    log.info(f"SIGTERM: saved {path} at step {step}; exiting" + (f" ({saved})" if saved else ""))
                     return {"status": "preempted", "step": step, "checkpoint": str(path), "checkpoint_save": saved}
     state.finish_saves()  # deliberate sync: a background checkpoint write lands (or fails loudly) before the summary
 

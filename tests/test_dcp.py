@@ -255,5 +255,5 @@ def test_sigterm_with_dcp_saves_blocking_exits_zero_and_prints_seconds_per_gb(tm
     last = list_checkpoints(out)[-1]
     step = load_checkpoint(last)["step"]
     line = next(x for x in stdout.splitlines() if "SIGTERM: saved" in x)
-    assert f"SIGTERM: saved {last} at step {step} (checkpoint " in line and " s/GB)); exiting" in line
+    assert f"SIGTERM: saved {last} at step {step}; exiting (checkpoint " in line and line.endswith(" s/GB))")
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]  # nothing left half-written
