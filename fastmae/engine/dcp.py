@@ -255,7 +255,9 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, skeleton, rank: int) -
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)))
         mine = _hash_files(tmp, sorted(p.name for p in tmp.iterdir() if p.name.startswith(f"__{rank}_")))
-    except Exception as e:  # noqa: BLE001 - every rank must reach the gather below, or the others hang in it
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; every rank must
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # reach the gather below, or the others hang in it
+            raise
         failed, mine = write_error(folder_path(run_dir, step), _first_os_error(e), e), {}
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine if failed is None else None)
