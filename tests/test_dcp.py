@@ -257,3 +257,13 @@ def test_sigterm_with_dcp_saves_blocking_exits_zero_and_prints_seconds_per_gb(tm
     line = next(x for x in stdout.splitlines() if "SIGTERM: saved" in x)
     assert f"SIGTERM: saved {last} at step {step}; exiting (checkpoint " in line and line.endswith(" s/GB))")
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]  # nothing left half-written
+
+
+def test_bad_format_is_one_line_and_auto_picks_dcp_on_several_processes(capsys):
+    from fastmae.pretrain import cli_main
+
+    assert cli_main(["--ckpt_format=zip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fastmae: error: ckpt_format must be file, dcp or auto, got 'zip'"
+    assert [dcp.resolve_format("auto", n) for n in (1, 2, 8)] == ["file", "dcp", "dcp"]
+    assert dcp.resolve_format("dcp", 1) == "dcp" and dcp.resolve_format("file", 8) == "file"
