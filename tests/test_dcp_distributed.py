@@ -59,3 +59,27 @@ def _tensors(obj, path=""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _tensors(v, f"{path}/{i}")
+
+
+def test_fsdp_dcp_scancel_saves_every_ranks_shards_and_exits_cleanly(tmp_path, demo_dir, fresh_env):
+    """SIGTERM to the whole job (SLURM's scancel) under FSDP + dcp: each rank writes its shards of the agreed step,
+    blocking, inside torchrun's grace period, and the log line says what the save cost per GB."""
+    from test_faults_preempt import TINY, _finish, _scancel, _start, _wait_for_steps
+
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--data={demo_dir}", f"--output_dir={out}", *TINY, "--batch_size=4", "--num_workers=0", "--fsdp=true",
+           "--ckpt_format=dcp"]
+    p = _start(cmd, fresh_env)
+    _wait_for_steps(p, out, 3)
+    _scancel(p.pid)
+    stdout, err = _finish(p)
+    assert "forcefully" not in err and "ChildFailedError" not in err, err[-3000:]
+    folders = sorted(out.glob("checkpoint-*.dcp"))
+    assert len(folders) == 1, folders
+    ckpt = load_checkpoint(folders[0])
+    line = next(x for x in stdout.splitlines() if "SIGTERM: saved" in x)
+    assert f"at step {ckpt['step']}; exiting (checkpoint " in line and "s/GB" in line, line
+    assert sorted(s.name.split("_")[2] for s in folders[0].glob("*.distcp")) == ["0", "1"]
+    saved = {f.name: f.read_text().strip() for f in (out / "preempted").iterdir()}
+    assert saved == {"rank-0": str(ckpt["step"]), "rank-1": str(ckpt["step"])}, saved
