@@ -267,3 +267,16 @@ def test_bad_format_is_one_line_and_auto_picks_dcp_on_several_processes(capsys):
     assert err == "fastmae: error: ckpt_format must be file, dcp or auto, got 'zip'"
     assert [dcp.resolve_format("auto", n) for n in (1, 2, 8)] == ["file", "dcp", "dcp"]
     assert dcp.resolve_format("dcp", 1) == "dcp" and dcp.resolve_format("file", 8) == "file"
+
+
+def test_bench_ckpt_prints_seconds_per_gb_for_every_contender():
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    r = subprocess.run([sys.executable, "bench/bench_ckpt.py", "--mb=8", "--rounds=1"], capture_output=True, text=True,
+                       cwd=root, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ") and "s/GB" not in line}
+    assert set(rows) == {"file", "dcp", "dcp-async stall", "dcp-async total"}, r.stdout
+    assert "| 1.00x |" in rows["file"]
