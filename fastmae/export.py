@@ -145,22 +145,11 @@ def export_pth(sd: dict, meta: dict, cfg: ExportConfig) -> dict:
     return {"format": "pth", "file": str(out), "dir": str(out.parent)}
 
 
-def read_export_source(source: str) -> tuple[dict | None, dict]:
-    """(model state dict, metadata) of a checkpoint file, a DCP folder or a run folder (its newest checkpoint)."""
-    from fastmae.engine.checkpoint import latest_checkpoint, load_checkpoint
+def export(cfg: ExportConfig) -> dict:
     from fastmae.eval.models import read_source
 
-    path = Path(source)
-    folder = path if path.name.endswith(".dcp") else latest_checkpoint(path) if path.is_dir() else None
-    if folder is None or not folder.is_dir():
-        return read_source(source)
-    ckpt = load_checkpoint(folder)
-    return ckpt["model"], {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-
-
-def export(cfg: ExportConfig) -> dict:
     cfg.validate()
-    sd, meta = read_export_source(cfg.ckpt)
+    sd, meta = read_source(cfg.ckpt)  # a DCP folder is verified and consolidated there
     if sd is None:
         raise ValueError("--ckpt must be a checkpoint file or folder")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
