@@ -280,3 +280,30 @@ def test_bench_ckpt_prints_seconds_per_gb_for_every_contender():
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ") and "s/GB" not in line}
     assert set(rows) == {"file", "dcp", "dcp-async stall", "dcp-async total"}, r.stdout
     assert "| 1.00x |" in rows["file"]
+
+
+def test_sigkill_during_a_background_dcp_save_then_resume_is_bit_identical(runs, tmp_path, demo_dir, fresh_env):
+    """The kill lands after DCP wrote its files and before the manifest and the rename (``during_save``, in the
+    background thread): the temporary folder is never taken for a checkpoint, start-up removes it, and the
+    resumed run ends where the straight one did."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", f"--data={demo_dir}", f"--output_dir={out}", *RUN, "--max_steps=4",
+           "--ckpt_format=dcp"]
+    root = Path(__file__).parent.parent
+    # "2+": the first save to reach its manifest at or after step 2 (the background thread sees the loop's step).
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
+                       env={**fresh_env, "FASTMAE_FAULT": "during_save@2+"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert [p for p in out.iterdir() if p.name.startswith(".tmp-") and p.name.endswith(".dcp")]
+    assert list_checkpoints(out) == []  # the killed save is no checkpoint
+    r = subprocess.run([*cmd, "--resume=auto"], capture_output=True, text=True, cwd=root, timeout=300, env=fresh_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    got = load_checkpoint(out / "checkpoint-00000004.dcp")
+    ref = load_checkpoint(runs["dcp"] / "checkpoint-00000004.dcp")
+    for key in ("model", "optimizer"):
+        _assert_same(ref[key], got[key], key)

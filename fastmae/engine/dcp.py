@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fastmae.engine import faults
 from fastmae.engine.checkpoint import CheckpointError, CheckpointWriteError, fsync_dir, tmp_prefix, write_error, write_json_atomic
 
 MANIFEST = "fastmae-manifest.json"
@@ -114,6 +115,7 @@ def _hash_files(folder: Path, names: list[str]) -> dict:
 def _finish(tmp: Path, final: Path, step: int, skeleton, files: dict) -> Path:
     """Manifest last, then the rename that makes the folder a checkpoint (an older folder of this step, from an
     abandoned timeline, is replaced)."""
+    faults.point("during_save")  # the tests' SIGKILL with every data file written and no manifest yet
     write_json_atomic({"format": "fastmae-dcp", "version": _VERSION, "step": step, "files": files,
                        "skeleton": skeleton}, tmp / MANIFEST)
     fsync_dir(tmp)
