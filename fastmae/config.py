@@ -116,6 +116,9 @@ class PretrainConfig:
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps; the final step always saves
     keep_ckpts: int = 2
+    ckpt_format: str = field(default="file", metadata={"help": "file (one weights-only .pt written by rank 0) | dcp "
+                             "(a torch.distributed.checkpoint folder: FSDP ranks write their own shards, otherwise rank 0 "
+                             "writes in the background) | auto (dcp on several processes, file on one)"})
     num_vis: int = 8
     progress: bool = True
     tensorboard: bool = True
@@ -168,6 +171,7 @@ class PretrainConfig:
             (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
             (self.ckpt_every > 0, f"ckpt_every must be positive, got {self.ckpt_every}"),
             (self.keep_ckpts > 0, f"keep_ckpts must be positive, got {self.keep_ckpts}"),
+            (self.ckpt_format in ("file", "dcp", "auto"), f"ckpt_format must be file, dcp or auto, got {self.ckpt_format!r}"),
             (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),

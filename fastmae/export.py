@@ -10,6 +10,12 @@ plus a ``ViTImageProcessor`` with the normalization the model was trained with.
 with ``NAME`` and ``model_args`` printed by the export (and stored in ``config.json``); any ``num_classes``
 gets a fresh head. Nothing is downloaded: both libraries read the folder offline.
 
+``--format=pth`` writes ``checkpoint.pth`` in the official MAE layout (``{'model': state dict}`` plus the run's
+config, step and epoch), one file every reader of official weights takes.
+
+A ``--ckpt_format=dcp`` checkpoint (a ``checkpoint-S.dcp`` folder, or a run folder whose newest checkpoint is one)
+is verified against its manifest and consolidated: FSDP's shards become full tensors before any format is written.
+
 Examples:
     fastmae export --ckpt=runs/mae-tiny --out=exports/mae-tiny-hf --format=hf
     fastmae export --ckpt=mae_pretrain_vit_base.pth --out=export/timm --format=timm
@@ -23,7 +29,7 @@ from pathlib import Path
 
 from fastmae.eval.cli_util import run_cli
 
-FORMATS = ("hf", "timm")
+FORMATS = ("hf", "timm", "pth")
 # (embed_dim, depth) -> timm family name; other shapes use vit_base's factory with every argument given.
 _TIMM_FAMILIES = {(192, 12): "vit_tiny", (384, 12): "vit_small", (768, 12): "vit_base", (1024, 24): "vit_large",
                   (1280, 32): "vit_huge"}
@@ -130,20 +136,32 @@ def export_timm(sd: dict, meta: dict, cfg: ExportConfig) -> dict:
     return {"format": "timm", "name": name, "model_args": model_args, "file": str(out / "model.safetensors"), "dir": str(out)}
 
 
+def export_pth(sd: dict, meta: dict, cfg: ExportConfig) -> dict:
+    """One consolidated weights file in the official layout; returns what it wrote."""
+    import torch
+
+    out = Path(cfg.output_dir) / "checkpoint.pth"
+    torch.save({"model": sd, **{k: meta[k] for k in ("config", "step", "epoch") if k in meta}}, out)
+    return {"format": "pth", "file": str(out), "dir": str(out.parent)}
+
+
 def export(cfg: ExportConfig) -> dict:
     from fastmae.eval.models import read_source
 
     cfg.validate()
-    sd, meta = read_source(cfg.ckpt)
+    sd, meta = read_source(cfg.ckpt)  # a DCP folder is verified and consolidated there
     if sd is None:
-        raise ValueError("--ckpt must be a checkpoint file")
+        raise ValueError("--ckpt must be a checkpoint file or folder")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    return export_hf(sd, meta, cfg) if cfg.format == "hf" else export_timm(sd, meta, cfg)
+    writer = {"hf": export_hf, "timm": export_timm, "pth": export_pth}[cfg.format]
+    return writer(sd, meta, cfg)
 
 
 def _body(cfg: ExportConfig) -> int:
     r = export(cfg)
-    if r["format"] == "hf":
+    if r["format"] == "pth":
+        print(f"wrote {r['file']} (official MAE layout: {{'model': state dict}})")
+    elif r["format"] == "hf":
         print(f"wrote {r['dir']} ({r['class']}); load with transformers.{r['class']}.from_pretrained({r['dir']!r})")
     else:
         print(f"wrote {r['dir']} (timm {r['name']}); load with timm.create_model('local-dir:{r['dir']}', pretrained=True, "

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from contextlib import closing, nullcontext
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from fastmae.engine.checkpoint import (
     list_checkpoints,
     remove_partial_writes,
 )
+from fastmae.engine.dcp import resolve_format, timed_note
 from fastmae.engine.distributed import (
     DistInfo,
     WrapOptions,
@@ -111,7 +113,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     no_sync = ddp_model.no_sync if info.enabled and not cfg.fsdp else None
 
     # ---- resume ------------------------------------------------------------------------------------------
-    state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()))
+    state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()),
+                       ckpt_format=resolve_format(cfg.ckpt_format, info.world_size))
     found = find_resume_checkpoint(run_dir, cfg.resume, warn=lambda msg: print(msg, file=sys.stderr) if info.is_main else None)
     resume_path = found[0] if found else None
     start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, base_lr)
@@ -156,7 +159,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     stats = StepStats.zeros(device)
     bad_data = BadDataReport(train_loader)
     next_batch = DataWait(BatchStream(train_loader, device))
-    step = start_step
+    step, saved = start_step, None
     model.train()
     with closing(log):
         while step < total_steps:
@@ -182,11 +185,15 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
                 log.log(step, row)
                 window.check_bad_run(cfg.max_bad_steps)
             if step % cfg.ckpt_every == 0 or step == total_steps or stop:
-                path = state.save(run_dir, step, cfg.keep_ckpts)
+                # The preemption and the final save block (the process exits next); the others may write in the background.
+                t0 = time.perf_counter()
+                path = state.save(run_dir, step, cfg.keep_ckpts, blocking=stop or step == total_steps)
+                saved = timed_note(path, time.perf_counter() - t0) if path is not None and path.exists() else None
                 if stop:
                     mark_saved(run_dir, info.rank, step)
-                    log.info(f"SIGTERM: saved {path} at step {step}; exiting")
-                    return {"status": "preempted", "step": step, "checkpoint": str(path)}
+                    log.info(f"SIGTERM: saved {path} at step {step}; exiting" + (f" ({saved})" if saved else ""))
+                    return {"status": "preempted", "step": step, "checkpoint": str(path), "checkpoint_save": saved}
+    state.finish_saves()  # deliberate sync: a background checkpoint write lands (or fails loudly) before the summary
 
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
     # A run killed between its last checkpoint and its summary comes back here with no step left to train.
@@ -194,7 +201,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     summary = {"status": "done", "step": step, "train_loss": last_loss,
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
                "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
-               "data_wait": next_batch.run_fraction(), **bad_data.summary()}
+               "data_wait": next_batch.run_fraction(), **bad_data.summary(), "checkpoint_save": saved}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
@@ -455,6 +462,7 @@ def summary_text(s: dict) -> str:
            f"{', '.join(map(str, s.get('substituted_files', [])[:5]))}"] if s.get("substitutions") else []),
         f"data wait        {_pct(s.get('data_wait'))} of wall time in next(loader) (same windows as throughput; "
         f"warning above {DATA_WAIT_WARN:.0%})",
+        *([f"last checkpoint  {s['checkpoint_save']}"] if s.get("checkpoint_save") else []),
         f"run directory    {s['run_dir']}  ({', '.join(_run_files(Path(s['run_dir'])))})",
     ]
     return "\n".join(lines)
@@ -466,7 +474,7 @@ def _pct(v) -> str:
 
 def _run_files(run_dir: Path) -> list[str]:
     names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith((".", "checkpoint-")))
-    return names + (["checkpoint-*.pt"] if any(run_dir.glob("checkpoint-*.pt")) else [])
+    return names + [f"checkpoint-*.{ext}" for ext in ("pt", "dcp") if any(run_dir.glob(f"checkpoint-*.{ext}"))]
 
 
 def cli_main(argv: list[str] | None = None) -> int:

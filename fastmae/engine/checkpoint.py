@@ -7,7 +7,8 @@ complete set or the new one, never a torn file. Next to ``checkpoint-S.pt`` a
 sidecar ``checkpoint-S.pt.json`` records its size and sha256; loading checks
 both, and ``--resume=auto`` falls back to the newest checkpoint that passes.
 Everything loads with ``weights_only=True``: RNG states are stored as tensors
-and lists, not pickled objects.
+and lists, not pickled objects. ``--ckpt_format=dcp`` writes folders instead (:mod:`fastmae.engine.dcp`,
+the same guarantees); listing, pruning, the fallback and loading here take both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -28,9 +30,10 @@ import torch
 
 from fastmae.engine import faults
 
-_NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+# A file (``.pt``) or a DCP folder (``.dcp``, :mod:`fastmae.engine.dcp`); both formats may share a run folder.
+_NAME = re.compile(r"^checkpoint-(\d{8})\.(pt|dcp)$")
 # Temporary files carry the writer's host and pid so start-up cleanup removes only those of dead writers.
-_TMP = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+\.(pt|json)$")
+_TMP = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+\.(pt|json|dcp)$")
 SIDECAR_SUFFIX = ".json"
 TRAIN_KEYS = ("model", "optimizer", "step", "data", "rng")
 
@@ -75,7 +78,7 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _tmp_prefix() -> str:
+def tmp_prefix() -> str:
     return f".tmp-{socket.gethostname()}-{os.getpid()}-"
 
 
@@ -106,7 +109,7 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _write_error(path: Path, err: BaseException | None, fallback: BaseException) -> CheckpointWriteError:
+def write_error(path: Path, err: BaseException | None, fallback: BaseException) -> CheckpointWriteError:
     e = err if err is not None else fallback
     code = getattr(e, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -115,7 +118,7 @@ def _write_error(path: Path, err: BaseException | None, fallback: BaseException)
     return CheckpointWriteError(code or errno.EIO, f"cannot write checkpoint {path}: {reason} (earlier checkpoints are intact)")
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     dir_fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -123,8 +126,8 @@ def _fsync_dir(d: Path) -> None:
         os.close(dir_fd)
 
 
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=".json", dir=path.parent)
+def write_json_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj) + "\n")
@@ -146,7 +149,7 @@ def atomic_save(obj: dict, path: Path) -> None:
     Raises CheckpointWriteError (naming the path) on any write failure; nothing of an earlier file is lost.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=".pt", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), suffix=".pt", dir=path.parent)
     writer = None
     try:
         try:
@@ -157,15 +160,15 @@ def atomic_save(obj: dict, path: Path) -> None:
                 faults.point("during_save")
                 os.fsync(f.fileno())
             # The sidecar lands first: a checkpoint under its final name always has its checksum beside it.
-            _write_json_atomic({"step": obj.get("step"), "size": writer.size, "sha256": writer.sha.hexdigest()},
+            write_json_atomic({"step": obj.get("step"), "size": writer.size, "sha256": writer.sha.hexdigest()},
                                sidecar_path(path))
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:
-            raise _write_error(path, writer.error if writer else None, e) from e
+            raise write_error(path, writer.error if writer else None, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -178,6 +181,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_partial_writes(run_dir: Path) -> int:
@@ -193,7 +203,7 @@ def remove_partial_writes(run_dir: Path) -> int:
     for p in run_dir.iterdir():
         m = _TMP.match(p.name)
         if m and m.group("host") == host and not _pid_alive(int(m.group("pid"))):
-            p.unlink(missing_ok=True)
+            _remove(p)
             n += 1
     for side in run_dir.glob("checkpoint-*.pt" + SIDECAR_SUFFIX):  # a sidecar whose checkpoint rename never ran
         if not side.with_suffix("").exists():
@@ -230,11 +240,17 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """
     path = checkpoint_path(run_dir, step)
     atomic_save(state, path)
+    prune_checkpoints(run_dir, step, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: Path, step: int, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints at or before ``step`` (files with their sidecars, whole DCP
+    folders)."""
     older = [p for p in list_checkpoints(run_dir) if step_of(p) <= step]
     for old in older[:-keep]:
-        old.unlink(missing_ok=True)
+        _remove(old)
         sidecar_path(old).unlink(missing_ok=True)
-    return path
 
 
 def verify_file(path: Path) -> bool:
@@ -270,16 +286,25 @@ def load_checkpoint(path: Path) -> dict:
     Raises CheckpointError with one line for a damaged file, a model-weights-only file (official MAE
     ``{'model': ...}`` or a bare state dict), or a file whose entries have the wrong types.
     """
-    from fastmae.convert import read_checkpoint
+    from fastmae.convert import check_checkpoint_fields, read_checkpoint
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() and path.name.endswith(".dcp"):
+        from fastmae.engine.dcp import read_folder
+
+        ckpt = read_folder(path)
+        try:
+            check_checkpoint_fields(ckpt, f"checkpoint {path}")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    elif not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checked = verify_file(path)
-    try:
-        ckpt = read_checkpoint(path, verify_crc=not checked)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    else:
+        checked = verify_file(path)
+        try:
+            ckpt = read_checkpoint(path, verify_crc=not checked)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     missing = [k for k in TRAIN_KEYS if k not in ckpt]
     if missing:
         hint = (" it holds model weights only (e.g. an official MAE file); --resume needs a checkpoint-*.pt "

@@ -26,11 +26,23 @@ def read_source(source: str) -> tuple[dict | None, dict]:
     """``source``: checkpoint path, or ''/'random' -> (state dict or None, metadata dict of the checkpoint)."""
     if source.lower() in RANDOM:
         return None, {}
-    ckpt = read_checkpoint(source)
+    ckpt = _read_dcp(source) or read_checkpoint(source)
     sd = model_state_dict(ckpt)
     wrapped = "model" in ckpt or "state_dict" in ckpt
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "state_dict", "optimizer")} if wrapped else {}
     return sd, meta
+
+
+def _read_dcp(source: str) -> dict | None:
+    """A ``--ckpt_format=dcp`` checkpoint (a ``checkpoint-S.dcp`` folder, or a run folder whose newest checkpoint is
+    one), verified and consolidated into full tensors; None for anything else."""
+    from pathlib import Path
+
+    from fastmae.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = Path(source)
+    folder = path if path.name.endswith(".dcp") else latest_checkpoint(path) if path.is_dir() else None
+    return load_checkpoint(folder) if folder is not None and folder.is_dir() else None
 
 
 def _model_name(meta: dict) -> str | None:
