@@ -299,14 +299,24 @@ def flat_values(cfg) -> dict[str, Any]:
 
 def flat_dict(data: dict, cls) -> dict[str, Any]:
     """A stored config (nested ``{"optim": {"blr": ...}}`` as written now, or flat as older runs and checkpoints
-    wrote it) as {flat key: value}; entries this class does not know are kept under their own names."""
+    wrote it) as {flat key: value}, text values of typed keys parsed (older tri-state ``"true"`` / ``""`` become
+    True / None); entries this class does not know are kept as they are."""
     table, out = keys(cls), {}
     for k, v in data.items():
         if isinstance(v, dict) and k in _section_types(cls):
-            out.update({(table.get(f"{k}.{n}") or Key(n, n, Any)).flat: x for n, x in v.items()})
+            out.update({f"{k}.{n}": x for n, x in v.items()})
         else:
             out[k] = v
-    return out
+    return {(table[k].flat if k in table else k): _coerce(table.get(k), v) for k, v in out.items()}
+
+
+def _coerce(key: Key | None, v):
+    if key is None or not isinstance(v, str) or _optional(key.typ)[0] is str:
+        return v
+    try:
+        return _parse_value(key.flat, v, key.typ)
+    except ValueError:
+        return v
 
 
 MAX_THREADS = 1024

@@ -15,7 +15,7 @@ from fastmae.config import PretrainConfig, default_output_dir, parse_overrides
 def test_spellings_and_official_aliases():
     cfg = parse_overrides(["--data_path=/x/imagenet", "--input_size", "96", "--batch-size=8", "--accum_iter=2",
                            "--output_dir=/tmp/r", "--blr=1e-3", "--warmup_epochs=1", "--model=mae_vit_tiny"])
-    assert (cfg.data, cfg.img_size, cfg.batch_size, cfg.accum_iter, cfg.output_dir) == ("/x/imagenet", 96, 8, 2, "/tmp/r")
+    assert (cfg.data.path, cfg.data.img_size, cfg.optim.batch_size, cfg.optim.accum_iter, cfg.output_dir) == ("/x/imagenet", 96, 8, 2, "/tmp/r")
     assert parse_overrides(["--img-size=32"]).img_size == parse_overrides(["--img_size=32"]).img_size == 32
 
 
@@ -24,7 +24,7 @@ def test_bare_booleans():
     assert parse_overrides(["--no_norm_pix_loss", "--norm_pix_loss"]).norm_pix_loss is True
     assert parse_overrides(["--compile", "--epochs=2"]).compile is True
     cfg = parse_overrides(["--compile", "false", "--no-progress"])
-    assert cfg.compile is False and cfg.progress is False
+    assert cfg.step.compile is False and cfg.logging.progress is False
     with pytest.raises(ValueError, match="takes no value"):
         parse_overrides(["--no_compile=true"])
     with pytest.raises(ValueError, match="expects true/false"):

@@ -13,17 +13,17 @@ from fastmae.engine.optim import lr_at, param_groups
 
 def test_presets_and_overrides():
     cfg = parse_overrides(["--preset=base", "--epochs=2", "--compile", "false", "--blr=1e-4"])
-    assert cfg.model == "mae_vit_base_patch16" and cfg.img_size == 224
-    assert cfg.epochs == 2 and cfg.compile is False and cfg.blr == 1e-4
-    assert cfg.batch_size * cfg.accum_iter * 8 == 4096  # the official effective batch on 8 GPUs
+    assert cfg.model.name == "mae_vit_base_patch16" and cfg.data.img_size == 224
+    assert cfg.schedule.epochs == 2 and cfg.step.compile is False and cfg.optim.blr == 1e-4
+    assert cfg.optim.batch_size * cfg.optim.accum_iter * 8 == 4096  # the official effective batch on 8 GPUs
     for name in pretrain_presets():
         parse_overrides([f"--preset={name}"])
 
 
 def test_official_recipe_values():
     b = parse_overrides(["--preset=base"])
-    assert (b.blr, b.weight_decay, b.beta1, b.beta2, b.mask_ratio, b.norm_pix_loss) == (1.5e-4, 0.05, 0.9, 0.95, 0.75, True)
-    assert (b.epochs, b.warmup_epochs) == (800, 40)
+    assert (b.optim.blr, b.optim.weight_decay, b.optim.beta1, b.optim.beta2, b.model.mask_ratio, b.model.norm_pix_loss) == (1.5e-4, 0.05, 0.9, 0.95, 0.75, True)
+    assert (b.schedule.epochs, b.schedule.warmup_epochs) == (800, 40)
     assert parse_overrides(["--preset=huge"]).model == "mae_vit_huge_patch14"
 
 

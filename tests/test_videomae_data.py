@@ -148,7 +148,7 @@ def test_bad_clips_are_skipped_with_reasons(tmp_path, clips):
     build_loader = get_method("videomae").build_loader
     with pytest.raises(ValueError, match="no usable clip of 25 frames"):
         build_loader(cfg, 0, 1, "cpu", "train", "float")
-    cfg.num_frames, cfg.frame_stride = 5, 1
+    cfg.method.num_frames, cfg.method.frame_stride = 5, 1
     with pytest.raises(ValueError, match="not divisible by the tubelet size"):
         build_loader(cfg, 0, 1, "cpu", "train", "float")
     # A clip that passes the scan but fails to decode is substituted by the next one and reported once.

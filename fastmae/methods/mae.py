@@ -79,7 +79,7 @@ def model_kwargs(cfg) -> dict:
     m = cfg.method
     kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.model.norm_pix_loss, "residual_dtype": cfg.step.residual_dtype,
           "decoder_input_dtype": cfg.step.decoder_input_dtype}
-    # The MAE paper's ablations (cfg.method, MAEConfig).
+    # The MAE paper's ablations (MAEConfig).
     kw.update(mask_type=m.mask_type, loss_on=m.loss_on, encoder_mask_tokens=m.encoder_mask_tokens, **m.decoder_kwargs())
     return kw
 

@@ -62,17 +62,17 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
 
     train, d = split == "train", cfg.data
     return build_loader(
-        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
-        train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
-        drop_last=train, holdout_fraction=cfg.holdout_fraction, augment=(cfg.augment or None) if train else None,
+        cfg.data.path, split=split, batch_size=cfg.optim.batch_size, img_size=cfg.data.img_size, loader=cfg.data.loader, output=output,
+        train=train, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
+        drop_last=train, holdout_fraction=cfg.data.holdout_fraction, augment=(cfg.data.augment or None) if train else None,
         index_cache=_scan_index_dir(cfg),
-        decode=getattr(cfg, "decode", "pil"), repeat_samples=getattr(cfg, "repeat_samples", 1) if train else 1,
+        decode=cfg.data.decode, repeat_samples=cfg.data.repeat_samples if train else 1,
     )
 
 
 def _scan_index_dir(cfg) -> str | None:
     """The scan index kept beside the run (``OUTPUT_DIR/scan-index``): a requeued job re-reads no unchanged file."""
-    out = getattr(cfg, "output_dir", "")
+    out = cfg.output_dir
     return os.path.join(out, "scan-index") if out else None
 
 
