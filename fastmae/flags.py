@@ -468,13 +468,19 @@ def describe_keys(cls, cfg=None) -> str:
     groups: dict[str, list[tuple[str, str]]] = {}
     for key in unique_keys(cls):
         sec = key.path.rpartition(".")[0]
-        owned = sec and key.owners and not hasattr(getattr(cfg, sec), key.path.rpartition(".")[2])
-        cell = f"  --{key.flat}" if owned else f"  --{key.flat}={_show(_value(cfg, key.path))}"
+        name = key.path.rpartition(".")[2]
+        owned = sec and key.owners and not hasattr(getattr(cfg, sec), name)
+        value = _value(cfg, key.path) if not owned else _variant_default(cls, sec, key.owners[0], name)
+        cell = f"  --{key.flat}={_show(value)}"
         label = f"{sec}: keys of other {sec}s" if owned else sec
         groups.setdefault(label, []).append((cell, key.help + (f" [{sec} {', '.join(key.owners)}]" if owned else "")))
     if list(groups) == [""]:
         return _cells(groups[""])
     return "\n\n".join(f"{_title(cls, cfg, label)}:\n{_cells(rows)}" for label, rows in groups.items())
+
+
+def _variant_default(cls, section: str, variant: str, name: str):
+    return getattr(_variants(cls, section)[variant](), name)
 
 
 def _title(cls, cfg, label: str) -> str:

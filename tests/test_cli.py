@@ -16,13 +16,13 @@ def test_spellings_and_official_aliases():
     cfg = parse_overrides(["--data_path=/x/imagenet", "--input_size", "96", "--batch-size=8", "--accum_iter=2",
                            "--output_dir=/tmp/r", "--blr=1e-3", "--warmup_epochs=1", "--model=mae_vit_tiny"])
     assert (cfg.data.path, cfg.data.img_size, cfg.optim.batch_size, cfg.optim.accum_iter, cfg.output_dir) == ("/x/imagenet", 96, 8, 2, "/tmp/r")
-    assert parse_overrides(["--img-size=32"]).img_size == parse_overrides(["--img_size=32"]).img_size == 32
+    assert parse_overrides(["--img-size=32"]).data.img_size == parse_overrides(["--img_size=32"]).data.img_size == 32
 
 
 def test_bare_booleans():
-    assert parse_overrides(["--no_norm_pix_loss"]).norm_pix_loss is False
-    assert parse_overrides(["--no_norm_pix_loss", "--norm_pix_loss"]).norm_pix_loss is True
-    assert parse_overrides(["--compile", "--epochs=2"]).compile is True
+    assert parse_overrides(["--no_norm_pix_loss"]).model.norm_pix_loss is False
+    assert parse_overrides(["--no_norm_pix_loss", "--norm_pix_loss"]).model.norm_pix_loss is True
+    assert parse_overrides(["--compile", "--epochs=2"]).step.compile is True
     cfg = parse_overrides(["--compile", "false", "--no-progress"])
     assert cfg.step.compile is False and cfg.logging.progress is False
     with pytest.raises(ValueError, match="takes no value"):
@@ -47,8 +47,8 @@ def test_config_file_reruns_a_run_and_later_flags_win(tmp_path):
     again = parse_overrides([f"--config={path}"])
     assert again == first
     changed = parse_overrides(["--epochs=1", f"--config={path}", "--output_dir=runs/b", "--img-size=32"])
-    assert changed.epochs == 7  # an earlier flag is overridden by the file
-    assert (changed.output_dir, changed.img_size, changed.norm_pix_loss) == ("runs/b", 32, False)
+    assert changed.schedule.epochs == 7  # an earlier flag is overridden by the file
+    assert (changed.output_dir, changed.data.img_size, changed.model.norm_pix_loss) == ("runs/b", 32, False)
     (tmp_path / "bad.json").write_text(json.dumps({**json.loads(path.read_text()), "ckpts": "x"}))
     with pytest.raises(ValueError, match="does not take: ckpts"):
         parse_overrides([f"--config={tmp_path / 'bad.json'}"])
@@ -82,7 +82,7 @@ def test_help_shows_preset_resolved_values(capsys):
     assert re.search(r"--epochs=800\s", out) and re.search(r"--output_dir=runs/mae-base\s", out)
     fastmae(["pretrain", "--help"])
     assert re.search(r"--epochs=100\s", capsys.readouterr().out)  # the tiny preset's, not the class default
-    assert PretrainConfig().epochs != 100
+    assert PretrainConfig().schedule.epochs != 100
 
 
 def test_bad_flag_is_one_line_exit_2(capsys):

@@ -24,7 +24,7 @@ def test_official_recipe_values():
     b = parse_overrides(["--preset=base"])
     assert (b.optim.blr, b.optim.weight_decay, b.optim.beta1, b.optim.beta2, b.model.mask_ratio, b.model.norm_pix_loss) == (1.5e-4, 0.05, 0.9, 0.95, 0.75, True)
     assert (b.schedule.epochs, b.schedule.warmup_epochs) == (800, 40)
-    assert parse_overrides(["--preset=huge"]).model == "mae_vit_huge_patch14"
+    assert parse_overrides(["--preset=huge"]).model.name == "mae_vit_huge_patch14"
 
 
 def test_unknown_key_suggests():
@@ -59,4 +59,4 @@ def test_config_round_trips_to_json(tmp_path):
     cfg.save(tmp_path / "c.json")
     import json
 
-    assert json.loads((tmp_path / "c.json").read_text())["model"] == cfg.model
+    assert json.loads((tmp_path / "c.json").read_text())["model"]["name"] == cfg.model.name

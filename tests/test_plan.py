@@ -230,8 +230,8 @@ def test_cuda_graphs_only_where_the_combination_is_known_to_work(preset, world, 
 
 
 def test_cuda_graphs_accepts_the_old_booleans():
-    assert parse_overrides(["--cuda_graphs=true"]).cuda_graphs == "auto"
-    assert parse_overrides(["--cuda_graphs=false"]).cuda_graphs == "off"
+    assert parse_overrides(["--cuda_graphs=true"]).step.cuda_graphs == "auto"
+    assert parse_overrides(["--cuda_graphs=false"]).step.cuda_graphs == "off"
     with pytest.raises(ValueError, match="cuda_graphs must be one of auto, on, off"):
         parse_overrides(["--cuda_graphs=maybe"])
 

@@ -36,7 +36,7 @@ def test_builtin_methods_and_their_presets():
 
 
 def test_method_flag_picks_its_default_preset_and_size_sibling():
-    assert parse_overrides(["--method=simmim"]).model == "simmim_vit_tiny"
+    assert parse_overrides(["--method=simmim"]).model.name == "simmim_vit_tiny"
     assert parse_overrides(["--method=videomae"]).preset == "videomae_tiny"
     assert get_method("simmim").resolve_model("mae_vit_base_patch16") == "simmim_vit_base_patch16"
     with pytest.raises(ValueError, match="not a mae model"):
