@@ -25,6 +25,7 @@ from pathlib import Path
 from fastmae import flags
 from fastmae.engine.flops import GPUS
 from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
+from fastmae.layers import patch_embed
 from fastmae.methods.registry import MethodConfig, get_method, list_methods
 from fastmae.models.mae import DECODER_INPUT_DTYPES
 
@@ -325,9 +326,9 @@ class PretrainConfig:
 
 
 def check_patch_grid(img_size: int, patch_size: int) -> None:
-    """The image must tile into patches, and not into more than :data:`MAX_TOKENS` of them."""
-    if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+    """The image must tile into patches (the patch embedding's own check), and not into more than
+    :data:`MAX_TOKENS` of them."""
+    patch_embed.check_patch_grid(img_size, patch_size)
     if (img_size // patch_size) ** 2 > MAX_TOKENS:
         raise ValueError(f"img_size {img_size} / patch_size {patch_size} gives {(img_size // patch_size) ** 2} "
                          f"patches per image, more than {MAX_TOKENS}")

@@ -118,7 +118,7 @@ def test_k_nonfinite_steps_in_a_row_abort_clearly(tmp_path, demo_dir, fresh_env)
         (["--precision=fp8"], "precision must be one of"),
         (["--mask_ratio=1.0"], r"mask_ratio must be in [0, 1)"),
         (["--preset=gigantic"], "unknown preset 'gigantic'"),
-        (["--img_size=30", "--patch_size=4"], "img_size 30 is not divisible by patch_size 4"),
+        (["--img_size=30", "--patch_size=4"], "img_size 30 is not divisible by the patch size 4"),
         (["--data=/nonexistent/dir"], "/nonexistent/dir"),
     ],
 )

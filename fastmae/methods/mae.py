@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from fastmae.engine.flops import mae_forward_flops
+from fastmae.layers import attention
 from fastmae.methods.registry import MethodConfig, MethodSpec, image_model_kwargs, register_method
 from fastmae.models import MODELS
 from fastmae.models.masks import MASK_TYPES
@@ -51,9 +52,8 @@ class MaskDecoderConfig(MethodConfig):
                              f"got {cfg.model.mask_ratio}")
         if min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) < 0:
             raise ValueError("decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)")
-        if self.decoder_embed_dim and self.decoder_num_heads and self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by decoder_num_heads "
-                             f"{self.decoder_num_heads}")
+        if self.decoder_embed_dim and self.decoder_num_heads:
+            attention.check_heads(self.decoder_embed_dim, self.decoder_num_heads, ("decoder_embed_dim", "decoder_num_heads"))
 
     def decoder_kwargs(self) -> dict:
         """The decoder shape keys that are set (0 = the model's)."""
