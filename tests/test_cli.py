@@ -107,3 +107,25 @@ def test_bench_scripts_take_both_spellings():
 
     assert underscores(["--img-size=32", "--no-csv", "--cpu-batch", "16", "x-y"]) == [
         "--img_size=32", "--no_csv", "--cpu_batch", "16", "x-y"]
+
+
+def test_pretrain_help_is_grouped_by_section_with_every_key_once(capsys):
+    from fastmae.config import SECTIONS
+    from fastmae.flags import unique_keys
+
+    assert fastmae(["pretrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\nkeys (")[1]
+    headings = re.findall(r"^(\w+)(?: \(--method=mae\))?:$", table, re.M)
+    assert headings == ["run", *SECTIONS], headings
+    for key in unique_keys(PretrainConfig):
+        assert len(re.findall(rf"^  --{key.flat}=", table, re.M)) == 1, key.flat
+        assert key.help, key.flat  # one home for help text: the field's metadata
+    assert "--blr=" in table.split("\noptim:\n")[1].split("\nschedule:\n")[0]
+    assert "--img_size=" in table.split("\ndata:\n")[1].split("\nmodel:\n")[0]
+
+
+def test_another_methods_key_is_a_one_line_error(capsys):
+    assert fastmae(["pretrain", "--method=simmim", "--tubelet_size=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fastmae: error: --tubelet_size is a key of --method=videomae; --method=simmim does not take it"]
