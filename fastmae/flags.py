@@ -19,13 +19,12 @@ from typing import Any
 # --warmup_epochs, --weight_decay, --lr, --min_lr, --num_workers, --seed, --device) is already ours.
 ALIASES = {"data_path": "data", "input_size": "img_size", "out": "output_dir"}
 
-# One line per key for --help, shared by every command (a key means the same thing everywhere). A field's own
-# ``metadata={"help": ...}`` wins; every key of every command needs one of the two (tests/test_cli.py).
+# One line per key for --help of the flat commands (evaluation and tools), whose fields carry no ``help`` metadata.
+# Pretraining's keys are described only in their section fields' metadata (fastmae.config); a field's own
+# ``metadata={"help": ...}`` wins here too; every key of every command needs a description (tests/test_cli.py).
 KEY_HELP = {
     # run
     "preset": "named set of defaults; the values below are this preset's",
-    "method": "pretraining method (a registered one: mae, simmim, videomae, ...)",
-    "config": "a run's config.json to start from (later flags override it)",
     "output_dir": "run folder (config, metrics, checkpoints, summary, pictures)",
     "seed": "random seed (data order, masks, init)",
     "device": "auto | cpu | cuda | cuda:N",
@@ -36,7 +35,6 @@ KEY_HELP = {
     "loader": "torch (PIL workers) | dali | synthetic (random images on the device, compute-only timing)",
     "num_workers": "data loading worker processes",
     "img_size": "input resolution in pixels (square)",
-    "holdout_fraction": "with no val/ split: this fraction of the files is held out (seeded), never trained on",
     "test_fraction": "fraction of the labelled set used as the test split",
     "images": "'digits' (held-out split), a folder, or comma-separated image files",
     "num_images": "how many images to use",
@@ -48,8 +46,6 @@ KEY_HELP = {
     "mask_patch_size": "SimMIM mask cell in pixels (a multiple of patch_size); 0 = the model's",
     "num_frames": "VideoMAE clip length in frames",
     "frame_stride": "VideoMAE frame sampling stride",
-    "tubelet_size": "VideoMAE tubelet depth in frames; 0 = the model's",
-    "video_target_norm": "VideoMAE target: '' (tubelet if norm_pix_loss) | tubelet | channel | none",
     "ckpt": "checkpoint file (fastmae or official MAE), or 'random'",
     "ckpts": "comma-separated checkpoint files; 'random' = random init",
     "in_chans": "input channels; 0 = from the checkpoint",
@@ -64,11 +60,9 @@ KEY_HELP = {
     "tune_blocks": "trainable encoder blocks: 0 = linear probe, k = last k, -1 = all",
     # optimization
     "epochs": "training epochs (the schedule's length)",
-    "max_steps": "stop after this many optimizer steps; 0 = epochs x steps per epoch",
     "warmup_epochs": "linear learning-rate warmup, in epochs",
     "batch_size": "images per device per micro-step",
     "eval_batch_size": "images per evaluation batch",
-    "accum_iter": "micro-steps per optimizer step (effective batch = batch_size x accum_iter x GPUs)",
     "blr": "base learning rate: lr = blr x effective batch / 256",
     "lr": "absolute learning rate; 0 = from blr",
     "min_lr": "learning rate at the end of the cosine schedule",
@@ -76,7 +70,6 @@ KEY_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "momentum": "LARS momentum",
-    "clip_grad": "gradient norm clipping; 0 = none",
     "layer_decay": "layer-wise learning-rate decay (full fine-tuning)",
     "drop_path": "stochastic depth rate (fine-tuning)",
     "smoothing": "label smoothing",
@@ -85,28 +78,14 @@ KEY_HELP = {
     # step
     "precision": "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)",
     "compile": "torch.compile the model",
-    "cuda_graphs": "CUDA graphs with compile on CUDA: auto (one GPU only), on (also under DDP), off",
-    "fsdp": "shard parameters and optimizer state with FSDP2",
-    "hsdp": "with fsdp: shard within a node, replicate across nodes (HSDP)",
-    "grad_compression": "DDP gradient all-reduce: none | bf16 (half the bytes, gradients rounded to bf16)",
-    "network": "a plan's network between nodes: ib400 | ib200 | eth100 (per-GPU NIC)",
-    "gpus_per_node": "a plan's GPUs per node (NVLink inside a node, the network across)",
     "max_bad_steps": "consecutive non-finite steps before the run aborts",
-    "residual_dtype": "residual stream under autocast: fp32 (official numerics) | bf16",
-    "eff_batch": "target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory",
-    "world_size": "processes for a plan (--dry_run); 0 = from the environment (WORLD_SIZE, else 1)",
-    "gpu": "target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; '' = this machine's",
     # logging and checkpoints
     "log_every": "optimizer steps per log line / metrics row",
     "ckpt_every": "optimizer steps between checkpoints (the last step always saves)",
     "keep_ckpts": "checkpoints kept in the run folder",
-    "num_vis": "images in the reconstruction picture",
     "progress": "progress bar on a terminal (plain lines otherwise)",
-    "tensorboard": "write TensorBoard events to output_dir/tb when tensorboard is installed",
-    "wandb": "Weights & Biases project to log to ('' = off; WANDB_MODE=offline is respected)",
     "save_ckpt": "write the trained model",
     "quiet": "print only the result",
-    "dry_run": "print what would run, run nothing",
     # evaluation and tools
     "labels": "comma-separated names for the figure (default: file names)",
     "mask": "optional .npy/.pt mask (1 = removed); overrides mask_ratio",
@@ -515,7 +494,8 @@ def help_text(argv: list[str], cls, presets: dict[str, dict], usage: str, doc: s
     if doc.strip():
         parts.append(doc.strip())
     parts.append("flags: --key=value or --key value; --key-name = --key_name; bare --flag / --no_flag for booleans;"
-                 " --config=RUN/config.json starts from a run's config (later flags override it)")
+                 " --config=RUN/config.json starts from a run's config (later flags override it)"
+                 + ("; every key also as --section.key (--optim.blr = --blr)" if _section_types(cls) else ""))
     if ALIASES:
         parts.append("aliases (official MAE names): " + ", ".join(f"--{a} = --{t}" for a, t in ALIASES.items()))
     if names:
