@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
             model = spec.build_model(cfg)
         trace = None
         if not isinstance(model, MaskedAutoencoderViT):  # MAE has its shape model; any other method is traced
-            sample = (3, cfg.method.num_frames, cfg.data.img_size, cfg.data.img_size) if spec.unit == "clips" else (3, cfg.data.img_size, cfg.data.img_size)
+            size = cfg.data.img_size
+            sample = (3, cfg.method.num_frames, size, size) if spec.unit == "clips" else (3, size, size)
             trace = trace_step(lambda: spec.build_model(cfg), sample, cfg.model.mask_ratio)
         plan = build_plan(cfg, model, spec.flops_per_image(model, cfg), trace)
     except ValueError as e:

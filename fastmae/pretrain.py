@@ -104,7 +104,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
     ddp_model = wrap_model(model, info, cfg.step.fsdp, WrapOptions(
-        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.step.grad_compression, hsdp=cfg.step.hsdp))
+        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.step.grad_compression,
+        hsdp=cfg.step.hsdp))
     optimizer = build_adamw(model, lr_t, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     forward = compile_forward(ddp_model, cfg, info, layout.compile_mode)
@@ -134,7 +135,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     peak = peak_flops(device)
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
-        f"fastmae pretrain: {cfg.model.name} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), {amp_dtype}, "
+        f"fastmae pretrain: {cfg.model.name} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), "
+        f"{amp_dtype}, "
         f"kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.step.compile}, "
         f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else "")
@@ -163,7 +165,8 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     with closing(log):
         while step < total_steps:
             faults.set_step(step)
-            lr_t.fill_(lr_at(step, steps_per_epoch, cfg.schedule.warmup_epochs, cfg.schedule.epochs, base_lr, cfg.schedule.min_lr))
+            sched = cfg.schedule
+            lr_t.fill_(lr_at(step, steps_per_epoch, sched.warmup_epochs, sched.epochs, base_lr, sched.min_lr))
             train_step(loss_fn, optimizer, params, next_batch, accum_iter=cfg.optim.accum_iter, amp_dtype=amp_dtype,
                        clip_grad=cfg.optim.clip_grad, scaler=scaler, no_sync=no_sync, stats=stats)
             step += 1
@@ -401,7 +404,8 @@ def evaluate(spec: MethodSpec, cfg: PretrainConfig, model, info: DistInfo, run_d
         # A fixed, seeded choice of held-out images (not the first files), with their names beside the picture.
         from fastmae.viz import pick_images
 
-        batch, names = pick_images(source, min(cfg.logging.num_vis, len(source)), cfg.data.img_size, cfg.seed, IMAGENET_MEAN, IMAGENET_STD)
+        batch, names = pick_images(source, min(cfg.logging.num_vis, len(source)), cfg.data.img_size, cfg.seed,
+                                   IMAGENET_MEAN, IMAGENET_STD)
         batch = batch.to(info.device)
         noise = torch.rand(spec.noise_shape(model, batch), generator=torch.Generator().manual_seed(cfg.seed)).to(info.device)
     path = run_dir / "reconstructions.png" if info.is_main else None
@@ -426,7 +430,8 @@ def schedule_notes(cfg: PretrainConfig) -> list[str]:
     """Warnings about a schedule that cannot do what its keys suggest."""
     notes = []
     if cfg.schedule.warmup_epochs >= cfg.schedule.epochs:
-        notes.append(f"warmup_epochs={cfg.schedule.warmup_epochs:g} >= epochs={cfg.schedule.epochs}: the learning rate only ramps up and "
+        notes.append(f"warmup_epochs={cfg.schedule.warmup_epochs:g} >= epochs={cfg.schedule.epochs}: the learning rate "
+                     "only ramps up and "
                      f"never decays (lower --warmup_epochs)")
     return notes
 
@@ -438,9 +443,10 @@ def resume_notes(cfg: PretrainConfig, old: dict, step: int, steps_per_epoch: int
     changed = {k: (old[k], new[k]) for k in keys if k in old and old[k] != new[k]}
     if not changed:
         return []
-    lr_old = lr_at(step, steps_per_epoch, old.get("warmup_epochs", cfg.schedule.warmup_epochs), old.get("epochs", cfg.schedule.epochs),
-                   base_lr, cfg.schedule.min_lr)
-    lr_new = lr_at(step, steps_per_epoch, cfg.schedule.warmup_epochs, cfg.schedule.epochs, base_lr, cfg.schedule.min_lr)
+    sched = cfg.schedule
+    lr_old = lr_at(step, steps_per_epoch, old.get("warmup_epochs", sched.warmup_epochs), old.get("epochs", sched.epochs),
+                   base_lr, sched.min_lr)
+    lr_new = lr_at(step, steps_per_epoch, sched.warmup_epochs, sched.epochs, base_lr, sched.min_lr)
     what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
     return [f"resuming with {what}: the schedule is recomputed for the new length, so at step {step} the learning "
             f"rate jumps from {lr_old:.3g} to {lr_new:.3g} and the run now ends at step {total_steps} "

@@ -15,7 +15,8 @@ from fastmae.config import PretrainConfig, default_output_dir, parse_overrides
 def test_spellings_and_official_aliases():
     cfg = parse_overrides(["--data_path=/x/imagenet", "--input_size", "96", "--batch-size=8", "--accum_iter=2",
                            "--output_dir=/tmp/r", "--blr=1e-3", "--warmup_epochs=1", "--model=mae_vit_tiny"])
-    assert (cfg.data.path, cfg.data.img_size, cfg.optim.batch_size, cfg.optim.accum_iter, cfg.output_dir) == ("/x/imagenet", 96, 8, 2, "/tmp/r")
+    assert (cfg.data.path, cfg.data.img_size, cfg.optim.batch_size, cfg.optim.accum_iter, cfg.output_dir) == (
+        "/x/imagenet", 96, 8, 2, "/tmp/r")
     assert parse_overrides(["--img-size=32"]).data.img_size == parse_overrides(["--img_size=32"]).data.img_size == 32
 
 

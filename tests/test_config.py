@@ -12,12 +12,12 @@ import pytest
 
 from fastmae import mae_vit_tiny
 from fastmae.config import SECTIONS, PretrainConfig, flat_config, parse_overrides, pretrain_presets
+from fastmae.engine.optim import lr_at, param_groups
 from fastmae.flags import unique_keys
 from fastmae.methods import get_method, list_methods
 from fastmae.methods.crossmae import CrossMAEConfig
 from fastmae.methods.mae import MAEConfig
 from fastmae.methods.registry import MethodConfig
-from fastmae.engine.optim import lr_at, param_groups
 
 
 def test_presets_and_overrides():
@@ -31,7 +31,8 @@ def test_presets_and_overrides():
 
 def test_official_recipe_values():
     b = parse_overrides(["--preset=base"])
-    assert (b.optim.blr, b.optim.weight_decay, b.optim.beta1, b.optim.beta2, b.model.mask_ratio, b.model.norm_pix_loss) == (1.5e-4, 0.05, 0.9, 0.95, 0.75, True)
+    assert (b.optim.blr, b.optim.weight_decay, b.optim.beta1, b.optim.beta2, b.model.mask_ratio, b.model.norm_pix_loss) == (
+        1.5e-4, 0.05, 0.9, 0.95, 0.75, True)
     assert (b.schedule.epochs, b.schedule.warmup_epochs) == (800, 40)
     assert parse_overrides(["--preset=huge"]).model.name == "mae_vit_huge_patch14"
 

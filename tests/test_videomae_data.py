@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("av")
 
+from fastmae.config import PretrainConfig  # noqa: E402
 from fastmae.data import build_video_loader, demo_cache_dir  # noqa: E402
 from fastmae.data.video import decode_dali, decode_pyav, scan_videos  # noqa: E402
 from fastmae.data.video_demo import encode_video, prepare_video_demo  # noqa: E402
-from fastmae.config import PretrainConfig  # noqa: E402
 from fastmae.methods import get_method  # noqa: E402
 
 SIZE, SHIFT, T = 64, 3, 24

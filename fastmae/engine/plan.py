@@ -551,8 +551,9 @@ def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_
 
     return resolve_layout(
         shape, n_params, target_eff_batch=cfg.optim.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
-        compile=cfg.step.compile, cuda_graphs=cfg.step.cuda_graphs, batch_size=cfg.optim.batch_size, accum_iter=cfg.optim.accum_iter,
-        fsdp=cfg.step.fsdp, residual_dtype=cfg.step.residual_dtype, attention=attention_backend(), compile_mode=cfg.step.compile_mode,
+        compile=cfg.step.compile, cuda_graphs=cfg.step.cuda_graphs, batch_size=cfg.optim.batch_size,
+        accum_iter=cfg.optim.accum_iter, fsdp=cfg.step.fsdp, residual_dtype=cfg.step.residual_dtype,
+        attention=attention_backend(), compile_mode=cfg.step.compile_mode,
         reserved_gib=DALI_MEM_GIB if cfg.data.loader == "dali" and device == "cuda" else 0.0, act_per_image=act_per_image,
     )
 
@@ -641,7 +642,8 @@ def _span(cfg, n_params: int, spec: GpuSpec, world: int, estimate: Callable[...,
     link = interconnect_for(spec, cfg.plan.network, cfg.plan.gpus_per_node)
     out, comms = [], []
     for a in (PESSIMISTIC, OPTIMISTIC):
-        price = lambda backward_ms, a=a: communication(n_params, world, cfg.step.fsdp, cfg.step.hsdp, cfg.step.grad_compression, link,
+        price = lambda backward_ms, a=a: communication(n_params, world, cfg.step.fsdp, cfg.step.hsdp,
+                                                       cfg.step.grad_compression, link,
                                                        a, backward_ms)
         est = estimate(a, price)
         out.append(est)
@@ -689,7 +691,8 @@ def _generic_plan(cfg, model, flops_per_image, device: str, spec: GpuSpec | None
     total = steps * layout.eff_batch
     return Plan(
         model=cfg.model.name, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
-        lr=cfg.optim.lr or cfg.optim.blr * layout.eff_batch / 256, precision=_precision(cfg, device), kernels=ops.kernel_backend(device),
+        lr=cfg.optim.lr or cfg.optim.blr * layout.eff_batch / 256, precision=_precision(cfg, device),
+        kernels=ops.kernel_backend(device),
         attention={}, n_params=n_params, train_gflops_per_image=flops_per_image / 1e9 if flops_per_image else None,
         activation_gib=act, state_gib=state_bytes(n_params, cfg.step.fsdp, world) / 2**30,
         estimate=roof, total_images=total, wall_hours=total / (span[0].img_s * world) / 3600 if span else None,

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastmae.layers.attention import (attention_backend, attention_capabilities, check_heads, choose_attention_backend,
-                                     dense_attention)
+from fastmae.layers.attention import (
+    attention_backend,
+    attention_capabilities,
+    check_heads,
+    choose_attention_backend,
+    dense_attention,
+)
 
 
 class CrossAttention(nn.Module):

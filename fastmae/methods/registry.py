@@ -60,12 +60,12 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
     """The image loader of a run config (``fastmae.data.build_loader``); ``data="demo"`` is built offline and cached."""
     from fastmae.data import build_loader
 
-    train, d = split == "train", cfg.data
+    train = split == "train"
     return build_loader(
-        cfg.data.path, split=split, batch_size=cfg.optim.batch_size, img_size=cfg.data.img_size, loader=cfg.data.loader, output=output,
-        train=train, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
-        drop_last=train, holdout_fraction=cfg.data.holdout_fraction, augment=(cfg.data.augment or None) if train else None,
-        index_cache=_scan_index_dir(cfg),
+        cfg.data.path, split=split, batch_size=cfg.optim.batch_size, img_size=cfg.data.img_size, loader=cfg.data.loader,
+        output=output, train=train, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=rank, world_size=world_size,
+        device=str(device), drop_last=train, holdout_fraction=cfg.data.holdout_fraction,
+        augment=(cfg.data.augment or None) if train else None, index_cache=_scan_index_dir(cfg),
         decode=cfg.data.decode, repeat_samples=cfg.data.repeat_samples if train else 1,
     )
 
