@@ -136,8 +136,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
         f"fastmae pretrain: {cfg.model.name} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), "
-        f"{amp_dtype}, "
-        f"kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.step.compile}, "
+        f"{amp_dtype}, kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.step.compile}, "
         f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else "")
     )
@@ -431,8 +430,7 @@ def schedule_notes(cfg: PretrainConfig) -> list[str]:
     notes = []
     if cfg.schedule.warmup_epochs >= cfg.schedule.epochs:
         notes.append(f"warmup_epochs={cfg.schedule.warmup_epochs:g} >= epochs={cfg.schedule.epochs}: the learning rate "
-                     "only ramps up and "
-                     f"never decays (lower --warmup_epochs)")
+                     "only ramps up and never decays (lower --warmup_epochs)")
     return notes
 
 
