@@ -34,7 +34,7 @@ def test_main_job_leaves_its_outputs(tmp_path, demo_dir, fresh_env):
     for name in ("config.json", "metrics.jsonl", "summary.json", "reconstructions.png"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["img_size"] == 32 and cfg["preset"] == "tiny"
+    assert cfg["data"]["img_size"] == 32 and cfg["preset"] == "tiny"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "img_s", "grad_norm"} <= set(rows[0])
     summary = json.loads((out / "summary.json").read_text())
