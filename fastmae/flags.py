@@ -220,6 +220,9 @@ def parse_flags(argv: list[str], cls, presets: dict[str, dict] | None = None, de
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
         # The config records the preset it was built from, also when a default chose it.
+        unknown = sorted(set(presets[preset]) - set(table))
+        if unknown:
+            raise ValueError(f"preset {preset!r} sets keys this command does not take: {', '.join(unknown)}")
         base = {**{table[k].path: v for k, v in presets[preset].items()}, **({"preset": preset} if "preset" in table else {})}
     values = {**base, **{p: _parse_value(table[p].flat, t, table[p].typ) for p, t in texts.items()}}
     cfg = build_config(cls, values, explicit)  # not replace(cls(), ...): defaults that depend on other keys are derived anew
