@@ -368,8 +368,8 @@ def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict
     default = None
     if cls is PretrainConfig:
         given = dict(split_args(argv, cls))
-        if "preset" not in given and "method.name" in given:
-            default = get_method(given["method.name"]).default_preset or None
+        if "preset" not in given and "method" in given:
+            default = get_method(given["method"]).default_preset or None
     return parse_flags(argv, cls, presets, default_preset=default)
 
 

@@ -338,14 +338,15 @@ def check_output_path(key: str, path: str, is_dir: bool = True) -> None:
 
 
 def split_args(argv: list[str], cls) -> list[tuple[str, str]]:
-    """``argv`` -> [(key path, text value)] in order; ``--config=FILE`` expands in place to the file's values.
+    """``argv`` -> [(flat key, text value)] in order; ``--config=FILE`` expands in place to the file's values.
 
     Accepted: ``--key=value``, ``--key value``, ``--img-size`` for ``--img_size``, dotted paths
     (``--optim.blr`` = ``--blr``), the official MAE names (:data:`ALIASES`), bare booleans (``--norm_pix_loss``,
     ``--no_norm_pix_loss``), and leading positional values for the fields a class lists in ``positional``
     (e.g. ``fastmae data check DIR``).
     """
-    return [(path, text) for path, text, _ in _split(argv, cls)]
+    table = keys(cls)
+    return [(table[path].flat, text) for path, text, _ in _split(argv, cls)]
 
 
 def _split(argv: list[str], cls) -> list[tuple[str, str, bool]]:
