@@ -131,7 +131,7 @@ def test_a_key_of_another_method_is_refused_in_one_line():
     assert str(e.value) == "--num_frames is a key of --method=videomae; --method=simmim does not take it"
     with pytest.raises(ValueError, match=r"^--mask_type is a key of --method=crossmae / mae; --method=simmim does not"):
         parse_overrides(["--method=simmim", "--method.mask_type=block"])
-    for name in list_methods():  # each method declares its keys; cfg.method is that dataclass
+    for name in list_methods():  # each method declares its keys; the method section is that dataclass
         assert issubclass(get_method(name).config, MethodConfig)
         assert type(parse_overrides([f"--method={name}"]).method) is get_method(name).config
 
