@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -130,3 +131,27 @@ def test_another_methods_key_is_a_one_line_error(capsys):
     assert fastmae(["pretrain", "--method=simmim", "--tubelet_size=2"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "fastmae: error: --tubelet_size is a key of --method=videomae; --method=simmim does not take it"]
+
+
+@dataclass
+class ToyOptim:
+    lr: float = field(default=0.1, metadata={"help": "learning rate"})
+
+
+@dataclass
+class ToyConfig:
+    seed: int = field(default=0, metadata={"help": "seed"})
+    optim: ToyOptim = field(default_factory=ToyOptim)
+
+    def validate(self):
+        pass
+
+
+def test_the_section_machinery_serves_any_command_config():
+    """What EvalConfig would take to move to sections: the same parser, help and flat keys, for any dataclass."""
+    from fastmae.flags import describe_keys, parse_flags
+
+    assert parse_flags(["--lr=0.5"], ToyConfig).optim.lr == parse_flags(["--optim.lr", "0.5"], ToyConfig).optim.lr == 0.5
+    assert describe_keys(ToyConfig).splitlines()[::3] == ["run:", "optim:"]
+    with pytest.raises(ValueError, match="unknown config key --optim.momentum"):
+        parse_flags(["--optim.momentum=0.9"], ToyConfig)
