@@ -34,7 +34,7 @@ from fastmae.engine.optim import build_adamw
 from fastmae.engine.step import resolve_precision, train_step
 from fastmae.config import PretrainConfig
 dev = torch.device("cpu")
-amp = resolve_precision(PretrainConfig().precision, dev)
+amp = resolve_precision(PretrainConfig().step.precision, dev)
 torch.manual_seed(0)
 m = mae_vit_tiny(img_size=64, patch_size=8)
 lr = torch.tensor(1e-4)

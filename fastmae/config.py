@@ -1,26 +1,32 @@
-"""Typed run configuration: named presets plus ``--key=value`` overrides.
+"""Typed run configuration in sections: named presets plus ``--key=value`` overrides.
 
-A preset is a plain dict of field overrides on :class:`PretrainConfig`; every
-registered method brings its own (:func:`pretrain_presets`). The command line
-picks one with ``--preset=NAME`` and overrides any field. Every
-value is parsed to the field's type and checked before any work starts, and
-the resolved config is written into the run directory (``config.json``).
+:class:`PretrainConfig` holds the run-level keys and one typed section per concern (``cfg.data``,
+``cfg.model``, ``cfg.method``, ``cfg.optim``, ``cfg.schedule``, ``cfg.step``, ``cfg.checkpoint``,
+``cfg.logging``, ``cfg.plan``). The section dataclasses below ARE the key -> section table: a key lives in
+exactly one, its ``help`` metadata is its only description, and each section's ``validate`` holds its checks.
+``cfg.method`` is the method's own dataclass (``MethodSpec.config``: MAE's mask and decoder keys, SimMIM's mask
+cell, VideoMAE's clip keys, ...), chosen by ``--method``.
+
+Every key keeps its flat flag (``--blr``, ``--data``, ``--mask_type``); the dotted path works too
+(``--optim.blr``). A preset is a flat dict of such keys; every registered method brings its own
+(:func:`pretrain_presets`). Values are parsed to the field's type and checked before any work starts, and
+the resolved config is written into the run directory (``config.json``, nested by section); older flat
+config.json files and the flat config inside checkpoints still read (:func:`fastmae.flags.flat_dict`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fastmae import flags
 from fastmae.engine.flops import GPUS
 from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
-from fastmae.methods.registry import get_method, list_methods
+from fastmae.layers import patch_embed
+from fastmae.methods.registry import MethodConfig, get_method, list_methods
 from fastmae.models.mae import DECODER_INPUT_DTYPES
-from fastmae.models.masks import MASK_TYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")
@@ -31,221 +37,304 @@ MAX_TOKENS = 65536
 LOADERS = ("torch", "dali", "synthetic")
 # The MAE paper's augmentation table: none, fixed-size crop, random-resized crop + flip (MAE), + color jitter.
 PRETRAIN_AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+FP8_MODES = ("off", "tensorwise", "rowwise")
+
+
+def key(default, help: str, **meta):
+    """A config field with its one-line help (the only home of a key's description)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, reason in checks:
+        if not ok:
+            raise ValueError(reason)
+
+
+def _finite(section) -> None:
+    for f in fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{f.name} must be a finite number, got {v}")
 
 
 @dataclass
-class PretrainConfig:
-    # run
-    preset: str = "tiny"
-    method: str = "mae"  # a registered method (fastmae.methods.list_methods())
-    output_dir: str = ""  # "" = runs/<method>-<preset> (default_output_dir)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 = the cores free now (fastmae.engine.threads)
-    resume: str = ""  # "" (fresh run), "auto" (latest checkpoint in output_dir), or a checkpoint path
-    allow_config_change: bool = field(default=False, metadata={"help": "resume even though a key that changes the "
-                                      "learning problem (mask_ratio, model, img_size, ...) differs from the checkpoint's"})
-    # data
-    data: str = "demo"  # "demo" (built offline from photos shipped in installed packages), a folder, or shard pattern
-    loader: str = "torch"
-    num_workers: int = 2
-    img_size: int = 64
-    augment: str = field(default="", metadata={"help": "pretraining augmentation (MAE paper Table 1e): none | crop (fixed "
-                         "size) | crop_flip (random-resized, MAE) | crop_color (+ color jitter); '' = crop_flip"})
-    holdout_fraction: float = 0.05  # held out of training when the data has no val/ split
-    decode: str = field(default="pil", metadata={"help": "torch loader's train crops: pil (Pillow resize) | fast (torch "
-                        "uint8 bicubic-antialias resize, DCT-scaled decode where windows allow; fastmae.data.decode)"})
-    repeat_samples: int = field(default=1, metadata={"help": "decode each image once, train on K crops of it (each its "
-                                "own mask); an epoch, the lr schedule and resume count samples (K x files)"})
-    # model
-    model: str = "mae_vit_tiny"
-    patch_size: int = 0  # 0: the model's default
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    mask_patch_size: int = 0  # SimMIM mask cell in px, a multiple of patch_size; 0 = the model's
-    num_frames: int = 16  # VideoMAE clip length
-    frame_stride: int = 4  # VideoMAE frame sampling stride
-    tubelet_size: int = 0  # VideoMAE tubelet depth; 0 = the model's (2)
-    video_target_norm: str = ""  # "" = tubelet if norm_pix_loss else none | tubelet | channel | none
-    residual_dtype: str = "fp32"  # residual stream under autocast: fp32 (official numerics) | bf16
-    # MAE paper ablations (MAE; mask_type and the decoder keys also CrossMAE): 0 / "" = the model's
-    mask_type: str = field(default="random", metadata={"help": "random | block (BEiT-style blocks, exact count) | grid "
-                           "(keep 1 of every 2x2; mask_ratio 0.75): the MAE paper's Fig. 6"})
-    loss_on: str = field(default="masked", metadata={"help": "masked (MAE) | all (loss on visible patches too: the "
-                         "paper's 'w/o masked only')"})
-    encoder_mask_tokens: bool = field(default=False, metadata={"help": "the encoder sees every patch, masked ones as a "
-                                      "mask token (the paper's 'encoder w/ [M]', ~3.3x encoder FLOPs)"})
-    decoder_embed_dim: int = field(default=0, metadata={"help": "decoder width; 0 = the model's"})
-    decoder_depth: int = field(default=0, metadata={"help": "decoder blocks; 0 = the model's"})
-    decoder_num_heads: int = field(default=0, metadata={"help": "decoder attention heads; 0 = the model's"})
-    # CrossMAE
-    prediction_ratio: float = field(default=0.0, metadata={"help": "CrossMAE: fraction of all patches decoded in "
-                                    "training (a random subset of the masked); 0 = the model's (0.25)"})
-    feature_fusion: str = field(default="", metadata={"help": "CrossMAE inter-block feature maps: true | false; '' = "
-                                "the model's (on)"})
-    # optimization (official MAE recipe: lr = blr * effective batch / 256)
-    epochs: int = 30
-    max_steps: int = 0  # optimizer steps; 0 = epochs * steps_per_epoch
-    warmup_epochs: float = 3.0
-    batch_size: int = 64  # per device
-    accum_iter: int = 1
-    eff_batch: int = 0  # target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory
-    blr: float = 1.5e-4
-    lr: float = 0.0  # absolute lr; 0 = derive from blr
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip_grad: float = 0.0  # 0 = no clipping
-    # step
-    precision: str = "auto"
-    compile: bool = False
-    # with compile on CUDA: auto = single GPU only (not under DDP or FSDP); on = also under DDP; off = never
-    cuda_graphs: str = "auto"
-    fsdp: bool = False
-    hsdp: bool = False  # with fsdp: shard within a node, replicate across nodes
-    grad_compression: str = "none"  # DDP gradient all-reduce: none | bf16 (half the bytes)
-    max_bad_steps: int = 10  # consecutive non-finite losses before aborting
-    # planning (`fastmae plan`, `pretrain --dry_run`): resolve everything for a target without touching a GPU
-    dry_run: bool = False
-    world_size: int = 0  # 0 = from the environment (WORLD_SIZE, else 1)
-    gpu: str = ""  # target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; "" = this machine's
-    network: str = "ib400"  # a plan's network between nodes: ib400 (NDR / 400 GbE per GPU) | ib200 | eth100
-    gpus_per_node: int = 8  # a plan's GPUs per node (NVLink inside, the network across)
-    # logging and checkpoints
-    log_every: int = 10
-    ckpt_every: int = 200  # optimizer steps; the final step always saves
-    keep_ckpts: int = 2
-    ckpt_format: str = field(default="file", metadata={"help": "file (one weights-only .pt written by rank 0) | dcp "
-                             "(a torch.distributed.checkpoint folder: FSDP ranks write their own shards, otherwise rank 0 "
-                             "writes in the background) | auto (dcp on several processes, file on one)"})
-    num_vis: int = 8
-    progress: bool = True
-    tensorboard: bool = True
-    wandb: str = ""  # W&B project; "" = off
-    monitor: str = field(default="", metadata={"help": "online evaluation logged beside the loss: knn (k-NN top-1 of "
-                                                        "the encoder's cls feature on the embedded digits) | '' (off)"})
-    monitor_every: int = field(default=0, metadata={"help": "optimizer steps between monitor scores; 0 = ckpt_every"})
-    # compute levers (issue 22): each off / official by default
-    decoder_input_dtype: str = field(default="auto", metadata={"help": "decoder input (K2 output) under autocast: fp32 "
-                                     "(official) | autocast (bf16 table: half of K2's bytes) | auto (= residual_dtype)"})
-    compile_mode: str = field(default="auto", metadata={"help": "torch.compile mode: auto (reduce-overhead when CUDA "
-                              "graphs are allowed, else default) | default | reduce-overhead | max-autotune-no-cudagraphs"})
-    attention_table: str = field(default="", metadata={"help": "JSON of measured attention timings per shape "
-                                 "(bench/gpu_report.py --attention_table); the fastest kernel per shape wins; '' = rules"})
-    fp8: str = field(default="off", metadata={"help": "FP8 training of the encoder/decoder block linears through torchao: "
-                     "off | tensorwise | rowwise (needs torchao; on CUDA sm_89+)"})
+class DataConfig:
+    path: str = key("demo", "'demo' (photos shipped in installed packages), a class-folder tree, or tar shards "
+                    "'a-{000..009}.tar'", flat="data")
+    loader: str = key("torch", "torch (PIL workers) | dali | synthetic (random images on the device, compute-only timing)")
+    num_workers: int = key(2, "data loading worker processes")
+    img_size: int = key(64, "input resolution in pixels (square)")
+    augment: str = key("", "pretraining augmentation (MAE paper Table 1e): none | crop (fixed size) | crop_flip "
+                       "(random-resized, MAE) | crop_color (+ color jitter); '' = crop_flip")
+    holdout_fraction: float = key(0.05, "with no val/ split: this fraction of the files is held out (seeded), never "
+                                  "trained on")
+    decode: str = key("pil", "torch loader's train crops: pil (Pillow resize) | fast (torch uint8 bicubic-antialias "
+                      "resize, DCT-scaled decode where windows allow; fastmae.data.decode)")
+    repeat_samples: int = key(1, "decode each image once, train on K crops of it (each its own mask); an epoch, the lr "
+                              "schedule and resume count samples (K x files)")
+
+    def validate(self) -> None:
+        _raise_first([
+            (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
+            (0 < self.img_size <= MAX_IMG_SIZE, f"img_size must be in [1, {MAX_IMG_SIZE}], got {self.img_size}"),
+            (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.decode in ("pil", "fast"), f"decode must be pil or fast, got {self.decode!r}"),
+            (self.augment in ("",) + PRETRAIN_AUGMENTS,
+             f"augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {self.augment!r}"),
+        ])
+
+
+@dataclass
+class ModelConfig:
+    name: str = key("mae_vit_tiny", "architecture name (fastmae.models / the method's models)", flat="model")
+    patch_size: int = key(0, "patch size in pixels; 0 = the model's")
+    mask_ratio: float = key(0.75, "fraction of patches removed")
+    norm_pix_loss: bool = key(True, "predict per-patch normalized pixels (the official recipe)")
+
+    def validate(self) -> None:
+        _raise_first([
+            (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
+            (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+        ])
+
+
+@dataclass
+class OptimConfig:
+    """Official MAE recipe: lr = blr * effective batch / 256."""
+
+    batch_size: int = key(64, "images per device per micro-step")
+    accum_iter: int = key(1, "micro-steps per optimizer step (effective batch = batch_size x accum_iter x GPUs)")
+    eff_batch: int = key(0, "target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory")
+    blr: float = key(1.5e-4, "base learning rate: lr = blr x effective batch / 256")
+    lr: float = key(0.0, "absolute learning rate; 0 = from blr")
+    weight_decay: float = key(0.05, "AdamW weight decay (none on biases and norms)")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    clip_grad: float = key(0.0, "gradient norm clipping; 0 = none")
+
+    def validate(self) -> None:
+        _raise_first([
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.accum_iter > 0, f"accum_iter must be positive, got {self.accum_iter}"),
+            (self.eff_batch >= 0, f"eff_batch must be >= 0, got {self.eff_batch}"),
+            (self.blr >= 0 and self.lr >= 0, f"blr and lr must be >= 0, got blr={self.blr}, lr={self.lr}"),
+            (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
+            (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
+        ])
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = key(30, "training epochs (the schedule's length)")
+    max_steps: int = key(0, "stop after this many optimizer steps; 0 = epochs x steps per epoch")
+    warmup_epochs: float = key(3.0, "linear learning-rate warmup, in epochs")
+    min_lr: float = key(0.0, "learning rate at the end of the cosine schedule")
+
+    def validate(self) -> None:
+        _raise_first([
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
+        ])
+
+
+@dataclass
+class StepConfig:
+    """How a step runs: precision, compilation, sharding, and the compute levers (issue 22, each off / official
+    by default)."""
+
+    precision: str = key("auto", "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)")
+    compile: bool = key(False, "torch.compile the model")
+    cuda_graphs: str = key("auto", "CUDA graphs with compile on CUDA: auto (one GPU only, not under DDP or FSDP), on "
+                           "(also under DDP), off")
+    compile_mode: str = key("auto", "torch.compile mode: auto (reduce-overhead when CUDA graphs are allowed, else "
+                            "default) | default | reduce-overhead | max-autotune-no-cudagraphs")
+    fsdp: bool = key(False, "shard parameters and optimizer state with FSDP2")
+    hsdp: bool = key(False, "with fsdp: shard within a node, replicate across nodes (HSDP)")
+    grad_compression: str = key("none", "DDP gradient all-reduce: none | bf16 (half the bytes, gradients rounded to bf16)")
+    max_bad_steps: int = key(10, "consecutive non-finite steps before the run aborts")
+    residual_dtype: str = key("fp32", "residual stream under autocast: fp32 (official numerics) | bf16")
+    decoder_input_dtype: str = key("auto", "decoder input (K2 output) under autocast: fp32 (official) | autocast (bf16 "
+                                   "table: half of K2's bytes) | auto (= residual_dtype)")
+    attention_table: str = key("", "JSON of measured attention timings per shape (bench/gpu_report.py "
+                               "--attention_table); the fastest kernel per shape wins; '' = rules")
+    fp8: str = key("off", "FP8 training of the encoder/decoder block linears through torchao: off | tensorwise | "
+                   "rowwise (needs torchao; on CUDA sm_89+)")
 
     def __post_init__(self):
         # Older config.json files and flags say true/false: true meant "where allowed" (auto).
         self.cuda_graphs = {"true": "auto", "false": "off"}.get(str(self.cuda_graphs).lower(), str(self.cuda_graphs).lower())
-        if not self.output_dir:
-            self.output_dir = default_output_dir(self.method, self.preset)
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line reason for any bad value (ranges, finiteness, the output folder)."""
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{f.name} must be a finite number, got {v}")
-        checks = [
-            (self.method in list_methods(), f"method must be one of {', '.join(list_methods())}, got {self.method!r}"),
-            (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", self.device) is not None,
-             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
-            (self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}"),
+        _raise_first([
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
-            (0 < self.img_size <= MAX_IMG_SIZE, f"img_size must be in [1, {MAX_IMG_SIZE}], got {self.img_size}"),
-            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
-            (self.accum_iter > 0, f"accum_iter must be positive, got {self.accum_iter}"),
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.blr >= 0 and self.lr >= 0, f"blr and lr must be >= 0, got blr={self.blr}, lr={self.lr}"),
-            (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
-            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
-            (self.min_lr <= (self.lr or math.inf), f"min_lr {self.min_lr} is above lr {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
-            (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
-            (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
+            (self.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"),
+            (not self.hsdp or self.fsdp, "hsdp needs fsdp=true (it is FSDP's hybrid mode)"),
+            (self.grad_compression in ("none", "bf16"), f"grad_compression must be none or bf16, got {self.grad_compression!r}"),
+            (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
+            (self.residual_dtype in RESIDUAL_DTYPES,
+             f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}"),
+            (self.decoder_input_dtype in DECODER_INPUT_DTYPES,
+             f"decoder_input_dtype must be one of {', '.join(DECODER_INPUT_DTYPES)}, got {self.decoder_input_dtype!r}"),
+            (self.fp8 in FP8_MODES, f"fp8 must be one of {', '.join(FP8_MODES)}, got {self.fp8!r}"),
+        ])
+        _check_attention_table(self.attention_table)
+
+
+@dataclass
+class CheckpointConfig:
+    ckpt_every: int = key(200, "optimizer steps between checkpoints (the last step always saves)")
+    keep_ckpts: int = key(2, "checkpoints kept in the run folder")
+    ckpt_format: str = key("file", "file (one weights-only .pt written by rank 0) | dcp (a torch.distributed.checkpoint "
+                           "folder: FSDP ranks write their own shards, otherwise rank 0 writes in the background) | auto "
+                           "(dcp on several processes, file on one)")
+
+    def validate(self) -> None:
+        _raise_first([
             (self.ckpt_every > 0, f"ckpt_every must be positive, got {self.ckpt_every}"),
             (self.keep_ckpts > 0, f"keep_ckpts must be positive, got {self.keep_ckpts}"),
             (self.ckpt_format in ("file", "dcp", "auto"), f"ckpt_format must be file, dcp or auto, got {self.ckpt_format!r}"),
-            (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
-            (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.decode in ("pil", "fast"), f"decode must be pil or fast, got {self.decode!r}"),
-            (self.repeat_samples >= 1 and self.batch_size % self.repeat_samples == 0,
-             f"repeat_samples must be >= 1 and divide batch_size {self.batch_size}, got {self.repeat_samples}"),
-            (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
+        ])
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = key(10, "optimizer steps per log line / metrics row")
+    num_vis: int = key(8, "images in the reconstruction picture")
+    progress: bool = key(True, "progress bar on a terminal (plain lines otherwise)")
+    tensorboard: bool = key(True, "write TensorBoard events to output_dir/tb when tensorboard is installed")
+    wandb: str = key("", "Weights & Biases project to log to ('' = off; WANDB_MODE=offline is respected)")
+    monitor: str = key("", "online evaluation logged beside the loss: knn (k-NN top-1 of the encoder's cls feature on "
+                       "the embedded digits) | '' (off)")
+    monitor_every: int = key(0, "optimizer steps between monitor scores; 0 = ckpt_every")
+
+    def validate(self) -> None:
+        _raise_first([
+            (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
+            (1 <= self.num_vis <= 64, f"num_vis must be in [1, 64], got {self.num_vis}"),
             (self.monitor in ("", "knn"), f"monitor must be knn or '' (off), got {self.monitor!r}"),
             (self.monitor_every >= 0, f"monitor_every must be >= 0, got {self.monitor_every}"),
-            (0 <= self.patch_size <= self.img_size,
-             f"patch_size must be in [0, img_size={self.img_size}], got {self.patch_size}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (1 <= self.num_vis <= 64, f"num_vis must be in [1, 64], got {self.num_vis}"),
-            (self.mask_patch_size >= 0 and self.tubelet_size >= 0, "mask_patch_size and tubelet_size must be >= 0"),
-            (self.num_frames > 0 and self.frame_stride > 0, "num_frames and frame_stride must be positive"),
-            (self.residual_dtype in RESIDUAL_DTYPES,
-             f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}"),
-            (self.eff_batch >= 0, f"eff_batch must be >= 0, got {self.eff_batch}"),
+        ])
+
+
+@dataclass
+class PlanConfig:
+    """`fastmae plan` / `pretrain --dry_run`: resolve everything for a target without touching a GPU."""
+
+    world_size: int = key(0, "processes for a plan (--dry_run); 0 = from the environment (WORLD_SIZE, else 1)")
+    gpu: str = key("", "target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; '' = this machine's")
+    network: str = key("ib400", "a plan's network between nodes: ib400 (NDR / 400 GbE per GPU) | ib200 | eth100")
+    gpus_per_node: int = key(8, "a plan's GPUs per node (NVLink inside a node, the network across)")
+
+    def validate(self) -> None:
+        _raise_first([
             (self.world_size >= 0, f"world_size must be >= 0, got {self.world_size}"),
-            (self.grad_compression in ("none", "bf16"), f"grad_compression must be none or bf16, got {self.grad_compression!r}"),
-            (not self.hsdp or self.fsdp, "hsdp needs fsdp=true (it is FSDP's hybrid mode)"),
             (self.network in ("ib400", "ib200", "eth100"), f"network must be ib400, ib200 or eth100, got {self.network!r}"),
             (self.gpus_per_node > 0, f"gpus_per_node must be positive, got {self.gpus_per_node}"),
-            (self.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}"),
             (self.gpu == "" or self.gpu in GPUS, f"gpu must be one of {tuple(GPUS)}, got {self.gpu!r}"),
-            (self.video_target_norm in ("", "tubelet", "channel", "none"),
-             f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
-            (self.augment in ("",) + PRETRAIN_AUGMENTS,
-             f"augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {self.augment!r}"),
-            (self.mask_type in MASK_TYPES, f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}"),
-            (self.mask_type != "grid" or self.mask_ratio == 0.75,
-             f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, got {self.mask_ratio}"),
-            (self.loss_on in ("masked", "all"), f"loss_on must be masked or all, got {self.loss_on!r}"),
-            (min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) >= 0,
-             "decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)"),
-            (not (self.decoder_embed_dim and self.decoder_num_heads) or self.decoder_embed_dim % self.decoder_num_heads == 0,
-             f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by decoder_num_heads {self.decoder_num_heads}"),
-            (0.0 <= self.prediction_ratio <= 1.0,
-             f"prediction_ratio must be in [0, 1] (0 = the model's), got {self.prediction_ratio}"),
-            (self.feature_fusion in ("", "true", "false"), f"feature_fusion must be true or false, got {self.feature_fusion!r}"),
-            *_lever_checks(self),
-        ]
-        for ok, reason in checks:
-            if not ok:
-                raise ValueError(reason)
-        if self.patch_size and self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        if self.patch_size and (self.img_size // self.patch_size) ** 2 > MAX_TOKENS:
-            raise ValueError(
-                f"img_size {self.img_size} / patch_size {self.patch_size} gives {(self.img_size // self.patch_size) ** 2} "
-                f"patches per image, more than {MAX_TOKENS}"
-            )
+        ])
+
+
+def method_configs() -> dict[str, type[MethodConfig]]:
+    """{method name: the dataclass of its keys} for every registered method (what ``cfg.method`` can be)."""
+    return {name: get_method(name).config for name in list_methods()}
+
+
+def _default_method() -> MethodConfig:
+    return get_method("mae").config(name="mae")
+
+
+SECTIONS = ("data", "model", "method", "optim", "schedule", "step", "checkpoint", "logging", "plan")
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = key("tiny", "named set of defaults; the values below are this preset's")
+    output_dir: str = key("", "run folder (config, metrics, checkpoints, summary, pictures); '' = runs/<method>-<preset>")
+    seed: int = key(0, "random seed (data order, masks, init)")
+    device: str = key("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = key(0, "CPU threads for torch; 0 = the cores free now (affinity minus load)")
+    resume: str = key("", "'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path")
+    allow_config_change: bool = key(False, "resume even though a key that changes the learning problem (mask_ratio, "
+                                    "model, img_size, ...) differs from the checkpoint's")
+    dry_run: bool = key(False, "print the plan for the target (GPUs, memory, time), run nothing")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=_default_method, metadata={"variants": method_configs})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def __post_init__(self):
+        if not self.output_dir:
+            self.output_dir = default_output_dir(self.method.name, self.preset)
+
+    @classmethod
+    def from_flat(cls, values: dict | None = None, **kw) -> PretrainConfig:
+        """A config from flat keys (``{"blr": 1e-3, "data": "demo"}``, a preset, an older run's flat config),
+        unvalidated; keys of another method than the one named are dropped (older configs hold them all)."""
+        table = flags.keys(cls)
+        merged = {**(values or {}), **kw}
+        unknown = sorted(k for k in merged if k not in table)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return flags.build_config(cls, {table[k].path: v for k, v in merged.items()})
+
+    def flat(self) -> dict:
+        """{flat key: value}: the layout of checkpoints' stored config (older checkpoints share it)."""
+        return flags.flat_values(self)
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line reason for any bad value: each section checks its own keys, then the
+        constraints that span sections, then the output folder."""
+        for section in (self, *(getattr(self, s) for s in SECTIONS)):
+            _finite(section)
+        flags.check_common_keys(self, {"threads", "seed", "device"})
+        for s in SECTIONS:
+            getattr(self, s).validate(self) if s == "method" else getattr(self, s).validate()
+        self._check_across_sections()
         _check_output_dir(self.output_dir)
-        _check_attention_table(self.attention_table)
+
+    def _check_across_sections(self) -> None:
+        d, m, o, s = self.data, self.model, self.optim, self.schedule
+        _raise_first([
+            (s.min_lr <= (o.lr or math.inf), f"min_lr {s.min_lr} is above lr {o.lr}"),
+            (d.repeat_samples >= 1 and o.batch_size % d.repeat_samples == 0,
+             f"repeat_samples must be >= 1 and divide batch_size {o.batch_size}, got {d.repeat_samples}"),
+            (m.patch_size <= d.img_size, f"patch_size must be in [0, img_size={d.img_size}], got {m.patch_size}"),
+        ])
+        if m.patch_size:
+            check_patch_grid(d.img_size, m.patch_size)
+
+    def to_dict(self) -> dict:
+        """Nested by section: what ``config.json`` holds."""
+        return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
 
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-FP8_MODES = ("off", "tensorwise", "rowwise")
-
-
-def _lever_checks(cfg: PretrainConfig) -> list[tuple[bool, str]]:
-    """The compute levers' keys (issue 22); the attention table's content is checked where it is read."""
-    return [
-        (cfg.decoder_input_dtype in DECODER_INPUT_DTYPES,
-         f"decoder_input_dtype must be one of {', '.join(DECODER_INPUT_DTYPES)}, got {cfg.decoder_input_dtype!r}"),
-        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}"),
-        (cfg.fp8 in FP8_MODES, f"fp8 must be one of {', '.join(FP8_MODES)}, got {cfg.fp8!r}"),
-    ]
+def check_patch_grid(img_size: int, patch_size: int) -> None:
+    """The image must tile into patches (the patch embedding's own check), and not into more than
+    :data:`MAX_TOKENS` of them."""
+    patch_embed.check_patch_grid(img_size, patch_size)
+    if (img_size // patch_size) ** 2 > MAX_TOKENS:
+        raise ValueError(f"img_size {img_size} / patch_size {patch_size} gives {(img_size // patch_size) ** 2} "
+                         f"patches per image, more than {MAX_TOKENS}")
 
 
 def _check_attention_table(path: str) -> None:
@@ -288,8 +377,14 @@ def parse_overrides(argv: list[str], cls=PretrainConfig, presets: dict[str, dict
     return parse_flags(argv, cls, presets, default_preset=default)
 
 
+def flat_config(stored: dict | None) -> dict:
+    """A stored run config (a checkpoint's ``config``, a config.json: nested now, flat from older runs) as
+    {flat key: value}, the one layout the resume checks, export and evaluation read."""
+    return flags.flat_dict(stored or {}, PretrainConfig)
+
+
 def describe_keys(cls=PretrainConfig, cfg=None) -> str:
-    """One line per key with its value and description, for --help (:func:`fastmae.flags.describe_keys`)."""
+    """One line per key with its value and description, grouped by section, for --help (:func:`fastmae.flags.describe_keys`)."""
     return flags.describe_keys(cls, cfg)
 
 
@@ -299,5 +394,5 @@ def help_text(argv: list[str], cls, presets: dict[str, dict] | None, usage: str,
     return flags.help_text(argv, cls, presets, usage, doc, parse=lambda a, c, p: parse_overrides(a, c, p))
 
 
-__all__ = ["ALIASES", "KEY_HELP", "PretrainConfig", "default_output_dir", "describe_keys", "help_text", "key_help",
-           "parse_overrides", "pretrain_presets", "split_args"]
+__all__ = ["ALIASES", "KEY_HELP", "SECTIONS", "PretrainConfig", "default_output_dir", "describe_keys", "flat_config",
+           "help_text", "key_help", "method_configs", "parse_overrides", "pretrain_presets", "split_args"]

@@ -6,24 +6,25 @@ spellings are the same everywhere. Imports nothing of fastmae: any layer may use
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 # Flag names of the official MAE scripts (main_pretrain.py and friends) that differ from ours; every other
 # official name (--blr, --batch_size, --accum_iter, --output_dir, --resume, --model, --mask_ratio, --epochs,
 # --warmup_epochs, --weight_decay, --lr, --min_lr, --num_workers, --seed, --device) is already ours.
 ALIASES = {"data_path": "data", "input_size": "img_size", "out": "output_dir"}
 
-# One line per key for --help, shared by every command (a key means the same thing everywhere). A field's own
-# ``metadata={"help": ...}`` wins; every key of every command needs one of the two (tests/test_cli.py).
+# One line per key for --help of the flat commands (evaluation and tools), whose fields carry no ``help`` metadata.
+# Pretraining's keys are described only in their section fields' metadata (fastmae.config); a field's own
+# ``metadata={"help": ...}`` wins here too; every key of every command needs a description (tests/test_cli.py).
 KEY_HELP = {
     # run
     "preset": "named set of defaults; the values below are this preset's",
-    "method": "pretraining method (a registered one: mae, simmim, videomae, ...)",
-    "config": "a run's config.json to start from (later flags override it)",
     "output_dir": "run folder (config, metrics, checkpoints, summary, pictures)",
     "seed": "random seed (data order, masks, init)",
     "device": "auto | cpu | cuda | cuda:N",
@@ -34,7 +35,6 @@ KEY_HELP = {
     "loader": "torch (PIL workers) | dali | synthetic (random images on the device, compute-only timing)",
     "num_workers": "data loading worker processes",
     "img_size": "input resolution in pixels (square)",
-    "holdout_fraction": "with no val/ split: this fraction of the files is held out (seeded), never trained on",
     "test_fraction": "fraction of the labelled set used as the test split",
     "images": "'digits' (held-out split), a folder, or comma-separated image files",
     "num_images": "how many images to use",
@@ -46,8 +46,6 @@ KEY_HELP = {
     "mask_patch_size": "SimMIM mask cell in pixels (a multiple of patch_size); 0 = the model's",
     "num_frames": "VideoMAE clip length in frames",
     "frame_stride": "VideoMAE frame sampling stride",
-    "tubelet_size": "VideoMAE tubelet depth in frames; 0 = the model's",
-    "video_target_norm": "VideoMAE target: '' (tubelet if norm_pix_loss) | tubelet | channel | none",
     "ckpt": "checkpoint file (fastmae or official MAE), or 'random'",
     "ckpts": "comma-separated checkpoint files; 'random' = random init",
     "in_chans": "input channels; 0 = from the checkpoint",
@@ -62,11 +60,9 @@ KEY_HELP = {
     "tune_blocks": "trainable encoder blocks: 0 = linear probe, k = last k, -1 = all",
     # optimization
     "epochs": "training epochs (the schedule's length)",
-    "max_steps": "stop after this many optimizer steps; 0 = epochs x steps per epoch",
     "warmup_epochs": "linear learning-rate warmup, in epochs",
     "batch_size": "images per device per micro-step",
     "eval_batch_size": "images per evaluation batch",
-    "accum_iter": "micro-steps per optimizer step (effective batch = batch_size x accum_iter x GPUs)",
     "blr": "base learning rate: lr = blr x effective batch / 256",
     "lr": "absolute learning rate; 0 = from blr",
     "min_lr": "learning rate at the end of the cosine schedule",
@@ -74,7 +70,6 @@ KEY_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "momentum": "LARS momentum",
-    "clip_grad": "gradient norm clipping; 0 = none",
     "layer_decay": "layer-wise learning-rate decay (full fine-tuning)",
     "drop_path": "stochastic depth rate (fine-tuning)",
     "smoothing": "label smoothing",
@@ -83,28 +78,14 @@ KEY_HELP = {
     # step
     "precision": "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)",
     "compile": "torch.compile the model",
-    "cuda_graphs": "CUDA graphs with compile on CUDA: auto (one GPU only), on (also under DDP), off",
-    "fsdp": "shard parameters and optimizer state with FSDP2",
-    "hsdp": "with fsdp: shard within a node, replicate across nodes (HSDP)",
-    "grad_compression": "DDP gradient all-reduce: none | bf16 (half the bytes, gradients rounded to bf16)",
-    "network": "a plan's network between nodes: ib400 | ib200 | eth100 (per-GPU NIC)",
-    "gpus_per_node": "a plan's GPUs per node (NVLink inside a node, the network across)",
     "max_bad_steps": "consecutive non-finite steps before the run aborts",
-    "residual_dtype": "residual stream under autocast: fp32 (official numerics) | bf16",
-    "eff_batch": "target effective batch; > 0 on GPUs derives batch_size/accum_iter from world size and memory",
-    "world_size": "processes for a plan (--dry_run); 0 = from the environment (WORLD_SIZE, else 1)",
-    "gpu": "target GPU for a plan: h100 | a100 | h200 | l40s | b200 | ...; '' = this machine's",
     # logging and checkpoints
     "log_every": "optimizer steps per log line / metrics row",
     "ckpt_every": "optimizer steps between checkpoints (the last step always saves)",
     "keep_ckpts": "checkpoints kept in the run folder",
-    "num_vis": "images in the reconstruction picture",
     "progress": "progress bar on a terminal (plain lines otherwise)",
-    "tensorboard": "write TensorBoard events to output_dir/tb when tensorboard is installed",
-    "wandb": "Weights & Biases project to log to ('' = off; WANDB_MODE=offline is respected)",
     "save_ckpt": "write the trained model",
     "quiet": "print only the result",
-    "dry_run": "print what would run, run nothing",
     # evaluation and tools
     "labels": "comma-separated names for the figure (default: file names)",
     "mask": "optional .npy/.pt mask (1 = removed); overrides mask_ratio",
@@ -121,35 +102,103 @@ KEY_HELP = {
 }
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_NONE = ("", "none", "auto", "default")  # what an optional key (``bool | None``) takes for None: the model's default
 
 
-def _parse_value(name: str, text: str, typ: type):
-    if typ is bool:
+@dataclass(frozen=True)
+class Key:
+    """One settable key of a config class.
+
+    flat: its ``--flag`` name, unique across sections (``blr``; ``data`` for ``data.path``);
+    path: where the value lives (``optim.blr``, ``seed``); also accepted as a flag (``--optim.blr``);
+    owners: for a key of a variant section (the method's keys), the variants that take it.
+    """
+
+    flat: str
+    path: str
+    typ: Any
+    help: str = ""
+    owners: tuple[str, ...] = ()
+
+
+def _optional(typ) -> tuple[Any, bool]:
+    """(inner type, True) for ``X | None``; (typ, False) otherwise."""
+    args = typing.get_args(typ)
+    if len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return typ, False
+
+
+def _is_bool(typ) -> bool:
+    return _optional(typ)[0] is bool
+
+
+def _parse_value(name: str, text: str, typ):
+    inner, optional = _optional(typ)
+    if optional and text.lower() in _NONE:
+        return None
+    if inner is bool:
         low = text.lower()
         if low in _TRUE:
             return True
         if low in _FALSE:
             return False
-        raise ValueError(f"--{name} expects true/false, got {text!r}")
+        raise ValueError(f"--{name} expects true/false{' (or none)' if optional else ''}, got {text!r}")
     try:
-        return typ(text)
+        return inner(text)
     except ValueError:
-        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+        raise ValueError(f"--{name} expects {inner.__name__}, got {text!r}") from None
 
 
-def _field_types(cls) -> dict[str, type]:
+def _section_types(cls) -> dict[str, type]:
+    """{field name: section dataclass} of a config class made of sections (empty for a flat one)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
+    return {f.name: hints[f.name] for f in fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
-def _canonical(key: str, types: dict[str, type]) -> tuple[str, bool]:
-    """(field name, negated) for a flag name: dashes as underscores, official aliases, ``no_<bool key>``."""
-    key = key.replace("-", "_")
-    if key not in types and ALIASES.get(key) in types:
-        key = ALIASES[key]
-    if key not in types and key.startswith("no_") and types.get(key[3:]) is bool:
-        return key[3:], True
-    return key, False
+def _variants(cls, section: str) -> dict[str, type] | None:
+    """The classes a variant section can take ({method name: its keys' dataclass}), or None for a plain section."""
+    pick = {f.name: f for f in fields(cls)}[section].metadata.get("variants")
+    return pick() if pick else None
+
+
+def keys(cls) -> dict[str, Key]:
+    """Every key of ``cls`` under its flat name and under its dotted path (a section's keys are the section's
+    fields; a variant section's are the union over its variants, each key knowing its owners)."""
+    hints, sections, out = typing.get_type_hints(cls), _section_types(cls), {}
+    for f in fields(cls):
+        if f.name not in sections:
+            out[f.name] = Key(f.name, f.name, hints[f.name], f.metadata.get("help") or KEY_HELP.get(f.name, ""))
+            continue
+        base = {g.name for g in fields(sections[f.name])}
+        variants = _variants(cls, f.name) or {"": sections[f.name]}
+        for owner, sec in variants.items():
+            sec_hints = typing.get_type_hints(sec)
+            for g in fields(sec):
+                flat, path = g.metadata.get("flat", g.name), f"{f.name}.{g.name}"
+                prev = out.get(flat)
+                if prev is not None and prev.path != path:
+                    raise TypeError(f"{cls.__name__}: flat key {flat!r} is both {prev.path} and {path}")
+                mine = (owner,) if owner and g.name not in base else ()
+                out[flat] = Key(flat, path, sec_hints[g.name], g.metadata.get("help", ""),
+                                (prev.owners if prev else ()) + mine)
+    out.update({k.path: k for k in list(out.values()) if k.path not in out})
+    return out
+
+
+def unique_keys(cls) -> list[Key]:
+    """Each key of ``cls`` once, in declaration order."""
+    return list({k.path: k for k in keys(cls).values()}.values())
+
+
+def _canonical(raw: str, table: dict[str, Key]) -> tuple[Key | None, bool]:
+    """(key, negated) for a flag name: dashes as underscores, official aliases, ``no_<bool key>``, dotted paths."""
+    name = raw.replace("-", "_")
+    if name not in table and ALIASES.get(name) in table:
+        name = ALIASES[name]
+    if name not in table and name.startswith("no_") and name[3:] in table and _is_bool(table[name[3:]].typ):
+        return table[name[3:]], True
+    return table.get(name), False
 
 
 def parse_flags(argv: list[str], cls, presets: dict[str, dict] | None = None, default_preset: str | None = None):
@@ -160,24 +209,96 @@ def parse_flags(argv: list[str], cls, presets: dict[str, dict] | None = None, de
     Unknown keys and unparsable values raise ValueError naming them (the CLI turns that into a one-line
     message). Spellings: :func:`split_args`.
     """
-    types = _field_types(cls)
-    given = dict(split_args(argv, cls))
+    table = keys(cls)
+    given = _split(argv, cls)
+    texts = {path: text for path, text, _ in given}
+    explicit = {path for path, _, from_file in given if not from_file}
     presets = presets or {}
-    preset = given.get("preset", default_preset or getattr(cls(), "preset", None))
+    preset = texts.get("preset", default_preset or getattr(cls(), "preset", None))
     base = {}
-    if preset is not None and (presets or "preset" in given):
+    if preset is not None and (presets or "preset" in texts):
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
         # The config records the preset it was built from, also when a default chose it.
-        base = {**presets[preset], **({"preset": preset} if "preset" in types else {})}
-    values = {**base, **{k: _parse_value(k, v, types[k]) for k, v in given.items()}}
-    cfg = cls(**values)  # not replace(cls(), ...): defaults that depend on other keys are derived anew
-    check_common_keys(cfg, types)
+        unknown = sorted(set(presets[preset]) - set(table))
+        if unknown:
+            raise ValueError(f"preset {preset!r} sets keys this command does not take: {', '.join(unknown)}")
+        base = {**{table[k].path: v for k, v in presets[preset].items()}, **({"preset": preset} if "preset" in table else {})}
+    values = {**base, **{p: _parse_value(table[p].flat, t, table[p].typ) for p, t in texts.items()}}
+    cfg = build_config(cls, values, explicit)  # not replace(cls(), ...): defaults that depend on other keys are derived anew
+    top = {f.name for f in fields(cls)}
+    check_common_keys(cfg, top)
     for key, is_dir in (("output_dir", True), ("output", False)):  # every command's place to write
-        if key in types and getattr(cfg, key):
+        if key in top and getattr(cfg, key):
             check_output_path(key, getattr(cfg, key), is_dir)
     cfg.validate()
     return cfg
+
+
+def build_config(cls, values: dict, explicit: set[str] = frozenset()):
+    """``cls`` from {dotted path: value}. A variant section takes the class its ``name`` picks; a key of another
+    variant is dropped when it came from a file or preset (older flat configs hold every method's keys) and
+    refused in one line when it was given as a flag (a path in ``explicit``)."""
+    top: dict[str, Any] = {}
+    by_section: dict[str, dict] = {}
+    for path, v in values.items():
+        sec, _, name = path.rpartition(".")
+        (by_section.setdefault(sec, {}) if sec else top)[name] = v
+    for name, typ in _section_types(cls).items():
+        kw = by_section.get(name, {})
+        variants = _variants(cls, name)
+        if variants is not None:
+            default = {f.name: f for f in fields(cls)}[name].default_factory().name
+            typ = _pick_variant(name, kw.get("name", default), variants, kw, explicit, keys(cls))
+            kw = {k: v for k, v in kw.items() if k in {g.name for g in fields(typ)}}
+        top[name] = typ(**kw)
+    return cls(**top)
+
+
+def _pick_variant(section: str, choice: str, variants: dict[str, type], kw: dict, explicit, table) -> type:
+    if choice not in variants:
+        raise ValueError(f"{section} must be one of {', '.join(sorted(variants))}, got {choice!r}")
+    own = {g.name for g in fields(variants[choice])}
+    for k in sorted(set(kw) - own):
+        if f"{section}.{k}" in explicit:
+            key = table[f"{section}.{k}"]
+            raise ValueError(f"--{key.flat} is a key of --{section}={' / '.join(key.owners)}; "
+                             f"--{section}={choice} does not take it")
+    return variants[choice]
+
+
+def flat_values(cfg) -> dict[str, Any]:
+    """{flat key: value} of a config (a sectioned one flattened; a variant section gives only its own keys)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update({g.metadata.get("flat", g.name): getattr(v, g.name) for g in fields(v)})
+        else:
+            out[f.name] = v
+    return out
+
+
+def flat_dict(data: dict, cls) -> dict[str, Any]:
+    """A stored config (nested ``{"optim": {"blr": ...}}`` as written now, or flat as older runs and checkpoints
+    wrote it) as {flat key: value}, text values of typed keys parsed (older tri-state ``"true"`` / ``""`` become
+    True / None); entries this class does not know are kept as they are."""
+    table, out = keys(cls), {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k in _section_types(cls):
+            out.update({f"{k}.{n}": x for n, x in v.items()})
+        else:
+            out[k] = v
+    return {(table[k].flat if k in table else k): _coerce(table.get(k), v) for k, v in out.items()}
+
+
+def _coerce(key: Key | None, v):
+    if key is None or not isinstance(v, str) or _optional(key.typ)[0] is str:
+        return v
+    try:
+        return _parse_value(key.flat, v, key.typ)
+    except ValueError:
+        return v
 
 
 MAX_THREADS = 1024
@@ -185,9 +306,10 @@ MAX_THREADS = 1024
 MAX_SEED = 2**32
 
 
-def check_common_keys(cfg, types: dict[str, type]) -> None:
-    """Keys many commands share, checked the same way for all of them (a huge count must never reach torch)."""
-    threads, seed, device = (getattr(cfg, k, None) if k in types else None for k in ("threads", "seed", "device"))
+def check_common_keys(cfg, top: set[str]) -> None:
+    """Keys many commands share (run-level fields, ``top``), checked the same way for all of them (a huge count
+    must never reach torch)."""
+    threads, seed, device = (getattr(cfg, k, None) if k in top else None for k in ("threads", "seed", "device"))
     if threads is not None and not 0 <= threads <= MAX_THREADS:
         raise ValueError(f"--threads must be in [0, {MAX_THREADS}], got {threads}")
     if seed is not None and not 0 <= seed < MAX_SEED:
@@ -216,15 +338,22 @@ def check_output_path(key: str, path: str, is_dir: bool = True) -> None:
 
 
 def split_args(argv: list[str], cls) -> list[tuple[str, str]]:
-    """``argv`` -> [(field, text value)] in order; ``--config=FILE`` expands in place to the file's values.
+    """``argv`` -> [(flat key, text value)] in order; ``--config=FILE`` expands in place to the file's values.
 
-    Accepted: ``--key=value``, ``--key value``, ``--img-size`` for ``--img_size``, the official MAE names
-    (:data:`ALIASES`), bare booleans (``--norm_pix_loss``, ``--no_norm_pix_loss``), and leading
-    positional values for the fields a class lists in ``positional`` (e.g. ``fastmae data check DIR``).
+    Accepted: ``--key=value``, ``--key value``, ``--img-size`` for ``--img_size``, dotted paths
+    (``--optim.blr`` = ``--blr``), the official MAE names (:data:`ALIASES`), bare booleans (``--norm_pix_loss``,
+    ``--no_norm_pix_loss``), and leading positional values for the fields a class lists in ``positional``
+    (e.g. ``fastmae data check DIR``).
     """
-    types = _field_types(cls)
+    table = keys(cls)
+    return [(table[path].flat, text) for path, text, _ in _split(argv, cls)]
+
+
+def _split(argv: list[str], cls) -> list[tuple[str, str, bool]]:
+    """:func:`split_args` with a third item: True where the value came from a ``--config`` file."""
+    table = keys(cls)
     positional = list(getattr(cls, "positional", ()))
-    pairs: list[tuple[str, str]] = []
+    out: list[tuple[str, str, bool]] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -232,22 +361,22 @@ def split_args(argv: list[str], cls) -> list[tuple[str, str]]:
         if not arg.startswith("--"):
             if not positional:
                 raise ValueError(f"expected --key=value, got {arg!r}")
-            pairs.append((positional.pop(0), arg))
+            out.append((table[positional.pop(0)].path, arg, False))
             continue
         raw, eq, val = arg[2:].partition("=")
-        key, negated = _canonical(raw, types)
-        if key == "config" and "config" not in types:
-            pairs += _config_file_pairs(val if eq else (argv[i] if i < len(argv) else ""), types)
+        key, negated = _canonical(raw, table)
+        if key is None and raw.replace("-", "_") == "config":
+            out += [(p, t, True) for p, t in _config_file_pairs(val if eq else (argv[i] if i < len(argv) else ""), table)]
             i += 0 if eq else 1
             continue
-        if key not in types:
-            close = [k for k in types if k.startswith(key[:3])]
+        if key is None:
+            close = [k for k in table if "." not in k and k.startswith(raw.replace("-", "_")[:3])]
             hint = f"; did you mean {', '.join('--' + k for k in close[:3])}?" if close else ""
             raise ValueError(f"unknown config key --{raw}{hint}")
-        if types[key] is bool:
+        if _is_bool(key.typ):
             if negated:
                 if eq:
-                    raise ValueError(f"--{raw} takes no value (it sets {key}=false)")
+                    raise ValueError(f"--{raw} takes no value (it sets {key.flat}=false)")
                 val = "false"
             elif not eq:
                 # A bare boolean flag; `--compile false` (a literal after it) still works.
@@ -258,12 +387,13 @@ def split_args(argv: list[str], cls) -> list[tuple[str, str]]:
                 raise ValueError(f"--{raw} needs a value (--{raw}=VALUE)")
             val = argv[i]
             i += 1
-        pairs.append((key, val))
-    return pairs
+        out.append((key.path, val, False))
+    return out
 
 
-def _config_file_pairs(path: str, types: dict[str, type]) -> list[tuple[str, str]]:
-    """The values of a run's ``config.json`` as (field, text) pairs; keys this command lacks are an error."""
+def _config_file_pairs(path: str, table: dict[str, Key]) -> list[tuple[str, str]]:
+    """The values of a run's ``config.json`` (nested by section, or flat as older runs wrote it) as (path, text)
+    pairs; keys this command lacks are an error."""
     p = Path(path)
     if not path or not p.is_file():
         raise ValueError(f"--config: no such file {path!r} (give a run's config.json)")
@@ -275,24 +405,73 @@ def _config_file_pairs(path: str, types: dict[str, type]) -> list[tuple[str, str
         raise ValueError(f"--config: {p} is nested too deeply to be a run's config.json") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {p} must hold a JSON object")
-    unknown = sorted(set(data) - set(types))
+    pairs, unknown = [], []
+    for name, v in data.items():
+        inner = v.items() if isinstance(v, dict) and any(k.path.startswith(name + ".") for k in table.values()) else None
+        for path, x in ((f"{name}.{n}", y) for n, y in inner) if inner is not None else [(name, v)]:
+            key = table.get(path)
+            if key is None:
+                unknown.append(path)
+            else:
+                pairs.append((key.path, _text(x)))
     if unknown:
-        raise ValueError(f"--config: {p} has keys this command does not take: {', '.join(unknown)}")
-    return [(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in data.items()]
+        raise ValueError(f"--config: {p} has keys this command does not take: {', '.join(sorted(unknown))}")
+    return pairs
+
+
+def _text(v) -> str:
+    """A JSON value as the text a flag would carry."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
 def key_help(cls, name: str) -> str:
-    """The one-line description of a key (field metadata first, then :data:`KEY_HELP`)."""
-    f = {f.name: f for f in fields(cls)}[name]
-    return f.metadata.get("help") or KEY_HELP.get(name, "")
+    """The one-line description of a key: its field's ``help`` metadata (:data:`KEY_HELP` for flat commands' keys)."""
+    return keys(cls)[name].help
+
+
+def _value(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _cells(rows: list[tuple[str, str]]) -> str:
+    width = min(max(len(c) for c, _ in rows), 44)
+    return "\n".join(f"{c.ljust(width)}  {h}" if len(c) <= width else f"{c}\n{' ' * width}  {h}" for c, h in rows)
 
 
 def describe_keys(cls, cfg=None) -> str:
-    """One line per key: ``--key=value`` (``cfg``'s, e.g. preset-resolved; default: the class defaults) and its help."""
+    """One line per key: ``--key=value`` (``cfg``'s, e.g. preset-resolved; default: the class defaults) and its help;
+    a config made of sections gets a heading per section (run-level keys first)."""
     cfg = cfg if cfg is not None else cls()
-    cells = [(f"  --{f.name}={_show(getattr(cfg, f.name))}", key_help(cls, f.name)) for f in fields(cls)]
-    width = min(max(len(c) for c, _ in cells), 44)
-    return "\n".join(f"{c.ljust(width)}  {h}" if len(c) <= width else f"{c}\n{' ' * width}  {h}" for c, h in cells)
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for key in unique_keys(cls):
+        sec = key.path.rpartition(".")[0]
+        name = key.path.rpartition(".")[2]
+        owned = sec and key.owners and not hasattr(getattr(cfg, sec), name)
+        value = _value(cfg, key.path) if not owned else _variant_default(cls, sec, key.owners[0], name)
+        cell = f"  --{key.flat}={_show(value)}"
+        label = f"{sec}: keys of other {sec}s" if owned else sec
+        groups.setdefault(label, []).append((cell, key.help + (f" [{sec} {', '.join(key.owners)}]" if owned else "")))
+    if list(groups) == [""]:
+        return _cells(groups[""])
+    return "\n\n".join(f"{_title(cls, cfg, label)}:\n{_cells(rows)}" for label, rows in groups.items())
+
+
+def _variant_default(cls, section: str, variant: str, name: str):
+    return getattr(_variants(cls, section)[variant](), name)
+
+
+def _title(cls, cfg, label: str) -> str:
+    if not label:
+        return "run"
+    if label in _section_types(cls) and _variants(cls, label) is not None:
+        return f"{label} (--{label}={_value(cfg, label).name})"
+    return label
 
 
 def _show(v) -> str:
@@ -319,7 +498,8 @@ def help_text(argv: list[str], cls, presets: dict[str, dict], usage: str, doc: s
     if doc.strip():
         parts.append(doc.strip())
     parts.append("flags: --key=value or --key value; --key-name = --key_name; bare --flag / --no_flag for booleans;"
-                 " --config=RUN/config.json starts from a run's config (later flags override it)")
+                 " --config=RUN/config.json starts from a run's config (later flags override it)"
+                 + ("; every key also as --section.key (--optim.blr = --blr)" if _section_types(cls) else ""))
     if ALIASES:
         parts.append("aliases (official MAE names): " + ", ".join(f"--{a} = --{t}" for a, t in ALIASES.items()))
     if names:

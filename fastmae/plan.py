@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = parse_overrides(argv)
-        spec = get_method(cfg.method)
+        spec = get_method(cfg.method.name)
         with torch.device("meta"):
             model = spec.build_model(cfg)
         trace = None
         if not isinstance(model, MaskedAutoencoderViT):  # MAE has its shape model; any other method is traced
-            sample = (3, cfg.num_frames, cfg.img_size, cfg.img_size) if spec.unit == "clips" else (3, cfg.img_size, cfg.img_size)
-            trace = trace_step(lambda: spec.build_model(cfg), sample, cfg.mask_ratio)
+            size = cfg.data.img_size
+            sample = (3, cfg.method.num_frames, size, size) if spec.unit == "clips" else (3, size, size)
+            trace = trace_step(lambda: spec.build_model(cfg), sample, cfg.model.mask_ratio)
         plan = build_plan(cfg, model, spec.flops_per_image(model, cfg), trace)
     except ValueError as e:
         print(f"fastmae: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastmae import ops
-from fastmae.config import PretrainConfig, help_text, parse_overrides
+from fastmae.config import PretrainConfig, flat_config, help_text, parse_overrides
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.engine import faults
 from fastmae.engine.checkpoint import (
@@ -76,45 +76,48 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemption) -> dict:
     # ---- config ------------------------------------------------------------------------------------------
-    spec = get_method(cfg.method)
-    device, sharded = info.device, info.enabled and cfg.fsdp
+    spec = get_method(cfg.method.name)
+    device, sharded = info.device, info.enabled and cfg.step.fsdp
     prepare_run_dir(run_dir, cfg.resume, info)
     torch.set_num_threads(resolve_threads(cfg.threads))
     # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
     torch.set_flush_denormal(True)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    set_attention_table(load_attention_table(cfg.attention_table))  # before any model is built or compiled
+    amp_dtype = resolve_precision(cfg.step.precision, device)
+    set_attention_table(load_attention_table(cfg.step.attention_table))  # before any model is built or compiled
     torch.manual_seed(cfg.seed)
 
     # On GPUs the effective batch comes from more GPUs before accumulation, and CUDA graphs never replay an
     # accumulating backward (DESIGN.md, hazard); the decision and its reason are logged below.
     layout = layout_for(cfg, info.world_size)
-    cfg = dataclasses.replace(cfg, batch_size=layout.batch_size, accum_iter=layout.accum_iter)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=layout.batch_size,
+                                                               accum_iter=layout.accum_iter))
 
     # ---- data --------------------------------------------------------------------------------------------
     # uint8 NHWC feeds the fused patchify kernel (it normalizes on the fly); the eager path takes float NCHW.
     img_out = "uint8" if ops.kernel_backend(device) == "triton" else "float"
     train_loader = build_data(spec, cfg, info, "train", img_out)
     steps_per_epoch = optimizer_steps_per_epoch(train_loader, cfg)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
 
     # ---- model, optimizer, distributed wrapping, compile -------------------------------------------------
     model = spec.build_model(cfg).to(device)
-    fp8_note = apply_fp8(model, cfg.fp8, device)
-    eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
-    base_lr = cfg.lr or cfg.blr * eff_batch / 256
+    fp8_note = apply_fp8(model, cfg.step.fp8, device)
+    eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * info.world_size
+    base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
-    ddp_model = wrap_model(model, info, cfg.fsdp, WrapOptions(
-        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.grad_compression, hsdp=cfg.hsdp))
-    optimizer = build_adamw(model, lr_t, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    ddp_model = wrap_model(model, info, cfg.step.fsdp, WrapOptions(
+        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.step.grad_compression,
+        hsdp=cfg.step.hsdp))
+    optimizer = build_adamw(model, lr_t, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     forward = compile_forward(ddp_model, cfg, info, layout.compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    no_sync = ddp_model.no_sync if info.enabled and not cfg.fsdp else None
+    no_sync = ddp_model.no_sync if info.enabled and not cfg.step.fsdp else None
 
     # ---- resume ------------------------------------------------------------------------------------------
-    state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, json.loads(cfg.to_json()),
-                       ckpt_format=resolve_format(cfg.ckpt_format, info.world_size))
+    # Checkpoints keep the flat config (the layout of older checkpoints, which export and evaluation read).
+    state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, cfg.flat(),
+                       ckpt_format=resolve_format(cfg.checkpoint.ckpt_format, info.world_size))
     found = find_resume_checkpoint(run_dir, cfg.resume, warn=lambda msg: print(msg, file=sys.stderr) if info.is_main else None)
     resume_path = found[0] if found else None
     start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, base_lr)
@@ -127,20 +130,20 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     # The run has started: only now may it leave traces (a failed resume rewrites nothing).
     if info.is_main:
         cfg.save(run_dir / "config.json")
-    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.progress, tensorboard=cfg.tensorboard,
-                    wandb=cfg.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
+    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.logging.progress, tensorboard=cfg.logging.tensorboard,
+                    wandb=cfg.logging.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
     # Rows the interrupted run logged after its checkpoint (all of them if it died before its first) would
     # appear twice and out of order.
     log.resume_at(start_step)
     peak = peak_flops(device)
     window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
     log.info(
-        f"fastmae pretrain: {cfg.model} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), {amp_dtype}, "
-        f"kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.compile}, "
+        f"fastmae pretrain: {cfg.model.name} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), "
+        f"{amp_dtype}, kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.step.compile}, "
         f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
         + (f", resumed from {resume_path.name}" if resume_path else "")
     )
-    log.info(f"layout: batch {cfg.batch_size} x accum {cfg.accum_iter} x {info.world_size} proc; {layout.reason}"
+    log.info(f"layout: batch {cfg.optim.batch_size} x accum {cfg.optim.accum_iter} x {info.world_size} proc; {layout.reason}"
              + (f"; {layout.note}" if layout.note else "") + f"; attention kernels "
              f"{attention_kernels(cfg, amp_dtype, device, run_dir / 'attention.json' if info.is_main else None)}")
     log.info(fp8_note)
@@ -153,7 +156,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 
     # ---- step loop ---------------------------------------------------------------------------------------
     def loss_fn(imgs):  # the step's loss: the method's masked-image objective on one micro-batch
-        return forward(imgs, mask_ratio=cfg.mask_ratio)[0]
+        return forward(imgs, mask_ratio=cfg.model.mask_ratio)[0]
 
     monitor = build_monitor(cfg, model, info, sharded)
     stats = StepStats.zeros(device)
@@ -164,9 +167,10 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     with closing(log):
         while step < total_steps:
             faults.set_step(step)
-            lr_t.fill_(lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr))
-            train_step(loss_fn, optimizer, params, next_batch, accum_iter=cfg.accum_iter, amp_dtype=amp_dtype,
-                       clip_grad=cfg.clip_grad, scaler=scaler, no_sync=no_sync, stats=stats)
+            sched = cfg.schedule
+            lr_t.fill_(lr_at(step, steps_per_epoch, sched.warmup_epochs, sched.epochs, base_lr, sched.min_lr))
+            train_step(loss_fn, optimizer, params, next_batch, accum_iter=cfg.optim.accum_iter, amp_dtype=amp_dtype,
+                       clip_grad=cfg.optim.clip_grad, scaler=scaler, no_sync=no_sync, stats=stats)
             step += 1
             faults.set_step(step)
             window.tick()
@@ -174,7 +178,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             faults.point("after_step")
             stop = preemption.stop_now()
             row = {}
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % cfg.logging.log_every == 0 or step == total_steps:
                 row = window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info))
                 row["data_wait"] = next_batch.close()
                 bad_data.log_new(log)
@@ -183,11 +187,11 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
                     row.update(monitor.score(model, amp_dtype))  # between steps, rank 0 only
             if row:
                 log.log(step, row)
-                window.check_bad_run(cfg.max_bad_steps)
-            if step % cfg.ckpt_every == 0 or step == total_steps or stop:
+                window.check_bad_run(cfg.step.max_bad_steps)
+            if step % cfg.checkpoint.ckpt_every == 0 or step == total_steps or stop:
                 # The preemption and the final save block (the process exits next); the others may write in the background.
                 t0 = time.perf_counter()
-                path = state.save(run_dir, step, cfg.keep_ckpts, blocking=stop or step == total_steps)
+                path = state.save(run_dir, step, cfg.checkpoint.keep_ckpts, blocking=stop or step == total_steps)
                 saved = timed_note(path, time.perf_counter() - t0) if path is not None and path.exists() else None
                 if stop:
                     mark_saved(run_dir, info.rank, step)
@@ -212,18 +216,18 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
 def build_monitor(cfg: PretrainConfig, model, info: DistInfo, sharded: bool):
     """The online k-NN monitor of ``--monitor=knn`` on rank 0 (the embedded digits at the model's input size),
     or None."""
-    if not cfg.monitor or not info.is_main or sharded or not hasattr(model, "forward_features"):
-        if cfg.monitor and info.is_main:
-            print(f"fastmae: warning: --monitor={cfg.monitor} needs an image encoder on one process or DDP "
+    if not cfg.logging.monitor or not info.is_main or sharded or not hasattr(model, "forward_features"):
+        if cfg.logging.monitor and info.is_main:
+            print(f"fastmae: warning: --monitor={cfg.logging.monitor} needs an image encoder on one process or DDP "
                   f"(not FSDP); monitoring is off", file=sys.stderr)
         return None
     from fastmae.engine.monitor import KnnMonitor
     from fastmae.eval.data import load_digits_split
 
-    split = load_digits_split(cfg.img_size, model.patch_embed.in_chans, seed=cfg.seed)
+    split = load_digits_split(cfg.data.img_size, model.patch_embed.in_chans, seed=cfg.seed)
     dev = info.device
     return KnnMonitor(split.train_x.to(dev), split.train_y.to(dev), split.test_x.to(dev), split.test_y.to(dev),
-                      split.num_classes, every=cfg.monitor_every or cfg.ckpt_every)
+                      split.num_classes, every=cfg.logging.monitor_every or cfg.checkpoint.ckpt_every)
 
 
 def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, info: DistInfo, total_steps: int,
@@ -235,11 +239,12 @@ def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, i
         state.loader.set_epoch(0)
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # different masks on every rank, reproducible from the seed
         return 0, notes
-    check_position(ckpt, total_steps=total_steps, steps_per_epoch=state.steps_per_epoch, accum_iter=cfg.accum_iter,
+    check_position(ckpt, total_steps=total_steps, steps_per_epoch=state.steps_per_epoch, accum_iter=cfg.optim.accum_iter,
                    loader_steps_per_epoch=getattr(state.loader, "steps_per_epoch", None))
-    notes += learning_problem_changes(cfg, ckpt.get("config") or {})
+    old = flat_config(ckpt.get("config"))
+    notes += learning_problem_changes(cfg, old)
     step = state.load_state_dict(ckpt)
-    return step, notes + resume_notes(cfg, ckpt.get("config") or {}, step, state.steps_per_epoch, total_steps, base_lr)
+    return step, notes + resume_notes(cfg, old, step, state.steps_per_epoch, total_steps, base_lr)
 
 
 class BadDataReport:
@@ -287,7 +292,8 @@ PROBLEM_KEYS = ("method", "model", "mask_ratio", "norm_pix_loss", "img_size", "p
 def learning_problem_changes(cfg: PretrainConfig, old: dict) -> list[str]:
     """Refuse to resume when a :data:`PROBLEM_KEYS` key differs from the checkpoint's config; with
     ``--allow_config_change`` return the warning instead."""
-    changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in PROBLEM_KEYS if k in old and old[k] != getattr(cfg, k)]
+    new = cfg.flat()
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in PROBLEM_KEYS if k in old and k in new and old[k] != new[k]]
     if not changed:
         return []
     what = ", ".join(changed)
@@ -300,8 +306,8 @@ def learning_problem_changes(cfg: PretrainConfig, old: dict) -> list[str]:
 def check_world_size(cfg: PretrainConfig) -> None:
     """--world_size describes a plan's target; a training run uses the processes its launcher started."""
     launched = os.environ.get("WORLD_SIZE", "1")
-    if cfg.world_size and str(cfg.world_size) != launched:
-        raise ValueError(f"--world_size={cfg.world_size} disagrees with the launcher (WORLD_SIZE={launched}); "
+    if cfg.plan.world_size and str(cfg.plan.world_size) != launched:
+        raise ValueError(f"--world_size={cfg.plan.world_size} disagrees with the launcher (WORLD_SIZE={launched}); "
                          "it sets the target of a plan (--dry_run), training runs on the processes torchrun starts")
 
 
@@ -309,7 +315,7 @@ def write_summary(summary: dict, cfg: PretrainConfig, run_dir: Path, log: RunLog
     """Rank 0: loss curves, ``summary.json`` and the summary text."""
     from fastmae.viz import save_curves
 
-    curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.method} {cfg.preset}")
+    curves = save_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.method.name} {cfg.preset}")
     if curves is not None:
         summary["curves"] = str(curves)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -335,11 +341,11 @@ def build_data(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, split: str
 
 
 def optimizer_steps_per_epoch(loader, cfg: PretrainConfig) -> int:
-    steps = loader.steps_per_epoch // cfg.accum_iter
+    steps = loader.steps_per_epoch // cfg.optim.accum_iter
     if steps < 1:
         raise ValueError(
-            f"the dataset gives {loader.steps_per_epoch} batches of {cfg.batch_size} per rank per epoch, "
-            f"fewer than accum_iter={cfg.accum_iter}: lower batch_size or accum_iter"
+            f"the dataset gives {loader.steps_per_epoch} batches of {cfg.optim.batch_size} per rank per epoch, "
+            f"fewer than accum_iter={cfg.optim.accum_iter}: lower batch_size or accum_iter"
         )
     return steps
 
@@ -363,7 +369,7 @@ def compile_forward(model, cfg: PretrainConfig, info: DistInfo, mode: str):
     live in the graph's memory pool and are overwritten; DESIGN.md, hazard); ``max-autotune-no-cudagraphs`` lets
     Inductor pick GEMM templates with fused epilogues when ``--compile_mode`` asks for it.
     """
-    if not cfg.compile:
+    if not cfg.step.compile:
         return model
     return torch.compile(model, fullgraph=not info.enabled, mode=None if mode in ("default", "none") else mode)
 
@@ -372,15 +378,15 @@ def attention_kernels(cfg: PretrainConfig, amp_dtype: torch.dtype, device: torch
     """The kernel each attention shape of an MAE run gets (encoder / decoder), for the start-up log; with ``record``
     also written there as JSON with where each choice came from (the measured table or the rules)."""
     try:
-        model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+        model = build_meta_model(cfg.model.name, cfg.data.img_size, cfg.model.patch_size)
     except ValueError:
         return f"policy {attention_backend()}"
-    shapes = model_shape(model, cfg.img_size, cfg.mask_ratio).attention_shapes()
+    shapes = model_shape(model, cfg.data.img_size, cfg.model.mask_ratio).attention_shapes()
     chosen = describe_attention(shapes, amp_dtype, device.type)
     if record is not None:
         table = attention_table() or {}
         rows = {name: {"head_dim": hd, "tokens": t, "kernel": chosen[name],
-                       "source": f"table {cfg.attention_table}" if table.get((hd, t), ("",))[0] == chosen[name] else "rules"}
+                       "source": f"table {cfg.step.attention_table}" if table.get((hd, t), ("",))[0] == chosen[name] else "rules"}
                 for name, (hd, t) in shapes.items()}
         record.write_text(json.dumps({"policy": attention_backend(), "dtype": str(amp_dtype), "device": device.type,
                                       "shapes": rows}, indent=2) + "\n")
@@ -390,7 +396,7 @@ def attention_kernels(cfg: PretrainConfig, amp_dtype: torch.dtype, device: torch
 def evaluate(spec: MethodSpec, cfg: PretrainConfig, model, info: DistInfo, run_dir: Path, amp_dtype) -> dict:
     """Held-out loss with fixed masks and, where the method draws them, reconstructions of a seeded choice of images."""
     val = build_data(spec, cfg, info, "val", "float")
-    ev = spec.evaluate(model, val, info.device, cfg.mask_ratio, amp_dtype, keep=cfg.num_vis)
+    ev = spec.evaluate(model, val, info.device, cfg.model.mask_ratio, amp_dtype, keep=cfg.logging.num_vis)
     held = getattr(val, "holdout_fraction", 0.0)
     out = {"val_loss": ev["loss"], "val_images": ev["count"], "val_unit": ev["unit"],
            "val_source": f"a seeded {held:.0%} of the training files, excluded from training (no val/ split)" if held
@@ -404,11 +410,12 @@ def evaluate(spec: MethodSpec, cfg: PretrainConfig, model, info: DistInfo, run_d
         # A fixed, seeded choice of held-out images (not the first files), with their names beside the picture.
         from fastmae.viz import pick_images
 
-        batch, names = pick_images(source, min(cfg.num_vis, len(source)), cfg.img_size, cfg.seed, IMAGENET_MEAN, IMAGENET_STD)
+        batch, names = pick_images(source, min(cfg.logging.num_vis, len(source)), cfg.data.img_size, cfg.seed,
+                                   IMAGENET_MEAN, IMAGENET_STD)
         batch = batch.to(info.device)
         noise = torch.rand(spec.noise_shape(model, batch), generator=torch.Generator().manual_seed(cfg.seed)).to(info.device)
     path = run_dir / "reconstructions.png" if info.is_main else None
-    written = spec.visualize(model, batch, cfg.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
+    written = spec.visualize(model, batch, cfg.model.mask_ratio, noise, path, IMAGENET_MEAN, IMAGENET_STD)
     if written is not None:
         out["reconstructions"] = str(written)
         if names is not None:
@@ -428,21 +435,23 @@ def _add_row_names(info_path: Path, names: list[str]) -> None:
 def schedule_notes(cfg: PretrainConfig) -> list[str]:
     """Warnings about a schedule that cannot do what its keys suggest."""
     notes = []
-    if cfg.warmup_epochs >= cfg.epochs:
-        notes.append(f"warmup_epochs={cfg.warmup_epochs:g} >= epochs={cfg.epochs}: the learning rate only ramps up and "
-                     f"never decays (lower --warmup_epochs)")
+    if cfg.schedule.warmup_epochs >= cfg.schedule.epochs:
+        notes.append(f"warmup_epochs={cfg.schedule.warmup_epochs:g} >= epochs={cfg.schedule.epochs}: the learning rate "
+                     "only ramps up and never decays (lower --warmup_epochs)")
     return notes
 
 
 def resume_notes(cfg: PretrainConfig, old: dict, step: int, steps_per_epoch: int, total_steps: int, base_lr: float) -> list[str]:
     """What resuming with another schedule length does: the cosine is recomputed for the new length."""
     keys = ("epochs", "max_steps", "warmup_epochs")
-    changed = {k: (old[k], getattr(cfg, k)) for k in keys if k in old and old[k] != getattr(cfg, k)}
+    new = cfg.flat()
+    changed = {k: (old[k], new[k]) for k in keys if k in old and old[k] != new[k]}
     if not changed:
         return []
-    lr_old = lr_at(step, steps_per_epoch, old.get("warmup_epochs", cfg.warmup_epochs), old.get("epochs", cfg.epochs),
-                   base_lr, cfg.min_lr)
-    lr_new = lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr)
+    sched = cfg.schedule
+    lr_old = lr_at(step, steps_per_epoch, old.get("warmup_epochs", sched.warmup_epochs), old.get("epochs", sched.epochs),
+                   base_lr, sched.min_lr)
+    lr_new = lr_at(step, steps_per_epoch, sched.warmup_epochs, sched.epochs, base_lr, sched.min_lr)
     what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
     return [f"resuming with {what}: the schedule is recomputed for the new length, so at step {step} the learning "
             f"rate jumps from {lr_old:.3g} to {lr_new:.3g} and the run now ends at step {total_steps} "

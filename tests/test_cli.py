@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -15,16 +16,17 @@ from fastmae.config import PretrainConfig, default_output_dir, parse_overrides
 def test_spellings_and_official_aliases():
     cfg = parse_overrides(["--data_path=/x/imagenet", "--input_size", "96", "--batch-size=8", "--accum_iter=2",
                            "--output_dir=/tmp/r", "--blr=1e-3", "--warmup_epochs=1", "--model=mae_vit_tiny"])
-    assert (cfg.data, cfg.img_size, cfg.batch_size, cfg.accum_iter, cfg.output_dir) == ("/x/imagenet", 96, 8, 2, "/tmp/r")
-    assert parse_overrides(["--img-size=32"]).img_size == parse_overrides(["--img_size=32"]).img_size == 32
+    assert (cfg.data.path, cfg.data.img_size, cfg.optim.batch_size, cfg.optim.accum_iter, cfg.output_dir) == (
+        "/x/imagenet", 96, 8, 2, "/tmp/r")
+    assert parse_overrides(["--img-size=32"]).data.img_size == parse_overrides(["--img_size=32"]).data.img_size == 32
 
 
 def test_bare_booleans():
-    assert parse_overrides(["--no_norm_pix_loss"]).norm_pix_loss is False
-    assert parse_overrides(["--no_norm_pix_loss", "--norm_pix_loss"]).norm_pix_loss is True
-    assert parse_overrides(["--compile", "--epochs=2"]).compile is True
+    assert parse_overrides(["--no_norm_pix_loss"]).model.norm_pix_loss is False
+    assert parse_overrides(["--no_norm_pix_loss", "--norm_pix_loss"]).model.norm_pix_loss is True
+    assert parse_overrides(["--compile", "--epochs=2"]).step.compile is True
     cfg = parse_overrides(["--compile", "false", "--no-progress"])
-    assert cfg.compile is False and cfg.progress is False
+    assert cfg.step.compile is False and cfg.logging.progress is False
     with pytest.raises(ValueError, match="takes no value"):
         parse_overrides(["--no_compile=true"])
     with pytest.raises(ValueError, match="expects true/false"):
@@ -47,8 +49,8 @@ def test_config_file_reruns_a_run_and_later_flags_win(tmp_path):
     again = parse_overrides([f"--config={path}"])
     assert again == first
     changed = parse_overrides(["--epochs=1", f"--config={path}", "--output_dir=runs/b", "--img-size=32"])
-    assert changed.epochs == 7  # an earlier flag is overridden by the file
-    assert (changed.output_dir, changed.img_size, changed.norm_pix_loss) == ("runs/b", 32, False)
+    assert changed.schedule.epochs == 7  # an earlier flag is overridden by the file
+    assert (changed.output_dir, changed.data.img_size, changed.model.norm_pix_loss) == ("runs/b", 32, False)
     (tmp_path / "bad.json").write_text(json.dumps({**json.loads(path.read_text()), "ckpts": "x"}))
     with pytest.raises(ValueError, match="does not take: ckpts"):
         parse_overrides([f"--config={tmp_path / 'bad.json'}"])
@@ -82,7 +84,7 @@ def test_help_shows_preset_resolved_values(capsys):
     assert re.search(r"--epochs=800\s", out) and re.search(r"--output_dir=runs/mae-base\s", out)
     fastmae(["pretrain", "--help"])
     assert re.search(r"--epochs=100\s", capsys.readouterr().out)  # the tiny preset's, not the class default
-    assert PretrainConfig().epochs != 100
+    assert PretrainConfig().schedule.epochs != 100
 
 
 def test_bad_flag_is_one_line_exit_2(capsys):
@@ -107,3 +109,49 @@ def test_bench_scripts_take_both_spellings():
 
     assert underscores(["--img-size=32", "--no-csv", "--cpu-batch", "16", "x-y"]) == [
         "--img_size=32", "--no_csv", "--cpu_batch", "16", "x-y"]
+
+
+def test_pretrain_help_is_grouped_by_section_with_every_key_once(capsys):
+    from fastmae.config import SECTIONS
+    from fastmae.flags import unique_keys
+
+    assert fastmae(["pretrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\nkeys (")[1]
+    headings = re.findall(r"^(\w+)(?: \(--method=mae\))?:$", table, re.M)
+    assert headings == ["run", *SECTIONS], headings
+    for key in unique_keys(PretrainConfig):
+        assert len(re.findall(rf"^  --{key.flat}=", table, re.M)) == 1, key.flat
+        assert key.help, key.flat  # one home for help text: the field's metadata
+    assert "--blr=" in table.split("\noptim:\n")[1].split("\nschedule:\n")[0]
+    assert "--img_size=" in table.split("\ndata:\n")[1].split("\nmodel:\n")[0]
+
+
+def test_another_methods_key_is_a_one_line_error(capsys):
+    assert fastmae(["pretrain", "--method=simmim", "--tubelet_size=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fastmae: error: --tubelet_size is a key of --method=videomae; --method=simmim does not take it"]
+
+
+@dataclass
+class ToyOptim:
+    lr: float = field(default=0.1, metadata={"help": "learning rate"})
+
+
+@dataclass
+class ToyConfig:
+    seed: int = field(default=0, metadata={"help": "seed"})
+    optim: ToyOptim = field(default_factory=ToyOptim)
+
+    def validate(self):
+        pass
+
+
+def test_the_section_machinery_serves_any_command_config():
+    """What EvalConfig would take to move to sections: the same parser, help and flat keys, for any dataclass."""
+    from fastmae.flags import describe_keys, parse_flags
+
+    assert parse_flags(["--lr=0.5"], ToyConfig).optim.lr == parse_flags(["--optim.lr", "0.5"], ToyConfig).optim.lr == 0.5
+    assert describe_keys(ToyConfig).splitlines()[::3] == ["run:", "optim:"]
+    with pytest.raises(ValueError, match="unknown config key --optim.momentum"):
+        parse_flags(["--optim.momentum=0.9"], ToyConfig)

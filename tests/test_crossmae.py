@@ -303,7 +303,7 @@ def test_two_training_steps_through_the_loop(tmp_path, demo_dir, fresh_env, entr
     r = subprocess.run(cmd, capture_output=True, text=True, env=fresh_env, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["method"] == "crossmae" and cfg["model"] == "crossmae_vit_tiny"
+    assert cfg["method"]["name"] == "crossmae" and cfg["model"]["name"] == "crossmae_vit_tiny"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["loss"] > 0 for row in rows)
     assert (out / "reconstructions.png").is_file()

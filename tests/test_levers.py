@@ -297,7 +297,7 @@ def test_the_run_folder_records_the_attention_choice_and_its_source(tmp_path):
                                                                                          "sdpa_flash": 0.4}}])
     cfg = parse_overrides([f"--attention_table={path}"])
     set_attention_capabilities(AttnCaps(**H100_CAPS))
-    set_attention_table(pretrain.load_attention_table(cfg.attention_table))
+    set_attention_table(pretrain.load_attention_table(cfg.step.attention_table))
     try:
         text = pretrain.attention_kernels(cfg, torch.bfloat16, torch.device("cuda"), tmp_path / "attention.json")
     finally:
@@ -359,12 +359,12 @@ def _lever_rows(*extra):
     from fastmae.engine import plan as planmod
 
     cfg = parse_overrides([*PLAN_B256, *extra])
-    model = planmod.build_meta_model(cfg.model, cfg.img_size)
-    shape = planmod.model_shape(model, cfg.img_size, cfg.mask_ratio)
-    fwd = planmod.mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
+    model = planmod.build_meta_model(cfg.model.name, cfg.data.img_size)
+    shape = planmod.model_shape(model, cfg.data.img_size, cfg.model.mask_ratio)
+    fwd = planmod.mae_forward_flops(model, cfg.data.img_size, cfg.model.mask_ratio)
     lay = planmod.layout_for(cfg)
-    est = planmod.estimate_step(shape, 0, fwd, lay, planmod.GPUS[cfg.gpu], cfg.compile, cfg.residual_dtype)
-    return {r.name: r for r in levers.lever_rows(cfg, shape, fwd, lay, planmod.GPUS[cfg.gpu], est)}, est
+    est = planmod.estimate_step(shape, 0, fwd, lay, planmod.GPUS[cfg.plan.gpu], cfg.step.compile, cfg.step.residual_dtype)
+    return {r.name: r for r in levers.lever_rows(cfg, shape, fwd, lay, planmod.GPUS[cfg.plan.gpu], est)}, est
 
 
 def test_plan_prints_a_row_per_lever_and_fp8_counts_when_on(capsys):

@@ -135,14 +135,14 @@ MAE_PRESETS = ("tiny", "small", "base", "large", "huge")
 def _layout(preset: str, world: int, device: str = "cuda", gpu: str = "h100", **over):
     cfg = parse_overrides([f"--preset={preset}", f"--device={device}", f"--world_size={world}", f"--gpu={gpu}",
                            *[f"--{k}={v}" for k, v in over.items()]])
-    model = planmod.build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
-    shape = planmod.model_shape(model, cfg.img_size, cfg.mask_ratio)
+    model = planmod.build_meta_model(cfg.model.name, cfg.data.img_size, cfg.model.patch_size)
+    shape = planmod.model_shape(model, cfg.data.img_size, cfg.model.mask_ratio)
     n_params = sum(p.numel() for p in model.parameters())
     spec = flops.GPUS[gpu]
     layout = planmod.resolve_layout(
-        shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device,
-        gpu_mem_gib=spec.mem_gib, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size,
-        accum_iter=cfg.accum_iter, fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype,
+        shape, n_params, target_eff_batch=cfg.optim.eff_batch, world_size=world, device_type=device,
+        gpu_mem_gib=spec.mem_gib, compile=cfg.step.compile, cuda_graphs=cfg.step.cuda_graphs, batch_size=cfg.optim.batch_size,
+        accum_iter=cfg.optim.accum_iter, fsdp=cfg.step.fsdp, residual_dtype=cfg.step.residual_dtype,
     )
     return cfg, shape, n_params, layout
 
@@ -152,17 +152,17 @@ def _layout(preset: str, world: int, device: str = "cuda", gpu: str = "h100", **
 def test_layout_never_combines_graphs_with_accumulation(preset, world):
     cfg, shape, n_params, lay = _layout(preset, world)
     assert lay.eff_batch == lay.batch_size * lay.accum_iter * world
-    if cfg.eff_batch:
-        assert lay.eff_batch == cfg.eff_batch == 4096  # the official recipe's effective batch at any world size
+    if cfg.optim.eff_batch:
+        assert lay.eff_batch == cfg.optim.eff_batch == 4096  # the official recipe's effective batch at any world size
         assert lay.batch_size <= lay.max_batch  # what the memory model says fits
     else:
-        assert (lay.batch_size, lay.accum_iter) == (cfg.batch_size, cfg.accum_iter)
+        assert (lay.batch_size, lay.accum_iter) == (cfg.optim.batch_size, cfg.optim.accum_iter)
     if lay.accum_iter > 1:
         assert not lay.cuda_graphs and lay.compile_mode != "reduce-overhead"
         assert "accum_iter" in lay.reason and "169545" in lay.reason
-    elif cfg.compile and world == 1:
+    elif cfg.step.compile and world == 1:
         assert lay.cuda_graphs and lay.compile_mode == "reduce-overhead"
-    elif cfg.compile:  # many GPUs: DDP needs --cuda_graphs=on, FSDP (the huge preset) never graphs
+    elif cfg.step.compile:  # many GPUs: DDP needs --cuda_graphs=on, FSDP (the huge preset) never graphs
         assert not lay.cuda_graphs and ("unless --cuda_graphs=on" in lay.reason or "127225" in lay.reason)
     else:
         assert not lay.cuda_graphs and "compile is off" in lay.reason
@@ -230,8 +230,8 @@ def test_cuda_graphs_only_where_the_combination_is_known_to_work(preset, world, 
 
 
 def test_cuda_graphs_accepts_the_old_booleans():
-    assert parse_overrides(["--cuda_graphs=true"]).cuda_graphs == "auto"
-    assert parse_overrides(["--cuda_graphs=false"]).cuda_graphs == "off"
+    assert parse_overrides(["--cuda_graphs=true"]).step.cuda_graphs == "auto"
+    assert parse_overrides(["--cuda_graphs=false"]).step.cuda_graphs == "off"
     with pytest.raises(ValueError, match="cuda_graphs must be one of auto, on, off"):
         parse_overrides(["--cuda_graphs=maybe"])
 
@@ -263,7 +263,7 @@ def test_roofline_reproduces_the_design_step_table():
     # DESIGN.md: ViT-B, batch 256, bf16, H100 SXM, eager: ~49 ms = ~5,300 img/s (~31% MFU).
     cfg, shape, n, _ = _layout("base", 16)
     lay = planmod.Layout(256, 1, 256 * 16, True, "reduce-overhead", "", "", None)
-    model = planmod.build_meta_model(cfg.model, 224)
+    model = planmod.build_meta_model(cfg.model.name, 224)
     est = planmod.estimate_step(shape, n, flops.mae_forward_flops(model, 224, 0.75), lay, flops.GPUS["h100"], compile=False)
     assert 44 < est.step_ms < 54 and 4800 < est.img_s < 5800 and 0.27 < est.mfu < 0.35
     assert 21 < est.gemm_ms < 27 and 15 < est.elementwise_ms < 21
@@ -392,7 +392,7 @@ def test_other_methods_are_planned_from_their_own_traced_step(preset, capsys):
     assert "throughput" in out and "communication     DDP all-reduce" in out and "time estimate     none" not in out
     mae = parse_overrides(["--preset=base"])
     gflops = float(out.split("train FLOPs/img")[1].split()[0])
-    assert gflops != pytest.approx(3 * flops.mae_forward_flops(planmod.build_meta_model(mae.model, 224), 224, 0.75) / 1e9,
+    assert gflops != pytest.approx(3 * flops.mae_forward_flops(planmod.build_meta_model(mae.model.name, 224), 224, 0.75) / 1e9,
                                    rel=0.02)
 
 
@@ -403,11 +403,11 @@ def test_traced_flops_match_the_methods_own_count_and_the_paper_shapes():
 
     def traced(preset, shape=(3, 224, 224)):
         cfg = parse_overrides([f"--preset={preset}"])
-        spec = get_method(cfg.method)
-        return planmod.trace_step(lambda: spec.build_model(cfg), shape, cfg.mask_ratio), cfg
+        spec = get_method(cfg.method.name)
+        return planmod.trace_step(lambda: spec.build_model(cfg), shape, cfg.model.mask_ratio), cfg
 
     mae, cfg = traced("base")
-    model = planmod.build_meta_model(cfg.model, 224)
+    model = planmod.build_meta_model(cfg.model.name, 224)
     assert mae.gemm_flops + mae.attention_flops == pytest.approx(3 * flops.mae_forward_flops(model, 224, 0.75), rel=0.06)
     simmim, _ = traced("simmim_vit_base_patch16")
     cross, _ = traced("crossmae_vit_base_patch16")

@@ -135,7 +135,7 @@ def _sized(seg: list[str], gpu: bool, line: str) -> list[str]:
         from fastmae.config import parse_overrides
 
         cfg = parse_overrides(args)  # bad keys or values fail here, whatever the method
-        if cfg.method != "mae":  # the plan models MAE runs only: the parsed config is the check
+        if cfg.method.name != "mae":  # the plan models MAE runs only: the parsed config is the check
             return [sys.executable, "-c", "pass"]
         return _launch(0, command, [*args, *([f"--world_size={nproc}"] if nproc else []), "--dry_run"])
     tiny = TINY_TRAIN if training else TINY.get(command, [])

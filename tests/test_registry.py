@@ -29,14 +29,14 @@ def test_builtin_methods_and_their_presets():
         for name, preset in spec.presets.items():
             assert presets[name] is preset
             cfg = parse_overrides([f"--preset={name}"])
-            assert spec.resolve_model(cfg.model) in spec.models
+            assert spec.resolve_model(cfg.model.name) in spec.models
         if spec.default_preset:
             assert spec.default_preset in spec.presets
     assert {"tiny", "base", "huge", "simmim_tiny", "videomae_vit_base"} <= set(presets)
 
 
 def test_method_flag_picks_its_default_preset_and_size_sibling():
-    assert parse_overrides(["--method=simmim"]).model == "simmim_vit_tiny"
+    assert parse_overrides(["--method=simmim"]).model.name == "simmim_vit_tiny"
     assert parse_overrides(["--method=videomae"]).preset == "videomae_tiny"
     assert get_method("simmim").resolve_model("mae_vit_base_patch16") == "simmim_vit_base_patch16"
     with pytest.raises(ValueError, match="not a mae model"):
@@ -82,8 +82,8 @@ def test_meta_models_give_architecture_facts_without_weights():
 
 
 def _method_name_comparisons(path: Path, names: set[str]) -> list[str]:
-    """Branches on a method name in one file: an expression about a method (``cfg.method``, ``method``) compared
-    with a literal (``cfg.method == "mae"``, ``match method: case "simmim"``), or a literal list of two or more
+    """Branches on a method name in one file: an expression about a method (``cfg.method.name``, ``method``) compared
+    with a literal (``cfg.method.name == "mae"``, ``match method: case "simmim"``), or a literal list of two or more
     method names (``m in ("mae", "simmim")``). A policy that merely shares a name (``augment in ("mae", "eval")``)
     is not a branch on the method."""
     found = []
@@ -125,9 +125,9 @@ def test_nothing_branches_on_a_method_name_outside_its_method_file():
 
 def test_the_scan_finds_a_branch(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text('def f(cfg, m, method, augment):\n    if cfg.method == "x":\n        pass\n'
+    bad.write_text('def f(cfg, m, method, augment):\n    if cfg.method.name == "x":\n        pass\n'
                    '    match method:\n        case "simmim":\n            pass\n'
-                   '    if augment in ("mae", "eval") or cfg.method in known():\n        pass\n'
+                   '    if augment in ("mae", "eval") or cfg.method.name in known():\n        pass\n'
                    '    return m in ("simmim", "mae")\n')
     hits = _method_name_comparisons(bad, {"simmim", "mae"})
     assert sorted(int(h.split(":")[1]) for h in hits) == [2, 5, 9], hits
@@ -168,7 +168,7 @@ def test_a_registered_toy_method_trains_through_the_real_loop(tmp_path, monkeypa
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     register_method(MethodSpec(
         name="toymim", models={"toymim_2block": TwoBlockMIM},
-        model_kwargs=lambda cfg: dict(img_size=cfg.img_size, patch_size=cfg.patch_size),
+        model_kwargs=lambda cfg: dict(img_size=cfg.data.img_size, patch_size=cfg.model.patch_size),
         noise_shape=lambda model, batch: (batch.shape[0], model.num_patches),
         presets={"toymim_tiny": dict(method="toymim", model="toymim_2block", img_size=16, patch_size=4, mask_ratio=0.5,
                                      batch_size=8, epochs=1, warmup_epochs=0.0, blr=1e-3)},

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -115,18 +113,18 @@ def test_build_model_and_presets():
     from fastmae.config import PretrainConfig
 
     spec = get_method("simmim")
-    cfg = PretrainConfig(**spec.presets["simmim_tiny"])
+    cfg = PretrainConfig.from_flat(**spec.presets["simmim_tiny"])
     cfg.validate()
     model = spec.build_model(cfg)
     assert isinstance(model, SimMIMViT) and model.mask_patch_size == 16 and model.patch_size == 8
     base = spec.presets["simmim_vit_base_patch16"]
     assert base["blr"] * 512 / 256 == pytest.approx(1e-4)  # lr 1e-4 per 512 images
-    PretrainConfig(**base).validate()
+    PretrainConfig.from_flat(**base).validate()
     # --method=simmim on the default MAE preset picks the same-size SimMIM model.
-    fallback = spec.build_model(PretrainConfig(method="simmim", model="mae_vit_tiny", img_size=64, patch_size=8))
+    fallback = spec.build_model(PretrainConfig.from_flat(method="simmim", model="mae_vit_tiny", img_size=64, patch_size=8))
     assert isinstance(fallback, SimMIMViT)
     with pytest.raises(ValueError, match="not a simmim model"):
-        spec.build_model(types.SimpleNamespace(method="simmim", model="videomae_vit_tiny", img_size=64, patch_size=8))
+        spec.build_model(PretrainConfig.from_flat(method="simmim", model="videomae_vit_tiny", img_size=64, patch_size=8))
 
 
 def test_tiny_training_run_decreases_loss():

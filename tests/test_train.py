@@ -34,7 +34,7 @@ def test_main_job_leaves_its_outputs(tmp_path, demo_dir, fresh_env):
     for name in ("config.json", "metrics.jsonl", "summary.json", "reconstructions.png"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["img_size"] == 32 and cfg["preset"] == "tiny"
+    assert cfg["data"]["img_size"] == 32 and cfg["preset"] == "tiny"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "img_s", "grad_norm"} <= set(rows[0])
     summary = json.loads((out / "summary.json").read_text())
@@ -118,7 +118,7 @@ def test_k_nonfinite_steps_in_a_row_abort_clearly(tmp_path, demo_dir, fresh_env)
         (["--precision=fp8"], "precision must be one of"),
         (["--mask_ratio=1.0"], r"mask_ratio must be in [0, 1)"),
         (["--preset=gigantic"], "unknown preset 'gigantic'"),
-        (["--img_size=30", "--patch_size=4"], "img_size 30 is not divisible by patch_size 4"),
+        (["--img_size=30", "--patch_size=4"], "img_size 30 is not divisible by the patch size 4"),
         (["--data=/nonexistent/dir"], "/nonexistent/dir"),
     ],
 )

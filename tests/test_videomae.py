@@ -147,13 +147,13 @@ def test_build_model_and_presets():
 
     spec = get_method("videomae")
     for name in ("videomae_tiny", "videomae_vit_base"):
-        PretrainConfig(**spec.presets[name]).validate()
-    cfg = PretrainConfig(**spec.presets["videomae_tiny"])
+        PretrainConfig.from_flat(**spec.presets[name]).validate()
+    cfg = PretrainConfig.from_flat(**spec.presets["videomae_tiny"])
     model = spec.build_model(cfg)
     assert isinstance(model, VideoMAE) and model.target_norm == "tubelet" and model.grid_size == (8, 8, 8)
-    cfg.norm_pix_loss = False
+    cfg.model.norm_pix_loss = False
     assert spec.build_model(cfg).target_norm == "none"
-    cfg.video_target_norm = "channel"
+    cfg.method.video_target_norm = "channel"
     assert spec.build_model(cfg).target_norm == "channel"
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("av")
 
+from fastmae.config import PretrainConfig  # noqa: E402
 from fastmae.data import build_video_loader, demo_cache_dir  # noqa: E402
 from fastmae.data.video import decode_dali, decode_pyav, scan_videos  # noqa: E402
 from fastmae.data.video_demo import encode_video, prepare_video_demo  # noqa: E402
@@ -143,12 +142,12 @@ def test_bad_clips_are_skipped_with_reasons(tmp_path, clips):
     assert "cannot open" in reasons["garbage.webm"]
     items_t, bad_t, _ = scan_videos(tmp_path, span=13, decoder="torch")  # PyAV decodes H.264 on the CPU
     assert len(items_t) == 2 and len(bad_t) == 2
-    cfg = types.SimpleNamespace(method="videomae", data=str(tmp_path), loader="torch", batch_size=1, img_size=32, seed=0,
+    cfg = PretrainConfig.from_flat(method="videomae", data=str(tmp_path), loader="torch", batch_size=1, img_size=32, seed=0,
                                 num_workers=0, num_frames=4, frame_stride=8, tubelet_size=2)
     build_loader = get_method("videomae").build_loader
     with pytest.raises(ValueError, match="no usable clip of 25 frames"):
         build_loader(cfg, 0, 1, "cpu", "train", "float")
-    cfg.num_frames, cfg.frame_stride = 5, 1
+    cfg.method.num_frames, cfg.method.frame_stride = 5, 1
     with pytest.raises(ValueError, match="not divisible by the tubelet size"):
         build_loader(cfg, 0, 1, "cpu", "train", "float")
     # A clip that passes the scan but fails to decode is substituted by the next one and reported once.
@@ -178,7 +177,7 @@ def test_demo_set_and_method_loader(tmp_path, monkeypatch):
     ld.set_epoch(0)
     clips_, labels = next(iter(ld))
     assert clips_.shape == (3, 3, 16, 32, 32) and clips_.dtype == torch.float32 and labels.shape == (3,)
-    cfg = types.SimpleNamespace(method="videomae", data="demo", loader="torch", batch_size=3, img_size=32, seed=0,
+    cfg = PretrainConfig.from_flat(method="videomae", data="demo", loader="torch", batch_size=3, img_size=32, seed=0,
                                 num_workers=0, num_frames=16, frame_stride=4, tubelet_size=0)
     assert get_method("videomae").build_loader(cfg, 0, 1, "cpu", "val", "uint8").steps_per_epoch == 2  # 6 val clips
 

@@ -134,25 +134,26 @@ def _levers(cfg, shape, fwd_flops: float, images: int, gpu, est, attention_table
 
     bw = gpu.hbm_tbs * 1e12 * p.BW_EFF
     per_tc_ms = _token_channels(shape) * images / bw * 1e3  # ms per byte per token-channel per block
-    factor = p.COMPILE_ELEMENTWISE_FACTOR if cfg.compile else 1.0
-    dec_in = getattr(cfg, "decoder_input_dtype", "auto")
-    dec_on = dec_in == "autocast" or (dec_in == "auto" and cfg.residual_dtype == "bf16")
+    factor = p.COMPILE_ELEMENTWISE_FACTOR if cfg.step.compile else 1.0
+    dec_in = getattr(cfg.step, "decoder_input_dtype", "auto")
+    dec_on = dec_in == "autocast" or (dec_in == "auto" and cfg.step.residual_dtype == "bf16")
     L, V, Dd = shape.num_patches, shape.num_visible, shape.decoder_embed_dim
     k2 = (k2_bytes(images, L, V, Dd, 2) - k2_bytes(images, L, V, Dd, 4)) / bw * 1e3
     dec_res = -p.BF16_RESIDUAL_SAVING * factor * _token_channels(shape, True) * images / bw * 1e3
-    fp8 = getattr(cfg, "fp8", "off")
+    fp8 = getattr(cfg.step, "fp8", "off")
     mode = fp8 if fp8 != "off" else "rowwise"
     fp8_ms = _fp8_ms(est, shape, fwd_flops, images, bw, gpu.key, mode)
-    epi = getattr(cfg, "compile_mode", "auto") == "max-autotune-no-cudagraphs"
+    epi = getattr(cfg.step, "compile_mode", "auto") == "max-autotune-no-cudagraphs"
     att = measured_attention_ms(shape, attention_table, images) if attention_table else None
     levers = [
         _Lever(f"fp8={mode}", fp8_ms, fp8 != "off", False, "no FP8 tensor cores" if fp8_ms is None else ""),
-        _Lever("decoder_input_dtype=autocast", k2 + (0.0 if cfg.residual_dtype == "bf16" else dec_res), dec_on, False,
+        _Lever("decoder_input_dtype=autocast", k2 + (0.0 if cfg.step.residual_dtype == "bf16" else dec_res), dec_on, False,
                f"K2 {k2:+.2f} ms"),
         _Lever("residual_dtype=bf16", -p.BF16_RESIDUAL_SAVING * factor * per_tc_ms - (dec_res if dec_on else 0.0),
-               cfg.residual_dtype == "bf16", True),
-        _Lever("compile_mode=max-autotune-no-cudagraphs", -EPILOGUE_BYTES_SAVED * factor * per_tc_ms if cfg.compile else None,
-               epi, False, "" if cfg.compile else "needs --compile"),
+               cfg.step.residual_dtype == "bf16", True),
+        _Lever("compile_mode=max-autotune-no-cudagraphs",
+               -EPILOGUE_BYTES_SAVED * factor * per_tc_ms if cfg.step.compile else None,
+               epi, False, "" if cfg.step.compile else "needs --compile"),
         _Lever("attention_table", (att - est.attention_ms) if att is not None else 0.0, att is not None, False,
                "measured per shape" if att is not None else "no table: the roofline's time"),
         _Lever("fewer elementwise passes", 0.0, True, True,

@@ -531,7 +531,7 @@ class Plan:
 
 
 def _world_size(cfg) -> int:
-    return cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    return cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _target(cfg) -> tuple[str, GpuSpec | None, float | None, str]:
@@ -540,8 +540,8 @@ def _target(cfg) -> tuple[str, GpuSpec | None, float | None, str]:
     device = device.split(":")[0]
     if device != "cuda":
         return device, None, None, ""
-    if cfg.gpu:
-        return device, GPUS[cfg.gpu], GPUS[cfg.gpu].mem_gib, f"--gpu={cfg.gpu}"
+    if cfg.plan.gpu:
+        return device, GPUS[cfg.plan.gpu], GPUS[cfg.plan.gpu].mem_gib, f"--gpu={cfg.plan.gpu}"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         spec = gpu_spec(name)
@@ -557,10 +557,11 @@ def _resolve_for(cfg, shape: ModelShape | None, n_params: int, device: str, mem_
     from fastmae.layers.attention import attention_backend
 
     return resolve_layout(
-        shape, n_params, target_eff_batch=cfg.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
-        compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
-        fsdp=cfg.fsdp, residual_dtype=cfg.residual_dtype, attention=attention_backend(), compile_mode=cfg.compile_mode,
-        reserved_gib=DALI_MEM_GIB if cfg.loader == "dali" and device == "cuda" else 0.0, act_per_image=act_per_image,
+        shape, n_params, target_eff_batch=cfg.optim.eff_batch, world_size=world, device_type=device, gpu_mem_gib=mem_gib,
+        compile=cfg.step.compile, cuda_graphs=cfg.step.cuda_graphs, batch_size=cfg.optim.batch_size,
+        accum_iter=cfg.optim.accum_iter, fsdp=cfg.step.fsdp, residual_dtype=cfg.step.residual_dtype,
+        attention=attention_backend(), compile_mode=cfg.step.compile_mode,
+        reserved_gib=DALI_MEM_GIB if cfg.data.loader == "dali" and device == "cuda" else 0.0, act_per_image=act_per_image,
     )
 
 
@@ -572,11 +573,11 @@ def layout_for(cfg, world_size: int | None = None) -> Layout:
     """
     device, _, mem, _ = _target(cfg)
     try:
-        model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+        model = build_meta_model(cfg.model.name, cfg.data.img_size, cfg.model.patch_size)
     except ValueError:
         # Not an MAE model: no memory model, so the configured split stands (capped by batch_size).
         return _resolve_for(cfg, None, 0, device, None, world_size or _world_size(cfg))
-    shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
+    shape = model_shape(model, cfg.data.img_size, cfg.model.mask_ratio)
     n_params = sum(p.numel() for p in model.parameters())
     return _resolve_for(cfg, shape, n_params, device, mem, world_size or _world_size(cfg))
 
@@ -601,7 +602,7 @@ def _target_caps(spec: GpuSpec | None):
 
 
 def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: TracedStep | None = None) -> Plan:
-    """Everything a run of ``cfg`` would resolve to, for its target (``cfg.device``, ``cfg.gpu``, ``cfg.world_size``).
+    """Everything a run of ``cfg`` would resolve to, for its target (``cfg.device``, ``cfg.plan.gpu``, ``cfg.plan.world_size``).
 
     ``model`` (meta device) and ``flops_per_image`` describe a model that is not an MAE (the caller asks the
     method registry): its plan has the layout, precision, parameters and FLOPs, but no memory model or time.
@@ -613,43 +614,44 @@ def build_plan(cfg, model=None, flops_per_image: float | None = None, trace: Tra
     world = _world_size(cfg)
     if model is not None and not isinstance(model, MaskedAutoencoderViT):
         return _generic_plan(cfg, model, flops_per_image, device, spec, note, world, trace)
-    model = build_meta_model(cfg.model, cfg.img_size, cfg.patch_size)
+    model = build_meta_model(cfg.model.name, cfg.data.img_size, cfg.model.patch_size)
     n_params = sum(p.numel() for p in model.parameters())
-    shape = model_shape(model, cfg.img_size, cfg.mask_ratio)
-    fwd_flops = mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
+    shape = model_shape(model, cfg.data.img_size, cfg.model.mask_ratio)
+    fwd_flops = mae_forward_flops(model, cfg.data.img_size, cfg.model.mask_ratio)
     policy = attention_backend()
     layout = _resolve_for(cfg, shape, n_params, device, mem, world)
     precision = _precision(cfg, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     attention = describe_attention(shape.attention_shapes(), dtype, device, _target_caps(spec))
-    act = activation_bytes_per_image(shape, cfg.residual_dtype, policy) * layout.batch_size
+    act = activation_bytes_per_image(shape, cfg.step.residual_dtype, policy) * layout.batch_size
     estimate, span, comm = None, None, (None, None)
     if spec is not None:
         on = _planned_levers(cfg, shape, fwd_flops, layout, spec)
-        estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, levers=on)
+        estimate = estimate_step(shape, n_params, fwd_flops, layout, spec, cfg.step.compile, cfg.step.residual_dtype, levers=on)
         span, comm = _span(cfg, n_params, spec, world, lambda a, price: estimate_step(
-            shape, n_params, fwd_flops, layout, spec, cfg.compile, cfg.residual_dtype, a, price, on))
+            shape, n_params, fwd_flops, layout, spec, cfg.step.compile, cfg.step.residual_dtype, a, price, on))
     levers = _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate)
-    steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
+    steps = cfg.schedule.max_steps or cfg.schedule.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
     total_images = steps * layout.eff_batch
     wall = total_images / (span[0].img_s * world) / 3600 if span else None
     return Plan(
-        model=cfg.model, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
-        lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=precision, kernels=ops.kernel_backend(device),
+        model=cfg.model.name, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
+        lr=cfg.optim.lr or cfg.optim.blr * layout.eff_batch / 256, precision=precision, kernels=ops.kernel_backend(device),
         attention=attention, n_params=n_params, train_gflops_per_image=3 * fwd_flops / 1e9,
-        activation_gib=act / 2**30, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
+        activation_gib=act / 2**30, state_gib=state_bytes(n_params, cfg.step.fsdp, world) / 2**30,
         estimate=estimate, total_images=total_images, wall_hours=wall, span=span, comm=comm, levers=levers,
-        reserved_gib=DALI_MEM_GIB if cfg.loader == "dali" and device == "cuda" else 0.0,
+        reserved_gib=DALI_MEM_GIB if cfg.data.loader == "dali" and device == "cuda" else 0.0,
     )
 
 
 def _span(cfg, n_params: int, spec: GpuSpec, world: int, estimate: Callable[..., StepEstimate]):
     """The (pessimistic, optimistic) step estimates with glue and communication, and their communication;
     ``estimate(assumptions, price)`` is :func:`estimate_step` or :func:`estimate_traced` bound to the run."""
-    link = interconnect_for(spec, cfg.network, cfg.gpus_per_node)
+    link = interconnect_for(spec, cfg.plan.network, cfg.plan.gpus_per_node)
     out, comms = [], []
     for a in (PESSIMISTIC, OPTIMISTIC):
-        price = lambda backward_ms, a=a: communication(n_params, world, cfg.fsdp, cfg.hsdp, cfg.grad_compression, link,
+        price = lambda backward_ms, a=a: communication(n_params, world, cfg.step.fsdp, cfg.step.hsdp,
+                                                       cfg.step.grad_compression, link,
                                                        a, backward_ms)
         est = estimate(a, price)
         out.append(est)
@@ -662,7 +664,7 @@ def _planned_levers(cfg, shape, fwd_flops, layout, spec) -> Callable[[dict[str, 
     from fastmae.engine import levers
     from fastmae.layers.attention import attention_table
 
-    table = attention_table(cfg.attention_table)
+    table = attention_table(cfg.step.attention_table)
     return lambda terms: levers.planned_ms(cfg, shape, fwd_flops, layout.batch_size * layout.accum_iter, spec, terms,
                                            table)
 
@@ -673,13 +675,13 @@ def _lever_lines(cfg, shape, fwd_flops, layout, spec, estimate) -> list[str]:
 
     if estimate is None:
         return []
-    rows = levers.lever_rows(cfg, shape, fwd_flops, layout, spec, estimate, attention_table(cfg.attention_table))
+    rows = levers.lever_rows(cfg, shape, fwd_flops, layout, spec, estimate, attention_table(cfg.step.attention_table))
     return levers.format_lever_rows(rows) + ["                  " + a for a in levers.LEVER_ASSUMPTIONS]
 
 
 def _precision(cfg, device: str) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
+    if cfg.step.precision != "auto":
+        return cfg.step.precision
     if device == "cuda":
         return "bf16"  # every GPU in the peak table computes bf16 natively
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
@@ -695,21 +697,22 @@ def _generic_plan(cfg, model, flops_per_image, device: str, spec: GpuSpec | None
     traced = trace is not None and not trace.error
     # The configured split, as the run itself resolves it (layout_for has no trace); the memory line says whether it fits.
     layout = _resolve_for(cfg, None, n_params, device, None, world)
-    steps = cfg.max_steps or cfg.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
+    steps = cfg.schedule.max_steps or cfg.schedule.epochs * (IMAGENET_TRAIN_IMAGES // layout.eff_batch)
     span, comm, act = None, (None, None), None
     if traced:
         flops_per_image = trace.gemm_flops + trace.attention_flops  # counted, forward + backward
         act = trace.saved_bytes * layout.batch_size / 2**30
         if spec is not None:
             span, comm = _span(cfg, n_params, spec, world,
-                               lambda a, price: estimate_traced(trace, n_params, layout, spec, cfg.compile, a, price))
-    roof = estimate_traced(trace, n_params, layout, spec, cfg.compile, ROOFLINE) if span else None
+                               lambda a, price: estimate_traced(trace, n_params, layout, spec, cfg.step.compile, a, price))
+    roof = estimate_traced(trace, n_params, layout, spec, cfg.step.compile, ROOFLINE) if span else None
     total = steps * layout.eff_batch
     return Plan(
-        model=cfg.model, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
-        lr=cfg.lr or cfg.blr * layout.eff_batch / 256, precision=_precision(cfg, device), kernels=ops.kernel_backend(device),
+        model=cfg.model.name, device=device, gpu=spec.label if spec else "", gpu_note=note, world_size=world, layout=layout,
+        lr=cfg.optim.lr or cfg.optim.blr * layout.eff_batch / 256, precision=_precision(cfg, device),
+        kernels=ops.kernel_backend(device),
         attention={}, n_params=n_params, train_gflops_per_image=flops_per_image / 1e9 if flops_per_image else None,
-        activation_gib=act, state_gib=state_bytes(n_params, cfg.fsdp, world) / 2**30,
+        activation_gib=act, state_gib=state_bytes(n_params, cfg.step.fsdp, world) / 2**30,
         estimate=roof, total_images=total, wall_hours=total / (span[0].img_s * world) / 3600 if span else None,
         span=span, comm=comm, trace_note=trace.error if trace is not None else "",
     )

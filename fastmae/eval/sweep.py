@@ -45,6 +45,7 @@ from fastmae.config import PretrainConfig, describe_keys, parse_overrides
 from fastmae.eval.demo import DemoConfig, pretrain_on_digits
 from fastmae.eval.protocol import EvalConfig
 from fastmae.eval.protocols import get_protocol, list_protocols, protocol_for
+from fastmae.flags import keys as flag_keys
 
 BOTH = ("linprobe", "finetune")  # --protocol=both, and what a pretraining-key sweep scores each encoder with
 # keys of the digits demo's pretraining that a sweep may vary
@@ -130,7 +131,7 @@ def key_kind(key: str, demo: bool) -> str:
         return "protocol"
     if demo and (key in DIGITS_PRETRAIN_KEYS):
         return "digits_pretrain"
-    if not demo and key in {f.name for f in fields(PretrainConfig)}:
+    if not demo and key in flag_keys(PretrainConfig):
         return "pretrain"
     known = DIGITS_PRETRAIN_KEYS if demo else "fastmae pretrain's keys"
     raise ValueError(f"cannot sweep --{key}: not a protocol key, nor a pretraining key ({known})")

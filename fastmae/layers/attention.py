@@ -256,11 +256,16 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str, scale: float, 
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def check_heads(dim: int, num_heads: int, names: tuple[str, str] = ("dim", "num_heads")) -> None:
+    """Heads split the width evenly: the one check of it, for the layers and for a run config's decoder keys."""
+    if dim % num_heads:
+        raise ValueError(f"{names[0]} {dim} is not divisible by {names[1]} {num_heads}")
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastmae.layers.attention import attention_backend, attention_capabilities, choose_attention_backend, dense_attention
+from fastmae.layers.attention import (
+    attention_backend,
+    attention_capabilities,
+    check_heads,
+    choose_attention_backend,
+    dense_attention,
+)
 
 
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5

@@ -12,14 +12,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def check_patch_grid(img_size: int | tuple[int, int], patch_size: int) -> None:
+    """The image tiles into whole patches: the one check of it, for the layer and for a run config."""
+    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if sizes[0] % patch_size or sizes[1] % patch_size:
+        raise ValueError(f"img_size {img_size} is not divisible by the patch size {patch_size}")
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}")
+        check_patch_grid(img_size, patch_size)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)

@@ -1,16 +1,17 @@
 """CrossMAE (Fu et al., TMLR 2025) as a registered method: cross-attention decoder, partial reconstruction.
 
-The models are :mod:`fastmae.models.crossmae`'s. Run keys read here beyond MAE's: ``prediction_ratio``
-(0 = the model's, 0.25 in the presets), ``feature_fusion`` ("" = the model's, true | false),
-``mask_type`` and ``decoder_embed_dim`` / ``decoder_depth`` / ``decoder_num_heads`` (0 = the model's).
-``loss_on=all`` and ``encoder_mask_tokens=true`` are MAE-only ablations and are refused.
+The models are :mod:`fastmae.models.crossmae`'s. Its keys (:class:`CrossMAEConfig`): MAE's ``mask_type`` and
+decoder shape, plus ``prediction_ratio`` (0 = the model's, 0.25) and ``feature_fusion`` (none = the model's, on).
+``loss_on`` and ``encoder_mask_tokens`` are MAE-only ablations: as flags they are refused at parse time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torch import nn
 
-from fastmae.methods.mae import OFFICIAL_RECIPE, noise_shape, visualize
+from fastmae.methods.mae import OFFICIAL_RECIPE, MaskDecoderConfig, noise_shape, visualize
 from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
 from fastmae.models.crossmae import CROSSMAE_MODELS
 
@@ -23,18 +24,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass
+class CrossMAEConfig(MaskDecoderConfig):
+    prediction_ratio: float = field(default=0.0, metadata={"help": "fraction of all patches decoded in training (a "
+                                                                   "random subset of the masked); 0 = the model's (0.25)"})
+    feature_fusion: bool | None = field(default=None, metadata={"help": "inter-block feature maps: true | false; none "
+                                                                        "= the model's (on)"})
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        if not 0.0 <= self.prediction_ratio <= 1.0:
+            raise ValueError(f"prediction_ratio must be in [0, 1] (0 = the model's), got {self.prediction_ratio}")
+
+
 def model_kwargs(cfg) -> dict:
-    if cfg.loss_on != "masked" or cfg.encoder_mask_tokens:
-        raise ValueError("crossmae decodes masked patches from visible tokens only: loss_on=all and "
-                         "encoder_mask_tokens=true are MAE ablations (use --method=mae)")
-    kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss, "mask_type": cfg.mask_type}
-    if cfg.prediction_ratio:
-        kw["prediction_ratio"] = cfg.prediction_ratio
-    if cfg.feature_fusion:
-        kw["feature_fusion"] = cfg.feature_fusion == "true"
-    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-        if getattr(cfg, key):
-            kw[key] = getattr(cfg, key)
+    m = cfg.method
+    kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.model.norm_pix_loss, "mask_type": m.mask_type,
+          **m.decoder_kwargs()}
+    if m.prediction_ratio:
+        kw["prediction_ratio"] = m.prediction_ratio
+    if m.feature_fusion is not None:
+        kw["feature_fusion"] = m.feature_fusion
     return kw
 
 
@@ -69,11 +79,11 @@ def forward_flops(model: nn.Module, img_size: int, mask_ratio: float, prediction
 
 def flops_per_image(model: nn.Module, cfg) -> float:
     """Training FLOPs per image: forward + backward = 3 forwards."""
-    return 3 * forward_flops(model, cfg.img_size, cfg.mask_ratio)
+    return 3 * forward_flops(model, cfg.data.img_size, cfg.model.mask_ratio)
 
 
 register_method(MethodSpec(
     name="crossmae", models=CROSSMAE_MODELS, model_kwargs=model_kwargs, noise_shape=noise_shape,
     presets=PRESETS, default_preset="crossmae_tiny", size_siblings_of=("mae_",), flops_per_image=flops_per_image,
-    visualize=visualize,
+    visualize=visualize, config=CrossMAEConfig,
 ))

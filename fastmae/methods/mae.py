@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from fastmae.engine.flops import mae_forward_flops
-from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
+from fastmae.layers import attention
+from fastmae.methods.registry import MethodConfig, MethodSpec, image_model_kwargs, register_method
 from fastmae.models import MODELS
+from fastmae.models.masks import MASK_TYPES
 
 # Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
 OFFICIAL_RECIPE = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, eff_batch=4096, blr=1.5e-4,
@@ -27,14 +30,57 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _help(text: str, **meta) -> dict:
+    return {"help": text, **meta}
+
+
+@dataclass
+class MaskDecoderConfig(MethodConfig):
+    """The keys MAE and CrossMAE share: the MAE paper's mask pattern and the decoder's shape (0 = the model's)."""
+
+    mask_type: str = field(default="random", metadata=_help("random | block (BEiT-style blocks, exact count) | grid "
+                                                            "(keep 1 of every 2x2; mask_ratio 0.75): the MAE paper's Fig. 6"))
+    decoder_embed_dim: int = field(default=0, metadata=_help("decoder width; 0 = the model's"))
+    decoder_depth: int = field(default=0, metadata=_help("decoder blocks; 0 = the model's"))
+    decoder_num_heads: int = field(default=0, metadata=_help("decoder attention heads; 0 = the model's"))
+
+    def validate(self, cfg) -> None:
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
+        if self.mask_type == "grid" and cfg.model.mask_ratio != 0.75:
+            raise ValueError(f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, "
+                             f"got {cfg.model.mask_ratio}")
+        if min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) < 0:
+            raise ValueError("decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)")
+        if self.decoder_embed_dim and self.decoder_num_heads:
+            attention.check_heads(self.decoder_embed_dim, self.decoder_num_heads, ("decoder_embed_dim", "decoder_num_heads"))
+
+    def decoder_kwargs(self) -> dict:
+        """The decoder shape keys that are set (0 = the model's)."""
+        return {k: getattr(self, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads") if getattr(self, k)}
+
+
+@dataclass
+class MAEConfig(MaskDecoderConfig):
+    """MAE's keys: the shared mask/decoder keys plus the paper's two ablations of what the encoder sees and the loss."""
+
+    loss_on: str = field(default="masked", metadata=_help("masked (MAE) | all (loss on visible patches too: the paper's "
+                                                          "'w/o masked only')"))
+    encoder_mask_tokens: bool = field(default=False, metadata=_help("the encoder sees every patch, masked ones as a mask "
+                                                                     "token (the paper's 'encoder w/ [M]', ~3.3x encoder FLOPs)"))
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        if self.loss_on not in ("masked", "all"):
+            raise ValueError(f"loss_on must be masked or all, got {self.loss_on!r}")
+
+
 def model_kwargs(cfg) -> dict:
-    kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.norm_pix_loss, "residual_dtype": cfg.residual_dtype}
-    # The MAE paper's ablations (fields of PretrainConfig; 0 = the model's decoder shape).
-    for key in ("mask_type", "loss_on", "encoder_mask_tokens", "decoder_input_dtype"):
-        kw[key] = getattr(cfg, key)
-    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-        if getattr(cfg, key):
-            kw[key] = getattr(cfg, key)
+    m = cfg.method
+    kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.model.norm_pix_loss, "residual_dtype": cfg.step.residual_dtype,
+          "decoder_input_dtype": cfg.step.decoder_input_dtype}
+    # The MAE paper's ablations (MAEConfig).
+    kw.update(mask_type=m.mask_type, loss_on=m.loss_on, encoder_mask_tokens=m.encoder_mask_tokens, **m.decoder_kwargs())
     return kw
 
 
@@ -45,7 +91,7 @@ def noise_shape(model: nn.Module, batch: Tensor) -> tuple[int, int]:
 
 def flops_per_image(model: nn.Module, cfg) -> float:
     """Training FLOPs per image: forward + backward = 3 forwards."""
-    return 3 * mae_forward_flops(model, cfg.img_size, cfg.mask_ratio)
+    return 3 * mae_forward_flops(model, cfg.data.img_size, cfg.model.mask_ratio)
 
 
 def visualize(model: nn.Module, batch: Tensor, mask_ratio: float, noise: Tensor, path: Path | None, mean, std) -> Path | None:
@@ -58,5 +104,5 @@ def visualize(model: nn.Module, batch: Tensor, mask_ratio: float, noise: Tensor,
 
 register_method(MethodSpec(
     name="mae", models=MODELS, model_kwargs=model_kwargs, noise_shape=noise_shape, presets=PRESETS,
-    default_preset="tiny", flops_per_image=flops_per_image, visualize=visualize,
+    default_preset="tiny", flops_per_image=flops_per_image, visualize=visualize, config=MAEConfig,
 ))

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BUILTIN_METHODS",
+    "MethodConfig",
     "MethodSpec",
     "build_meta_model",
     "find_model",
@@ -49,9 +50,9 @@ _METHODS: dict[str, MethodSpec] = {}
 
 def image_model_kwargs(cfg) -> dict:
     """The factory arguments every image model takes from a run config: image size, patch size (0 = the model's)."""
-    kw: dict = dict(img_size=cfg.img_size)
-    if cfg.patch_size:
-        kw["patch_size"] = cfg.patch_size
+    kw: dict = dict(img_size=cfg.data.img_size)
+    if cfg.model.patch_size:
+        kw["patch_size"] = cfg.model.patch_size
     return kw
 
 
@@ -61,18 +62,30 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
 
     train = split == "train"
     return build_loader(
-        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, loader=cfg.loader, output=output,
-        train=train, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device),
-        drop_last=train, holdout_fraction=cfg.holdout_fraction, augment=(cfg.augment or None) if train else None,
-        index_cache=_scan_index_dir(cfg),
-        decode=getattr(cfg, "decode", "pil"), repeat_samples=getattr(cfg, "repeat_samples", 1) if train else 1,
+        cfg.data.path, split=split, batch_size=cfg.optim.batch_size, img_size=cfg.data.img_size, loader=cfg.data.loader,
+        output=output, train=train, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=rank, world_size=world_size,
+        device=str(device), drop_last=train, holdout_fraction=cfg.data.holdout_fraction,
+        augment=(cfg.data.augment or None) if train else None, index_cache=_scan_index_dir(cfg),
+        decode=cfg.data.decode, repeat_samples=cfg.data.repeat_samples if train else 1,
     )
 
 
 def _scan_index_dir(cfg) -> str | None:
     """The scan index kept beside the run (``OUTPUT_DIR/scan-index``): a requeued job re-reads no unchanged file."""
-    out = getattr(cfg, "output_dir", "")
+    out = cfg.output_dir
     return os.path.join(out, "scan-index") if out else None
+
+
+@dataclass
+class MethodConfig:
+    """A method's own run keys, ``cfg.method``: ``name`` (the registered method) plus the fields a method's
+    subclass declares (``MethodSpec.config``). A key of another method is refused when given as a flag."""
+
+    name: str = field(default="mae", metadata={"flat": "method", "help": "pretraining method (a registered one: mae, "
+                                                                          "simmim, videomae, crossmae)"})
+
+    def validate(self, cfg) -> None:
+        """One-line ValueError for a bad key; ``cfg`` is the whole run config (for constraints across sections)."""
 
 
 def no_flops(model: nn.Module, cfg) -> float | None:
@@ -102,6 +115,7 @@ class MethodSpec:
     visualize: (model, batch, mask_ratio, noise, path, mean, std) -> the picture written, or None;
         ``path=None`` runs the forward without writing (FSDP ranks other than 0).
     unit: what one sample is ("images", "clips").
+    config: the dataclass of the method's own keys (a :class:`MethodConfig`), what ``cfg.method`` is.
     """
 
     name: str
@@ -115,6 +129,7 @@ class MethodSpec:
     flops_per_image: Callable[[nn.Module, Any], float | None] = no_flops
     visualize: Callable[..., Path | None] = no_visualization
     unit: str = "images"
+    config: type[MethodConfig] = MethodConfig
 
     def resolve_model(self, name: str) -> str:
         """``name`` itself, or this method's same-size sibling of another method's model."""
@@ -126,7 +141,7 @@ class MethodSpec:
         raise ValueError(f"model {name!r} is not a {self.name} model; choose one of {sorted(self.models)}")
 
     def build_model(self, cfg) -> nn.Module:
-        return self.models[self.resolve_model(cfg.model)](**self.model_kwargs(cfg))
+        return self.models[self.resolve_model(cfg.model.name)](**self.model_kwargs(cfg))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, mask_ratio: float,

@@ -24,13 +24,14 @@ parameter names follow the official MAE encoder (``patch_embed.proj``, ``cls_tok
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.layers import init_weights
-from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
+from fastmae.methods.registry import MethodConfig, MethodSpec, image_model_kwargs, register_method
 from fastmae.models.masks import block_mask, block_mask_geometry
 from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import unpatchify
@@ -145,11 +146,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass
+class SimMIMConfig(MethodConfig):
+    mask_patch_size: int = field(default=0, metadata={"help": "SimMIM mask cell in pixels (a multiple of patch_size); "
+                                                               "0 = the model's"})
+
+    def validate(self, cfg) -> None:
+        if self.mask_patch_size < 0:
+            raise ValueError(f"mask_patch_size must be >= 0, got {self.mask_patch_size}")
+
+
 def model_kwargs(cfg) -> dict:
     """``mask_patch_size`` 0 keeps the model's cell size."""
-    kw = {**image_model_kwargs(cfg), "residual_dtype": cfg.residual_dtype}
-    if cfg.mask_patch_size:
-        kw["mask_patch_size"] = cfg.mask_patch_size
+    kw = {**image_model_kwargs(cfg), "residual_dtype": cfg.step.residual_dtype}
+    if cfg.method.mask_patch_size:
+        kw["mask_patch_size"] = cfg.method.mask_patch_size
     return kw
 
 
@@ -161,5 +172,5 @@ def noise_shape(model: SimMIMViT, batch: Tensor) -> tuple[int, int]:
 
 register_method(MethodSpec(
     name="simmim", models=SIMMIM_MODELS, model_kwargs=model_kwargs, noise_shape=noise_shape, presets=PRESETS,
-    default_preset="simmim_tiny", size_siblings_of=("mae_",),
+    default_preset="simmim_tiny", size_siblings_of=("mae_",), config=SimMIMConfig,
 ))

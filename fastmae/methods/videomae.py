@@ -33,6 +33,7 @@ token (VideoMAE pools by mean downstream). Names follow the official MAE style: 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.layers import Block, TubeletEmbed, init_weights, sinusoid_table
-from fastmae.methods.registry import MethodSpec, image_model_kwargs, register_method
+from fastmae.methods.registry import MethodConfig, MethodSpec, image_model_kwargs, register_method
 from fastmae.models.masks import tube_mask
 from fastmae.models.vit import LayerNorm6
 
@@ -279,12 +280,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass
+class VideoMAEConfig(MethodConfig):
+    num_frames: int = field(default=16, metadata={"help": "VideoMAE clip length in frames"})
+    frame_stride: int = field(default=4, metadata={"help": "VideoMAE frame sampling stride"})
+    tubelet_size: int = field(default=0, metadata={"help": "VideoMAE tubelet depth in frames; 0 = the model's (2)"})
+    video_target_norm: str = field(default="", metadata={"help": "VideoMAE target: '' (tubelet if norm_pix_loss) | "
+                                                                  "tubelet | channel | none"})
+
+    def validate(self, cfg) -> None:
+        if self.tubelet_size < 0:
+            raise ValueError(f"tubelet_size must be >= 0, got {self.tubelet_size}")
+        if self.num_frames <= 0 or self.frame_stride <= 0:
+            raise ValueError("num_frames and frame_stride must be positive")
+        if self.video_target_norm not in ("", "tubelet", "channel", "none"):
+            raise ValueError(f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}")
+
+
 def model_kwargs(cfg) -> dict:
     """``tubelet_size`` 0 keeps the model's; ``video_target_norm`` "" follows ``norm_pix_loss`` ("tubelet" or "none")."""
-    kw = {**image_model_kwargs(cfg), "num_frames": cfg.num_frames}
-    if cfg.tubelet_size:
-        kw["tubelet_size"] = cfg.tubelet_size
-    kw["target_norm"] = cfg.video_target_norm or ("tubelet" if cfg.norm_pix_loss else "none")
+    m = cfg.method
+    kw = {**image_model_kwargs(cfg), "num_frames": m.num_frames}
+    if m.tubelet_size:
+        kw["tubelet_size"] = m.tubelet_size
+    kw["target_norm"] = m.video_target_norm or ("tubelet" if cfg.model.norm_pix_loss else "none")
     return kw
 
 
@@ -297,18 +316,20 @@ def clip_loader(cfg, rank: int, world_size: int, device, split: str, output: str
     """Clips (float (N, C, T, H, W) normalized, or uint8 (N, T, H, W, C)) of a run config."""
     from fastmae.data import build_video_loader
 
-    tubelet = cfg.tubelet_size or 2
-    if cfg.num_frames % tubelet:
-        raise ValueError(f"num_frames {cfg.num_frames} is not divisible by the tubelet size {tubelet}")
+    m = cfg.method
+    tubelet = m.tubelet_size or 2
+    if m.num_frames % tubelet:
+        raise ValueError(f"num_frames {m.num_frames} is not divisible by the tubelet size {tubelet}")
     train = split == "train"
     return build_video_loader(
-        cfg.data, split=split, batch_size=cfg.batch_size, img_size=cfg.img_size, num_frames=cfg.num_frames,
-        frame_stride=cfg.frame_stride, loader=cfg.loader, output=output, train=train, num_workers=cfg.num_workers,
-        seed=cfg.seed, rank=rank, world_size=world_size, device=str(device), drop_last=train,
+        cfg.data.path, split=split, batch_size=cfg.optim.batch_size, img_size=cfg.data.img_size, num_frames=m.num_frames,
+        frame_stride=m.frame_stride, loader=cfg.data.loader, output=output, train=train,
+        num_workers=cfg.data.num_workers, seed=cfg.seed, rank=rank, world_size=world_size, device=str(device), drop_last=train,
     )
 
 
 register_method(MethodSpec(
     name="videomae", models=VIDEOMAE_MODELS, model_kwargs=model_kwargs, noise_shape=noise_shape, presets=PRESETS,
     default_preset="videomae_tiny", size_siblings_of=("mae_",), build_loader=clip_loader, unit="clips",
+    config=VideoMAEConfig,
 ))
