@@ -20,7 +20,7 @@ from fastmae.engine.flops import GPUS
 from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
 from fastmae.methods.registry import get_method, list_methods
 from fastmae.models.mae import DECODER_INPUT_DTYPES
-from fastmae.models.masks import MASK_TYPES
+from fastmae.models.masks import mask_checks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")
@@ -197,9 +197,7 @@ class PretrainConfig:
              f"video_target_norm must be tubelet, channel or none, got {self.video_target_norm!r}"),
             (self.augment in ("",) + PRETRAIN_AUGMENTS,
              f"augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {self.augment!r}"),
-            (self.mask_type in MASK_TYPES, f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}"),
-            (self.mask_type != "grid" or self.mask_ratio == 0.75,
-             f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, got {self.mask_ratio}"),
+            *mask_checks(self.mask_type, self.mask_ratio),
             (self.loss_on in ("masked", "all"), f"loss_on must be masked or all, got {self.loss_on!r}"),
             (min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) >= 0,
              "decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)"),

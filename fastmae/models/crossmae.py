@@ -36,7 +36,7 @@ from fastmae import ops
 from fastmae.layers import init_weights, sincos_2d
 from fastmae.layers.cross_block import CrossBlock
 from fastmae.layers.feature_fusion import FeatureFusion
-from fastmae.models.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.masks import mae_mask_keys, mask_type_problem
 from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
@@ -70,8 +70,8 @@ class CrossMAE(VisionTransformer):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
         if not isinstance(prediction_ratio, (int, float)) or not 0.0 < prediction_ratio <= 1.0:
             raise ValueError(f"prediction_ratio must be in (0, 1], got {prediction_ratio!r}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if problem := mask_type_problem(mask_type, grid=self.patch_embed.grid_size):
+            raise ValueError(problem)
         self.norm_pix_loss = norm_pix_loss
         self.loss_type = loss_type
         self.prediction_ratio = float(prediction_ratio)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fastmae import ops
 from fastmae.layers import Block, init_weights, sincos_2d
-from fastmae.models.masks import MASK_TYPES, mae_mask_keys
+from fastmae.models.masks import mae_mask_keys, mask_type_problem
 from fastmae.models.vit import LayerNorm6, VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
@@ -71,8 +71,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         )
         if loss_type not in ("mse", "l1"):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if problem := mask_type_problem(mask_type, grid=self.patch_embed.grid_size):
+            raise ValueError(problem)
         if loss_on not in ("masked", "all"):
             raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
         if decoder_input_dtype not in DECODER_INPUT_DTYPES:
