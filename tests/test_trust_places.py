@@ -139,6 +139,35 @@ def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp
     assert "substituted      " in captured.out  # and in the summary text
 
 
+def test_ddp_summary_counts_and_names_every_ranks_substitutions(tmp_path, demo_dir):
+    """2 gloo ranks, each on its shard: the summary's substitutions are the sum over ranks, and every planted
+    file is named, whichever rank met it."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    names = _planted_folder(demo_dir, data / "train" / "c0")
+    (data / "val" / "c0").mkdir(parents=True)
+    for p in sorted(demo_dir.rglob("*.jpg"))[22:24]:
+        shutil.copy(p, data / "val" / "c0" / p.name)
+    out = tmp_path / "run"
+    epochs = 2  # 24 files, 2 ranks x batch 4: 3 steps an epoch, every file visited once an epoch by one rank
+    tiny = [a for a in TINY if not a.startswith("--batch_size")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--data={data}", f"--output_dir={out}", *tiny, "--batch_size=4", f"--max_steps={3 * epochs}",
+           "--ckpt_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(n).name for n in summary["substituted_files"]) == sorted(names), summary
+    # The torch loader counts every failed attempt: zz_bomb.png's visit also fails on zz_corrupt.jpg (the next
+    # index) before a good file, so an epoch counts 2 + 1, whichever ranks' shards hold them.
+    assert summary["substitutions"] == 3 * epochs, summary
+
+
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     """A 16-bit grayscale ramp reaches the model as the same ramp in 8 bits (x >> 8), through every reader."""
     import numpy as np
