@@ -116,16 +116,21 @@ def _planted_folder(demo_dir: Path, out: Path) -> tuple[str, str]:
     return "zz_corrupt.jpg", "zz_bomb.png"
 
 
-def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp_path, demo_dir, capsys):
-    import json
-
-    data = tmp_path / "data"
+def _planted_tree(demo_dir: Path, data: Path) -> tuple[Path, tuple[str, str]]:
+    """train/c0 = :func:`_planted_folder`, and a val/ split of its own: otherwise a seeded 5% of train/ (chosen by
+    path) is held out and may hold a planted file."""
     (data / "train").mkdir(parents=True)
     names = _planted_folder(demo_dir, data / "train" / "c0")
-    # A val/ split of its own: otherwise a seeded 5% of train/ (chosen by path) is held out and may hold a planted file.
     (data / "val" / "c0").mkdir(parents=True)
     for p in sorted(demo_dir.rglob("*.jpg"))[22:24]:
         shutil.copy(p, data / "val" / "c0" / p.name)
+    return data, names
+
+
+def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp_path, demo_dir, capsys):
+    import json
+
+    data, names = _planted_tree(demo_dir, tmp_path / "data")
     out = tmp_path / "run"
     steps = 9  # three epochs of 24 files at batch 8: every file is visited
     assert cli_main([f"--data={data}", f"--output_dir={out}", *TINY, f"--max_steps={steps}", "--ckpt_every=100"]) == 0
@@ -146,12 +151,7 @@ def test_ddp_summary_counts_and_names_every_ranks_substitutions(tmp_path, demo_d
     import subprocess
     import sys
 
-    data = tmp_path / "data"
-    (data / "train").mkdir(parents=True)
-    names = _planted_folder(demo_dir, data / "train" / "c0")
-    (data / "val" / "c0").mkdir(parents=True)
-    for p in sorted(demo_dir.rglob("*.jpg"))[22:24]:
-        shutil.copy(p, data / "val" / "c0" / p.name)
+    data, names = _planted_tree(demo_dir, tmp_path / "data")
     out = tmp_path / "run"
     epochs = 2  # 24 files, 2 ranks x batch 4: 3 steps an epoch, every file visited once an epoch by one rank
     tiny = [a for a in TINY if not a.startswith("--batch_size")]
