@@ -205,7 +205,7 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     summary = {"status": "done", "step": step, "train_loss": last_loss,
                "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
                "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
-               "data_wait": next_batch.run_fraction(), **bad_data.summary(), "checkpoint_save": saved}
+               "data_wait": next_batch.run_fraction(), **bad_data.summary(info), "checkpoint_save": saved}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
         summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
     if info.is_main:
@@ -249,8 +249,8 @@ def resume_or_start(state: TrainState, ckpt: dict | None, cfg: PretrainConfig, i
 
 class BadDataReport:
     """Files that passed the scan but failed to decode at run time (corrupt JPEGs, decompression bombs): the
-    loader substitutes the next good sample; each such file is named in the log once, and the summary counts
-    the substitutions (this rank's loader: rank 0's share of the data under DDP)."""
+    loader substitutes the next good sample; each such file is named in the log once, and
+    the summary counts and names the substitutions of every rank."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
@@ -263,10 +263,17 @@ class BadDataReport:
             log.info(f"warning: substituted {name} with the next good sample: {reason}")
         self.logged = len(files)
 
-    def summary(self) -> dict:
-        files = getattr(self.loader, "bad_files", [])[self.scanned:]
-        return {"substitutions": int(getattr(self.loader, "substitutions", 0)),
-                "substituted_files": [name for name, _ in files[:100]]}
+    def summary(self, info: DistInfo) -> dict:
+        count = int(getattr(self.loader, "substitutions", 0))
+        files = [name for name, _ in getattr(self.loader, "bad_files", [])[self.scanned:]][:100]
+        if info.enabled and torch.distributed.is_initialized():
+            # Each rank's loader saw its own shard. Called once, after the last step, where the summary already
+            # syncs (it reads counters to the host): one collective brings every rank's count and names.
+            ranks: list = [None] * info.world_size
+            torch.distributed.all_gather_object(ranks, (count, files))
+            count = sum(int(c) for c, _ in ranks)
+            files = list(dict.fromkeys(name for _, names in ranks for name in names))[:100]
+        return {"substitutions": count, "substituted_files": files}
 
 
 def summary_written(run_dir: Path, step: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,23 @@ def demo_dir(tmp_path_factory) -> Path:
 def fresh_env(tmp_path) -> dict:
     """Environment for subprocess runs: one thread each (2 cores are shared), cache in tmp."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "FASTMAE_CACHE": str(tmp_path / "cache")}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, demo_dir) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (made once per module, copied per test)."""
+    from run_helpers import TINY
+
+    from fastmae.pretrain import cli_main
+
+    out = tmp_path_factory.mktemp("four") / "run"
+    assert cli_main([f"--data={demo_dir}", f"--output_dir={out}", *TINY, "--max_steps=4"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_dir(four_steps, tmp_path) -> Path:
+    """A private copy of the 4-step run, free to damage."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    return out

@@ -315,3 +315,21 @@ def test_two_training_steps_through_the_loop(tmp_path, demo_dir, fresh_env, entr
         png = tmp_path / "vis" / "rec.png"
         assert visualize.main([f"--ckpt={out}", "--num_images=2", f"--output={png}"]) == 0
         assert png.stat().st_size > 500
+
+
+def test_mae_and_crossmae_share_one_decoder_scaffolding_under_the_official_names():
+    """The decoder's parts are built in one place (models/decoder.py); the official MAE names stay, so checkpoints
+    load with strict=True (the parity suites), and neither model keeps its own copy of the shared helpers."""
+    from fastmae.models.decoder import MaskedDecoderViT
+    from fastmae.models.mae import MaskedAutoencoderViT
+
+    official = {"mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight",
+                "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"}
+    kw = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8, decoder_depth=2,
+              decoder_num_heads=2)
+    for cls in (MaskedAutoencoderViT, CrossMAE):
+        assert issubclass(cls, MaskedDecoderViT)
+        assert not {"build_decoder", "patchify", "unpatchify", "plan_masking", "draw_mask"} & set(vars(cls)), cls
+        names = {k for k in cls(**kw).state_dict() if k.startswith(("decoder_", "mask_token"))}
+        assert {k for k in names if not k.startswith(("decoder_blocks.", "decoder_fusion."))} == official
+        assert {k.split(".")[1] for k in names if k.startswith("decoder_blocks.")} == {"0", "1"}

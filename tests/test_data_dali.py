@@ -167,3 +167,59 @@ def test_file_names_that_are_not_utf8(tmp_path):
     d, t = _collect(build_loader(root, loader="dali", **kw)), _collect(build_loader(root, **kw))
     assert len(d) == len(t) == 1 and torch.equal(d[0][1], t[0][1])
     assert (d[0][0].float() - t[0][0].float()).abs().mean() < 1.5
+
+
+def _planted(demo_dir, out):
+    """Demo photos plus what passes the scan but not the torch loader: a JPEG with spliced image data, one with
+    a bogus Huffman table, a 10k x 10k PNG (a decompression bomb), a 3 GB sparse JPEG (past the 128 MiB read
+    cap); and a 16-bit PNG ramp, which both must scale to 8 bits."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir(parents=True)
+    jpgs = sorted(demo_dir.rglob("*.jpg"))[:19]
+    for i, p in enumerate(jpgs):
+        shutil.copy(p, out / f"img{i:02d}.jpg")
+    good = jpgs[0].read_bytes()
+    mid = len(good) // 2
+    (out / "zz_spliced.jpg").write_bytes(good[:mid] + b"\xff\x00" * 40 + b"\xff\xd0\x12\xff\xc9" * 50 + good[mid + 300:])
+    dht = bytearray(good)
+    k = dht.find(b"\xff\xc4")
+    dht[k + 5 : k + 21] = b"\xff" * 16
+    (out / "zz_huffman.jpg").write_bytes(bytes(dht))
+    Image.new("L", (10000, 10000)).save(out / "zz_bomb.png", compress_level=1)
+    with (out / "zz_sparse.jpg").open("wb") as f:
+        f.write(good)
+        f.seek(3 << 30)
+        f.write(b"\xff\xd9")
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(out / "ramp16.png")
+    return {"zz_spliced.jpg", "zz_huffman.jpg", "zz_bomb.png", "zz_sparse.jpg"}
+
+
+def test_dali_counts_and_names_every_substitution_like_the_torch_loader(demo_dir, tmp_path):
+    from fastmae.data.sources import open_source
+
+    planted = _planted(demo_dir, tmp_path / "d")
+    src = open_source(tmp_path / "d")
+    assert planted <= {n.split("/")[-1] for n in src.names}, "the scan must pass them for this test to mean anything"
+    kw = dict(batch_size=8, img_size=IMG, output="uint8", seed=3, augment="eval", train=False)
+    ld = build_loader(tmp_path / "d", loader="dali", num_workers=1, **kw)
+    tl = build_loader(tmp_path / "d", loader="torch", num_workers=0, **kw)
+    d, t = _collect(ld), _collect(tl)
+    assert {p.split("/")[-1] for p, _ in ld.bad_files} == {p.split("/")[-1] for p, _ in tl.bad_files} == planted
+    # every failed attempt counts: the four sort together, so zz_bomb's visit fails 4 times before a good file
+    assert ld.substitutions == tl.substitutions == 4 + 3 + 2 + 1
+    reasons, torch_reasons = ({p.split("/")[-1]: r for p, r in loader.bad_files} for loader in (ld, tl))
+    assert "pixels is more than the limit" in reasons["zz_bomb.png"]
+    for name in ("zz_bomb.png", "zz_sparse.jpg"):  # the same refusal, in the same words
+        assert reasons[name] == torch_reasons[name]
+    ramp = src.names.index(str(tmp_path / "d" / "ramp16.png"))
+    for (xd, _), (xt, _) in zip(d, t, strict=True):
+        assert (xd.float() - xt.float()).abs().mean() < 3.0
+    row = ramp % 8 if ramp < len(d) * 8 else None
+    if row is not None:  # the 16-bit ramp: scaled like the torch loader's (x >> 8), not clipped to white
+        xd, xt = d[ramp // 8][0][row], t[ramp // 8][0][row]
+        assert (xd == 255).float().mean() < 0.05 and (xd.float() - xt.float()).abs().mean() < 3.0

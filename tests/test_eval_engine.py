@@ -105,6 +105,25 @@ def test_a_fresh_run_never_overwrites_another_run(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume=auto"]])
+def test_eval_only_never_overwrites_an_earlier_runs_results(tmp_path, capsys, resume):
+    """Scoring a classifier into a used folder (its own run's, or an earlier scoring's) is refused like a fresh
+    run into a used folder: one line, nothing touched; into a new folder it writes its results."""
+    out = tmp_path / "ft"
+    assert finetune.main([*TINY, "--epochs=1", "--batch_size=64", f"--output_dir={out}"]) == 0
+    score = [*TINY[1:], "--eval_only=true", f"--ckpt={out}/checkpoint-last.pt", "--batch_size=64", *resume]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert finetune.main([*score, f"--output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error:") and err.count("\n") == 1 and "--eval_only" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert finetune.main([*score, f"--output_dir={tmp_path / 'score'}"]) == 0
+    assert json.loads((tmp_path / "score" / "results.json").read_text())["protocol"] == "eval_only"
+    assert finetune.main([*score, f"--output_dir={tmp_path / 'score'}"]) == 2  # nor an earlier scoring's
+    assert "results.json" in capsys.readouterr().err
+
+
 def test_a_live_run_holds_its_folder(tmp_path, capsys):
     out = tmp_path / "ft"
     out.mkdir()

@@ -94,3 +94,15 @@ def test_other_keys_sweep_the_chosen_method_and_say_so(tmp_path, capsys):
     assert sweep.main(["--values=decoder_depth=1", "--method=simmim", "--pretrain_epochs=1",
                        f"--output_dir={tmp_path / 'y'}"]) == 2
     assert "has no digits-demo model taking these keywords" in capsys.readouterr().err
+
+
+def test_a_real_data_pretraining_sweep_asks_fastmae_pretrain_about_its_key(tmp_path, capsys):
+    """Evaluation imports no program (tests/test_layering.py): `fastmae pretrain --dry_run` judges the key."""
+    args = [f"--data={tmp_path}/imagenet", f"--output_dir={tmp_path}/s", "--pretrain_args=--preset=tiny"]
+    assert sweep.main(["--values=nokey=1,2", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae: error: cannot sweep --nokey: fastmae pretrain refuses") and err.count("\n") == 1
+    assert "unknown config key --nokey" in err
+    assert sweep.main(["--values=mask_ratio=0.6,0.7", *args[:2], "--pretrain_args=--preset=nosuch"]) == 2
+    assert "preset" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

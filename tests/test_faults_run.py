@@ -4,7 +4,6 @@ fallback, crafted or foreign checkpoints, disk full, metrics and config.json aft
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,39 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import TINY, one_error_line
 
 from fastmae.pretrain import cli_main
 
 ROOT = Path(__file__).parent.parent
-TINY = ["--img_size=32", "--patch_size=4", "--batch_size=8", "--num_workers=0", "--progress=false", "--precision=fp32",
-        "--log_every=1", "--ckpt_every=2", "--keep_ckpts=3"]
 
 
 def run(out: Path, data: Path, capsys, *extra: str) -> tuple[int, str]:
     code = cli_main([f"--data={data}", f"--output_dir={out}", *TINY, *extra])
     return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
-    assert len(lines) == 1 and lines[0].startswith("fastmae: error:"), err[-3000:]
-    assert "Traceback" not in err
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def four_steps(tmp_path_factory, demo_dir):
-    """A finished 4-step run with checkpoints at steps 2 and 4 (made once, copied per test)."""
-    out = tmp_path_factory.mktemp("four") / "run"
-    assert cli_main([f"--data={demo_dir}", f"--output_dir={out}", *TINY, "--max_steps=4"]) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(four_steps, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(four_steps, out)
-    return out
 
 
 # ---- item 3: one run per folder ---------------------------------------------------------------------------

@@ -73,3 +73,38 @@ def test_tube_mask_identical_over_time_with_exact_ratio(Tp, Ls, keep):
         assert set((ids_keep[i] % Ls).tolist()) == set(ids_keep_s[i].tolist())
         # slice-major order: token t*Ls + s
         assert torch.equal(ids_keep[i].reshape(Tp, keep) // Ls, torch.arange(Tp)[:, None].expand(Tp, keep))
+
+
+def test_mask_types_are_a_table_of_generators_that_config_and_models_consult(monkeypatch):
+    """A new entry in MASK_TYPES (a generator and its constraint) is all a mask type needs: the config accepts it,
+    the model builds with it, mae_mask_keys runs its generator, and its constraint refuses in every place."""
+    from fastmae.config import PretrainConfig
+    from fastmae.models.mae import MaskedAutoencoderViT
+    from fastmae.models.masks import MASK_TYPES, MaskType, mae_mask_keys, mask_type_problem
+
+    reverse = MaskType(lambda noise, gh, gw, len_keep: 1.0 - noise, ratio=0.5, even_grid=True, needs="test type")
+    monkeypatch.setitem(MASK_TYPES, "reverse", reverse)
+    noise = torch.rand(2, 16)
+    assert torch.equal(mae_mask_keys(noise, (4, 4), 8, "reverse"), 1.0 - noise)
+    PretrainConfig.from_flat(mask_type="reverse", mask_ratio=0.5).validate()
+    model = MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+                                 decoder_depth=1, decoder_num_heads=2, mask_type="reverse")
+    assert model.mask_type == "reverse"
+    with pytest.raises(ValueError, match="mask_type=reverse test type: it needs mask_ratio 0.5") as config_error:
+        PretrainConfig.from_flat(mask_type="reverse", mask_ratio=0.75).validate()
+    assert str(config_error.value) == mask_type_problem("reverse", 0.75)  # one place words the constraint
+    with pytest.raises(ValueError, match="even patch grid"):
+        MaskedAutoencoderViT(img_size=12, patch_size=4, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+                             decoder_depth=1, decoder_num_heads=2, mask_type="reverse")
+    with pytest.raises(ValueError, match="mask_ratio 0.5"):
+        mae_mask_keys(noise, (4, 4), 4, "reverse")
+
+
+def test_an_odd_grid_is_refused_when_the_model_is_built_not_at_the_first_step():
+    from fastmae.models.crossmae import CrossMAE
+    from fastmae.models.mae import MaskedAutoencoderViT
+
+    for cls in (MaskedAutoencoderViT, CrossMAE):
+        with pytest.raises(ValueError, match="mask_type=grid .*even patch grid .*3x3"):
+            cls(img_size=12, patch_size=4, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                decoder_num_heads=2, mask_type="grid")

@@ -146,3 +146,30 @@ def test_corrupt_inputs_reported_not_packed_and_other_packs_refused(tree, tmp_pa
     (other / "mine.txt").write_text("x")
     r = subprocess.run([*cmd[:-2], str(other), "--workers=1"], cwd=ROOT, env=fresh_env, capture_output=True, text=True)
     assert r.returncode == 2 and "not empty and holds no pack" in r.stderr
+
+
+def test_packs_honour_pinned_classes_and_require_labels(tree, tmp_path):
+    """As for folders: pinned class names renumber the labels, a class outside them is an error, and
+    require_labels refuses unlabeled samples (the pack path used to return before both checks)."""
+    from fastmae.data.sources import open_source
+
+    dst = tmp_path / "pack"
+    pack(PackConfig(src=str(tree), dst=str(dst), shard_size=5, workers=1), log=lambda m: None)
+    plain = open_source(dst, "train")
+    pinned = open_source(dst, "train", classes=["c1", "zz", "c0"])
+    assert pinned.classes == ["c1", "zz", "c0"] and pinned.names == plain.names
+    assert pinned.labels == [{0: 2, 1: 0}[lb] for lb in plain.labels]
+    with pytest.raises(ValueError, match=r"'c1'.* not among the 1 given classes"):
+        open_source(dst, "train", classes=["c0"])
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    with tarfile.open(shard_dir / "s-0.tar", "w") as tf:
+        for k, f in enumerate(sorted((tree / "train").rglob("0*.jpg"))[:3]):
+            info = tarfile.TarInfo(f"k{k:03d}.jpg")
+            info.size = f.stat().st_size
+            tf.addfile(info, io.BytesIO(f.read_bytes()))
+    unlabeled = tmp_path / "unlabeled"
+    pack(PackConfig(src=str(shard_dir / "s-0.tar"), dst=str(unlabeled), workers=1), log=lambda m: None)
+    assert len(open_source(unlabeled, "train")) == 3
+    with pytest.raises(ValueError, match="3 sample.* have no .cls label"):
+        open_source(unlabeled, "train", require_labels=True)

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import TINY, one_error_line
 
 from fastmae.pretrain import cli_main
 
 ROOT = Path(__file__).parent.parent
-TINY = ["--img_size=32", "--patch_size=4", "--batch_size=8", "--num_workers=0", "--progress=false", "--precision=fp32",
-        "--log_every=1", "--ckpt_every=2", "--keep_ckpts=3", "--tensorboard=false"]
 GARBAGE = b'{"step": 1, "loss": 0.5}\n\x00\xff\xfe not json\n{"step": "two", "loss": "x"}\n[1, 2]\n{"step": 3, "loss'
 
 
@@ -29,20 +28,6 @@ def run(out: Path, data: Path, capsys, *extra: str) -> tuple[int, str, str]:
 def loss_steps(out: Path) -> list[int]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in rows if "loss" in r]
-
-
-@pytest.fixture(scope="module")
-def four_steps(tmp_path_factory, demo_dir):
-    out = tmp_path_factory.mktemp("four") / "run"
-    assert cli_main([f"--data={demo_dir}", f"--output_dir={out}", *TINY, "--max_steps=4"]) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(four_steps, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(four_steps, out)
-    return out
 
 
 def test_garbage_metrics_never_cost_a_fresh_run(tmp_path, demo_dir, capsys):
@@ -111,14 +96,6 @@ def hostile_ckpts(four_steps, tmp_path_factory):
     return paths
 
 
-def _one_line(err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
-    assert len(lines) == 1 and lines[0].startswith("fastmae: error:") and "Traceback" not in err, err[-2000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 @pytest.mark.parametrize("name", list(HOSTILE_FIELDS))
 def test_hostile_checkpoint_fields_are_one_line_in_every_reader(name, hostile_ckpts, run_dir, demo_dir, tmp_path, capsys):
     """Resume, export and visualize read checkpoints through one validator: each hostile field is one line."""
@@ -126,12 +103,12 @@ def test_hostile_checkpoint_fields_are_one_line_in_every_reader(name, hostile_ck
 
     path, needle = hostile_ckpts[name], HOSTILE_FIELDS[name][1]
     code, _, err = run(run_dir, demo_dir, capsys, "--max_steps=6", f"--resume={path}")
-    assert code == 2 and _one_line(err, needle)
+    assert code == 2 and one_error_line(err, needle)
     for argv in (["export", f"--ckpt={path}", f"--out={tmp_path}/hf"],
                  ["export", f"--ckpt={path}", f"--out={tmp_path}/timm", "--format=timm"],
                  ["visualize", f"--ckpt={path}", f"--output={tmp_path}/v.png"]):
         assert main(argv) == 2, argv
-        _one_line(capsys.readouterr().err, needle)
+        one_error_line(capsys.readouterr().err, needle)
 
 
 def test_resume_auto_falls_back_past_a_hostile_latest(hostile_ckpts, run_dir, demo_dir, capsys):
@@ -155,4 +132,4 @@ def test_visualize_mask_that_is_not_a_tensor_is_one_line(content, four_steps, tm
         torch.save(argparse.Namespace(x=1) if content == "namespace" else {"m": torch.ones(2, 4)}, mask)
     assert main(["visualize", f"--ckpt={four_steps}/checkpoint-00000004.pt", f"--mask={mask}",
                  f"--output={tmp_path}/v.png"]) == 2
-    _one_line(capsys.readouterr().err, "--mask")
+    one_error_line(capsys.readouterr().err, "--mask")

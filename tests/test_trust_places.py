@@ -7,19 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from run_helpers import TINY, one_error_line
 
 from fastmae.pretrain import cli_main
-
-TINY = ["--img_size=32", "--patch_size=4", "--batch_size=8", "--num_workers=0", "--progress=false", "--precision=fp32",
-        "--log_every=1", "--ckpt_every=2", "--keep_ckpts=3", "--tensorboard=false"]
-
-
-def one_line(err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
-    assert len(lines) == 1 and lines[0].startswith("fastmae: error:") and "Traceback" not in err, err[-2000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def test_resume_with_a_changed_learning_problem_is_refused_unless_allowed(change
     argv = [f"--data={demo_dir}", f"--output_dir={out}", *TINY, "--max_steps=3", "--resume=auto", change]
     assert cli_main(argv) == 2
     key = change.removeprefix("--no_").removeprefix("--").split("=")[0]
-    one_line(capsys.readouterr().err, key, "--allow_config_change")
+    one_error_line(capsys.readouterr().err, key, "--allow_config_change")
     assert (out / "config.json").read_text() == before  # the refused resume left no trace
     assert cli_main([*argv, "--allow_config_change"]) == 0
     captured = capsys.readouterr()
@@ -66,14 +56,14 @@ def test_bad_device_threads_seed_on_every_command(command, flag, key, tmp_path, 
             pytest.skip(f"{command} has no {key}")
     assert main([command, flag, f"--output_dir={tmp_path}/o"] if command != "visualize" else
                 [command, flag, f"--output={tmp_path}/o.png"]) == 2
-    one_line(capsys.readouterr().err, key)
+    one_error_line(capsys.readouterr().err, key)
     del parse_overrides
 
 
 def test_world_size_that_disagrees_with_the_launcher(tmp_path, demo_dir, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cli_main([f"--data={demo_dir}", f"--output_dir={tmp_path}/o", *TINY, "--max_steps=1", "--world_size=8"]) == 2
-    one_line(capsys.readouterr().err, "--world_size=8", "WORLD_SIZE=1")
+    one_error_line(capsys.readouterr().err, "--world_size=8", "WORLD_SIZE=1")
     assert not (tmp_path / "o").exists()
 
 
@@ -92,21 +82,21 @@ def test_file_valued_and_read_only_output_on_every_command(argv_of, tmp_path, ca
     a_file.write_text("x")
     for target, needle in ((a_file, "is a file"), (a_file / "sub", "which is a file")):
         assert main(argv_of(target)) == 2
-        one_line(capsys.readouterr().err, needle)
+        one_error_line(capsys.readouterr().err, needle)
     ro = tmp_path / "ro"
     ro.mkdir()
     real_access = os.access
     # The suite may run as root, for whom chmod does not stop writes: the check asks os.access, which we answer.
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real_access(p, mode, **kw))
     assert main(argv_of(ro / "run")) == 2
-    one_line(capsys.readouterr().err, "is not writable")
+    one_error_line(capsys.readouterr().err, "is not writable")
 
 
 def test_visualize_output_that_is_a_folder(tmp_path, capsys):
     from fastmae.cli import main
 
     assert main(["visualize", f"--output={tmp_path}"]) == 2
-    one_line(capsys.readouterr().err, "output", "is a folder")
+    one_error_line(capsys.readouterr().err, "output", "is a folder")
 
 
 def _planted_folder(demo_dir: Path, out: Path) -> tuple[str, str]:
@@ -126,16 +116,21 @@ def _planted_folder(demo_dir: Path, out: Path) -> tuple[str, str]:
     return "zz_corrupt.jpg", "zz_bomb.png"
 
 
-def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp_path, demo_dir, capsys):
-    import json
-
-    data = tmp_path / "data"
+def _planted_tree(demo_dir: Path, data: Path) -> tuple[Path, tuple[str, str]]:
+    """train/c0 = :func:`_planted_folder`, and a val/ split of its own: otherwise a seeded 5% of train/ (chosen by
+    path) is held out and may hold a planted file."""
     (data / "train").mkdir(parents=True)
     names = _planted_folder(demo_dir, data / "train" / "c0")
-    # A val/ split of its own: otherwise a seeded 5% of train/ (chosen by path) is held out and may hold a planted file.
     (data / "val" / "c0").mkdir(parents=True)
     for p in sorted(demo_dir.rglob("*.jpg"))[22:24]:
         shutil.copy(p, data / "val" / "c0" / p.name)
+    return data, names
+
+
+def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp_path, demo_dir, capsys):
+    import json
+
+    data, names = _planted_tree(demo_dir, tmp_path / "data")
     out = tmp_path / "run"
     steps = 9  # three epochs of 24 files at batch 8: every file is visited
     assert cli_main([f"--data={data}", f"--output_dir={out}", *TINY, f"--max_steps={steps}", "--ckpt_every=100"]) == 0
@@ -147,6 +142,30 @@ def test_substituted_samples_are_named_in_the_log_and_counted_in_the_summary(tmp
     for name in substituted:
         assert f"substituted {name}" in captured.out  # named in the log when it happened
     assert "substituted      " in captured.out  # and in the summary text
+
+
+def test_ddp_summary_counts_and_names_every_ranks_substitutions(tmp_path, demo_dir):
+    """2 gloo ranks, each on its shard: the summary's substitutions are the sum over ranks, and every planted
+    file is named, whichever rank met it."""
+    import json
+    import subprocess
+    import sys
+
+    data, names = _planted_tree(demo_dir, tmp_path / "data")
+    out = tmp_path / "run"
+    epochs = 2  # 24 files, 2 ranks x batch 4: 3 steps an epoch, every file visited once an epoch by one rank
+    tiny = [a for a in TINY if not a.startswith("--batch_size")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--data={data}", f"--output_dir={out}", *tiny, "--batch_size=4", f"--max_steps={3 * epochs}",
+           "--ckpt_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(n).name for n in summary["substituted_files"]) == sorted(names), summary
+    # The torch loader counts every failed attempt: zz_bomb.png's visit also fails on zz_corrupt.jpg (the next
+    # index) before a good file, so an epoch counts 2 + 1, whichever ranks' shards hold them.
+    assert summary["substitutions"] == 3 * epochs, summary
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):

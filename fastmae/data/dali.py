@@ -20,7 +20,11 @@ When iteration starts somewhere the stream is not (``load_state_dict``, ``set_ep
 epoch, an abandoned epoch), the stream is re-pointed and the few prefetched batches are drained.
 A file that passes the scan but fails to decode stops the pipeline; the loader finds the culprit,
 substitutes the next good index (the torch loader's rule), rebuilds the pipeline at the current step
-and carries on (the only rebuild).
+and carries on (the only rebuild). What DALI would not refuse but the torch loader does is checked before a
+file is first fed (:meth:`DaliLoader._precheck`, once per file): a decompression bomb by its scanned size,
+the 128 MiB per-file read cap, and JPEG image data holding markers that cannot stand there (libjpeg-turbo
+decodes such files to garbage with a warning on stderr; PIL refuses them). Every substitution is counted and
+named in ``bad_files`` as the torch loader's are.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image_io import MAX_PIXELS
 from .loader import BaseLoader, ImageDataset
 from .sources import Source
 from .text import printable
@@ -54,6 +59,35 @@ def _dali_device(device: torch.device) -> int | None:
     """The single GPU/CPU decision: a CUDA device id for mixed decode, or None for the CPU pipeline."""
     if device.type == "cuda" and torch.cuda.is_available():
         return device.index if device.index is not None else torch.cuda.current_device()
+    return None
+
+
+# Markers that may follow 0xFF inside JPEG entropy-coded data, up to the end of image: stuffing (00), fill (FF),
+# restarts (D0-D7), the end (D9), and between the scans of a progressive file another scan (DA), tables (C4,
+# DB), a restart interval (DD), comments and application data (FE, E0-EF). A frame marker (SOFn) or a reserved
+# code there is corruption.
+_SCAN_MARKERS = np.zeros(256, bool)
+_SCAN_MARKERS[[0x00, 0xFF, 0xD9, 0xDA, 0xC4, 0xDB, 0xDD, 0xFE, *range(0xD0, 0xD8), *range(0xE0, 0xF0)]] = True
+
+
+def jpeg_marker_problem(data: bytes) -> str | None:
+    """Why a JPEG's image data cannot be right (a marker that cannot stand inside it), or None. Reads the bytes
+    once with numpy, no decode: it catches spliced or overwritten data, not every flipped bit."""
+    if not data.startswith(b"\xff\xd8"):
+        return None  # not a JPEG: the decoders judge it
+    a = np.frombuffer(data, np.uint8)
+    pos = 2
+    while pos + 4 <= len(a) and a[pos] == 0xFF and a[pos + 1] != 0xDA:  # header segments up to the first scan
+        pos += 2 + (int(a[pos + 2]) << 8 | int(a[pos + 3]))
+    if pos + 4 > len(a) or a[pos] != 0xFF:
+        return "JPEG header segments run past the data"
+    ff = np.flatnonzero(a[pos + 2 : -1] == 0xFF) + pos + 2
+    following = a[ff + 1]
+    end = np.flatnonzero(following == 0xD9)
+    following = following[: end[0]] if len(end) else following
+    bad = np.flatnonzero(~_SCAN_MARKERS[following])
+    if len(bad):
+        return f"marker 0xFF{int(following[bad[0]]):02X} inside the image data at byte {int(ff[bad[0]])}"
     return None
 
 
@@ -109,6 +143,7 @@ class DaliLoader(BaseLoader):
         self.device_id = _dali_device(self.device)
         self.builds = 0  # pipelines built so far: 1 for a whole run without decode failures
         self._known_bad: dict[int, str] = {}
+        self._prechecked = np.zeros(len(src), bool)  # files that passed _precheck (each is checked once per run)
         self._pipe = None
         self._stream = None
         self._stream_pos: tuple[int, int] | None = None  # (epoch, step) of the next plan the stream feeds
@@ -119,9 +154,31 @@ class DaliLoader(BaseLoader):
         n = len(self.source)
         for k in range(n):
             j = (i + k) % n
-            if j not in self._known_bad:
+            if j not in self._known_bad and self._usable(j):
                 return j
         raise RuntimeError(f"no decodable image left in {printable(self.source.root)}")
+
+    def _usable(self, j: int) -> bool:
+        """False (and ``j`` known bad) when the torch loader would refuse file ``j`` but DALI might not."""
+        if not self._prechecked[j]:
+            why = self._precheck(j)
+            if why:
+                self._known_bad[j] = why
+                return False
+            self._prechecked[j] = True
+        return True
+
+    def _precheck(self, j: int) -> str:
+        """The torch loader's refusals that DALI lacks, with its wording: a bomb by the scanned size, the per-file
+        read cap (a bounded read, as ``Source.read_bytes``), JPEG data that cannot be right. '' when none."""
+        w, h = self.source.sizes[j]
+        if w * h > MAX_PIXELS:
+            return f"decode failed (ValueError: {w}x{h} pixels is more than the limit of {MAX_PIXELS})"
+        try:
+            problem = jpeg_marker_problem(self.source.read_bytes(j))
+        except (OSError, ValueError) as e:
+            return f"decode failed ({type(e).__name__}: {str(e)[:80]})"
+        return f"decode failed (ValueError: {problem[:80]})" if problem else ""
 
     def _plans(self, epoch: int, step: int):
         """Endless stream of ``(epoch, step, original ids, n_valid)`` from ``(epoch, step)`` on; ids are
@@ -143,7 +200,7 @@ class DaliLoader(BaseLoader):
     def _feed(self):
         """The external source: called by DALI (on this thread) each time it schedules a batch."""
         epoch, step, orig, n_valid = next(self._stream)
-        use = [self._replacement(i) for i in orig] if self._known_bad else orig
+        use = [i if i not in self._known_bad and self._usable(i) else self._replacement(i) for i in orig]
         params = self.dataset.params(epoch, orig, use)
         self._inflight.append((epoch, step, orig, use, n_valid))
         src = self.source
@@ -283,11 +340,15 @@ class DaliLoader(BaseLoader):
                 continue
             _, _, orig, use, n_valid = self._inflight.popleft()
             imgs = self._to_torch(out)[:n_valid]
-            self._note_substitutions(orig[:n_valid])
+            self._note_substitutions(orig[:n_valid], use[:n_valid])
             step += 1
             labels = torch.tensor([self.source.labels[j] for j in use[:n_valid]], dtype=torch.int64)
             yield self._finish(imgs, labels)
 
-    def _note_substitutions(self, orig) -> None:
-        if self._known_bad:
-            self._record_bad([(self.source.names[i], self._known_bad[i]) for i in orig if i in self._known_bad])
+    def _note_substitutions(self, orig, use) -> None:
+        """Count and name as the torch loader does: every file tried and refused on the way from a sample's own
+        file to its substitute (all known bad: ``_replacement`` skips only those)."""
+        n = len(self.source)
+        tried = [(i + k) % n for i, j in zip(orig, use, strict=True) if i != j for k in range((j - i) % n)]
+        if tried:
+            self._record_bad([(self.source.names[t], self._known_bad[t]) for t in tried])

@@ -234,8 +234,21 @@ def pack_splits(root: str | os.PathLike) -> list[str]:
         return []
 
 
-def open_pack(root: str | os.PathLike, split: str) -> Source:
-    """A pack's sample table from its index alone: no directory walk, no header reads."""
+def _pin_classes(src: Source, classes: list[str], root: Path) -> None:
+    """Renumber a pack's labels to pinned class names (as the folder scan does); unlabeled samples stay -1."""
+    known = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({src.classes[lb] for lb in src.labels if lb >= 0} - set(known))
+    if unknown:
+        raise ValueError(f"{printable(root)}: pack class(es) {printable(unknown[:3])} not among the {len(classes)} "
+                         f"given classes")
+    ids = [known.get(c, -1) for c in src.classes]
+    src.labels = [ids[lb] if lb >= 0 else lb for lb in src.labels]
+    src.classes = list(classes)
+
+
+def open_pack(root: str | os.PathLike, split: str, classes: list[str] | None = None) -> Source:
+    """A pack's sample table from its index alone: no directory walk, no header reads. ``classes`` pins the class
+    names (and order) as for folders: labels are renumbered to it, and a pack class outside it is an error."""
     root = Path(os.fspath(root))
     try:
         index = json.loads((root / INDEX).read_text())
@@ -252,8 +265,12 @@ def open_pack(root: str | os.PathLike, split: str) -> Source:
                 src.labels.append(int(label))
                 src.sizes.append((int(w), int(h)))
                 src.names.append(f"{path}:{name}")
+        if any(not -1 <= lb < len(src.classes) for lb in src.labels):
+            raise ValueError(f"a label outside the {len(src.classes)} classes")
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"cannot read the pack index {printable(root / INDEX)}: {printable(e)}") from None
+    if classes is not None:
+        _pin_classes(src, classes, root)
     return src
 
 

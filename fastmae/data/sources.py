@@ -528,8 +528,8 @@ def open_source(
     if Path(os.fspath(root_or_spec), "pack.json").is_file():  # `fastmae data pack` output: the index is the table
         from .pack import open_pack
 
-        return open_pack(root_or_spec, split)
-    if shared:
+        src = open_pack(root_or_spec, split, classes)
+    elif shared:
         src = _scan_on_rank0(lambda: _scan(root_or_spec, split, min_size, threads, crop, index_cache, classes))
     else:
         src = _scan(root_or_spec, split, min_size, threads, crop, index_cache, classes)

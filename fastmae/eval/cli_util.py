@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from fastmae.config import help_text, parse_overrides
+from fastmae.flags import help_text, parse_flags
 
 
 def run_cli(argv: list[str], cls, presets: dict[str, dict], body: Callable, prog: str, doc: str) -> int:
@@ -18,7 +18,7 @@ def run_cli(argv: list[str], cls, presets: dict[str, dict], body: Callable, prog
         print(help_text(argv, cls, presets, f"usage: fastmae {prog} [--key=value ...]", doc))
         return 0
     try:
-        cfg = parse_overrides(argv, cls=cls, presets=presets)
+        cfg = parse_flags(argv, cls, presets)
         return int(body(cfg) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastmae: error: {e}", file=sys.stderr)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastmae.config import parse_overrides
 from fastmae.eval import linprobe
 from fastmae.eval.cli_util import run_cli
 from fastmae.eval.protocol import EvalConfig, format_result, run_eval
+from fastmae.flags import parse_flags
 
 
 @dataclass
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     from fastmae.eval.protocols import get_protocol
 
     try:
-        k = parse_overrides(argv, cls=FinetuneConfig, presets=PRESETS).tune_blocks
+        k = parse_flags(argv, FinetuneConfig, PRESETS).tune_blocks
     except ValueError:
         k = None  # run_cli reports it
     if k is not None and get_protocol("linprobe").tune_blocks(k):

@@ -362,18 +362,22 @@ def eval_run(cfg: EvalConfig, info: DistInfo):
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     with Preemption(info) as preemption, RunLock(run_dir) if write else nullcontext():
-        if run_dir is not None and not cfg.resume and not cfg.eval_only:
-            refuse_used_folder(run_dir)
+        if run_dir is not None and (cfg.eval_only or not cfg.resume):
+            refuse_used_folder(run_dir, cfg.eval_only)
         if write:
             remove_partial_writes(run_dir)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
         yield run_dir, write, preemption
 
 
-def refuse_used_folder(run_dir: Path) -> None:
-    """A fresh run must not overwrite another run's checkpoints, metrics or results."""
+def refuse_used_folder(run_dir: Path, eval_only: bool = False) -> None:
+    """A fresh run must not overwrite another run's checkpoints, metrics or results; nor may an ``eval_only``
+    scoring (it writes config.json and results.json, and has nothing to resume), e.g. into the run it scores."""
     used = [p.name for p in (*list_checkpoints(run_dir), run_dir / "checkpoint-last.pt", run_dir / "results.json",
-                             run_dir / "metrics.jsonl") if p.exists()]
+                             run_dir / "metrics.jsonl", *([run_dir / "config.json"] if eval_only else [])) if p.exists()]
+    if used and eval_only:
+        raise ValueError(f"{run_dir} already holds another run ({', '.join(used[:3])}); --eval_only writes its own "
+                         f"config.json and results.json: pick a new --output_dir")
     if used:
         raise ValueError(f"{run_dir} already holds another run ({', '.join(used[:3])}); continue it with "
                          f"--resume=auto or pick a new --output_dir")

@@ -41,11 +41,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from fastmae.config import PretrainConfig, describe_keys, parse_overrides
 from fastmae.eval.demo import DemoConfig, pretrain_on_digits
 from fastmae.eval.protocol import EvalConfig
 from fastmae.eval.protocols import get_protocol, list_protocols, protocol_for
-from fastmae.flags import keys as flag_keys
+from fastmae.flags import describe_keys, parse_flags
 
 BOTH = ("linprobe", "finetune")  # --protocol=both, and what a pretraining-key sweep scores each encoder with
 # keys of the digits demo's pretraining that a sweep may vary
@@ -131,10 +130,20 @@ def key_kind(key: str, demo: bool) -> str:
         return "protocol"
     if demo and (key in DIGITS_PRETRAIN_KEYS):
         return "digits_pretrain"
-    if not demo and key in flag_keys(PretrainConfig):
-        return "pretrain"
-    known = DIGITS_PRETRAIN_KEYS if demo else "fastmae pretrain's keys"
-    raise ValueError(f"cannot sweep --{key}: not a protocol key, nor a pretraining key ({known})")
+    if not demo:
+        return "pretrain"  # `fastmae pretrain` itself judges the key (check_pretrain_args)
+    raise ValueError(f"cannot sweep --{key}: not a protocol key, nor a pretraining key ({DIGITS_PRETRAIN_KEYS})")
+
+
+def check_pretrain_args(args: list[str], key: str) -> None:
+    """Ask `fastmae pretrain --dry_run` (its own process: evaluation imports no program) whether the pretraining
+    command line is valid before the first run, so a typo costs seconds, not a sweep's first evaluations."""
+    cmd = [sys.executable, "-m", "fastmae.cli", "pretrain", *args, "--dry_run"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()] or [f"exit code {done.returncode}"]
+        raise ValueError(f"cannot sweep --{key}: fastmae pretrain refuses {shlex.join(args)}: "
+                         f"{lines[-1].removeprefix('fastmae: error: ')}")
 
 
 def _protocol_config(name: str, per_protocol: dict[str, list[str]], overrides: dict) -> EvalConfig:
@@ -147,8 +156,7 @@ def _protocol_config(name: str, per_protocol: dict[str, list[str]], overrides: d
         if target.config is not spec.config:  # e.g. k = 0 is the linear probe, with its own recipe and keys
             name, spec = target.name, target
             overrides = {k: v for k, v in overrides.items() if k != "tune_blocks"}
-    return parse_overrides([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], cls=spec.config,
-                           presets=spec.presets)
+    return parse_flags([*per_protocol[name], *(f"--{k}={v}" for k, v in overrides.items())], spec.config, spec.presets)
 
 
 def run_protocol(name: str, cfg: EvalConfig, **sources) -> dict:
@@ -171,7 +179,7 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
             if kind == "protocol":
                 _protocol_config(p, per_protocol, {key: v})
     if kind == "pretrain":
-        parse_overrides([*shlex.split(cfg.pretrain_args), f"--{key}={vals[0]}"])
+        check_pretrain_args([*shlex.split(cfg.pretrain_args), f"--{key}={vals[0]}"], key)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"config": asdict(cfg), "protocol_args": per_protocol}, indent=2) + "\n")
@@ -240,7 +248,7 @@ def _pretrain(cfg: SweepConfig, key: str, value: str, vdir: Path, kind: str, spl
         from fastmae.eval.models import read_source
 
         base = {"pretrain_epochs": cfg.pretrain_epochs, "method": cfg.method, key: value}
-        dcfg = parse_overrides([f"--{k}={v}" for k, v in base.items()], cls=DemoConfig, presets={"default": {}})
+        dcfg = parse_flags([f"--{k}={v}" for k, v in base.items()], DemoConfig, {"default": {}})
         if split is None:
             split = load_digits_split(16, 1, seed=dcfg.seed)
         path = vdir / "mae_pretrained.pt"
@@ -310,7 +318,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         own, per = split_argv(argv)
-        cfg = parse_overrides(own, cls=SweepConfig, presets={"default": {}})
+        cfg = parse_flags(own, SweepConfig, {"default": {}})
         rows = run_sweep(cfg, per)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastmae: error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from fastmae.engine.flops import mae_forward_flops
 from fastmae.layers import attention
 from fastmae.methods.registry import MethodConfig, MethodSpec, image_model_kwargs, register_method
 from fastmae.models import MODELS
-from fastmae.models.masks import MASK_TYPES
+from fastmae.models.masks import mask_type_problem
 
 # Official recipes (MAE paper, appendix A.1): 800 epochs, 40 warmup, effective batch 4096 = batch * accum * world.
 OFFICIAL_RECIPE = dict(img_size=224, epochs=800, warmup_epochs=40.0, batch_size=64, accum_iter=8, eff_batch=4096, blr=1.5e-4,
@@ -45,11 +45,9 @@ class MaskDecoderConfig(MethodConfig):
     decoder_num_heads: int = field(default=0, metadata=_help("decoder attention heads; 0 = the model's"))
 
     def validate(self, cfg) -> None:
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
-        if self.mask_type == "grid" and cfg.model.mask_ratio != 0.75:
-            raise ValueError(f"mask_type=grid keeps one patch of every 2x2 cell: it needs mask_ratio=0.75, "
-                             f"got {cfg.model.mask_ratio}")
+        problem = mask_type_problem(self.mask_type, cfg.model.mask_ratio)  # the mask table owns its constraints
+        if problem:
+            raise ValueError(problem)
         if min(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads) < 0:
             raise ValueError("decoder_embed_dim, decoder_depth and decoder_num_heads must be >= 0 (0 = the model's)")
         if self.decoder_embed_dim and self.decoder_num_heads:

@@ -33,15 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import init_weights, sincos_2d
 from fastmae.layers.cross_block import CrossBlock
 from fastmae.layers.feature_fusion import FeatureFusion
-from fastmae.models.masks import MASK_TYPES, mae_mask_keys
-from fastmae.models.vit import LayerNorm6, VisionTransformer
-from fastmae.reference import patchify, random_masking, unpatchify
+from fastmae.models.decoder import MaskedDecoderViT
+from fastmae.models.vit import LayerNorm6
 
 
-class CrossMAE(VisionTransformer):
+class CrossMAE(MaskedDecoderViT):
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -66,65 +64,27 @@ class CrossMAE(VisionTransformer):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer, **vit_kwargs,
         )
-        if loss_type not in ("mse", "l1"):
-            raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
         if not isinstance(prediction_ratio, (int, float)) or not 0.0 < prediction_ratio <= 1.0:
             raise ValueError(f"prediction_ratio must be in (0, 1], got {prediction_ratio!r}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-        self.norm_pix_loss = norm_pix_loss
-        self.loss_type = loss_type
         self.prediction_ratio = float(prediction_ratio)
-        self.mask_type = mask_type
-        self.decoder_embed_dim = decoder_embed_dim
-        num_patches = self.patch_embed.num_patches
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [CrossBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                        residual_dtype=self.residual_dtype)
-             for _ in range(decoder_depth)]
-        )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        self.build_decoder(
+            lambda: CrossBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                               residual_dtype=self.residual_dtype),
+            decoder_depth, decoder_embed_dim, norm_layer, loss_type=loss_type, mask_type=mask_type,
+            norm_pix_loss=norm_pix_loss)
         # Inputs of the fusion: the patch embeddings and every encoder block's output.
         self.decoder_fusion = FeatureFusion(depth + 1, decoder_depth, embed_dim, norm_layer) if feature_fusion else None
-        with torch.no_grad():
-            self.decoder_pos_embed.copy_(sincos_2d(decoder_embed_dim, self.patch_embed.grid_size, cls_token=True).unsqueeze(0))
-            nn.init.normal_(self.mask_token, std=0.02)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
-
-    # ---- helpers (as MAE's) ---------------------------------------------------------------------------------
-
-    def patchify(self, imgs: Tensor) -> Tensor:
-        """imgs: (N, C, H, W) -> (N, L, p*p*C)"""
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        """x: (N, L, p*p*C) -> imgs: (N, C, H, W)"""
-        return unpatchify(x, self.patch_size, self.in_chans, grid_size)
+        self.init_decoder()
 
     def decoder_pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
-        if tuple(grid) == self.patch_embed.grid_size:
-            return self.decoder_pos_embed
-        table = sincos_2d(self.decoder_embed_dim, grid, cls_token=True).unsqueeze(0)
-        return table.to(device=self.decoder_pos_embed.device, dtype=self.decoder_pos_embed.dtype)
+        return self.decoder_table(grid)
 
     # ---- masking and targets --------------------------------------------------------------------------------
 
     def _plan(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None, prediction_ratio: float | None):
         """Check every input before any compute; returns (N, grid, len_keep, n_pred)."""
-        N, grid = self.check_images(imgs)
+        N, grid, len_keep = self.plan_masking(imgs, mask_ratio, noise)
         L = grid[0] * grid[1]
-        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
-        len_keep = int(L * (1 - mask_ratio))
-        if len_keep < 1:
-            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {L}")
-        if noise is not None and tuple(noise.shape) != (N, L):
-            raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
         if prediction_ratio is None:
             prediction_ratio = self.prediction_ratio if self.training else 1.0
         if not isinstance(prediction_ratio, (int, float)) or not 0.0 < prediction_ratio <= 1.0:
@@ -174,11 +134,7 @@ class CrossMAE(VisionTransformer):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> loss (fp32 scalar), pred (N, L_t, p*p*C), mask (N, L) with 1 = removed, ids_target (N, L_t)."""
         N, grid, len_keep, n_pred = self._plan(imgs, mask_ratio, noise, prediction_ratio)
-        if noise is None:
-            # The default generator keeps masking capturable in CUDA graphs and seeded by torch.manual_seed.
-            noise = torch.rand(N, grid[0] * grid[1], device=imgs.device)
-        keys = mae_mask_keys(noise, grid, len_keep, self.mask_type)
-        ids_keep, _, mask, ids_shuffle = random_masking(keys, len_keep)
+        ids_keep, _, mask, ids_shuffle = self.draw_mask(N, grid, len_keep, noise, imgs.device)
         ids_target = self.select_targets(ids_shuffle[:, len_keep:], n_pred)
         memory = self.forward_memory(imgs, ids_keep, grid)
         pred = self.forward_decoder(memory, ids_target, grid)

@@ -26,17 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from fastmae import ops
-from fastmae.layers import Block, init_weights, sincos_2d
-from fastmae.models.masks import MASK_TYPES, mae_mask_keys
-from fastmae.models.vit import LayerNorm6, VisionTransformer
-from fastmae.reference import patchify, random_masking, unpatchify
+from fastmae.layers import Block
+from fastmae.models.decoder import MaskedDecoderViT
+from fastmae.models.vit import LayerNorm6
+from fastmae.reference import random_masking
 
 # "fp32": the official numerics (fp32 table, fp32 decoder input under autocast); "autocast": the table in the autocast
 # dtype, so the decoder input is bf16 under bf16 autocast; "auto": the residual stream's choice.
 DECODER_INPUT_DTYPES = ("auto", "fp32", "autocast")
 
 
-class MaskedAutoencoderViT(VisionTransformer):
+class MaskedAutoencoderViT(MaskedDecoderViT):
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -69,10 +69,6 @@ class MaskedAutoencoderViT(VisionTransformer):
             norm_layer=norm_layer,
             **vit_kwargs,
         )
-        if loss_type not in ("mse", "l1"):
-            raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
         if loss_on not in ("masked", "all"):
             raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
         if decoder_input_dtype not in DECODER_INPUT_DTYPES:
@@ -82,39 +78,16 @@ class MaskedAutoencoderViT(VisionTransformer):
         if decoder_input_dtype == "auto":
             decoder_input_dtype = "autocast" if self.residual_dtype == "bf16" else "fp32"
         self.decoder_input_dtype = decoder_input_dtype
-        self.norm_pix_loss = norm_pix_loss
-        self.loss_type = loss_type
-        self.mask_type = mask_type
         self.loss_on = loss_on
         self.encoder_mask_tokens = encoder_mask_tokens
-        self.decoder_embed_dim = decoder_embed_dim
-        num_patches = self.patch_embed.num_patches
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim if encoder_mask_tokens else decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                   residual_dtype=self.residual_dtype)
-             for _ in range(decoder_depth)]
-        )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
-        with torch.no_grad():
-            table = sincos_2d(decoder_embed_dim, self.patch_embed.grid_size, cls_token=True)
-            self.decoder_pos_embed.copy_(table.unsqueeze(0))
-            nn.init.normal_(self.mask_token, std=0.02)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
+        self.build_decoder(
+            lambda: Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                          residual_dtype=self.residual_dtype),
+            decoder_depth, decoder_embed_dim, norm_layer, loss_type=loss_type, mask_type=mask_type,
+            norm_pix_loss=norm_pix_loss, mask_token_dim=embed_dim if encoder_mask_tokens else None)
+        self.init_decoder()
 
     # ---- official helpers ---------------------------------------------------------------------------------
-
-    def patchify(self, imgs: Tensor) -> Tensor:
-        """imgs: (N, C, H, W) -> (N, L, p*p*C)"""
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        """x: (N, L, p*p*C) -> imgs: (N, C, H, W)"""
-        return unpatchify(x, self.patch_size, self.in_chans, grid_size)
 
     def random_masking(self, noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """noise: (N, L) -> ids_keep (N, len_keep), ids_restore (N, L), mask (N, L; 1 = removed), ids_shuffle (N, L)"""
@@ -124,11 +97,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         """The decoder position table for ``grid``, in the dtype the decoder input is to have (see
         ``decoder_input_dtype``): under autocast with ``"autocast"`` a low-precision copy, so K2 writes its
         (N, 1+L, D) output in bf16 instead of fp32 (type promotion with an fp32 table)."""
-        if tuple(grid) == self.patch_embed.grid_size:
-            table = self.decoder_pos_embed
-        else:
-            table = sincos_2d(self.decoder_embed_dim, grid, cls_token=True).unsqueeze(0)
-            table = table.to(device=self.decoder_pos_embed.device, dtype=self.decoder_pos_embed.dtype)
+        table = self.decoder_table(grid)
         dev = table.device.type
         if self.decoder_input_dtype == "autocast" and torch.is_autocast_enabled(dev):
             # Cast per call, not cached: (1+L) x D values (0.4 MB for ViT-B) against the ~100 MB of K2 output it
@@ -138,27 +107,9 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     # ---- forward ------------------------------------------------------------------------------------------
 
-    def _plan(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None) -> tuple[int, tuple[int, int], int]:
-        """Check every input before any compute; returns (N, grid, len_keep)."""
-        N, grid = self.check_images(imgs)
-        L = grid[0] * grid[1]
-        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
-        len_keep = int(L * (1 - mask_ratio))
-        if len_keep < 1:
-            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {L}")
-        if noise is not None and not isinstance(noise, Tensor):
-            raise ValueError(f"noise must be a tensor of shape (N, L) = {(N, L)}, got a {type(noise).__name__}")
-        if noise is not None and tuple(noise.shape) != (N, L):
-            raise ValueError(f"noise must have shape (N, L) = {(N, L)}, got {tuple(noise.shape)}")
-        return N, grid, len_keep
-
     def _masking(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None):
-        N, grid, len_keep = self._plan(imgs, mask_ratio, noise)
-        if noise is None:
-            # The default generator keeps masking capturable in CUDA graphs and seeded by torch.manual_seed.
-            noise = torch.rand(N, grid[0] * grid[1], device=imgs.device)
-        ids_keep, ids_restore, mask, ids_shuffle = random_masking(mae_mask_keys(noise, grid, len_keep, self.mask_type), len_keep)
+        N, grid, len_keep = self.plan_masking(imgs, mask_ratio, noise)
+        ids_keep, ids_restore, mask, ids_shuffle = self.draw_mask(N, grid, len_keep, noise, imgs.device)
         return grid, len_keep, ids_keep, ids_restore, mask, ids_shuffle
 
     def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

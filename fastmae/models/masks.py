@@ -20,13 +20,14 @@ Conventions: ``mask`` is 1 for masked tokens; token ids are row-major over the g
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["MASK_TYPES", "block_mask_geometry", "block_mask", "tube_mask", "mae_mask_keys"]
-
-MASK_TYPES = ("random", "block", "grid")
+__all__ = ["MASK_TYPES", "MaskType", "block_mask_geometry", "block_mask", "tube_mask", "mae_mask_keys",
+           "mask_type_problem"]
 
 
 def block_mask_geometry(img_size: int | tuple[int, int], mask_patch_size: int, patch_size: int, mask_ratio: float):
@@ -106,10 +107,64 @@ _BEIT_MIN_BLOCK = 16 / 196
 _BLOCK_ASPECT = 0.3
 
 
+def _random_keys(noise: Tensor, gh: int, gw: int, len_keep: int) -> Tensor:
+    return noise
+
+
+def _grid_keys(noise: Tensor, gh: int, gw: int, len_keep: int) -> Tensor:
+    rows = torch.arange(gh, device=noise.device).view(gh, 1).expand(gh, gw)
+    cols = torch.arange(gw, device=noise.device).view(1, gw).expand(gh, gw)
+    keep = ((rows % 2 == 0) & (cols % 2 == 0)).reshape(1, gh * gw)
+    return noise - 2.0 * keep.to(noise.dtype)
+
+
+def _beit_block_keys(noise: Tensor, gh: int, gw: int, len_keep: int) -> Tensor:
+    return _block_keys(noise, gh, gw, gh * gw - len_keep)
+
+
+@dataclass(frozen=True)
+class MaskType:
+    """One MAE mask type: its key generator ``keys(noise, gh, gw, len_keep)`` and what it needs of the setup."""
+
+    keys: Callable[[Tensor, int, int, int], Tensor]
+    ratio: float | None = None  # the only mask ratio it supports (None: any)
+    even_grid: bool = False  # the patch grid must have an even number of rows and columns
+    needs: str = ""  # why, for the error
+
+
+MASK_TYPES: dict[str, MaskType] = {
+    "random": MaskType(_random_keys),
+    "block": MaskType(_beit_block_keys),
+    "grid": MaskType(_grid_keys, ratio=0.75, even_grid=True, needs="keeps one patch of every 2x2 cell"),
+}
+
+
+def mask_type_problem(mask_type: str, mask_ratio: float | None = None, grid: tuple[int, int] | None = None,
+                      len_keep: int | None = None) -> str | None:
+    """Why ``mask_type`` cannot run with what is known of the setup (a ratio, a patch grid, a kept count), or None.
+
+    The one place the constraints of :data:`MASK_TYPES` are checked: the config, the models and
+    :func:`mae_mask_keys` each pass what they know."""
+    spec = MASK_TYPES.get(mask_type)
+    if spec is None:
+        return f"mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}"
+    odd = spec.even_grid and grid is not None and (grid[0] % 2 or grid[1] % 2)
+    off = spec.ratio is not None and (
+        (mask_ratio is not None and mask_ratio != spec.ratio)
+        or (len_keep is not None and grid is not None and len_keep != int(grid[0] * grid[1] * (1 - spec.ratio))))
+    if not (odd or off):
+        return None
+    seen = (f"mask_ratio {mask_ratio}" if len_keep is None else f"{len_keep} patches kept") + (
+        f", a {grid[0]}x{grid[1]} patch grid" if grid is not None else "")
+    wants = ([f"mask_ratio {spec.ratio}"] if spec.ratio is not None else []) + (["an even patch grid"] if spec.even_grid else [])
+    return f"mask_type={mask_type} {spec.needs}: it needs {' and '.join(wants)} (got {seen})"
+
+
 def mae_mask_keys(noise: Tensor, grid: tuple[int, int], len_keep: int, mask_type: str = "random") -> Tensor:
     """Ranking keys (N, L) for MAE's ``random_masking``: the ``len_keep`` smallest keys stay visible.
 
     noise: (N, L) uniform in [0, 1), the only source of randomness (so a fixed noise gives a fixed mask).
+    The generator is ``MASK_TYPES[mask_type].keys``:
     - ``random``: the noise itself (MAE).
     - ``grid``: patches at even row and even column are kept, one of every four; needs an even grid and
       ``len_keep = L / 4`` (mask ratio 0.75). The visible patches are the same for every sample.
@@ -120,25 +175,14 @@ def mae_mask_keys(noise: Tensor, grid: tuple[int, int], len_keep: int, mask_type
       centre outwards, until exactly ``L - len_keep`` are masked. If the rectangles cover fewer
       patches, the rest are masked at random (rare: K is chosen so their areas sum past the target).
     """
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
     N, L = noise.shape
     gh, gw = grid
+    problem = mask_type_problem(mask_type, grid=(gh, gw), len_keep=len_keep)
+    if problem:
+        raise ValueError(problem)
     if gh * gw != L:
         raise ValueError(f"noise has {L} columns for a {gh}x{gw} patch grid")
-    if mask_type == "random":
-        return noise
-    rows = torch.arange(gh, device=noise.device).view(gh, 1).expand(gh, gw)
-    cols = torch.arange(gw, device=noise.device).view(1, gw).expand(gh, gw)
-    if mask_type == "grid":
-        keep = ((rows % 2 == 0) & (cols % 2 == 0)).reshape(1, L)
-        if gh % 2 or gw % 2 or len_keep != L // 4:
-            raise ValueError(
-                f"mask_type=grid keeps one patch of every 2x2 cell: it needs an even patch grid and mask_ratio 0.75 "
-                f"(grid {gh}x{gw}, {len_keep} of {L} kept)"
-            )
-        return noise - 2.0 * keep.to(noise.dtype)
-    return _block_keys(noise, gh, gw, L - len_keep)
+    return MASK_TYPES[mask_type].keys(noise, gh, gw, len_keep)
 
 
 def _block_keys(noise: Tensor, gh: int, gw: int, n_masked: int) -> Tensor:
