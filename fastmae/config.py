@@ -54,7 +54,8 @@ class PretrainConfig:
                          "size) | crop_flip (random-resized, MAE) | crop_color (+ color jitter); '' = crop_flip"})
     holdout_fraction: float = 0.05  # held out of training when the data has no val/ split
     decode: str = field(default="pil", metadata={"help": "torch loader's train crops: pil (Pillow resize) | fast (torch "
-                        "uint8 bicubic-antialias resize, DCT-scaled decode where windows allow; fastmae.data.decode)"})
+                        "uint8 bicubic-antialias resize, DCT-scaled decode where windows allow; fastmae.data.decode) | dali_roi "
+                        "(DALI CPU decode of the crop window in the workers + the same torch resize; fastmae.data.dali_roi)"})
     repeat_samples: int = field(default=1, metadata={"help": "decode each image once, train on K crops of it (each its "
                                 "own mask); an epoch, the lr schedule and resume count samples (K x files)"})
     # model
@@ -171,9 +172,12 @@ class PretrainConfig:
             (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.decode in ("pil", "fast"), f"decode must be pil or fast, got {self.decode!r}"),
+            (self.decode in ("pil", "fast", "dali_roi"), f"decode must be pil, fast or dali_roi, got {self.decode!r}"),
             (self.repeat_samples >= 1 and self.batch_size % self.repeat_samples == 0,
              f"repeat_samples must be >= 1 and divide batch_size {self.batch_size}, got {self.repeat_samples}"),
+            (self.decode != "dali_roi" or (self.loader == "torch" and self.repeat_samples == 1),
+             f"decode=dali_roi is a torch-loader decode without repeat_samples (loader {self.loader!r}, "
+             f"repeat_samples {self.repeat_samples})"),
             (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
             (self.monitor in ("", "knn"), f"monitor must be knn or '' (off), got {self.monitor!r}"),
             (self.monitor_every >= 0, f"monitor_every must be >= 0, got {self.monitor_every}"),
