@@ -56,6 +56,9 @@ class PretrainConfig:
     decode: str = field(default="pil", metadata={"help": "torch loader's train crops: pil (Pillow resize) | fast (torch "
                         "uint8 bicubic-antialias resize, DCT-scaled decode where windows allow; fastmae.data.decode) | dali_roi "
                         "(DALI CPU decode of the crop window in the workers + the same torch resize; fastmae.data.dali_roi)"})
+    dali_decode: str = field(default="roi", metadata={"help": "loader=dali train crops: roi (decode the crop window "
+                             "only) | whole (decode the whole image, on a GPU with the hardware JPEG decoder, then crop "
+                             "in the resize); bench/gpu_report.py's data section times both"})
     repeat_samples: int = field(default=1, metadata={"help": "decode each image once, train on K crops of it (each its "
                                 "own mask); an epoch, the lr schedule and resume count samples (K x files)"})
     # model
@@ -175,6 +178,7 @@ class PretrainConfig:
             (self.decode in ("pil", "fast", "dali_roi"), f"decode must be pil, fast or dali_roi, got {self.decode!r}"),
             (self.repeat_samples >= 1 and self.batch_size % self.repeat_samples == 0,
              f"repeat_samples must be >= 1 and divide batch_size {self.batch_size}, got {self.repeat_samples}"),
+            (self.dali_decode in ("roi", "whole"), f"dali_decode must be roi or whole, got {self.dali_decode!r}"),
             (self.decode != "dali_roi" or (self.loader == "torch" and self.repeat_samples == 1),
              f"decode=dali_roi is a torch-loader decode without repeat_samples (loader {self.loader!r}, "
              f"repeat_samples {self.repeat_samples})"),

@@ -62,6 +62,7 @@ def build_loader(
     num_classes: int = 1000,
     min_size: int = 8,
     hw_decoder_load: float = 0.65,
+    dali_decode: str = "roi",
     index_cache: str | os.PathLike | None = None,
     augment: str | None = None,
     classes: list[str] | None = None,
@@ -95,7 +96,9 @@ def build_loader(
     ``decode`` (torch loader, crop augmentations): ``"pil"`` (Pillow crop + bicubic resize) or ``"fast"``
     (:mod:`fastmae.data.decode`: the same windows, torch's uint8 bicubic-antialias resize, DCT-scaled JPEG
     decode where every window allows it) or ``"dali_roi"`` (:mod:`fastmae.data.dali_roi`: DALI's CPU decode of
-    the window only in each worker, then the same torch resize; needs DALI). ``repeat_samples`` K > 1 (torch loader, training): each file is
+    the window only in each worker, then the same torch resize; needs DALI). ``dali_decode`` (loader="dali",
+    training crops): ``"roi"`` decodes only the window, ``"whole"`` the whole image (on the GPU: nvJPEG's
+    hardware decoder) then crops in the resize (:data:`fastmae.data.dali.DALI_DECODES`). ``repeat_samples`` K > 1 (torch loader, training): each file is
     decoded once per epoch and gives K consecutive samples with their own crops and flips; an epoch is
     K x files samples (``fastmae.data.repeat``).
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
@@ -157,7 +160,8 @@ def build_loader(
     if loader == "dali":
         from .dali import DaliLoader
 
-        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
+                        dali_decode=dali_decode, **common)
     elif repeat_samples > 1:
         from .repeat import RepeatLoader
 

@@ -66,6 +66,7 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
         drop_last=train, holdout_fraction=cfg.holdout_fraction, augment=(cfg.augment or None) if train else None,
         index_cache=_scan_index_dir(cfg),
         decode=getattr(cfg, "decode", "pil"), repeat_samples=getattr(cfg, "repeat_samples", 1) if train else 1,
+        dali_decode=getattr(cfg, "dali_decode", "roi"),
     )
 
 
