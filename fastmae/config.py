@@ -179,6 +179,7 @@ class PretrainConfig:
             (self.repeat_samples >= 1 and self.batch_size % self.repeat_samples == 0,
              f"repeat_samples must be >= 1 and divide batch_size {self.batch_size}, got {self.repeat_samples}"),
             (self.dali_decode in ("roi", "whole"), f"dali_decode must be roi or whole, got {self.dali_decode!r}"),
+            (self.dali_decode == "roi" or self.loader == "dali", f"dali_decode={self.dali_decode} needs loader=dali"),
             (self.decode != "dali_roi" or (self.loader == "torch" and self.repeat_samples == 1),
              f"decode=dali_roi is a torch-loader decode without repeat_samples (loader {self.loader!r}, "
              f"repeat_samples {self.repeat_samples})"),

@@ -184,6 +184,16 @@ def test_whole_image_decode_crops_like_the_roi_decode_on_the_cpu_backend(folder)
         build_loader(folder, dali_decode="nvjpeg", **kw)
 
 
+def test_dali_decode_key_is_checked():
+    from fastmae.config import parse_overrides
+
+    assert parse_overrides(["--loader=dali", "--dali_decode=whole"]).dali_decode == "whole"
+    with pytest.raises(ValueError, match="dali_decode must be roi or whole"):
+        parse_overrides(["--loader=dali", "--dali_decode=nvjpeg"])
+    with pytest.raises(ValueError, match="dali_decode=whole needs loader=dali"):
+        parse_overrides(["--dali_decode=whole"])  # the torch loader would silently ignore it
+
+
 def _graph(node) -> list[tuple[str, str]]:
     """(operator schema, output device) of every operator upstream of ``node``, depth first."""
     op = node.source
