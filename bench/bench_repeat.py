@@ -1,6 +1,6 @@
 """Repeated sampling at demo scale: pretraining loss and linear probe at equal optimizer steps for K = 1, 2, 4.
 
-    python bench/bench_repeat.py                      # seeds 0 1 2, 264 steps (12 epochs of K=1), batch 64
+    python bench/bench_repeat.py                      # seeds 0 1 2, 88 steps (4 epochs of K=1), batch 64
     python bench/bench_repeat.py --seeds 0 --steps 100
 
 scikit-learn's 1,797 digits are written once as a class-folder tree of 32 x 32 RGB JPEGs (80 % train/, 20 %
@@ -63,7 +63,7 @@ def one(tree: Path, out: Path, k: int, seed: int, args, env: dict) -> dict:
              f"--seed={seed}", "--num_workers=1", "--progress=false", "--tensorboard=false", "--log_every=22",
              "--decoder_embed_dim=64", "--decoder_depth=2", "--decoder_num_heads=4",
              # epochs count samples (K x files): dividing by K keeps warm-up and cosine equal in optimizer steps
-             f"--warmup_epochs={args.warmup_epochs / k}", f"--epochs={max(1, args.epochs // k)}"], env)
+             f"--warmup_epochs={args.warmup_epochs / k}", f"--epochs={args.epochs // k}"], env)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     return {"loss": losses, "top1": probe(run_dir, out / f"probe-k{k}-s{seed}", seed, args, env)}
@@ -85,13 +85,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=264)
+    ap.add_argument("--steps", type=int, default=88)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=12, help="cosine length in epochs of K=1 (22 steps each at batch 64)")
+    ap.add_argument("--epochs", type=int, default=4, help="cosine length in epochs of K=1 (22 steps each at batch 64); a multiple of every K")
     ap.add_argument("--warmup_epochs", type=float, default=1.0, help="warm-up in epochs of K=1")
     ap.add_argument("--probe_epochs", type=int, default=100)
     ap.add_argument("--data_dir", default="/tmp/fastmae-bench-data")
     args = ap.parse_args()
+    if any(args.epochs % k for k in args.ks):
+        # epochs are whole (K x files samples each): a K that does not divide them would get a shorter cosine
+        raise SystemExit(f"--epochs {args.epochs} must be a multiple of every K in {args.ks} (equal schedules)")
     tree = digits_tree(Path(args.data_dir))
     out = Path(args.data_dir) / f"repeat-{args.steps}-{args.batch}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
