@@ -264,7 +264,9 @@ def packed_copy(root: Path, data_dir: Path, short_side: int) -> Path:
 def new_path_loaders(root: Path, data_dir: Path, common: dict) -> dict:
     """The issue-21 paths as real torch loaders (workers, IPC and collate included)."""
     packed = data_dir / f"{root.name}-pack256"
-    out = {"fast": ("torch workers, fast exact path (data.decode)", build_loader(root, decode="fast", **common))}
+    out = {"fast": ("torch workers, fast exact path (data.decode)", build_loader(root, decode="fast", **common)),
+           "dali_roi": ("torch workers, DALI CPU ROI decode + torch resize (decode=dali_roi)",
+                        build_loader(root, decode="dali_roi", **common))}
     if packed.is_dir():
         out["packed"] = ("torch workers, packed 256 + fast path", build_loader(packed, decode="fast", **common))
         out["packed_x2"] = (
@@ -298,13 +300,15 @@ def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
     windows); each callable does all of a sample's work from its bytes on disk to a uint8 224x224 crop."""
     import torch.nn.functional as F
 
-    from fastmae.data.decode import crops_from_image, decode_crops, decode_image
-    from fastmae.data.loader import ImageDataset
+    from fastmae.data.dali_roi import RoiDataset
+    from fastmae.data.decode import crops_from_image, decode_crops, decode_image, resize_flip
+    from fastmae.data.loader import ImageDataset, _collate
     from fastmae.data.repeat import RepeatDataset
     from fastmae.data.sources import open_source
 
     src, psrc = open_source(root, "train", warn=False), open_source(packed, "train", warn=False)
     ids = np.arange(min(n, len(src), len(psrc)))
+    n = len(ids)
     ds = {d: ImageDataset(src, img_size, "mae", 0, d) for d in ("pil", "fast")}
     pds = ImageDataset(psrc, img_size, "mae", 0, "fast")
     keys, pkeys = ds["pil"].batch_keys(1, ids), pds.batch_keys(1, ids)
@@ -312,23 +316,27 @@ def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
     rkeys = {k: r.batch_keys(1, (ids[:, None] * k + np.arange(k)).reshape(-1)) for k, r in rep.items()}
     windows = np.array([k[2] for k in keys], np.int64)
     dali_decode = _dali_roi_decode([src.read_bytes(int(i)) for i in ids], windows)
+    roi = RoiDataset(src, img_size, "mae", 0, 64)
+    rbatches = [keys[i:i + 64] for i in range(0, len(keys), 64)]
+    rcrops = dali_decode()
+    ritems = [item for b in rbatches for item in roi.__getitems__(b)]
     pbytes = [psrc.read_bytes(int(i)) for i in ids]
     pwin = np.array([k[2] for k in pkeys], np.int64)
     pdec = [decode_image(b) for b in pbytes]
 
-    def dali_torch():
-        for i in ids:  # reading the bytes is the DALI reader's part; the external source above holds them
-            src.read_bytes(int(i))
-        for c, w in zip(dali_decode(), windows, strict=True):
-            r = F.interpolate(torch.from_numpy(c).permute(2, 0, 1)[None], size=(img_size, img_size), mode="bicubic",
-                              antialias=True)[0].permute(1, 2, 0)
-            (r.flip(1) if w[4] else r).contiguous()
+    def roi_resize():
+        return [resize_flip(torch.from_numpy(c).permute(2, 0, 1)[None], img_size, w[4]).contiguous()
+                for c, w in zip(rcrops, windows, strict=True)]
 
     return {
         "today's PIL path (reference)": (lambda: [ds["pil"][k] for k in keys], 1),
         "fast exact path (PIL decode + torch uint8 resize)": (lambda: [ds["fast"][k] for k in keys], 1),
-        "DALI CPU ROI decode + torch uint8 resize": (dali_torch, 1),
-        "DALI CPU ROI decode alone (stage)": (dali_decode, 1),
+        "DALI CPU ROI decode + torch uint8 resize (`--decode=dali_roi`, a batch of 64 per call)": (
+            lambda: [roi.__getitems__(b) for b in rbatches], 1),
+        "dali_roi: read bytes (stage)": (lambda: [src.read_bytes(int(i)) for i in ids], 1),
+        "dali_roi: DALI CPU ROI decode alone, one run (stage)": (dali_decode, 1),
+        "dali_roi: torch resize + flip + contiguous HWC (stage)": (roi_resize, 1),
+        "dali_roi: collate batches of 64 (stage)": (lambda: [_collate(ritems[i:i + 64]) for i in range(0, n, 64)], 1),
         f"packed ({packed.name}) + fast path": (lambda: [pds[k] for k in pkeys], 1),
         "packed + fast + repeat x2": (lambda: [rep[2][k] for k in rkeys[2]], 2),
         "packed + fast + repeat x4": (lambda: [rep[4][k] for k in rkeys[4]], 4),

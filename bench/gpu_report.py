@@ -488,31 +488,91 @@ def _make_jpegs(root: Path, n: int, size: int = 320) -> Path:
     return root
 
 
-def section_data(device: torch.device, sizes: Sizes, workers: int) -> list[dict]:
+# The data section's loaders: (row name, build_loader keywords). DALI's two training-crop decodes decide the default
+# of --dali_decode on the first GPU: "roi" decodes the crop window only (may bypass the hardware JPEG engines),
+# "whole" the whole image through nvJPEG's hardware path, cropped in the GPU resize.
+DATA_LOADERS = (("torch", {"loader": "torch"}), ("dali", {"loader": "dali", "dali_decode": "roi"}),
+                ("dali_whole", {"loader": "dali", "dali_decode": "whole"}))
+
+
+class _JpegEngineLoad:
+    """NVML's hardware JPEG decoder (NVJPG) utilization, sampled in a thread while a loader is timed; a one-line
+    reason instead when there is no GPU, no ``pynvml`` (``pip install nvidia-ml-py``) or no such counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.samples: list[float] = []
+        self.reason = "hw decoder load: no GPU" if device.type != "cuda" else ""
+        self._stop = threading.Event()
+        self._thread = None
+        if self.reason:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._read = pynvml.nvmlDeviceGetJpgUtilization
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self._read(self._handle)
+        except ImportError:
+            self.reason = "hw decoder load: pynvml not installed"
+        except Exception as e:  # an NVML without the JPEG counter (older driver or GPU) or an NVML error
+            self.reason = f"hw decoder load: unavailable ({_error_text(e)})"
+
+    def __enter__(self):
+        if not self.reason:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(float(self._read(self._handle)[0]))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def note(self) -> str:
+        if self.reason or not self.samples:
+            return self.reason or "hw decoder load: no sample"
+        return f"hw JPEG decoder busy {statistics.mean(self.samples):.0f}% mean, {max(self.samples):.0f}% peak (NVML)"
+
+
+def _time_loader(root: Path, kw: dict, device: torch.device, sizes: Sizes, workers: int) -> dict:
+    """img/s over two epochs after a warm-up epoch, and the hardware JPEG decoder's load meanwhile."""
     from fastmae.data import build_loader
 
+    ld = build_loader(root, split="train", batch_size=sizes.data_batch, img_size=224, output="uint8",
+                      num_workers=workers, device=str(device), **kw)
+    ld.set_epoch(0)
+    for _ in ld:  # warm-up epoch: worker start, DALI pipeline build
+        pass
+    with _JpegEngineLoad(device) as engine:
+        t0, n = time.perf_counter(), 0
+        for epoch in (1, 2):
+            ld.set_epoch(epoch)
+            for imgs, _ in ld:
+                n += imgs.to(device, non_blocking=True).shape[0]
+        sync(device)
+    img_s = n / (time.perf_counter() - t0)
+    if kw["loader"] != "dali":
+        return dict(img_s=img_s, decode="cpu (PIL)")
+    backend = "mixed (nvJPEG)" if getattr(ld, "device_id", None) is not None else "cpu"
+    return dict(img_s=img_s, decode=f"{backend}, {kw['dali_decode']}", note=engine.note())
+
+
+def section_data(device: torch.device, sizes: Sizes, workers: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastmae-gpu-report-") as tmp:
         root = _make_jpegs(Path(tmp), sizes.data_images)
-        for loader in ("torch", "dali"):
-            row = dict(loader=loader, images=sizes.data_images, batch=sizes.data_batch, workers=workers)
-            if loader == "dali" and _version("nvidia.dali") == "not installed":
+        for name, kw in DATA_LOADERS:
+            row = dict(loader=name, images=sizes.data_images, batch=sizes.data_batch, workers=workers)
+            if kw["loader"] == "dali" and _version("nvidia.dali") == "not installed":
                 rows.append({**row, "note": "not installed"})
                 continue
             try:
-                ld = build_loader(root, split="train", batch_size=sizes.data_batch, img_size=224, loader=loader,
-                                  output="uint8", num_workers=workers, device=str(device))
-                ld.set_epoch(0)
-                for _ in ld:  # warm-up epoch: worker start, DALI pipeline build
-                    pass
-                t0, n = time.perf_counter(), 0
-                for epoch in (1, 2):
-                    ld.set_epoch(epoch)
-                    for imgs, _ in ld:
-                        n += imgs.to(device, non_blocking=True).shape[0]
-                sync(device)
-                row.update(img_s=n / (time.perf_counter() - t0),
-                           decode="mixed (nvJPEG)" if loader == "dali" and device.type == "cuda" else "cpu")
+                row.update(_time_loader(root, kw, device, sizes, workers))
             except Exception as e:  # an optional loader failing must not lose the report
                 row["error"] = _error_text(e)
             rows.append(row)

@@ -71,7 +71,11 @@ class DataConfig:
     holdout_fraction: float = key(0.05, "with no val/ split: this fraction of the files is held out (seeded), never "
                                   "trained on")
     decode: str = key("pil", "torch loader's train crops: pil (Pillow resize) | fast (torch uint8 bicubic-antialias "
-                      "resize, DCT-scaled decode where windows allow; fastmae.data.decode)")
+                      "resize, DCT-scaled decode where windows allow; fastmae.data.decode) | dali_roi (DALI CPU decode "
+                      "of the crop window in the workers + the same torch resize; fastmae.data.dali_roi)")
+    dali_decode: str = key("roi", "loader=dali train crops: roi (decode the crop window only) | whole (decode the whole "
+                           "image, on a GPU with the hardware JPEG decoder, then crop in the resize); "
+                           "bench/gpu_report.py's data section times both")
     repeat_samples: int = key(1, "decode each image once, train on K crops of it (each its own mask); an epoch, the lr "
                               "schedule and resume count samples (K x files)")
 
@@ -81,7 +85,12 @@ class DataConfig:
             (0 < self.img_size <= MAX_IMG_SIZE, f"img_size must be in [1, {MAX_IMG_SIZE}], got {self.img_size}"),
             (0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.decode in ("pil", "fast"), f"decode must be pil or fast, got {self.decode!r}"),
+            (self.decode in ("pil", "fast", "dali_roi"), f"decode must be pil, fast or dali_roi, got {self.decode!r}"),
+            (self.dali_decode in ("roi", "whole"), f"dali_decode must be roi or whole, got {self.dali_decode!r}"),
+            (self.dali_decode == "roi" or self.loader == "dali", f"dali_decode={self.dali_decode} needs loader=dali"),
+            (self.decode != "dali_roi" or (self.loader == "torch" and self.repeat_samples == 1),
+             f"decode=dali_roi is a torch-loader decode without repeat_samples (loader {self.loader!r}, "
+             f"repeat_samples {self.repeat_samples})"),
             (self.augment in ("",) + PRETRAIN_AUGMENTS,
              f"augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {self.augment!r}"),
         ])

@@ -223,3 +223,58 @@ def test_dali_counts_and_names_every_substitution_like_the_torch_loader(demo_dir
     if row is not None:  # the 16-bit ramp: scaled like the torch loader's (x >> 8), not clipped to white
         xd, xt = d[ramp // 8][0][row], t[ramp // 8][0][row]
         assert (xd == 255).float().mean() < 0.05 and (xd.float() - xt.float()).abs().mean() < 3.0
+
+
+def test_whole_image_decode_crops_like_the_roi_decode_on_the_cpu_backend(folder):
+    """``dali_decode="whole"`` runs the same graph on the CPU (device_id=None): the whole-image decode, then the
+    window as an absolute resize ROI. Same labels and windows as the ROI decode; pixels differ only where the
+    cubic kernel at the window's border reads real neighbours instead of the clamped edge."""
+    kw = dict(loader="dali", batch_size=8, img_size=IMG, output="uint8", num_workers=1, seed=4)
+    roi, whole = build_loader(folder, dali_decode="roi", **kw), build_loader(folder, **{**kw, "dali_decode": "whole"})
+    assert whole.dali_decode == "whole" and roi.dali_decode == "roi"
+    for (xr, yr), (xw, yw) in zip(_collect(roi), _collect(whole), strict=True):
+        assert torch.equal(yr, yw)
+        mse = (xr.float() - xw.float()).pow(2).mean().item()
+        assert mse == 0 or 10 * torch.log10(torch.tensor(255.0**2 / mse)) >= 45, mse
+    with pytest.raises(ValueError, match="dali_decode must be one of"):
+        build_loader(folder, dali_decode="nvjpeg", **kw)
+
+
+def test_dali_decode_key_is_checked():
+    from fastmae.config import parse_overrides
+
+    assert parse_overrides(["--loader=dali", "--dali_decode=whole"]).data.dali_decode == "whole"
+    with pytest.raises(ValueError, match="dali_decode must be roi or whole"):
+        parse_overrides(["--loader=dali", "--dali_decode=nvjpeg"])
+    with pytest.raises(ValueError, match="dali_decode=whole needs loader=dali"):
+        parse_overrides(["--dali_decode=whole"])  # the torch loader would silently ignore it
+
+
+def _graph(node) -> list[tuple[str, str]]:
+    """(operator schema, output device) of every operator upstream of ``node``, depth first."""
+    op = node.source
+    out = [(getattr(op._op, "schema_name", type(op._op).__name__), node.device)]
+    for inp in op._inputs:
+        out += _graph(inp)
+    return out
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_mixed_graphs_are_defined_for_both_decodes(whole):
+    """No GPU here: the mixed graphs are defined (not built) and checked node by node: hardware-capable decode on
+    'mixed' at the loader's hw_decoder_load, then crop + resize + flip on the GPU in one resize."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from fastmae.data.dali import decoder_kwargs, train_crop
+
+    with Pipeline(batch_size=4, num_threads=1, device_id=None):
+        enc, anchor, shape, start, end = (fn.external_source(name=n) for n in ("enc", "a", "s", "r0", "r1"))
+        dec_kw = {"output_type": types.RGB, **decoder_kwargs(True, 0.65)}
+        out = train_crop(fn, enc, anchor, shape, start, end, 224, whole, dec_kw, {"interp_type": types.INTERP_CUBIC})
+    ops = _graph(out)
+    assert ops[0] == ("Resize", "gpu")
+    decoder = "decoders__Image" if whole else "decoders__ImageSlice"
+    assert (decoder, "gpu") in ops and "hw_decoder_load: 0.65" in str(out.source._inputs[0].source._spec)
+    assert str(out.source._spec).count("roi_relative: " + ("False" if whole else "True")) == 1
+    assert ("decoders__ImageSlice" in dict(ops)) != whole

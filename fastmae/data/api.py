@@ -16,7 +16,9 @@ from .sources import has_split, holdout, open_source
 from .text import printable
 
 LOADERS = ("torch", "dali", "synthetic")
-DECODES = ("pil", "fast")  # torch loader's train crops: PIL resize, or data.decode (torch uint8 resize, stated PSNR)
+# torch loader's train crops: PIL resize; data.decode (torch uint8 resize, stated PSNR); data.dali_roi (DALI CPU
+# ROI decode of the window in the workers + the same torch resize)
+DECODES = ("pil", "fast", "dali_roi")
 OUTPUTS = ("float", "uint8")
 # The last four: the MAE paper's pretraining augmentation table (see augment.py); "crop_flip" is "mae".
 AUGMENTS = ("mae", "linprobe", "finetune", "eval", "none", "crop", "crop_flip", "crop_color")
@@ -60,6 +62,7 @@ def build_loader(
     num_classes: int = 1000,
     min_size: int = 8,
     hw_decoder_load: float = 0.65,
+    dali_decode: str = "roi",
     index_cache: str | os.PathLike | None = None,
     augment: str | None = None,
     classes: list[str] | None = None,
@@ -92,7 +95,10 @@ def build_loader(
     The loader's ``source`` is the scanned file table it reads.
     ``decode`` (torch loader, crop augmentations): ``"pil"`` (Pillow crop + bicubic resize) or ``"fast"``
     (:mod:`fastmae.data.decode`: the same windows, torch's uint8 bicubic-antialias resize, DCT-scaled JPEG
-    decode where every window allows it). ``repeat_samples`` K > 1 (torch loader, training): each file is
+    decode where every window allows it) or ``"dali_roi"`` (:mod:`fastmae.data.dali_roi`: DALI's CPU decode of
+    the window only in each worker, then the same torch resize; needs DALI). ``dali_decode`` (loader="dali",
+    training crops): ``"roi"`` decodes only the window, ``"whole"`` the whole image (on the GPU: nvJPEG's
+    hardware decoder) then crops in the resize (:data:`fastmae.data.dali.DALI_DECODES`). ``repeat_samples`` K > 1 (torch loader, training): each file is
     decoded once per epoch and gives K consecutive samples with their own crops and flips; an epoch is
     K x files samples (``fastmae.data.repeat``).
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
@@ -104,6 +110,9 @@ def build_loader(
         raise ValueError(f"repeat_samples > 1 needs loader='torch' (got {loader!r})")
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "dali_roi" and (loader != "torch" or repeat_samples > 1):
+        raise ValueError(f"decode='dali_roi' is a torch-loader decode without repeat_samples (got loader={loader!r}, "
+                         f"repeat_samples={repeat_samples}); loader='dali' decodes crop windows itself")
     augment = augment or ("mae" if train else "eval")
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
@@ -137,8 +146,9 @@ def build_loader(
         log.warning("augment='crop_color' runs on the torch loader: DALI's color ops do not round as augment.color_jitter")
         loader = "torch"
     scan = dict(min_size=min_size, crop=img_size, index_cache=index_cache, classes=classes, require_labels=require_labels)
-    if loader == "dali":
-        from .dali import DaliLoader, import_dali
+    roi = decode == "dali_roi" and augment not in ("finetune", "eval", "none")
+    if loader == "dali" or roi:
+        from .dali import import_dali
 
         import_dali()  # fail on a missing extra before scanning a large dataset
     carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
@@ -148,13 +158,21 @@ def build_loader(
     if carve:
         src = holdout(src, holdout_fraction, seed, split)
     if loader == "dali":
-        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load, **common)
+        from .dali import DaliLoader
+
+        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
+                        dali_decode=dali_decode, **common)
     elif repeat_samples > 1:
         from .repeat import RepeatLoader
 
         ld = RepeatLoader(src, repeat_samples, augment=augment, decode=decode, num_workers=num_workers, **common)
     else:
-        dataset = ImageDataset(src, img_size, augment, seed, decode)
+        if roi:
+            from .dali_roi import RoiDataset
+
+            dataset = RoiDataset(src, img_size, augment, seed, batch_size)
+        else:  # evaluation and finetune crops have no window to ROI-decode: they take the PIL path
+            dataset = ImageDataset(src, img_size, augment, seed, decode)
         ld = TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
     ld.source = src
     ld.holdout_fraction = holdout_fraction if carve else 0.0

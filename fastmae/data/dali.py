@@ -42,7 +42,12 @@ from .loader import BaseLoader, ImageDataset
 from .sources import Source
 from .text import printable
 
-__all__ = ["DaliLoader", "import_dali"]
+__all__ = ["DALI_DECODES", "DaliLoader", "import_dali", "train_crop"]
+
+# How a training crop is decoded: "roi" decodes only the window (decoders.image_slice; on the GPU it may bypass
+# the A100/H100 hardware JPEG engines); "whole" decodes the whole image (decoders.image: nvJPEG's hardware path
+# at hw_decoder_load) and crops + resizes + flips in one GPU resize. bench/gpu_report.py's data section times both.
+DALI_DECODES = ("roi", "whole")
 
 
 def import_dali():
@@ -105,6 +110,20 @@ _MIXED_DECODER_HINTS = dict(
 )
 
 
+def train_crop(fn, enc, anchor, shape, roi_start, roi_end, size: int, whole: bool, dec_kw: dict, rs_kw: dict):
+    """The training crop in a DALI graph: the window (``anchor``, ``shape``: (x, y) pixels) resized to ``size`` and
+    flipped through the resize ROI (``roi_start``/``roi_end``: relative to the window, (H, W) order). ``whole``
+    decodes the whole image and turns the window into an absolute resize ROI; otherwise only the window is decoded."""
+    if not whole:
+        img = fn.decoders.image_slice(enc, anchor, shape, normalized_anchor=False, normalized_shape=False, **dec_kw)
+        return fn.resize(img, resize_x=size, resize_y=size, roi_start=roi_start, roi_end=roi_end, roi_relative=True,
+                         **rs_kw)
+    img = fn.decoders.image(enc, **dec_kw)
+    origin, extent = fn.stack(anchor[1], anchor[0]), fn.stack(shape[1], shape[0])  # (x, y) -> (H, W) order
+    return fn.resize(img, resize_x=size, resize_y=size, roi_start=origin + roi_start * extent,
+                     roi_end=origin + roi_end * extent, roi_relative=False, **rs_kw)
+
+
 def decoder_kwargs(mixed: bool, hw_decoder_load: float) -> dict:
     """Keyword arguments of the image decoders: the backend, and for ``mixed`` the hardware-decoder share
     and the preallocation hints."""
@@ -125,12 +144,16 @@ class DaliLoader(BaseLoader):
         hw_decoder_load: float = 0.65,
         prefetch: int = 2,
         resize_filter: str = "cubic",
+        dali_decode: str = "roi",
         **kw,
     ) -> None:
         """``resize_filter="triangular"`` (antialiased linear) is a diagnostic for benchmarks only: it
-        departs from the MAE recipe's bicubic resize."""
+        departs from the MAE recipe's bicubic resize. ``dali_decode``: :data:`DALI_DECODES`."""
         if resize_filter not in ("cubic", "triangular"):
             raise ValueError(f"resize_filter must be 'cubic' or 'triangular', got {resize_filter!r}")
+        if dali_decode not in DALI_DECODES:
+            raise ValueError(f"dali_decode must be one of {DALI_DECODES}, got {dali_decode!r}")
+        self.dali_decode = dali_decode
         self._fn, self._pipeline_def, self._types = import_dali()
         super().__init__(num_samples=len(src), classes=src.classes, skipped=src.bad, **kw)
         self.source = src
@@ -243,17 +266,7 @@ class DaliLoader(BaseLoader):
             ext = fn.external_source(source=self._feed, num_outputs=5 if train else 4, batch=True)
             enc = fn.io.file.read(ext[0]) if folder else ext[0]
             if train:
-                anchor, shape, roi_start, roi_end = ext[1:]
-                img = fn.decoders.image_slice(enc, anchor, shape, normalized_anchor=False, normalized_shape=False, **dec_kw)
-                img = fn.resize(
-                    img,
-                    resize_x=s,
-                    resize_y=s,
-                    roi_start=roi_start,
-                    roi_end=roi_end,
-                    roi_relative=True,
-                    **rs_kw,
-                )
+                img = train_crop(fn, enc, *ext[1:], s, self.dali_decode == "whole", dec_kw, rs_kw)
             else:
                 rw, rh, anchor = ext[1:]
                 img = fn.decoders.image(enc, **dec_kw)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["PSNR_FLOOR_RESIZE", "PSNR_FLOOR_DRAFT", "DRAFT_GAP", "decode_image", "crops_from_image", "decode_crops"]
+__all__ = ["PSNR_FLOOR_RESIZE", "PSNR_FLOOR_DRAFT", "DRAFT_GAP", "decode_image", "crops_from_image", "decode_crops",
+           "resize_flip"]
 
 PSNR_FLOOR_RESIZE = 40.0
 PSNR_FLOOR_DRAFT = 27.0
@@ -75,12 +76,18 @@ def crops_from_image(im: Image.Image, windows: np.ndarray, img_size: int, scale:
         with warnings.catch_warnings():  # PIL's arrays are read-only and torch warns; nothing here writes through them
             warnings.simplefilter("ignore", UserWarning)
             crop = torch.from_numpy(np.asarray(im.crop((x0, y0, x1, y1)))).permute(2, 0, 1).unsqueeze(0)
-        if crop.shape[-2:] == (img_size, img_size):
-            res = crop[0].permute(1, 2, 0)
-        else:
-            res = F.interpolate(crop, size=(img_size, img_size), mode="bicubic", antialias=True)[0].permute(1, 2, 0)
-        out[k] = res.flip(1) if flip else res
+        out[k] = resize_flip(crop, img_size, flip)
     return out
+
+
+def resize_flip(crop: torch.Tensor, img_size: int, flip) -> torch.Tensor:
+    """uint8 (1, 3, h, w) dense crop -> (img_size, img_size, 3) view: torch's uint8 bicubic-antialias resize
+    (skipped when the crop already has the output size), then the horizontal flip."""
+    if crop.shape[-2:] == (img_size, img_size):
+        res = crop[0].permute(1, 2, 0)
+    else:
+        res = F.interpolate(crop, size=(img_size, img_size), mode="bicubic", antialias=True)[0].permute(1, 2, 0)
+    return res.flip(1) if flip else res
 
 
 def decode_crops(data: bytes, windows, img_size: int, draft: bool = True) -> torch.Tensor:

@@ -66,7 +66,7 @@ def image_loader(cfg, rank: int, world_size: int, device, split: str, output: st
         output=output, train=train, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=rank, world_size=world_size,
         device=str(device), drop_last=train, holdout_fraction=cfg.data.holdout_fraction,
         augment=(cfg.data.augment or None) if train else None, index_cache=_scan_index_dir(cfg),
-        decode=cfg.data.decode, repeat_samples=cfg.data.repeat_samples if train else 1,
+        decode=cfg.data.decode, repeat_samples=cfg.data.repeat_samples if train else 1, dali_decode=cfg.data.dali_decode,
     )
 
 
