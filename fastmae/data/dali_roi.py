@@ -2,7 +2,7 @@
 ROI decoder (libjpeg-turbo, ``fn.decoders.image_slice``) and resize it with torch's uint8 bicubic-antialias
 kernel (:func:`fastmae.data.decode.resize_flip`).
 
-The fastest exact CPU path measured (``bench/RESULTS.md`` §15): a crop of 0.2-1 of the image skips the
+The fastest exact CPU path measured (``bench/RESULTS.md``, "Data path"): a crop of 0.2-1 of the image skips the
 rows and most of the columns outside it, and no pixel leaves uint8. Each worker process holds one DALI
 pipeline (one thread: the workers are the parallelism), built on its first batch and fed a whole batch
 per run through ``__getitems__``, so DALI's per-run overhead is paid once per batch.
