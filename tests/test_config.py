@@ -110,7 +110,7 @@ def test_a_flat_config_json_from_before_the_sections_still_runs():
     new, stored = cfg.flat(), flat_config(old)
     # every key the old file holds keeps its value; keys added since take their defaults
     assert {k: v for k, v in stored.items() if k in new} == {k: new[k] for k in stored if k in new}
-    assert set(new) - set(stored) <= {"ckpt_format"}
+    assert set(new) - set(stored) <= {"ckpt_format", "dali_decode"}
     assert stored["feature_fusion"] is False and flat_config({**old, "feature_fusion": ""})["feature_fusion"] is None
 
 

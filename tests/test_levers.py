@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -350,7 +352,24 @@ def test_packed_qkv_gradient_arrives_in_qkv_layout_without_a_permuted_copy():
 
 # ---- the plan: one step estimate per lever ------------------------------------------------------------------------
 
-PLAN_B256 = ["--preset=base", "--device=cuda", "--gpu=h100", "--eff_batch=0", "--batch_size=256", "--accum_iter=1"]
+# The official fp32 residual pinned: the lever rows below are counted from it (auto would pick bf16 for CUDA).
+PLAN_B256 = ["--preset=base", "--device=cuda", "--gpu=h100", "--eff_batch=0", "--batch_size=256", "--accum_iter=1",
+             "--residual_dtype=fp32"]
+
+
+def test_residual_dtype_auto_is_bf16_on_cuda_and_fp32_elsewhere(tmp_path):
+    """The A/B's decision (bench/RESULTS.md, "Compute levers"): resolved at parse time, so the run folder records it."""
+    from fastmae.config import parse_overrides
+
+    assert parse_overrides(["--device=cuda"]).step.residual_dtype == "bf16"
+    assert parse_overrides(["--device=cuda:1", "--residual_dtype=auto"]).step.residual_dtype == "bf16"
+    assert parse_overrides(["--device=cpu"]).step.residual_dtype == "fp32"
+    assert parse_overrides(["--device=cuda", "--residual_dtype=fp32"]).step.residual_dtype == "fp32"
+    cfg = parse_overrides(["--device=cuda", f"--output_dir={tmp_path}"])
+    cfg.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["step"]["residual_dtype"] == "bf16"
+    plan = parse_overrides(["--preset=base", "--device=cuda", "--gpu=h100", "--dry_run"])
+    assert plan.step.residual_dtype == "bf16" and plan.step.decoder_input_dtype == "auto"
 
 
 def _lever_rows(*extra):

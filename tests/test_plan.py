@@ -378,7 +378,7 @@ def test_the_range_brackets_the_independent_read_of_vit_b():
 def test_dali_buffers_come_out_of_the_batch_budget():
     layouts = {ld: planmod.layout_for(parse_overrides(["--preset=base", "--device=cuda", "--gpu=h100", "--world_size=8",
                                                        f"--loader={ld}"])) for ld in ("torch", "dali")}
-    act = planmod.activation_bytes_per_image(_layout("base", 8)[1])
+    act = planmod.activation_bytes_per_image(_layout("base", 8)[1], "bf16")  # residual_dtype=auto on CUDA
     assert layouts["torch"].max_batch - layouts["dali"].max_batch == pytest.approx(planmod.DALI_MEM_GIB * 2**30 / act, abs=1)
 
 
