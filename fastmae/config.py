@@ -26,7 +26,7 @@ from fastmae.engine.flops import GPUS
 from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
 from fastmae.layers import patch_embed
 from fastmae.methods.registry import MethodConfig, get_method, list_methods
-from fastmae.models.mae import DECODER_INPUT_DTYPES
+from fastmae.models.decoder import DECODER_INPUT_DTYPES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIDUAL_DTYPES = ("fp32", "bf16")

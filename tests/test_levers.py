@@ -76,6 +76,36 @@ def test_decoder_input_auto_follows_the_residual_stream():
         create_model("mae_vit_tiny", decoder_input_dtype="bf16")
 
 
+def test_crossmae_queries_follow_the_decoder_input_dtype_and_the_run_keys_reach_it(monkeypatch):
+    """CrossMAE shares MAE's decoder scaffolding: its query gather writes bf16 queries with the bf16 table, and the
+    run's residual_dtype / decoder_input_dtype reach the model (both were ignored before)."""
+    from fastmae import ops as fops
+    from fastmae.config import parse_overrides
+    from fastmae.methods.registry import get_method
+    from fastmae.models.crossmae import CrossMAE
+
+    seen = []
+    real = fops.gather_queries
+    monkeypatch.setattr(fops, "gather_queries", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    kw = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+              decoder_num_heads=4)
+    torch.manual_seed(0)
+    official = CrossMAE(**kw)
+    lever = CrossMAE(**kw, decoder_input_dtype="autocast")
+    lever.load_state_dict(official.state_dict(), strict=True)
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 64)
+    for m in (official, lever):
+        torch.manual_seed(1)  # the same subset of masked patches to predict
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(imgs, noise=noise)
+    assert (seen[0].dtype, seen[1].dtype) == (torch.float32, torch.bfloat16)
+    torch.testing.assert_close(seen[1].float(), seen[0], rtol=2**-8, atol=2**-8)
+    cfg = parse_overrides(["--method=crossmae", "--residual_dtype=bf16", "--decoder_input_dtype=autocast"])
+    model = get_method("crossmae").build_model(cfg)
+    assert (model.decoder_input_dtype, model.residual_dtype) == ("autocast", "bf16")
+    assert {b.residual_dtype for b in model.decoder_blocks} == {torch.bfloat16}
+
+
 def test_k2_bytes_at_batch_256_halve_with_a_bf16_decoder_input():
     from fastmae.engine.levers import k2_bytes
 

@@ -40,6 +40,7 @@ class CrossMAEConfig(MaskDecoderConfig):
 def model_kwargs(cfg) -> dict:
     m = cfg.method
     kw = {**image_model_kwargs(cfg), "norm_pix_loss": cfg.model.norm_pix_loss, "mask_type": m.mask_type,
+          "residual_dtype": cfg.step.residual_dtype, "decoder_input_dtype": cfg.step.decoder_input_dtype,
           **m.decoder_kwargs()}
     if m.prediction_ratio:
         kw["prediction_ratio"] = m.prediction_ratio

@@ -58,6 +58,7 @@ class CrossMAE(MaskedDecoderViT):
         prediction_ratio: float = 0.25,
         feature_fusion: bool = False,
         mask_type: str = "random",
+        decoder_input_dtype: str = "auto",
         **vit_kwargs,
     ):
         super().__init__(
@@ -71,13 +72,10 @@ class CrossMAE(MaskedDecoderViT):
             lambda: CrossBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
                                residual_dtype=self.residual_dtype),
             decoder_depth, decoder_embed_dim, norm_layer, loss_type=loss_type, mask_type=mask_type,
-            norm_pix_loss=norm_pix_loss)
+            norm_pix_loss=norm_pix_loss, decoder_input_dtype=decoder_input_dtype)
         # Inputs of the fusion: the patch embeddings and every encoder block's output.
         self.decoder_fusion = FeatureFusion(depth + 1, decoder_depth, embed_dim, norm_layer) if feature_fusion else None
         self.init_decoder()
-
-    def decoder_pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
-        return self.decoder_table(grid)
 
     # ---- masking and targets --------------------------------------------------------------------------------
 
@@ -124,7 +122,8 @@ class CrossMAE(MaskedDecoderViT):
     def forward_decoder(self, memory: list[Tensor], ids_target: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """memory: from forward_memory; ids_target: (N, L_t) -> pred (N, L_t, p*p*C), row j <-> patch ids_target[:, j]"""
         grid = grid or self.patch_embed.grid_size
-        x = ops.gather_queries(self.mask_token.reshape(-1), self.decoder_pos_embed_for(grid), ids_target)
+        table = self.decoder_pos_embed_for(grid)  # bf16 under autocast with decoder_input_dtype=autocast
+        x = ops.gather_queries(self.mask_token.reshape(-1).to(table.dtype), table, ids_target)
         for i, blk in enumerate(self.decoder_blocks):
             x = blk(x, memory[i] if len(memory) > 1 else memory[0])
         return self.decoder_pred(self.decoder_norm(x))

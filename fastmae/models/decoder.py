@@ -18,6 +18,9 @@ from fastmae.models.vit import VisionTransformer
 from fastmae.reference import patchify, random_masking, unpatchify
 
 LOSS_TYPES = ("mse", "l1")
+# The decoder input's dtype under autocast: fp32 (official: bf16 tokens + the fp32 table, summed and stored in fp32),
+# autocast (a low-precision copy of the table, so the decoder input is written in bf16), auto (= the residual stream's).
+DECODER_INPUT_DTYPES = ("auto", "fp32", "autocast")
 
 
 class MaskedDecoderViT(VisionTransformer):
@@ -25,10 +28,17 @@ class MaskedDecoderViT(VisionTransformer):
     :meth:`init_decoder`, in ``__init__``."""
 
     def build_decoder(self, block: Callable[[], nn.Module], depth: int, decoder_embed_dim: int, norm_layer,
-                      *, loss_type: str, mask_type: str, norm_pix_loss: bool, mask_token_dim: int | None = None) -> None:
+                      *, loss_type: str, mask_type: str, norm_pix_loss: bool, mask_token_dim: int | None = None,
+                      decoder_input_dtype: str = "auto") -> None:
         """Check the loss and mask type, then make the decoder's modules in the official order."""
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
+        if decoder_input_dtype not in DECODER_INPUT_DTYPES:
+            raise ValueError(f"decoder_input_dtype must be one of {DECODER_INPUT_DTYPES}, got {decoder_input_dtype!r}")
+        # "auto": the decoder input is the first value of the decoder's residual stream, so it takes that stream's dtype.
+        if decoder_input_dtype == "auto":
+            decoder_input_dtype = "autocast" if self.residual_dtype == "bf16" else "fp32"
+        self.decoder_input_dtype = decoder_input_dtype
         if problem := mask_type_problem(mask_type, grid=self.patch_embed.grid_size):
             raise ValueError(problem)
         self.norm_pix_loss = norm_pix_loss
@@ -69,6 +79,18 @@ class MaskedDecoderViT(VisionTransformer):
             return self.decoder_pos_embed
         table = sincos_2d(self.decoder_embed_dim, grid, cls_token=True).unsqueeze(0)
         return table.to(device=self.decoder_pos_embed.device, dtype=self.decoder_pos_embed.dtype)
+
+    def decoder_pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
+        """The decoder position table for ``grid``, in the dtype the decoder input is to have (``decoder_input_dtype``):
+        under autocast with ``"autocast"`` a low-precision copy, so the fused op (K2, or CrossMAE's query gather)
+        writes its (N, *, D) output in bf16 instead of fp32 (type promotion with an fp32 table)."""
+        table = self.decoder_table(grid)
+        dev = table.device.type
+        if self.decoder_input_dtype == "autocast" and torch.is_autocast_enabled(dev):
+            # Cast per call, not cached: (1+L) x D values (0.4 MB for ViT-B) against the ~100 MB of K2 output it
+            # saves, and no copy can go stale when a checkpoint loads or the table is trainable.
+            table = table.to(torch.get_autocast_dtype(dev))
+        return table
 
     # ---- masking ------------------------------------------------------------------------------------------
 

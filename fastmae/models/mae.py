@@ -33,7 +33,6 @@ from fastmae.reference import random_masking
 
 # "fp32": the official numerics (fp32 table, fp32 decoder input under autocast); "autocast": the table in the autocast
 # dtype, so the decoder input is bf16 under bf16 autocast; "auto": the residual stream's choice.
-DECODER_INPUT_DTYPES = ("auto", "fp32", "autocast")
 
 
 class MaskedAutoencoderViT(MaskedDecoderViT):
@@ -71,20 +70,14 @@ class MaskedAutoencoderViT(MaskedDecoderViT):
         )
         if loss_on not in ("masked", "all"):
             raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
-        if decoder_input_dtype not in DECODER_INPUT_DTYPES:
-            raise ValueError(f"decoder_input_dtype must be one of {DECODER_INPUT_DTYPES}, got {decoder_input_dtype!r}")
-        # "auto": the decoder input is the first value of the decoder's residual stream, so it takes that stream's
-        # dtype; an fp32 stream keeps the official numerics (bf16 tokens + fp32 table, summed and stored in fp32).
-        if decoder_input_dtype == "auto":
-            decoder_input_dtype = "autocast" if self.residual_dtype == "bf16" else "fp32"
-        self.decoder_input_dtype = decoder_input_dtype
         self.loss_on = loss_on
         self.encoder_mask_tokens = encoder_mask_tokens
         self.build_decoder(
             lambda: Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
                           residual_dtype=self.residual_dtype),
             decoder_depth, decoder_embed_dim, norm_layer, loss_type=loss_type, mask_type=mask_type,
-            norm_pix_loss=norm_pix_loss, mask_token_dim=embed_dim if encoder_mask_tokens else None)
+            norm_pix_loss=norm_pix_loss, mask_token_dim=embed_dim if encoder_mask_tokens else None,
+            decoder_input_dtype=decoder_input_dtype)
         self.init_decoder()
 
     # ---- official helpers ---------------------------------------------------------------------------------
@@ -92,18 +85,6 @@ class MaskedAutoencoderViT(MaskedDecoderViT):
     def random_masking(self, noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """noise: (N, L) -> ids_keep (N, len_keep), ids_restore (N, L), mask (N, L; 1 = removed), ids_shuffle (N, L)"""
         return random_masking(noise, len_keep)
-
-    def decoder_pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
-        """The decoder position table for ``grid``, in the dtype the decoder input is to have (see
-        ``decoder_input_dtype``): under autocast with ``"autocast"`` a low-precision copy, so K2 writes its
-        (N, 1+L, D) output in bf16 instead of fp32 (type promotion with an fp32 table)."""
-        table = self.decoder_table(grid)
-        dev = table.device.type
-        if self.decoder_input_dtype == "autocast" and torch.is_autocast_enabled(dev):
-            # Cast per call, not cached: (1+L) x D values (0.4 MB for ViT-B) against the ~100 MB of K2 output it
-            # saves, and no copy can go stale when a checkpoint loads or the table is trainable.
-            table = table.to(torch.get_autocast_dtype(dev))
-        return table
 
     # ---- forward ------------------------------------------------------------------------------------------
 
