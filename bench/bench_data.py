@@ -298,8 +298,6 @@ def _dali_roi_decode(datas: list[bytes], windows: np.ndarray):
 def path_costs(root: Path, packed: Path, img_size: int, n: int) -> dict:
     """One thread, CPU ms per training sample of each path on the same n files (and, unpacked, the same
     windows); each callable does all of a sample's work from its bytes on disk to a uint8 224x224 crop."""
-    import torch.nn.functional as F
-
     from fastmae.data.dali_roi import RoiDataset
     from fastmae.data.decode import crops_from_image, decode_crops, decode_image, resize_flip
     from fastmae.data.loader import ImageDataset, _collate

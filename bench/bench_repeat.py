@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=88)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=4, help="cosine length in epochs of K=1 (22 steps each at batch 64); a multiple of every K")
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="cosine length in epochs of K=1 (22 steps each at batch 64); a multiple of every K")
     ap.add_argument("--warmup_epochs", type=float, default=1.0, help="warm-up in epochs of K=1")
     ap.add_argument("--probe_epochs", type=int, default=100)
     ap.add_argument("--data_dir", default="/tmp/fastmae-bench-data")

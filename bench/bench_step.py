@@ -10,7 +10,8 @@ Modes: eager fp32 (the reference path: eager ops), eager bf16 (autocast),
 compiled fp32, compiled bf16 (torch.compile fullgraph; CUDA graphs on CUDA),
 and HF ViTMAE fp32 with torch's default AdamW as the outside reference. ``--levers KEY=VALUE ...`` (issue 22) adds,
 for the first listed fastmae mode, one contender per lever (a model keyword such as ``residual_dtype=bf16``, or
-``fp8=tensorwise|rowwise``, or ``compile_mode=MODE`` on a compiled mode), timed in the same rounds; its "vs base" column is the ratio against that mode.
+``fp8=tensorwise|rowwise``, or ``compile_mode=MODE`` on a compiled mode), timed in the same rounds; its "vs base"
+column is the ratio against that mode.
 Every contender runs the same weights and noise; rounds are interleaved and
 medians taken after warm-up. Markdown table to stdout, rows to bench/results/<bench>.csv.
 """

@@ -76,101 +76,48 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemption) -> dict:
     # ---- config ------------------------------------------------------------------------------------------
-    spec = get_method(cfg.method.name)
+    spec, cfg, amp_dtype, layout = setup_process(cfg, info, run_dir)
     device, sharded = info.device, info.enabled and cfg.step.fsdp
-    prepare_run_dir(run_dir, cfg.resume, info)
-    torch.set_num_threads(resolve_threads(cfg.threads))
-    # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
-    torch.set_flush_denormal(True)
-    amp_dtype = resolve_precision(cfg.step.precision, device)
-    set_attention_table(load_attention_table(cfg.step.attention_table))  # before any model is built or compiled
-    torch.manual_seed(cfg.seed)
-
-    # On GPUs the effective batch comes from more GPUs before accumulation, and CUDA graphs never replay an
-    # accumulating backward (DESIGN.md, hazard); the decision and its reason are logged below.
-    layout = layout_for(cfg, info.world_size)
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=layout.batch_size,
-                                                               accum_iter=layout.accum_iter))
 
     # ---- data --------------------------------------------------------------------------------------------
-    # uint8 NHWC feeds the fused patchify kernel (it normalizes on the fly); the eager path takes float NCHW.
-    img_out = "uint8" if ops.kernel_backend(device) == "triton" else "float"
-    train_loader = build_data(spec, cfg, info, "train", img_out)
-    steps_per_epoch = optimizer_steps_per_epoch(train_loader, cfg)
-    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
+    train_loader, steps_per_epoch, total_steps = training_data(spec, cfg, info)
 
     # ---- model, optimizer, distributed wrapping, compile -------------------------------------------------
-    model = spec.build_model(cfg).to(device)
-    fp8_note = apply_fp8(model, cfg.step.fp8, device)
-    eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * info.world_size
-    base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
-    lr_t = torch.tensor(0.0, device=device)  # the schedule writes into it: a compiled step never sees a new constant
-    ddp_model = wrap_model(model, info, cfg.step.fsdp, WrapOptions(
-        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.step.grad_compression,
-        hsdp=cfg.step.hsdp))
-    optimizer = build_adamw(model, lr_t, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    forward = compile_forward(ddp_model, cfg, info, layout.compile_mode)
-    params = [p for p in model.parameters() if p.requires_grad]
-    no_sync = ddp_model.no_sync if info.enabled and not cfg.step.fsdp else None
+    t = build_training(spec, cfg, info, amp_dtype, layout)
 
     # ---- resume ------------------------------------------------------------------------------------------
     # Checkpoints keep the flat config (the layout of older checkpoints, which export and evaluation read).
-    state = TrainState(model, optimizer, train_loader, lr_t, info, sharded, scaler, steps_per_epoch, cfg.flat(),
+    state = TrainState(t.model, t.optimizer, train_loader, t.lr_t, info, sharded, t.scaler, steps_per_epoch, cfg.flat(),
                        ckpt_format=resolve_format(cfg.checkpoint.ckpt_format, info.world_size))
     found = find_resume_checkpoint(run_dir, cfg.resume, warn=lambda msg: print(msg, file=sys.stderr) if info.is_main else None)
     resume_path = found[0] if found else None
-    start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, base_lr)
-
+    start_step, notes = resume_or_start(state, found and found[1], cfg, info, total_steps, t.base_lr)
     if start_step >= total_steps and summary_written(run_dir, start_step):
-        if info.is_main:
-            print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
-                  f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
-        return {"status": "nothing to do", "step": start_step, "run_dir": str(run_dir)}
+        return nothing_to_do(run_dir, start_step, total_steps, resume_path, info)
     # The run has started: only now may it leave traces (a failed resume rewrites nothing).
     if info.is_main:
         cfg.save(run_dir / "config.json")
-    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.logging.progress, tensorboard=cfg.logging.tensorboard,
-                    wandb=cfg.logging.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
-    # Rows the interrupted run logged after its checkpoint (all of them if it died before its first) would
-    # appear twice and out of order.
-    log.resume_at(start_step)
-    peak = peak_flops(device)
-    window = LogWindow(eff_batch, start_step, steps_per_epoch, spec.flops_per_image(model, cfg), peak and peak * info.world_size)
-    log.info(
-        f"fastmae pretrain: {cfg.model.name} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), "
-        f"{amp_dtype}, kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.step.compile}, "
-        f"steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch}, lr {base_lr:.3g}"
-        + (f", resumed from {resume_path.name}" if resume_path else "")
-    )
-    log.info(f"layout: batch {cfg.optim.batch_size} x accum {cfg.optim.accum_iter} x {info.world_size} proc; {layout.reason}"
-             + (f"; {layout.note}" if layout.note else "") + f"; attention kernels "
-             f"{attention_kernels(cfg, amp_dtype, device, run_dir / 'attention.json' if info.is_main else None)}")
-    log.info(fp8_note)
-    if getattr(train_loader, "repeat", 1) > 1:
-        k = train_loader.repeat
-        log.info(f"repeat_samples={k}: each image is decoded once for {k} crops (each its own mask); an epoch is {k} x "
-                 f"{train_loader.num_files} files = {train_loader.num_samples} samples, and epochs, the lr schedule and "
-                 "the resume position count samples")
-    log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
+    log, window = start_logging(spec, cfg, info, t, run_dir, (start_step, total_steps, steps_per_epoch))
+    log_start(log, cfg, info, t, amp_dtype, layout, train_loader, run_dir, (start_step, total_steps, steps_per_epoch),
+              resume_path, notes)
 
     # ---- step loop ---------------------------------------------------------------------------------------
     def loss_fn(imgs):  # the step's loss: the method's masked-image objective on one micro-batch
-        return forward(imgs, mask_ratio=cfg.model.mask_ratio)[0]
+        return t.forward(imgs, mask_ratio=cfg.model.mask_ratio)[0]
 
-    monitor = build_monitor(cfg, model, info, sharded)
+    monitor = build_monitor(cfg, t.model, info, sharded)
     stats = StepStats.zeros(device)
     bad_data = BadDataReport(train_loader)
     next_batch = DataWait(BatchStream(train_loader, device))
     step, saved = start_step, None
-    model.train()
+    t.model.train()
     with closing(log):
         while step < total_steps:
             faults.set_step(step)
             sched = cfg.schedule
-            lr_t.fill_(lr_at(step, steps_per_epoch, sched.warmup_epochs, sched.epochs, base_lr, sched.min_lr))
-            train_step(loss_fn, optimizer, params, next_batch, accum_iter=cfg.optim.accum_iter, amp_dtype=amp_dtype,
-                       clip_grad=cfg.optim.clip_grad, scaler=scaler, no_sync=no_sync, stats=stats)
+            t.lr_t.fill_(lr_at(step, steps_per_epoch, sched.warmup_epochs, sched.epochs, t.base_lr, sched.min_lr))
+            train_step(loss_fn, t.optimizer, t.params, next_batch, accum_iter=cfg.optim.accum_iter, amp_dtype=amp_dtype,
+                       clip_grad=cfg.optim.clip_grad, scaler=t.scaler, no_sync=t.no_sync, stats=stats)
             step += 1
             faults.set_step(step)
             window.tick()
@@ -179,20 +126,17 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
             stop = preemption.stop_now()
             row = {}
             if step % cfg.logging.log_every == 0 or step == total_steps:
-                row = window.close(step, stats, lr_t, reduce=lambda t: all_reduce_mean(t, info))
+                row = window.close(step, stats, t.lr_t, reduce=lambda x: all_reduce_mean(x, info))
                 row["data_wait"] = next_batch.close()
                 bad_data.log_new(log)
             if monitor is not None and monitor.due(step, step == total_steps):
                 with window.paused():  # scoring is not training: it stays out of the throughput
-                    row.update(monitor.score(model, amp_dtype))  # between steps, rank 0 only
+                    row.update(monitor.score(t.model, amp_dtype))  # between steps, rank 0 only
             if row:
                 log.log(step, row)
                 window.check_bad_run(cfg.step.max_bad_steps)
             if step % cfg.checkpoint.ckpt_every == 0 or step == total_steps or stop:
-                # The preemption and the final save block (the process exits next); the others may write in the background.
-                t0 = time.perf_counter()
-                path = state.save(run_dir, step, cfg.checkpoint.keep_ckpts, blocking=stop or step == total_steps)
-                saved = timed_note(path, time.perf_counter() - t0) if path is not None and path.exists() else None
+                path, saved = save_checkpoint(state, run_dir, step, cfg, final=stop or step == total_steps)
                 if stop:
                     mark_saved(run_dir, info.rank, step)
                     log.info(f"SIGTERM: saved {path} at step {step}; exiting" + (f" ({saved})" if saved else ""))
@@ -202,15 +146,126 @@ def train(cfg: PretrainConfig, info: DistInfo, run_dir: Path, preemption: Preemp
     # ---- held-out evaluation and reconstructions -----------------------------------------------------------
     # A run killed between its last checkpoint and its summary comes back here with no step left to train.
     last_loss = window.last_row.get("loss", last_logged_loss(run_dir) if step == start_step else None)
-    summary = {"status": "done", "step": step, "train_loss": last_loss,
-               "skipped_steps": int(stats.bad_total.item()), "img_s": window.throughput(), "run_dir": str(run_dir),
-               "img_s_note": "after warm-up" if window.timed_s else "one log window, start-up included",
-               "data_wait": next_batch.run_fraction(), **bad_data.summary(info), "checkpoint_save": saved}
+    summary = {"status": "done", "step": step, "train_loss": last_loss, "skipped_steps": int(stats.bad_total.item()),
+               **window.summary(), "run_dir": str(run_dir), "data_wait": next_batch.run_fraction(),
+               **bad_data.summary(info), "checkpoint_save": saved}
     if info.is_main or sharded:  # under FSDP every rank must run the forward (it gathers shards); rank 0 writes
-        summary.update(evaluate(spec, cfg, model, info, run_dir, amp_dtype))
+        summary.update(evaluate(spec, cfg, t.model, info, run_dir, amp_dtype))
     if info.is_main:
         write_summary(summary, cfg, run_dir, log)
     return summary
+
+
+def training_data(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo):
+    """(train loader, optimizer steps per epoch, total optimizer steps)."""
+    # uint8 NHWC feeds the fused patchify kernel (it normalizes on the fly); the eager path takes float NCHW.
+    img_out = "uint8" if ops.kernel_backend(info.device) == "triton" else "float"
+    train_loader = build_data(spec, cfg, info, "train", img_out)
+    steps_per_epoch = optimizer_steps_per_epoch(train_loader, cfg)
+    return train_loader, steps_per_epoch, cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
+
+
+def setup_process(cfg: PretrainConfig, info: DistInfo, run_dir: Path):
+    """The run folder, threads, precision and attention table of this process, and the batch layout; returns
+    (method spec, cfg with the layout's batch split, autocast dtype, layout)."""
+    prepare_run_dir(run_dir, cfg.resume, info)
+    torch.set_num_threads(resolve_threads(cfg.threads))
+    # Denormal floats make the CPU AdamW update ~4x slower and change nothing that matters for training.
+    torch.set_flush_denormal(True)
+    amp_dtype = resolve_precision(cfg.step.precision, info.device)
+    set_attention_table(load_attention_table(cfg.step.attention_table))  # before any model is built or compiled
+    torch.manual_seed(cfg.seed)
+    # On GPUs the effective batch comes from more GPUs before accumulation, and CUDA graphs never replay an
+    # accumulating backward (DESIGN.md, hazard); the decision and its reason are logged at start.
+    layout = layout_for(cfg, info.world_size)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=layout.batch_size,
+                                                               accum_iter=layout.accum_iter))
+    return get_method(cfg.method.name), cfg, amp_dtype, layout
+
+
+@dataclasses.dataclass
+class Training:
+    """What the step loop drives: the model, its (wrapped, compiled) forward, the optimizer and the learning rate."""
+
+    model: torch.nn.Module
+    forward: object
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    params: list
+    no_sync: object
+    lr_t: torch.Tensor  # the schedule writes into it: a compiled step never sees a new constant
+    eff_batch: int
+    base_lr: float
+    fp8_note: str
+
+
+def build_training(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, amp_dtype, layout) -> Training:
+    device = info.device
+    model = spec.build_model(cfg).to(device)
+    fp8_note = apply_fp8(model, cfg.step.fp8, device)
+    eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * info.world_size
+    lr_t = torch.tensor(0.0, device=device)
+    ddp_model = wrap_model(model, info, cfg.step.fsdp, WrapOptions(
+        param_dtype=amp_dtype if amp_dtype != torch.float32 else None, grad_compression=cfg.step.grad_compression,
+        hsdp=cfg.step.hsdp))
+    optimizer = build_adamw(model, lr_t, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device)
+    return Training(
+        model=model, forward=compile_forward(ddp_model, cfg, info, layout.compile_mode), optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        params=[p for p in model.parameters() if p.requires_grad],
+        no_sync=ddp_model.no_sync if info.enabled and not cfg.step.fsdp else None, lr_t=lr_t, eff_batch=eff_batch,
+        base_lr=cfg.optim.lr or cfg.optim.blr * eff_batch / 256, fp8_note=fp8_note)
+
+
+def start_logging(spec: MethodSpec, cfg: PretrainConfig, info: DistInfo, t: Training, run_dir: Path,
+                  steps: tuple[int, int, int]) -> tuple[RunLogger, LogWindow]:
+    start_step, total_steps, steps_per_epoch = steps
+    log = RunLogger(run_dir, total_steps, start_step, info.is_main, cfg.logging.progress, tensorboard=cfg.logging.tensorboard,
+                    wandb=cfg.logging.wandb if info.is_main else "", config=json.loads(cfg.to_json()))
+    # Rows the interrupted run logged after its checkpoint (all of them if it died before its first) would
+    # appear twice and out of order.
+    log.resume_at(start_step)
+    peak = peak_flops(info.device)
+    window = LogWindow(t.eff_batch, start_step, steps_per_epoch, spec.flops_per_image(t.model, cfg),
+                       peak and peak * info.world_size)
+    return log, window
+
+
+def nothing_to_do(run_dir: Path, start_step: int, total_steps: int, resume_path, info: DistInfo) -> dict:
+    if info.is_main:
+        print(f"nothing to do: the run in {run_dir} finished at step {start_step} of {total_steps} "
+              f"({resume_path.name}); raise --epochs or --max_steps to train on, or pick a new --output_dir", flush=True)
+    return {"status": "nothing to do", "step": start_step, "run_dir": str(run_dir)}
+
+
+def log_start(log: RunLogger, cfg: PretrainConfig, info: DistInfo, t: Training, amp_dtype, layout, train_loader,
+              run_dir: Path, steps: tuple[int, int, int], resume_path, notes: list[str]) -> None:
+    """The start-up lines: what runs where, the batch layout and attention kernels, FP8, repeated sampling, warnings."""
+    (start_step, total_steps, steps_per_epoch), device = steps, info.device
+    log.info(
+        f"fastmae pretrain: {cfg.model.name} on {device} ({info.world_size} proc, {torch.get_num_threads()} threads), "
+        f"{amp_dtype}, kernels={ops.kernel_backend(device)}, attention={attention_backend()}, compile={cfg.step.compile}, "
+        f"residual {cfg.step.residual_dtype}, steps {start_step}->{total_steps} ({steps_per_epoch}/epoch), effective "
+        f"batch {t.eff_batch}, lr {t.base_lr:.3g}" + (f", resumed from {resume_path.name}" if resume_path else "")
+    )
+    log.info(f"layout: batch {cfg.optim.batch_size} x accum {cfg.optim.accum_iter} x {info.world_size} proc; {layout.reason}"
+             + (f"; {layout.note}" if layout.note else "") + f"; attention kernels "
+             f"{attention_kernels(cfg, amp_dtype, device, run_dir / 'attention.json' if info.is_main else None)}")
+    log.info(t.fp8_note)
+    if getattr(train_loader, "repeat", 1) > 1:
+        k = train_loader.repeat
+        log.info(f"repeat_samples={k}: each image is decoded once for {k} crops (each its own mask); an epoch is {k} x "
+                 f"{train_loader.num_files} files = {train_loader.num_samples} samples, and epochs, the lr schedule and "
+                 "the resume position count samples")
+    log.info(f"run folder {run_dir}; " + ", ".join(log.backends) + "".join(f"\nwarning: {note}" for note in notes))
+
+
+def save_checkpoint(state: TrainState, run_dir: Path, step: int, cfg: PretrainConfig, final: bool):
+    """(path, "X GB in Y s" or None). The preemption and the final save block (the process exits next); the others
+    may write in the background."""
+    t0 = time.perf_counter()
+    path = state.save(run_dir, step, cfg.checkpoint.keep_ckpts, blocking=final)
+    return path, timed_note(path, time.perf_counter() - t0) if path is not None and path.exists() else None
 
 
 def build_monitor(cfg: PretrainConfig, model, info: DistInfo, sharded: bool):

@@ -447,7 +447,7 @@ def test_the_plans_range_counts_the_levers_a_run_turns_on():
         assert on.estimate.step_ms - off.estimate.step_ms == pytest.approx(delta), flag
         assert on.estimate.levers_ms - off.estimate.levers_ms == pytest.approx(delta), flag
         assert rows[lever].note.startswith("on") or "K2" in rows[lever].note, flag
-        for lo_on, lo_off in zip(on.span, off.span):  # both ends of the printed range move with it
+        for lo_on, lo_off in zip(on.span, off.span, strict=True):  # both ends of the printed range move with it
             assert (lo_on.step_ms - lo_off.step_ms) * delta > 0, flag
 
 

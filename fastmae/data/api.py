@@ -86,9 +86,9 @@ def build_loader(
     center crop; the default otherwise); for pretraining ablations (the MAE paper's Table 1e) ``"none"`` (the
     eval geometry), ``"crop"`` (fixed-size random crop + flip), ``"crop_flip"`` (= ``"mae"``), ``"crop_color"``
     (``"mae"`` + color jitter; torch loader). Every draw is a pure function of (seed, epoch, index).
-    ``classes``: pin the class names (e.g. the train loader's ``classes`` for a separate val spec).
-    ``require_labels``: fail at build time on tar samples without a ``.cls`` label (evaluation).
-    ``shuffle`` defaults to ``train``. ``num_samples``/``num_classes`` only apply to ``loader="synthetic"``.
+    ``classes``: pin the class names (e.g. the train loader's for a separate val spec). ``require_labels``: fail at
+    build time on tar samples without a ``.cls`` label. ``shuffle`` defaults to ``train``; ``num_samples`` and
+    ``num_classes`` only apply to ``loader="synthetic"``.
     ``index_cache``: optional directory keeping folder scans between runs (large data sets start faster).
     ``holdout_fraction``: for data without a ``val/`` split, a seeded share of the files (:func:`holdout`) is the
     val split and is left out of train; the loader's ``holdout_fraction`` then says so (0 = a real split).
@@ -98,11 +98,46 @@ def build_loader(
     decode where every window allows it) or ``"dali_roi"`` (:mod:`fastmae.data.dali_roi`: DALI's CPU decode of
     the window only in each worker, then the same torch resize; needs DALI). ``dali_decode`` (loader="dali",
     training crops): ``"roi"`` decodes only the window, ``"whole"`` the whole image (on the GPU: nvJPEG's
-    hardware decoder) then crops in the resize (:data:`fastmae.data.dali.DALI_DECODES`). ``repeat_samples`` K > 1 (torch loader, training): each file is
-    decoded once per epoch and gives K consecutive samples with their own crops and flips; an epoch is
-    K x files samples (``fastmae.data.repeat``).
+    hardware decoder) then crops in the resize. ``repeat_samples`` K > 1 (torch loader, training): each file is
+    decoded once per epoch and gives K samples with their own crops and flips; an epoch is K x files samples.
     All arguments are validated and the dataset is scanned before any worker or pipeline starts.
     """
+    augment = _check_build_args(loader, output, batch_size, img_size, world_size, rank, num_workers, repeat_samples,
+                                decode, augment, train)
+    common = dict(batch_size=batch_size, img_size=img_size, output=output, train=train, seed=seed, rank=rank,
+                  shuffle=train if shuffle is None else shuffle, world_size=world_size, device=device, drop_last=drop_last)
+    if loader == "synthetic":
+        return SyntheticLoader(num_samples=num_samples, num_classes=num_classes, **common)
+    if root_or_spec is None:
+        raise ValueError(f"loader={loader!r} needs a dataset directory or shard pattern")
+    loader = _dali_or_torch(loader, augment)
+    roi = decode == "dali_roi" and augment not in ("finetune", "eval", "none")
+    if loader == "dali" or roi:
+        from .dali import import_dali
+
+        import_dali()  # fail on a missing extra before scanning a large dataset
+    scan = dict(min_size=min_size, crop=img_size, index_cache=index_cache, classes=classes, require_labels=require_labels)
+    src, carve = _scanned_source(root_or_spec, split, holdout_fraction, seed, world_size, scan)
+    ld = _make_loader(src, loader, augment, decode, roi, repeat_samples, num_workers, hw_decoder_load, dali_decode, common)
+    ld.source = src
+    ld.holdout_fraction = holdout_fraction if carve else 0.0
+    return ld
+
+
+def _scanned_source(root_or_spec, split: str, holdout_fraction: float, seed: int, world_size: int, scan: dict):
+    """(the scanned source of ``split``, whether it was carved from train as a seeded holdout)."""
+    if os.fspath(root_or_spec) == "demo":
+        root_or_spec = prepare_demo_dataset(demo_cache_dir() / "demo")
+    carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
+    # A rank-sharded loader is built by every rank of the job together: rank 0 scans, the others receive the table.
+    shared = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    src = open_source(root_or_spec, "train" if carve else split, shared=shared, **scan)
+    return (holdout(src, holdout_fraction, seed, split) if carve else src), carve
+
+
+def _check_build_args(loader: str, output: str, batch_size: int, img_size: int, world_size: int, rank: int,
+                      num_workers: int, repeat_samples, decode: str, augment: str | None, train: bool) -> str:
+    """Every argument of :func:`build_loader` that needs no data, checked before any scan; returns the augmentation."""
     _check_common(loader, output, batch_size, img_size, world_size, rank, num_workers)
     if not isinstance(repeat_samples, int) or repeat_samples < 1:
         raise ValueError(f"repeat_samples must be an int >= 1, got {repeat_samples!r}")
@@ -118,65 +153,42 @@ def build_loader(
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     if augment == "finetune" and output != "float":
         raise ValueError("augment='finetune' needs output='float' (random erasing fills boxes with normalized noise)")
-    common = dict(
-        batch_size=batch_size,
-        img_size=img_size,
-        output=output,
-        train=train,
-        shuffle=train if shuffle is None else shuffle,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        drop_last=drop_last,
-    )
-    if loader == "synthetic":
-        return SyntheticLoader(num_samples=num_samples, num_classes=num_classes, **common)
-    if root_or_spec is None:
-        raise ValueError(f"loader={loader!r} needs a dataset directory or shard pattern")
-    if os.fspath(root_or_spec) == "demo":
-        root_or_spec = prepare_demo_dataset(demo_cache_dir() / "demo")
+    return augment
+
+
+def _dali_or_torch(loader: str, augment: str) -> str:
+    """The augmentations DALI cannot reproduce operator for operator run on the torch loader, with a warning."""
     if loader == "dali" and augment == "finetune":
         log.warning(
             "augment='finetune' runs on the torch loader: DALI has no operator-for-operator equivalent of timm's "
             "RandAugment (rand-m9-mstd0.5-inc1) and random erasing"
         )
-        loader = "torch"
+        return "torch"
     if loader == "dali" and augment == "crop_color":
         log.warning("augment='crop_color' runs on the torch loader: DALI's color ops do not round as augment.color_jitter")
-        loader = "torch"
-    scan = dict(min_size=min_size, crop=img_size, index_cache=index_cache, classes=classes, require_labels=require_labels)
-    roi = decode == "dali_roi" and augment not in ("finetune", "eval", "none")
-    if loader == "dali" or roi:
-        from .dali import import_dali
+        return "torch"
+    return loader
 
-        import_dali()  # fail on a missing extra before scanning a large dataset
-    carve = holdout_fraction > 0 and not has_split(root_or_spec, "val")
-    # A rank-sharded loader is built by every rank of the job together: rank 0 scans, the others receive the table.
-    shared = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    src = open_source(root_or_spec, "train" if carve else split, shared=shared, **scan)
-    if carve:
-        src = holdout(src, holdout_fraction, seed, split)
+
+def _make_loader(src, loader: str, augment: str, decode: str, roi: bool, repeat_samples: int, num_workers: int,
+                 hw_decoder_load: float, dali_decode: str, common: dict) -> BaseLoader:
+    """The loader over a scanned source: DALI, the repeated-sampling loader, or torch workers (PIL/fast or ROI)."""
     if loader == "dali":
         from .dali import DaliLoader
 
-        ld = DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
-                        dali_decode=dali_decode, **common)
-    elif repeat_samples > 1:
+        return DaliLoader(src, augment=augment, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
+                          dali_decode=dali_decode, **common)
+    if repeat_samples > 1:
         from .repeat import RepeatLoader
 
-        ld = RepeatLoader(src, repeat_samples, augment=augment, decode=decode, num_workers=num_workers, **common)
-    else:
-        if roi:
-            from .dali_roi import RoiDataset
+        return RepeatLoader(src, repeat_samples, augment=augment, decode=decode, num_workers=num_workers, **common)
+    if roi:
+        from .dali_roi import RoiDataset
 
-            dataset = RoiDataset(src, img_size, augment, seed, batch_size)
-        else:  # evaluation and finetune crops have no window to ROI-decode: they take the PIL path
-            dataset = ImageDataset(src, img_size, augment, seed, decode)
-        ld = TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
-    ld.source = src
-    ld.holdout_fraction = holdout_fraction if carve else 0.0
-    return ld
+        dataset = RoiDataset(src, common["img_size"], augment, common["seed"], common["batch_size"])
+    else:  # evaluation and finetune crops have no window to ROI-decode: they take the PIL path
+        dataset = ImageDataset(src, common["img_size"], augment, common["seed"], decode)
+    return TorchLoader(dataset, classes=src.classes, skipped=src.bad, num_workers=num_workers, **common)
 
 
 def build_video_loader(
@@ -218,18 +230,8 @@ def build_video_loader(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    common = dict(
-        batch_size=batch_size,
-        img_size=img_size,
-        output=output,
-        train=train,
-        shuffle=train if shuffle is None else shuffle,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        drop_last=drop_last,
-    )
+    common = dict(batch_size=batch_size, img_size=img_size, output=output, train=train, seed=seed, rank=rank,
+                  shuffle=train if shuffle is None else shuffle, world_size=world_size, device=device, drop_last=drop_last)
     if loader == "synthetic":
         return SyntheticLoader(num_samples=num_samples, num_classes=num_classes, num_frames=num_frames, **common)
     if root_or_spec is None:

@@ -22,7 +22,6 @@ from fastmae.engine.checkpoint import prune_checkpoints, rng_state, save_checkpo
 from fastmae.engine.distributed import DistInfo, full_train_state, load_train_state
 from fastmae.engine.step import TrainingAborted
 
-
 _NON_FINITE = "parameters became non-finite; not writing a checkpoint"
 
 

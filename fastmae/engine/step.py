@@ -218,6 +218,11 @@ class LogWindow:
                 f"(max_bad_steps={max_bad_steps}); lower the learning rate or check the data"
             )
 
+    def summary(self) -> dict:
+        """The run summary's throughput: ``img_s`` and what it covers."""
+        return {"img_s": self.throughput(),
+                "img_s_note": "after warm-up" if self.timed_s else "one log window, start-up included"}
+
     def throughput(self) -> float | None:
         """Samples per second after the first (warm-up) window, or the last window's if there was only one."""
         return self.timed_samples / self.timed_s if self.timed_s else self.last_row.get("img_s")
