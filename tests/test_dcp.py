@@ -126,6 +126,20 @@ def test_planted_metadata_is_refused_before_anything_unpickles_it(tmp_path):
     assert not marker.exists()
 
 
+def test_metadata_declaring_huge_tensors_is_refused_before_any_allocation(tmp_path):
+    """A hostile folder with a rewritten manifest passes the sha256 check; its shapes must still be bounded."""
+    folder = dcp.save_local(tmp_path, 2, _state(2))
+    md = dcp.read_metadata(folder)
+    key = next(iter(md.state_dict_metadata))
+    md.state_dict_metadata[key].size = torch.Size([10**6, 10**6])  # 4 TB of fp32
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    man = json.loads((folder / dcp.MANIFEST).read_text())
+    man["files"][".metadata"] = dcp._hash_files(folder, [".metadata"])[".metadata"]
+    (folder / dcp.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match=r"declares \d+ bytes of tensors"):
+        load_checkpoint(folder)
+
+
 def test_rotation_deletes_whole_folders_and_startup_removes_dead_writers_folders(tmp_path):
     for step in (1, 2, 3):
         dcp.save_local(tmp_path, step, _state(step))

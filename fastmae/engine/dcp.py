@@ -23,6 +23,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -276,12 +277,17 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, skeleton, rank: int) -
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
+def _listed(man: dict) -> dict[str, tuple[int, str]]:
+    """{file name: (size, sha256)} of a manifest."""
+    return {str(k): (int(v["size"]), str(v["sha256"])) for k, v in man["files"].items()}
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest, after every file it lists passed its size and sha256 check (CheckpointError otherwise)."""
     folder = Path(folder)
     try:
         man = json.loads((folder / MANIFEST).read_text())
-        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in man["files"].items()}
+        files = _listed(man)
         step = man["step"]
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (an unfinished or foreign DCP folder)") from None
@@ -358,10 +364,17 @@ def read_folder(folder: Path) -> dict:
     _quiet_single_process()
     man = read_manifest(folder)
     md = read_metadata(folder)
-    full = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
-            if isinstance(m, TensorStorageMetadata)}
-    if len(full) != len(md.state_dict_metadata):
+    entries = md.state_dict_metadata
+    if not all(isinstance(m, TensorStorageMetadata) for m in entries.values()):
         raise CheckpointError(f"checkpoint {folder}: holds non-tensor entries (not written by fastmae)")
+    # The shapes come from the file: bounded before anything is allocated (DCP stores every tensor's bytes, so the
+    # tensors cannot be larger than the data files that passed the manifest's check).
+    data_bytes = sum(size for name, (size, _) in _listed(man).items() if name != ".metadata")
+    want = sum(math.prod(m.size) * m.properties.dtype.itemsize for m in entries.values())
+    if any(d < 0 for m in entries.values() for d in m.size) or want > data_bytes:
+        raise CheckpointError(f"checkpoint {folder}: .metadata declares {want} bytes of tensors, its data files hold "
+                              f"{data_bytes}")
+    full = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()}
     try:
         dcp.load(full, storage_reader=_reader(folder), no_dist=True)
         return join_tensors(man["skeleton"], full)
