@@ -159,7 +159,7 @@ def protocol_configs(arch, epochs: dict, init: str, seed: int = 0):
                  ("full fine-tune", FinetuneConfig, dict(epochs=epochs["full"], tune_blocks=-1))]
         for name, cls, kw in specs:
             if kw["epochs"]:
-                yield name, cls(**kw, output_dir=str(out / name.split()[0]), seed=seed, quiet=True, ckpt=init,
+                yield name, cls.from_flat(**kw, output_dir=str(out / name.split()[0]), seed=seed, quiet=True, ckpt=init,
                                 embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"])
 
     return make

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fastmae import flags
 from fastmae.engine.flops import GPUS
-from fastmae.flags import ALIASES, KEY_HELP, key_help, parse_flags, split_args
+from fastmae.flags import ALIASES, key, key_help, parse_flags, split_args
+from fastmae.flags import raise_first as _raise_first
 from fastmae.layers import patch_embed
 from fastmae.methods.registry import MethodConfig, get_method, list_methods
 from fastmae.models.decoder import DECODER_INPUT_DTYPES
@@ -39,17 +40,6 @@ LOADERS = ("torch", "dali", "synthetic")
 PRETRAIN_AUGMENTS = ("none", "crop", "crop_flip", "crop_color")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 FP8_MODES = ("off", "tensorwise", "rowwise")
-
-
-def key(default, help: str, **meta):
-    """A config field with its one-line help (the only home of a key's description)."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
-def _raise_first(checks: list[tuple[bool, str]]) -> None:
-    for ok, reason in checks:
-        if not ok:
-            raise ValueError(reason)
 
 
 def _finite(section) -> None:
@@ -296,12 +286,7 @@ class PretrainConfig:
     def from_flat(cls, values: dict | None = None, **kw) -> PretrainConfig:
         """A config from flat keys (``{"blr": 1e-3, "data": "demo"}``, a preset, an older run's flat config),
         unvalidated; keys of another method than the one named are dropped (older configs hold them all)."""
-        table = flags.keys(cls)
-        merged = {**(values or {}), **kw}
-        unknown = sorted(k for k in merged if k not in table)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return flags.build_config(cls, {table[k].path: v for k, v in merged.items()})
+        return flags.from_flat(cls, {**(values or {}), **kw})
 
     def flat(self) -> dict:
         """{flat key: value}: the layout of checkpoints' stored config (older checkpoints share it)."""
@@ -423,5 +408,5 @@ def help_text(argv: list[str], cls, presets: dict[str, dict] | None, usage: str,
     return flags.help_text(argv, cls, presets, usage, doc, parse=lambda a, c, p: parse_overrides(a, c, p))
 
 
-__all__ = ["ALIASES", "KEY_HELP", "SECTIONS", "PretrainConfig", "default_output_dir", "describe_keys", "flat_config",
-           "help_text", "key_help", "method_configs", "parse_overrides", "pretrain_presets", "split_args"]
+__all__ = ["ALIASES", "SECTIONS", "PretrainConfig", "default_output_dir", "describe_keys", "flat_config",
+           "help_text", "key", "key_help", "method_configs", "parse_overrides", "pretrain_presets", "split_args"]

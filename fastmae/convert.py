@@ -133,6 +133,7 @@ def _check_config(cfg, where: str) -> None:
     of 10^7 and the like are refused here); resume validates the whole pretraining config on top."""
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: 'config' must be a dict, got {type(cfg).__name__}")
+    cfg = _unnest(cfg)
     for key, (typ, lo, hi) in _CONFIG_FIELDS.items():
         if key not in cfg:
             continue
@@ -141,6 +142,19 @@ def _check_config(cfg, where: str) -> None:
         if not ok:
             raise ValueError(f"{where}: config {key}={repr(v)[:60]} is not "
                              + ("a name" if typ is str else f"a{'n integer' if typ is int else ' number'} in [{lo}, {hi}]"))
+
+
+def _unnest(cfg: dict) -> dict:
+    """A config nested by section (evaluation checkpoints store ``asdict(cfg)``: ``{"model": {"name": ..., "img_size":
+    ...}}``) as flat keys, by the configs' convention: a section's ``name`` / ``path`` field is the section's own flat
+    key (``model.name`` is ``--model``, ``data.path`` is ``--data``), any other field keeps its name."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update({k if n in ("name", "path") else n: x for n, x in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def check_checkpoint_fields(ckpt: dict, where: str) -> None:

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastmae.eval.cli_util import run_cli
+from fastmae.flags import key, run_cli
 
 FORMATS = ("hf", "timm", "pth")
 # (embed_dim, depth) -> timm family name; other shapes use vit_base's factory with every argument given.
@@ -37,12 +37,12 @@ _TIMM_FAMILIES = {(192, 12): "vit_tiny", (384, 12): "vit_small", (768, 12): "vit
 
 @dataclass
 class ExportConfig:
-    preset: str = "default"
-    ckpt: str = ""
-    output_dir: str = ""
-    format: str = "hf"
-    num_heads: int = 0
-    decoder_num_heads: int = 0
+    preset: str = key("default", "named set of defaults; the values below are this preset's")
+    ckpt: str = key("", "checkpoint file (fastmae or official MAE)")
+    output_dir: str = key("", "folder to write the model into (--out)")
+    format: str = key("hf", "hf (transformers ViTMAE folder) | timm (timm model folder)")
+    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
+    decoder_num_heads: int = key(0, "decoder attention heads; 0 = from the checkpoint")
 
     def validate(self) -> None:
         if not self.ckpt:

@@ -1,16 +1,21 @@
 """``--key=value`` command lines for any dataclass config: spellings, aliases, booleans, ``--config``, presets, help.
 
 Every fastmae command parses its flags here (``fastmae.config`` adds pretraining's presets), so the
-spellings are the same everywhere. Imports nothing of fastmae: any layer may use it.
+spellings are the same everywhere, and enters through :func:`run_cli` (``--help``, parse, one-line error).
+A key's description lives only in its field (:func:`key`); a command's defaults of shared sections come from
+:func:`section` / :func:`default`. Imports nothing of fastmae: any layer may use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
+import sys
 import typing
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,87 +24,30 @@ from typing import Any
 # --warmup_epochs, --weight_decay, --lr, --min_lr, --num_workers, --seed, --device) is already ours.
 ALIASES = {"data_path": "data", "input_size": "img_size", "out": "output_dir"}
 
-# One line per key for --help of the flat commands (evaluation and tools), whose fields carry no ``help`` metadata.
-# Pretraining's keys are described only in their section fields' metadata (fastmae.config); a field's own
-# ``metadata={"help": ...}`` wins here too; every key of every command needs a description (tests/test_cli.py).
-KEY_HELP = {
-    # run
-    "preset": "named set of defaults; the values below are this preset's",
-    "output_dir": "run folder (config, metrics, checkpoints, summary, pictures)",
-    "seed": "random seed (data order, masks, init)",
-    "device": "auto | cpu | cuda | cuda:N",
-    "resume": "'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path",
-    "threads": "CPU threads for torch; 0 = the cores free now (affinity minus load)",
-    # data
-    "data": "'demo' (photos shipped in installed packages), a class-folder tree, or tar shards 'a-{000..009}.tar'",
-    "loader": "torch (PIL workers) | dali | synthetic (random images on the device, compute-only timing)",
-    "num_workers": "data loading worker processes",
-    "img_size": "input resolution in pixels (square)",
-    "test_fraction": "fraction of the labelled set used as the test split",
-    "images": "'digits' (held-out split), a folder, or comma-separated image files",
-    "num_images": "how many images to use",
-    # model
-    "model": "architecture name (fastmae.models / the method's models)",
-    "patch_size": "patch size in pixels; 0 = the model's",
-    "mask_ratio": "fraction of patches removed",
-    "norm_pix_loss": "predict per-patch normalized pixels (the official recipe)",
-    "mask_patch_size": "SimMIM mask cell in pixels (a multiple of patch_size); 0 = the model's",
-    "num_frames": "VideoMAE clip length in frames",
-    "frame_stride": "VideoMAE frame sampling stride",
-    "ckpt": "checkpoint file (fastmae or official MAE), or 'random'",
-    "ckpts": "comma-separated checkpoint files; 'random' = random init",
-    "in_chans": "input channels; 0 = from the checkpoint",
-    "embed_dim": "encoder width; 0 = from the checkpoint",
-    "depth": "encoder blocks; 0 = from the checkpoint",
-    "num_heads": "encoder attention heads; 0 = from the checkpoint",
-    "decoder_num_heads": "decoder attention heads; 0 = from the checkpoint",
-    "decoder_dim": "decoder width",
-    "decoder_depth": "decoder blocks",
-    "global_pool": "average the patch tokens (with fc_norm) instead of the cls token",
-    "learn_pos_embed": "train the position table (initialized sin-cos)",
-    "tune_blocks": "trainable encoder blocks: 0 = linear probe, k = last k, -1 = all",
-    # optimization
-    "epochs": "training epochs (the schedule's length)",
-    "warmup_epochs": "linear learning-rate warmup, in epochs",
-    "batch_size": "images per device per micro-step",
-    "eval_batch_size": "images per evaluation batch",
-    "blr": "base learning rate: lr = blr x effective batch / 256",
-    "lr": "absolute learning rate; 0 = from blr",
-    "min_lr": "learning rate at the end of the cosine schedule",
-    "weight_decay": "AdamW weight decay (none on biases and norms)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "momentum": "LARS momentum",
-    "layer_decay": "layer-wise learning-rate decay (full fine-tuning)",
-    "drop_path": "stochastic depth rate (fine-tuning)",
-    "smoothing": "label smoothing",
-    "mixup": "mixup alpha; 0 = off",
-    "cutmix": "cutmix alpha; 0 = off",
-    # step
-    "precision": "auto (bf16 where native, else fp32) | fp32 | bf16 | fp16 (CUDA, with a grad scaler)",
-    "compile": "torch.compile the model",
-    "max_bad_steps": "consecutive non-finite steps before the run aborts",
-    # logging and checkpoints
-    "log_every": "optimizer steps per log line / metrics row",
-    "ckpt_every": "optimizer steps between checkpoints (the last step always saves)",
-    "keep_ckpts": "checkpoints kept in the run folder",
-    "progress": "progress bar on a terminal (plain lines otherwise)",
-    "save_ckpt": "write the trained model",
-    "quiet": "print only the result",
-    # evaluation and tools
-    "labels": "comma-separated names for the figure (default: file names)",
-    "mask": "optional .npy/.pt mask (1 = removed); overrides mask_ratio",
-    "output": "file to write",
-    "scale": "pixel upscaling of the picture",
-    "format": "hf (transformers ViTMAE folder) | timm (timm model folder)",
-    "pretrain_epochs": "demo pretraining epochs",
-    "pretrain_batch": "demo pretraining batch size",
-    "pretrain_blr": "demo pretraining base learning rate",
-    "probe_epochs": "demo linear-probe epochs",
-    "partial_epochs": "demo partial fine-tuning epochs",
-    "finetune_epochs": "demo full fine-tuning epochs",
-    "analyze": "also run the attention analysis",
-}
+def key(default, help: str, **meta):
+    """A config field with its one-line help (the only home of a key's description; every key of every command
+    has one, tests/test_cli.py). ``meta``: e.g. ``flat="data"`` for a section field's ``--flag`` name."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def raise_first(checks: list[tuple[bool, str]]) -> None:
+    """A section's ``validate``: ValueError with the reason of the first failed (ok, reason) check."""
+    for ok, reason in checks:
+        if not ok:
+            raise ValueError(reason)
+
+
+def default(cls, name: str, value):
+    """Field ``name`` of the config class ``cls`` with another default, its help and flat name kept: a command's
+    own default of a shared run-level key (``output_dir: str = default(EvalConfig, "output_dir", "runs/knn")``)."""
+    return field(default=value, metadata={f.name: f for f in fields(cls)}[name].metadata)
+
+
+def section(cls, **defaults):
+    """A section field whose keys take ``defaults`` instead of ``cls``'s (a command's recipe: the linear probe's
+    ``blr=10.0``); every key keeps its help. :func:`build_config` starts from these values too."""
+    return field(default_factory=functools.partial(cls, **defaults) if defaults else cls)
+
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _NONE = ("", "none", "auto", "default")  # what an optional key (``bool | None``) takes for None: the model's default
@@ -168,7 +116,7 @@ def keys(cls) -> dict[str, Key]:
     hints, sections, out = typing.get_type_hints(cls), _section_types(cls), {}
     for f in fields(cls):
         if f.name not in sections:
-            out[f.name] = Key(f.name, f.name, hints[f.name], f.metadata.get("help") or KEY_HELP.get(f.name, ""))
+            out[f.name] = Key(f.name, f.name, hints[f.name], f.metadata.get("help", ""))
             continue
         base = {g.name for g in fields(sections[f.name])}
         variants = _variants(cls, f.name) or {"": sections[f.name]}
@@ -247,12 +195,23 @@ def build_config(cls, values: dict, explicit: set[str] = frozenset()):
     for name, typ in _section_types(cls).items():
         kw = by_section.get(name, {})
         variants = _variants(cls, name)
-        if variants is not None:
-            default = {f.name: f for f in fields(cls)}[name].default_factory().name
-            typ = _pick_variant(name, kw.get("name", default), variants, kw, explicit, keys(cls))
-            kw = {k: v for k, v in kw.items() if k in {g.name for g in fields(typ)}}
-        top[name] = typ(**kw)
+        base = {f.name: f for f in fields(cls)}[name].default_factory()
+        if variants is None:
+            top[name] = dataclasses.replace(base, **kw)  # from the command's section defaults (:func:`section`)
+            continue
+        typ = _pick_variant(name, kw.get("name", base.name), variants, kw, explicit, keys(cls))
+        top[name] = typ(**{k: v for k, v in kw.items() if k in {g.name for g in fields(typ)}})
     return cls(**top)
+
+
+def from_flat(cls, values: dict):
+    """``cls`` from {flat key or dotted path: value} (``{"blr": 1e-3, "data": "demo"}``, a preset), unvalidated;
+    an unknown key raises ValueError naming it."""
+    table = keys(cls)
+    unknown = sorted(k for k in values if k not in table)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    return build_config(cls, {table[k].path: v for k, v in values.items()})
 
 
 def _pick_variant(section: str, choice: str, variants: dict[str, type], kw: dict, explicit, table) -> type:
@@ -429,7 +388,7 @@ def _text(v) -> str:
 
 
 def key_help(cls, name: str) -> str:
-    """The one-line description of a key: its field's ``help`` metadata (:data:`KEY_HELP` for flat commands' keys)."""
+    """The one-line description of a key: its field's ``help`` metadata."""
     return keys(cls)[name].help
 
 
@@ -506,6 +465,22 @@ def help_text(argv: list[str], cls, presets: dict[str, dict], usage: str, doc: s
         parts.append(f"presets: {', '.join(names)}")
     parts.append(f"keys ({note}):\n" + describe_keys(cls, cfg))
     return "\n\n".join(parts)
+
+
+def run_cli(argv: list[str], cls, presets: dict[str, dict] | None, body: Callable, prog: str, doc: str,
+            usage: str = "") -> int:
+    """A command's entry: ``--help`` prints :func:`help_text` and returns 0; otherwise ``argv`` is parsed into
+    ``cls`` and ``body(cfg)`` runs. Bad configuration and bad input (ValueError, FileNotFoundError, from the
+    parse or the body) print one ``fastmae: error:`` line and return 2."""
+    presets = presets or {}
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(argv, cls, presets, usage or f"usage: fastmae {prog} [--key=value ...]", doc))
+        return 0
+    try:
+        return int(body(parse_flags(argv, cls, presets)) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastmae: error: {e}", file=sys.stderr)
+        return 2
 
 
 def underscores(argv: list[str]) -> list[str]:

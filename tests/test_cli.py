@@ -88,7 +88,8 @@ def test_help_shows_preset_resolved_values(capsys):
 
 
 def test_bad_flag_is_one_line_exit_2(capsys):
-    for argv in (["pretrain", "--epochs=x"], ["linprobe", "--nope=1"], ["data", "check"], ["export", "--format=onnx"]):
+    for argv in (["pretrain", "--epochs=x"], ["linprobe", "--nope=1"], ["data", "check"], ["export", "--format=onnx"],
+                 ["data", "pack", "a", "b", "--quality=x"]):
         assert fastmae(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fastmae: error: "), (argv, err)
@@ -125,6 +126,51 @@ def test_pretrain_help_is_grouped_by_section_with_every_key_once(capsys):
         assert key.help, key.flat  # one home for help text: the field's metadata
     assert "--blr=" in table.split("\noptim:\n")[1].split("\nschedule:\n")[0]
     assert "--img_size=" in table.split("\ndata:\n")[1].split("\nmodel:\n")[0]
+
+
+def _command_configs() -> dict[str, type]:
+    """Every config class a command parses: those its module holds, and every protocol's and method's."""
+    import dataclasses
+    import importlib
+
+    from fastmae.config import method_configs
+    from fastmae.eval.protocols import get_protocol, list_protocols
+
+    found = {}
+    for module, _, _ in COMMANDS.values():
+        for obj in vars(importlib.import_module(module)).values():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__name__.endswith("Config"):
+                found[obj.__name__] = obj
+    found.update({get_protocol(p).config.__name__: get_protocol(p).config for p in list_protocols()})
+    found.update({c.__name__: c for c in method_configs().values()})
+    return found
+
+
+def _fields_without_help(cls, prefix: str = "") -> list[str]:
+    """Field paths of ``cls`` (its sections' fields included) whose own ``help`` metadata is missing."""
+    import dataclasses
+    import typing
+
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _fields_without_help(type(getattr(cls(), f.name)), f"{prefix}{f.name}.")
+        elif not f.metadata.get("help"):
+            out.append(prefix + f.name)
+    return out
+
+
+def test_every_key_of_every_command_has_help_in_its_field():
+    """One home for help text: the field's metadata (no table of help strings beside the configs)."""
+    import fastmae.flags
+
+    configs = _command_configs()
+    assert {"ExportConfig", "VisualizeConfig", "AnalyzeConfig", "DemoConfig", "SweepConfig", "PackConfig",
+            "DataCheckConfig", "SubmitConfig", "PretrainConfig", "LinprobeConfig", "FinetuneConfig", "KnnConfig",
+            "VideoFinetuneConfig"} <= set(configs)
+    missing = {name: bad for name, cls in configs.items() if (bad := _fields_without_help(cls))}
+    assert not missing, missing
+    assert not hasattr(fastmae.flags, "KEY_HELP")
 
 
 def test_another_methods_key_is_a_one_line_error(capsys):

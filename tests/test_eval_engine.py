@@ -207,3 +207,38 @@ def test_monitor_flags_are_checked():
         parse_overrides(["--monitor=linprobe"])
     with pytest.raises(ValueError, match="monitor_every must be >= 0"):
         parse_overrides(["--monitor=knn", "--monitor_every=-1"])
+
+
+_SLOW_RANK_1 = """
+import sys, time
+import torch.distributed as dist
+from fastmae.eval import protocol
+
+real = protocol.refuse_used_folder
+def late(*args, **kwargs):
+    if dist.is_initialized() and dist.get_rank() == 1:
+        time.sleep(3)  # rank 0 has written this run's config.json by now
+    return real(*args, **kwargs)
+protocol.refuse_used_folder = late
+
+from fastmae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_late_rank_never_takes_its_own_runs_folder_for_a_used_one(tmp_path):
+    # Every rank used to judge the folder; a rank slower than rank 0 found the config.json rank 0 had just written
+    # for this very scoring run and refused it (seen as a flaky 2-rank --eval_only test under load).
+    trained = tmp_path / "trained"
+    assert linprobe.main(["--epochs=1", "--progress=false", "--quiet=true", f"--output_dir={trained}"]) == 0
+    script = tmp_path / "slow_rank_1.py"
+    script.write_text(_SLOW_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "linprobe",
+           "--eval_only=true", f"--ckpt={trained}/checkpoint-last.pt", "--progress=false", "--quiet=true",
+           "--device=cpu", f"--output_dir={tmp_path / 'score'}"]
+    fresh = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    # a folder that IS used is still refused on every rank, in one line, without a hang
+    used = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    errors = [ln for ln in used.stderr.splitlines() if ln.startswith("fastmae: error:")]
+    assert used.returncode != 0 and len(errors) == 2 and all("already holds another run" in e for e in errors)

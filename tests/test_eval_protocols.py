@@ -34,7 +34,7 @@ def mae_ckpt(tmp_path_factory):
 
 
 def test_linear_probe_beats_chance_by_far(digits):
-    cfg = linprobe.LinprobeConfig(epochs=30, output_dir="", quiet=True)
+    cfg = linprobe.LinprobeConfig.from_flat(epochs=30, output_dir="", quiet=True)
     r = run_eval(cfg, split=digits)  # random-init digits encoder
     assert r["chance"] == pytest.approx(0.1)
     assert r["top1"] == r["top1_last"] > 0.6, r  # no validation split: the last epoch is the headline
@@ -49,7 +49,7 @@ def test_linprobe_cli_writes_its_files(tmp_path, mae_ckpt, capsys):
         assert (out / f).is_file(), f
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "val_top1" in r] == [0, 1]
-    assert json.loads((out / "config.json").read_text())["tune_blocks"] == 0
+    assert json.loads((out / "config.json").read_text())["protocol"]["tune_blocks"] == 0
     ck = torch.load(out / "checkpoint-last.pt", weights_only=True)
     src = torch.load(mae_ckpt, weights_only=True)["model"]
     # frozen encoder: every encoder weight is unchanged, the BN + linear head is new
@@ -97,7 +97,7 @@ def test_finetune_tune_blocks_zero_is_the_linear_probe(tmp_path, capsys):
                         "--depth=2", "--num_heads=2"])
     assert rc == 0, capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["tune_blocks"] == 0 and cfg["blr"] == linprobe.LinprobeConfig.blr
+    assert cfg["protocol"]["tune_blocks"] == 0 and cfg["optim"]["blr"] == linprobe.LinprobeConfig().optim.blr
 
 
 def test_wrong_architecture_names_the_keys(tmp_path, mae_ckpt, capsys):
@@ -152,4 +152,4 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert finetune.main(["--mixup=0.8", "--tune_blocks=1", f"--output_dir={tmp_path}"]) == 2
     assert "full fine-tuning" in capsys.readouterr().err
     with pytest.raises(ValueError, match="batch_size must be even"):
-        EvalConfig(mixup=0.5, batch_size=7).validate()
+        EvalConfig.from_flat(mixup=0.5, batch_size=7).validate()

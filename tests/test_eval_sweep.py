@@ -26,7 +26,8 @@ def test_protocol_key_sweep_writes_csv_and_curve_and_resumes(tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 10_000
     # k = 0 is the linear probe with its own recipe (LARS, its blr), and the linprobe.-prefixed key reached it
     k0 = json.loads((out / "tune_blocks=0" / "finetune" / "config.json").read_text())
-    assert k0["tune_blocks"] == 0 and k0["blr"] == linprobe.LinprobeConfig.blr and k0["epochs"] == 2
+    assert k0["protocol"]["tune_blocks"] == 0 and k0["schedule"]["epochs"] == 2
+    assert k0["optim"]["blr"] == linprobe.LinprobeConfig().optim.blr
     first = (out / "tune_blocks=1" / "finetune" / "results.json").stat().st_mtime_ns
     capsys.readouterr()
     # rerun with one more value: only the new value runs

@@ -43,7 +43,7 @@ def test_one_epoch_from_a_videomae_checkpoint(tmp_path, capsys):
     cfg = {"model": "videomae_vit_tiny", "img_size": 32, "patch_size": 8, "num_frames": 4}
     torch.save({"model": mae.state_dict(), "config": cfg}, path)
     # the checkpoint's encoder is what gets fine-tuned (embed_dim/depth come from its weights' shapes via the config)
-    ecfg = video.VideoFinetuneConfig(ckpt=str(path), img_size=32, num_frames=4)
+    ecfg = video.VideoFinetuneConfig.from_flat(ckpt=str(path), img_size=32, num_frames=4)
     with pytest.raises(ValueError, match="checkpoint does not fit"):
         video.build_video_classifier(ecfg, mae.state_dict(), {"config": {**cfg}}, 6)  # tiny is 192 wide, this 32
     out = tmp_path / "run"

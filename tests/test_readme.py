@@ -40,7 +40,7 @@ SUBSTITUTIONS = {
 }
 TINY_TRAIN = ["--max_steps=2", "--log_every=1", "--no_progress", "--no_tensorboard", "--num_workers=0"]
 TINY = {
-    "linprobe": ["--epochs=1"],
+    "linprobe": ["--epochs=1", "--batch_size=8", "--eval_batch_size=8"],
     "finetune": ["--epochs=1", "--batch_size=8", "--eval_batch_size=8"],
     "analyze": ["--num_images=8"],
     "demo-eval": ["--preset=smoke"],

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from fastmae.flags import help_text, parse_flags
+from fastmae.flags import run_cli
 
 from .sources import open_source
 from .text import printable
@@ -41,15 +41,12 @@ class DataCheckConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(argv, DataCheckConfig, {}, "usage: fastmae data check DIR [--key=value ...]", __doc__))
-        return 0
-    try:
-        args = parse_flags(argv, DataCheckConfig)
-    except ValueError as e:
-        print(f"fastmae: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(argv, DataCheckConfig, {}, check, "data check", __doc__,
+                   usage="usage: fastmae data check DIR [--key=value ...]")
 
+
+def check(args: DataCheckConfig) -> int:
+    """Print the report of every split; 0 clean, 1 problems found, 2 unreadable."""
     p = Path(args.path)
     if args.split:
         splits = [args.split]

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from fastmae.flags import help_text, parse_flags
+from fastmae.flags import run_cli
 
 from .image_io import MAX_PIXELS
 from .sources import Source, open_source
@@ -276,15 +276,12 @@ def open_pack(root: str | os.PathLike, split: str, classes: list[str] | None = N
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(argv, PackConfig, {}, "usage: fastmae data pack SRC DST [--key=value ...]", __doc__))
-        return 0
-    try:
-        cfg = parse_flags(argv, PackConfig)
-        index = pack(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fastmae: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(argv, PackConfig, {}, _pack_and_report, "data pack", __doc__,
+                   usage="usage: fastmae data pack SRC DST [--key=value ...]")
+
+
+def _pack_and_report(cfg: PackConfig) -> int:
+    index = pack(cfg)
     counts = ", ".join(f"{s} {p['count']}" for s, p in index["splits"].items())
     print(f"packed {counts} samples into {printable(cfg.dst)} ({len(index['classes'])} classes, short side "
           f"{index['short_side']}, quality {index['quality']}); index {INDEX}")

@@ -22,8 +22,8 @@ class RunFolderBusy(ValueError):
 
 
 class RunLock:
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, run_dir: str | os.PathLike, name: str = ".lock"):
+        self.path = Path(run_dir) / name
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 
 from fastmae.constants import IMAGE_EXTENSIONS
-from fastmae.eval.cli_util import run_cli
 from fastmae.eval.data import load_digits_split
 from fastmae.eval.models import RANDOM, build_encoder, read_source, resolve_arch
+from fastmae.flags import key, run_cli
 from fastmae.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 
 KL_EPS = 1e-8
@@ -186,22 +186,23 @@ def plot_cka(mats: dict[tuple[str, str], Tensor], path: Path) -> Path:
 
 @dataclass
 class AnalyzeConfig:
-    preset: str = "default"
-    ckpts: str = "random"  # comma-separated checkpoint paths; "random" = random init of the first one's architecture
-    labels: str = ""  # comma-separated names for the figure (default: file names)
-    images: str = "digits"  # "digits" (held-out split) or a folder / comma-separated image files
-    num_images: int = 256
+    preset: str = key("default", "named set of defaults; the values below are this preset's")
+    ckpts: str = key("random", "comma-separated checkpoint files; 'random' = random init of the first one's "
+                      "architecture")
+    labels: str = key("", "comma-separated names for the figure (default: file names)")
+    images: str = key("digits", "'digits' (held-out split), a folder, or comma-separated image files")
+    num_images: int = key(256, "how many images to use")
     cka: bool = field(default=True, metadata={
         "help": "layer-by-layer linear CKA within the first model and against each other (cka.csv, cka.png)"})
-    output_dir: str = "runs/analyze"
-    seed: int = 0
-    device: str = "cpu"
-    img_size: int = 0
-    patch_size: int = 0
-    in_chans: int = 0
-    embed_dim: int = 0
-    depth: int = 0
-    num_heads: int = 0
+    output_dir: str = key("runs/analyze", "run folder (config, metrics, checkpoints, summary, pictures)")
+    seed: int = key(0, "random seed (data order, masks, init)")
+    device: str = key("cpu", "auto | cpu | cuda | cuda:N")
+    img_size: int = key(0, "input resolution in pixels (square); 0 = from the checkpoint")
+    patch_size: int = key(0, "patch size in pixels; 0 = the model's")
+    in_chans: int = key(0, "input channels; 0 = from the checkpoint")
+    embed_dim: int = key(0, "encoder width; 0 = from the checkpoint")
+    depth: int = key(0, "encoder blocks; 0 = from the checkpoint")
+    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
 
     def validate(self) -> None:
         if not [s for s in self.ckpts.split(",") if s.strip()]:

@@ -133,16 +133,26 @@ def stream_loaders(train_spec: str, val_spec: str, *, img_size: int, batch_size:
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     common = dict(img_size=img_size, loader=loader, num_workers=num_workers, seed=seed, rank=rank,
-                  world_size=world_size, device=str(device), require_labels=True)
+                  world_size=world_size, device=str(device))
     train = build_loader(train_spec, split="train", batch_size=batch_size, train=True, augment=augment, drop_last=True,
-                         **common)
+                         require_labels=True, **common)
     if len(train.classes) < 2:
         raise ValueError(f"the training data has {len(train.classes)} class; a classifier needs at least 2")
-    val = build_loader(val_spec, split="val", batch_size=eval_batch_size, train=False, augment="eval", drop_last=False,
-                       shuffle=False, classes=train.classes, **common)
+    val = eval_pass(val_spec, "val", train.classes, batch_size=eval_batch_size, **common)
     seen = set(getattr(getattr(train, "source", None), "labels", range(len(train.classes))))
     unseen = sorted({train.classes[y] for y in getattr(getattr(val, "source", None), "labels", []) if y not in seen})
     if unseen and rank == 0:
         print(f"fastmae: warning: class(es) {', '.join(unseen[:10])} have validation images but no training images: "
               "they can never be predicted, so their images count as errors", file=sys.stderr)
     return train, val
+
+
+def eval_pass(spec: str, split: str, classes: list[str], *, img_size: int, batch_size: int, loader: str,
+              num_workers: int, seed: int, rank: int, world_size: int, device: str) -> BaseLoader:
+    """An in-order pass over a labelled split with the eval transform (resize to img / 0.875, center crop), every
+    sample once over the ranks (padding labelled ``IGNORE``): validation, and frozen-feature extraction."""
+    from fastmae.data import build_loader
+
+    return build_loader(spec, split=split, batch_size=batch_size, train=False, augment="eval", drop_last=False,
+                        shuffle=False, classes=classes, require_labels=True, img_size=img_size, loader=loader,
+                        num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, device=device)

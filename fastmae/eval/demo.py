@@ -25,42 +25,43 @@ from pathlib import Path
 
 import torch
 
-from fastmae.eval.cli_util import run_cli
 from fastmae.eval.data import load_digits_split
 from fastmae.eval.models import DIGITS_ARCH
 from fastmae.eval.pretrain_digits import pretrain, tiny_digits_model
+from fastmae.flags import key, run_cli
 
 
 @dataclass
 class DemoConfig:
-    preset: str = "default"
-    output_dir: str = "runs/demo_eval"
-    seed: int = 0
+    preset: str = key("default", "named set of defaults; the values below are this preset's")
+    output_dir: str = key("runs/demo_eval", "run folder (config, metrics, checkpoints, summary, pictures)")
+    seed: int = key(0, "random seed (data order, masks, init)")
     # torch intra-op threads (0 = torch's default). One: 64-wide GEMMs gain nothing from a second
     # thread, and on a shared 2-core machine one thread ran a step ~3x faster than two (92 vs 263 ms).
-    threads: int = 1
+    threads: int = key(1, "torch intra-op threads; 0 = torch's default")
     method: str = field(default="mae", metadata={
         "help": "pretraining method of the encoder (mae | crossmae): the decoder, masking and loss"})
     # tiny MAE (width 64, depth 4, patch 4, 16 px, grayscale)
-    embed_dim: int = 64
-    depth: int = 4
-    num_heads: int = 4
-    decoder_dim: int = 64
-    decoder_depth: int = 2
-    norm_pix_loss: bool = False
-    mask_ratio: float = 0.75
-    pretrain_epochs: int = 300  # ~170 CPU s; 100 epochs lift the linear probe by 3 points, 300 by 7
-    pretrain_batch: int = 128
-    pretrain_blr: float = 1.5e-3
+    embed_dim: int = key(64, "encoder width of the demo's MAE")
+    depth: int = key(4, "encoder blocks of the demo's MAE")
+    num_heads: int = key(4, "encoder attention heads of the demo's MAE")
+    decoder_dim: int = key(64, "decoder width")
+    decoder_depth: int = key(2, "decoder blocks")
+    norm_pix_loss: bool = key(False, "predict per-patch normalized pixels (the official recipe)")
+    mask_ratio: float = key(0.75, "fraction of patches removed")
+    # ~170 CPU s; 100 epochs lift the linear probe by 3 points, 300 by 7
+    pretrain_epochs: int = key(300, "demo pretraining epochs")
+    pretrain_batch: int = key(128, "demo pretraining batch size")
+    pretrain_blr: float = key(1.5e-3, "demo pretraining base learning rate")
     # downstream epochs (0 skips that protocol)
-    probe_epochs: int = 100
-    partial_epochs: int = 30
-    finetune_epochs: int = 30
+    probe_epochs: int = key(100, "demo linear-probe epochs")
+    partial_epochs: int = key(30, "demo partial fine-tuning epochs")
+    finetune_epochs: int = key(30, "demo full fine-tuning epochs")
     knn: bool = field(default=True, metadata={"help": "the k-NN row (frozen features, k=20, T=0.07; nothing trains)"})
     val_fraction: float = field(default=0.1, metadata={
         "help": "share of the training split held out to choose the reported epoch (never the test split)"})
-    analyze: bool = True
-    quiet: bool = True
+    analyze: bool = key(True, "also run the attention analysis")
+    quiet: bool = key(True, "print only the result")
 
     def validate(self) -> None:
         from fastmae.methods.registry import get_method
@@ -113,7 +114,7 @@ def _run(cfg: DemoConfig) -> dict:
             # The demo's own sub-run of this invocation: a rerun of the demo replaces it (the encoder is new).
             shutil.rmtree(out / tag, ignore_errors=True)
             # The architecture is spelled out so random init builds the very same encoder.
-            ecfg = spec.config(**kw, output_dir=str(out / tag), seed=cfg.seed, quiet=cfg.quiet, ckpt=init,
+            ecfg = spec.config.from_flat(**kw, output_dir=str(out / tag), seed=cfg.seed, quiet=cfg.quiet, ckpt=init,
                        embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
                        val_fraction=cfg.val_fraction, progress=False)
             cpu0 = time.process_time()

@@ -17,26 +17,10 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fastmae.eval import linprobe
-from fastmae.eval.cli_util import run_cli
-from fastmae.eval.protocol import EvalConfig, format_result, run_eval
-from fastmae.flags import parse_flags
-
-
-@dataclass
-class FinetuneConfig(EvalConfig):
-    output_dir: str = "runs/finetune"
-    tune_blocks: int = -1
-    epochs: int = 30
-    warmup_epochs: float = 3.0
-    batch_size: int = 128
-    blr: float = 2e-3
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-
+from fastmae.eval.config import FinetuneConfig
+from fastmae.eval.protocol import format_result, run_eval
+from fastmae.flags import parse_flags, run_cli
 
 _OFFICIAL = dict(warmup_epochs=5.0, batch_size=128, eff_batch_size=1024, weight_decay=0.05, smoothing=0.1, mixup=0.8,
                  cutmix=1.0, global_pool=True, learn_pos_embed=True, min_lr=1e-6, augment="finetune", eval_batch_size=256)
@@ -74,7 +58,7 @@ def main(argv: list[str]) -> int:
     from fastmae.eval.protocols import get_protocol
 
     try:
-        k = parse_flags(argv, FinetuneConfig, PRESETS).tune_blocks
+        k = parse_flags(argv, FinetuneConfig, PRESETS).protocol.tune_blocks
     except ValueError:
         k = None  # run_cli reports it
     if k is not None and get_protocol("linprobe").tune_blocks(k):

@@ -9,29 +9,9 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fastmae.eval.cli_util import run_cli
-from fastmae.eval.protocol import EvalConfig, format_result, run_eval
-
-
-@dataclass
-class LinprobeConfig(EvalConfig):
-    output_dir: str = "runs/linprobe"
-    tune_blocks: int = 0
-    epochs: int = 100
-    warmup_epochs: float = 10.0
-    batch_size: int = 256
-    blr: float = 10.0
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.tune_blocks != 0:
-            raise ValueError(f"linprobe trains the head only (tune_blocks=0); "
-                             f"use `fastmae finetune --tune_blocks={self.tune_blocks}`")
-
+from fastmae.eval.config import LinprobeConfig
+from fastmae.eval.protocol import format_result, run_eval
+from fastmae.flags import run_cli
 
 PRESETS: dict[str, dict] = {
     # Tuned for the embedded digits: features are cached, so many epochs cost seconds.

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,139 +53,27 @@ from fastmae.engine.checkpoint import (
     list_checkpoints,
     remove_partial_writes,
 )
-from fastmae.engine.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
+from fastmae.engine.distributed import DistInfo, agree, all_reduce_mean, init_distributed, shutdown
 from fastmae.engine.logger import RunLogger
 from fastmae.engine.optim import lr_at
 from fastmae.engine.preemption import Preemption
 from fastmae.engine.runlock import RunLock
 from fastmae.engine.state import TrainState
 from fastmae.engine.step import LogWindow, StepStats, resolve_precision, train_step
-from fastmae.eval.data import IGNORE, LabelledSplit, TensorLoader, carve_validation, load_digits_split, stream_loaders
+from fastmae.eval.config import EvalConfig, stored_flat
+from fastmae.eval.data import (
+    IGNORE,
+    LabelledSplit,
+    TensorLoader,
+    carve_validation,
+    eval_pass,
+    load_digits_split,
+    stream_loaders,
+)
+from fastmae.eval.features import FeatureLoader, frozen_store, store_identity, store_key, table_digest
 from fastmae.eval.models import build_encoder, read_source, resolve_arch
 from fastmae.eval.optim import adamw_layer_decay, lars
 from fastmae.models.vit import VisionTransformer
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
-DEMO_DATA = ("", "digits")
-
-
-@dataclass
-class EvalConfig:
-    preset: str = "digits"
-    ckpt: str = "random"  # a fastmae/official checkpoint path, or "random" (the baseline)
-    # data: "" (the embedded digits), ROOT with train/ and val/, or the two splits separately
-    data: str = ""
-    train_data: str = field(default="", metadata={
-        "help": "training split: class folders or tar shards 'train-{000..099}.tar' (label in .cls)"})
-    val_data: str = field(default="", metadata={"help": "validation split (class folders or tar shards); goes with --train_data"})
-    loader: str = "torch"  # torch | dali
-    num_workers: int = 4
-    augment: str = field(default="auto", metadata={
-        "help": "training augmentation: auto (the protocol's) | mae | linprobe | finetune (RandAugment) | eval"})
-    test_fraction: float = 0.25  # digits: held-out test split
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "digits: share of the training split held out to choose the reported epoch (0 = last epoch)"})
-    output_dir: str = "runs/eval"
-    seed: int = 0
-    device: str = "auto"
-    resume: str = ""  # "" | auto (latest checkpoint in output_dir) | a checkpoint path
-    eval_only: bool = field(default=False, metadata={
-        "help": "score a trained classifier (--ckpt) on the validation data, no training"})
-    # architecture: 0 = from the checkpoint (random init: the digits demo encoder)
-    img_size: int = 0
-    patch_size: int = 0
-    in_chans: int = 0
-    embed_dim: int = 0
-    depth: int = 0
-    num_heads: int = 0
-    # protocol
-    tune_blocks: int = -1  # 0 = linear probe, k = last k blocks, -1 = all
-    global_pool: bool = False
-    learn_pos_embed: bool = False  # full fine-tuning only: train the (sin-cos initialized) position table
-    epochs: int = 50
-    warmup_epochs: float = 5.0
-    batch_size: int = 128  # per device
-    eff_batch_size: int = field(default=0, metadata={
-        "help": "effective batch reached by gradient accumulation; 0 = batch_size x ranks"})
-    eval_batch_size: int = 512
-    blr: float = 1e-3
-    lr: float = 0.0  # absolute lr; 0 = blr * effective batch / 256
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    # fine-tuning only
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    # linear probe only (LARS)
-    momentum: float = 0.9
-    # step
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
-    # logging and checkpoints
-    log_every: int = 50
-    max_bad_steps: int = 10  # consecutive non-finite losses before aborting
-    ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch only
-    keep_ckpts: int = 2
-    save_ckpt: bool = True
-    progress: bool = True
-    quiet: bool = False
-
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{f.name} must be a finite number, got {v}")
-        checks = [
-            (self.device in DEVICES or self.device.startswith("cuda:"), f"device must be one of {DEVICES}, got {self.device!r}"),
-            (self.loader in ("torch", "dali"), f"loader must be torch or dali, got {self.loader!r}"),
-            (self.augment in ("auto", "mae", "linprobe", "finetune", "eval"),
-             f"augment must be auto, mae, linprobe, finetune or eval, got {self.augment!r}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (0.0 < self.test_fraction < 1.0, f"test_fraction must be in (0, 1), got {self.test_fraction}"),
-            (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
-            (self.eff_batch_size >= 0, f"eff_batch_size must be >= 0, got {self.eff_batch_size}"),
-            (self.eval_batch_size > 0, f"eval_batch_size must be positive, got {self.eval_batch_size}"),
-            (self.blr > 0 or self.lr > 0, "blr or lr must be positive"),
-            (self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0.0 < self.layer_decay <= 1.0, f"layer_decay must be in (0, 1], got {self.layer_decay}"),
-            (0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}"),
-            (0.0 <= self.smoothing < 1.0, f"smoothing must be in [0, 1), got {self.smoothing}"),
-            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
-            (0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.max_bad_steps > 0, f"max_bad_steps must be positive, got {self.max_bad_steps}"),
-            (self.log_every > 0 and self.ckpt_every >= 0 and self.keep_ckpts > 0,
-             "log_every and keep_ckpts must be positive, ckpt_every >= 0"),
-            (min(self.img_size, self.patch_size, self.in_chans, self.embed_dim, self.depth, self.num_heads) >= 0,
-             "architecture sizes must be >= 0 (0 = from the checkpoint)"),
-            (not (self.data and (self.train_data or self.val_data)), "give --data=ROOT or --train_data/--val_data, not both"),
-            (bool(self.train_data) == bool(self.val_data), "--train_data and --val_data go together"),
-            (not (self.resume and not self.output_dir), "resume needs an output_dir"),
-        ]
-        for ok, reason in checks:
-            if not ok:
-                raise ValueError(reason)
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise ValueError(f"mixup/cutmix pair images within a batch: batch_size must be even, got {self.batch_size}")
-        if self.val_fraction > 0 and not self.is_demo:
-            raise ValueError("val_fraction carves the digits demo's training split; at scale the last epoch is reported")
-
-    @property
-    def protocol(self) -> str:
-        return "linprobe" if self.tune_blocks == 0 else ("finetune" if self.tune_blocks < 0 else "partial")
-
-    @property
-    def is_demo(self) -> bool:
-        return self.data in DEMO_DATA and not self.train_data
-
 
 # ---- model ------------------------------------------------------------------------------------------------
 
@@ -285,40 +172,44 @@ class EvalData:
     n_val: int
     kind: str
     score: Callable[[nn.Module], nn.Module] | None = None  # validation-time wrapper, e.g. multi-view averaging
+    augment: str = ""  # streamed data: the training transform the protocol resolved ("eval" = none)
+    train_pass: Callable[[], object] | None = None  # streamed data: an in-order eval-transform pass over training
 
 
 def build_data(cfg: EvalConfig, arch: dict, info: DistInfo, split: LabelledSplit | None) -> EvalData:
-    if cfg.is_demo:
+    if cfg.data.is_demo:
         if split is None:
-            split = load_digits_split(arch["img_size"], arch["in_chans"], cfg.test_fraction, cfg.seed)
+            split = load_digits_split(arch["img_size"], arch["in_chans"], cfg.data.test_fraction, cfg.seed)
         elif split.img_size != arch["img_size"] or split.in_chans != arch["in_chans"]:
             raise ValueError(f"data is {split.in_chans}x{split.img_size}px but the encoder takes "
                              f"{arch['in_chans']}x{arch['img_size']}px")
         x, y, select = split.train_x, split.train_y, None
         kw = dict(seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=info.device, classes=split.classes)
-        if cfg.val_fraction > 0:
-            x, y, vx, vy = carve_validation(x, y, cfg.val_fraction, cfg.seed)
-            select = TensorLoader(vx, vy, batch_size=cfg.eval_batch_size, train=False, **kw)
-        if len(y) < cfg.batch_size * info.world_size:
-            raise ValueError(f"the training split has {len(y)} images, fewer than one batch of {cfg.batch_size} "
+        if cfg.data.val_fraction > 0:
+            x, y, vx, vy = carve_validation(x, y, cfg.data.val_fraction, cfg.seed)
+            select = TensorLoader(vx, vy, batch_size=cfg.optim.eval_batch_size, train=False, **kw)
+        if len(y) < cfg.optim.batch_size * info.world_size:
+            raise ValueError(f"the training split has {len(y)} images, fewer than one batch of {cfg.optim.batch_size} "
                              f"per rank (the last partial batch is dropped): lower batch_size or add images")
-        train = TensorLoader(x, y, batch_size=cfg.batch_size, train=True, **kw)
-        val = TensorLoader(split.test_x, split.test_y, batch_size=cfg.eval_batch_size, train=False, **kw)
+        train = TensorLoader(x, y, batch_size=cfg.optim.batch_size, train=True, **kw)
+        val = TensorLoader(split.test_x, split.test_y, batch_size=cfg.optim.eval_batch_size, train=False, **kw)
         return EvalData(train, val, select, split.num_classes, split.classes, split.mean, split.std, len(split.test_y),
                         "digits (in memory)")
     if arch["in_chans"] != 3:
         raise ValueError(f"streamed data is RGB but the encoder takes {arch['in_chans']} channel(s)")
-    if cfg.data and not (Path(cfg.data, "train").is_dir() and Path(cfg.data, "val").is_dir()):
-        raise ValueError(f"--data={cfg.data} needs train/ and val/ sub-folders (ImageNet's layout); "
+    if cfg.data.path and not (Path(cfg.data.path, "train").is_dir() and Path(cfg.data.path, "val").is_dir()):
+        raise ValueError(f"--data={cfg.data.path} needs train/ and val/ sub-folders (ImageNet's layout); "
                          "give other layouts as --train_data=... --val_data=...")
-    train_spec, val_spec = (cfg.data, cfg.data) if cfg.data else (cfg.train_data, cfg.val_data)
-    augment = cfg.augment if cfg.augment != "auto" else ("linprobe" if cfg.tune_blocks == 0 else "finetune")
-    train, val = stream_loaders(
-        train_spec, val_spec, img_size=arch["img_size"], batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-        augment=augment, loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, rank=info.rank,
-        world_size=info.world_size, device=info.device)
+    train_spec, val_spec = (cfg.data.path, cfg.data.path) if cfg.data.path else (cfg.data.train_data, cfg.data.val_data)
+    augment = cfg.data.augment if cfg.data.augment != "auto" else ("linprobe" if cfg.protocol.tune_blocks == 0 else "finetune")
+    common = dict(img_size=arch["img_size"], loader=cfg.data.loader, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                  rank=info.rank, world_size=info.world_size)
+    train, val = stream_loaders(train_spec, val_spec, batch_size=cfg.optim.batch_size, eval_batch_size=cfg.optim.eval_batch_size,
+                                augment=augment, device=info.device, **common)
     return EvalData(train, val, None, len(train.classes), list(train.classes), IMAGENET_MEAN, IMAGENET_STD,
-                    val.num_samples, f"{train.source.kind} stream")
+                    val.num_samples, f"{train.source.kind} stream", augment=augment,
+                    train_pass=lambda: eval_pass(train_spec, "train", train.classes, batch_size=cfg.optim.eval_batch_size,
+                                                 device=str(info.device), **common))
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
@@ -362,8 +253,17 @@ def eval_run(cfg: EvalConfig, info: DistInfo):
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     with Preemption(info) as preemption, RunLock(run_dir) if write else nullcontext():
-        if run_dir is not None and (cfg.eval_only or not cfg.resume):
-            refuse_used_folder(run_dir, cfg.eval_only)
+        # Rank 0 judges the folder for every rank: a rank checking after rank 0 wrote config.json would find
+        # the folder used by this very run.
+        problem = None
+        if write and (cfg.eval_only or not cfg.resume):
+            try:
+                refuse_used_folder(run_dir, cfg.eval_only)
+            except ValueError as e:
+                problem = str(e)
+        problem = agree(info, problem)
+        if problem:
+            raise ValueError(problem)
         if write:
             remove_partial_writes(run_dir)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
@@ -415,33 +315,36 @@ def _run_eval(cfg: EvalConfig, info: DistInfo, run_dir: Path | None, write: bool
               split: LabelledSplit | None, source_sd: dict | None, source_meta: dict | None) -> dict:
     torch.set_flush_denormal(True)
     device = info.device
-    amp_dtype = resolve_precision(cfg.precision, device, cpu_auto="fp32")
+    amp_dtype = resolve_precision(cfg.step.precision, device, cpu_auto="fp32")
     torch.manual_seed(cfg.seed)
-    sd, meta = read_source(cfg.ckpt) if source_sd is None else (source_sd, source_meta or {})
+    sd, meta = read_source(cfg.model.ckpt) if source_sd is None else (source_sd, source_meta or {})
     if cfg.eval_only and sd is None:
         raise ValueError("eval_only scores a trained classifier: pass --ckpt=<run>/checkpoint-last.pt")
-    recorded = meta.get("config") if cfg.eval_only and isinstance(meta.get("config"), dict) else {}
-    tune_blocks = int(recorded.get("tune_blocks", cfg.tune_blocks))
-    global_pool = bool(recorded.get("global_pool", cfg.global_pool))
-    arch = resolve_arch(sd, meta, asdict(cfg))
+    recorded = stored_flat(meta.get("config"), type(cfg)) if cfg.eval_only else {}  # nested now, flat from older runs
+    tune_blocks = int(recorded.get("tune_blocks", cfg.protocol.tune_blocks))
+    global_pool = bool(recorded.get("global_pool", cfg.model.global_pool))
+    arch = resolve_arch(sd, meta, asdict(cfg.model))
     data = build_data(cfg, arch, info, split)
     vit, start = build_classifier(arch, sd, data.num_classes, tune_blocks=tune_blocks, global_pool=global_pool,
-                                  drop_path=cfg.drop_path, learn_pos_embed=cfg.learn_pos_embed, mean=data.mean,
+                                  drop_path=cfg.model.drop_path, learn_pos_embed=cfg.model.learn_pos_embed, mean=data.mean,
                                   std=data.std, head_sd=cfg.eval_only)
     model = Classifier(vit, start).to(device)
     if cfg.eval_only:
         ev = evaluate(model, data.val, device, amp_dtype, info)
-        return {"status": "done", "protocol": "eval_only", "source": cfg.ckpt, "top1": ev["top1"], "top5": ev["top5"],
+        return {"status": "done", "protocol": "eval_only", "source": cfg.model.ckpt, "top1": ev["top1"], "top5": ev["top5"],
                 "n_val": ev["n"], "data": data.kind, "rank": info.rank}
-    if start > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
+    if start > 0 and (cfg.protocol.mixup > 0 or cfg.protocol.cutmix > 0):
         raise ValueError("mixup/cutmix mix whole images: use them with full fine-tuning (tune_blocks=-1) only")
     trained, train_data = model, data
-    if tune_blocks == 0 and isinstance(data.train, TensorLoader):
+    if tune_blocks == 0 and uses_frozen_features(cfg, data, info):
         # Frozen encoder, no augmentation: the features are computed once and the head trains on them.
-        trained, train_data = vit.head, frozen_feature_data(vit, data, cfg, info, amp_dtype)
+        trained, train_data = vit.head, frozen_feature_data(vit, data, cfg, info, amp_dtype, run_dir,
+                                                            preemption)
+        if train_data is None:
+            return {"status": "preempted", "step": 0}
     summary = train_classifier(cfg, info, trained, train_data, amp_dtype, run_dir, write, arch, tune_blocks,
                                preemption, weights=vit)
-    summary.update(source=cfg.ckpt if source_sd is None else "<in memory>", arch=arch, data=data.kind,
+    summary.update(source=cfg.model.ckpt if source_sd is None else "<in memory>", arch=arch, data=train_data.kind,
                    chance=1.0 / data.num_classes, rank=info.rank)
     summary["model"] = vit
     return summary
@@ -460,18 +363,61 @@ def encode(vit: VisionTransformer, x: Tensor, batch_size: int, amp_dtype: torch.
     return torch.cat(out) if out else x.new_zeros(0, vit.embed_dim)
 
 
-def frozen_feature_data(vit: VisionTransformer, data: EvalData, cfg: EvalConfig, info: DistInfo,
-                        amp_dtype: torch.dtype) -> EvalData:
-    """``data`` with every in-memory split replaced by its frozen features (same order, shards and seeds)."""
-    def feats(loader: TensorLoader | None) -> TensorLoader | None:
-        if loader is None:
-            return None
-        f = encode(vit, loader.x, cfg.eval_batch_size, amp_dtype)
-        return TensorLoader(f, loader.y, batch_size=loader.batch_size, train=loader.train, seed=cfg.seed,
-                            rank=info.rank, world_size=info.world_size, device=info.device, classes=data.classes)
+def uses_frozen_features(cfg: EvalConfig, data: EvalData, info: DistInfo) -> bool:
+    """Whether a frozen-encoder protocol trains on features computed once: in-memory data, or streamed data whose
+    training transform is the eval transform (``--augment=eval``); never with ``--features=off``."""
+    if cfg.data.features == "off":
+        return False
+    if isinstance(data.train, TensorLoader) or data.augment == "eval":
+        return True
+    if info.is_main and not cfg.logging.quiet:
+        print(f"fastmae: note: --augment={data.augment} draws new crops every epoch, so the frozen encoder runs "
+              "every step; --augment=eval computes the features once", flush=True)
+    return False
 
-    return dataclasses.replace(data, train=feats(data.train), val=feats(data.val), select=feats(data.select),
-                               kind=data.kind + ", frozen features computed once")
+
+def frozen_feature_data(vit: VisionTransformer, data: EvalData, cfg: EvalConfig, info: DistInfo,
+                        amp_dtype: torch.dtype, run_dir: Path | None = None,
+                        preemption: Preemption | None = None) -> EvalData | None:
+    """``data`` with every split replaced by its frozen features (same order, shards and seeds): in memory for
+    in-memory data, else from a validated on-disk store (:mod:`fastmae.eval.features`). None when preemption
+    stopped the extraction."""
+    def loader(x, y, batch_size: int, train: bool):
+        kw = dict(batch_size=batch_size, train=train, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                  device=info.device, classes=data.classes)
+        return TensorLoader(x, y, **kw) if isinstance(x, Tensor) else FeatureLoader(x, y, **kw)
+
+    if isinstance(data.train, TensorLoader):
+        def feats(split: TensorLoader | None) -> TensorLoader | None:
+            return None if split is None else loader(encode(vit, split.x, cfg.optim.eval_batch_size, amp_dtype), split.y,
+                                                      split.batch_size, split.train)
+
+        return dataclasses.replace(data, train=feats(data.train), val=feats(data.val), select=feats(data.select),
+                                   kind=data.kind + ", frozen features computed once")
+    arrays = stored_features(vit, data, cfg, info, amp_dtype, run_dir, preemption)
+    if arrays is None:
+        return None
+    return dataclasses.replace(data, train=loader(*arrays["train"], cfg.optim.batch_size, True),
+                               val=loader(*arrays["val"], cfg.optim.eval_batch_size, False),
+                               kind=data.kind + ", frozen features from a store")
+
+
+def stored_features(vit: VisionTransformer, data: EvalData, cfg: EvalConfig, info: DistInfo, amp_dtype: torch.dtype,
+                    run_dir: Path | None, preemption: Preemption | None) -> dict | None:
+    """{"train"|"val": (features, labels)} of streamed data from the run's store (``--features=auto``) or a shared
+    one (``--features=DIR``), computed first where needed."""
+    if cfg.data.features == "auto" and run_dir is None:
+        raise ValueError("--features=auto keeps the frozen features in the run folder: give --output_dir, or "
+                         "--features=DIR / --features=off")
+    identity = store_identity(vit, {"train": table_digest(data.train), "val": table_digest(data.val)},
+                              img_size=data.train.img_size, mean=data.mean, std=data.std, global_pool=vit.global_pool,
+                              amp_dtype=amp_dtype)
+    store = run_dir / "features" if cfg.data.features == "auto" else Path(cfg.data.features) / store_key(identity)
+    say = (lambda msg: print(msg, flush=True)) if info.is_main and not cfg.logging.quiet else (lambda msg: None)
+    stop_now = preemption.stop_now if preemption is not None else (lambda: False)
+    return frozen_store(vit, store, train=data.train, val=data.val,
+                        train_pass=data.train_pass, encode=lambda x: encode(vit, x, cfg.optim.eval_batch_size, amp_dtype),
+                        identity=identity, info=info, stop_now=stop_now, say=say)
 
 
 def schedule(cfg: EvalConfig, info: DistInfo, loader_steps: int) -> tuple[int, int, int, float]:
@@ -479,19 +425,19 @@ def schedule(cfg: EvalConfig, info: DistInfo, loader_steps: int) -> tuple[int, i
     accum = _accum_iter(cfg, info.world_size)
     steps_per_epoch = loader_steps // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"the data gives {loader_steps} batches of {cfg.batch_size} per rank per epoch, "
+        raise ValueError(f"the data gives {loader_steps} batches of {cfg.optim.batch_size} per rank per epoch, "
                          f"fewer than the {accum} accumulated for one step: lower batch_size or eff_batch_size")
-    eff_batch = cfg.batch_size * info.world_size * accum
-    return accum, steps_per_epoch, eff_batch, cfg.lr or cfg.blr * eff_batch / 256
+    eff_batch = cfg.optim.batch_size * info.world_size * accum
+    return accum, steps_per_epoch, eff_batch, cfg.optim.lr or cfg.optim.blr * eff_batch / 256
 
 
 def _accum_iter(cfg: EvalConfig, world_size: int) -> int:
-    per_step = cfg.batch_size * world_size
-    if cfg.eff_batch_size == 0:
+    per_step = cfg.optim.batch_size * world_size
+    if cfg.optim.eff_batch_size == 0:
         return 1
-    if cfg.eff_batch_size % per_step:
-        raise ValueError(f"eff_batch_size={cfg.eff_batch_size} is not a multiple of batch_size x ranks = {per_step}")
-    return cfg.eff_batch_size // per_step
+    if cfg.optim.eff_batch_size % per_step:
+        raise ValueError(f"eff_batch_size={cfg.optim.eff_batch_size} is not a multiple of batch_size x ranks = {per_step}")
+    return cfg.optim.eff_batch_size // per_step
 
 
 @dataclass
@@ -510,23 +456,24 @@ def build_recipe(cfg: EvalConfig, info: DistInfo, model: nn.Module, vit: nn.Modu
     """LARS for the probe, layer-decayed AdamW otherwise; cross-entropy (soft targets under mixup/cutmix)."""
     device = info.device
     if linprobe:
-        optimizer = lars(model.parameters(), weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        optimizer = lars(model.parameters(), weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     else:
-        optimizer = adamw_layer_decay(vit, cfg.weight_decay, cfg.layer_decay, (cfg.beta1, cfg.beta2), device)
+        optimizer = adamw_layer_decay(vit, cfg.optim.weight_decay, cfg.optim.layer_decay,
+                                      (cfg.optim.beta1, cfg.optim.beta2), device)
     mix = None
-    if not linprobe and (cfg.mixup > 0 or cfg.cutmix > 0):
+    if not linprobe and (cfg.protocol.mixup > 0 or cfg.protocol.cutmix > 0):
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+        mix = Mixup(mixup_alpha=cfg.protocol.mixup, cutmix_alpha=cfg.protocol.cutmix, label_smoothing=cfg.protocol.smoothing,
                     num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()
     else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if linprobe else cfg.smoothing)
+        criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if linprobe else cfg.protocol.smoothing)
     ddp_model = model
     if info.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+    forward = torch.compile(ddp_model) if cfg.step.compile else ddp_model
 
     def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
         imgs, labels = batch
@@ -581,7 +528,7 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
     vit = weights if weights is not None else getattr(model, "vit", model)
     scorer = data.score(model) if data.score is not None else model
     accum, steps_per_epoch, eff_batch, base_lr = schedule(cfg, info, data.train.steps_per_epoch)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.schedule.epochs * steps_per_epoch
     recipe = build_recipe(cfg, info, model, vit, tune_blocks == 0, data.num_classes)
     history: list[dict] = []
     state = TrainState(vit, recipe.optimizer, data.train, None, info, steps_per_epoch=steps_per_epoch,
@@ -592,24 +539,24 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
     if step >= total_steps and history:
         warn(f"nothing to do: the run in {run_dir} finished at step {step}; pick a new --output_dir to train again")
     log, say = open_log(cfg, run_dir, total_steps, step, write, info)
-    say(f"fastmae {cfg.protocol}: {arch['embed_dim']}-wide depth-{arch['depth']} {type(vit).__name__} on {device} "
-        f"({info.world_size} proc), {data.kind}, {data.num_classes} classes, {amp_dtype}, compile={cfg.compile}, "
+    say(f"fastmae {cfg.protocol.kind}: {arch['embed_dim']}-wide depth-{arch['depth']} {type(vit).__name__} on {device} "
+        f"({info.world_size} proc), {data.kind}, {data.num_classes} classes, {amp_dtype}, compile={cfg.step.compile}, "
         f"steps {step}->{total_steps} ({steps_per_epoch}/epoch), effective batch {eff_batch} (accum {accum}), "
         f"lr {base_lr:.3g}" + (f", resumed from {resume_path.name}" if resume_path else ""))
 
     def save() -> Path | None:
-        return state.save(run_dir, step, cfg.keep_ckpts) if run_dir is not None and cfg.save_ckpt else None
+        return state.save(run_dir, step, cfg.checkpoint.keep_ckpts) if run_dir is not None and cfg.checkpoint.save_ckpt else None
 
     stats, window = StepStats.zeros(device), LogWindow(eff_batch, step, steps_per_epoch)
     lr_t = torch.zeros((), device=device)
     with closing(log) if log else nullcontext():
-        for epoch in range(step // steps_per_epoch, cfg.epochs):
+        for epoch in range(step // steps_per_epoch, cfg.schedule.epochs):
             data.train.set_epoch(epoch)  # keeps a restored mid-epoch position
             next_batch = labelled_batches(data.train, device, recipe.mix)
             model.train()
             epoch_loss, epoch_steps = torch.zeros((), device=device), 0
             while step < (epoch + 1) * steps_per_epoch:
-                lr = lr_at(step, steps_per_epoch, cfg.warmup_epochs, cfg.epochs, base_lr, cfg.min_lr)
+                lr = lr_at(step, steps_per_epoch, cfg.schedule.warmup_epochs, cfg.schedule.epochs, base_lr, cfg.schedule.min_lr)
                 for g in recipe.optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
                 loss, _ = train_step(recipe.loss_fn, recipe.optimizer, recipe.params, next_batch, accum_iter=accum,
@@ -621,13 +568,13 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
                 if log:
                     log.advance()
                 stop = preemption.stop_now()
-                if step % cfg.log_every == 0:
+                if step % cfg.logging.log_every == 0:
                     row = window.close(step, stats, lr_t.fill_(lr), reduce=lambda t: all_reduce_mean(t, info))
                     if log:
                         log.log(step, row)
-                    window.check_bad_run(cfg.max_bad_steps)
+                    window.check_bad_run(cfg.step.max_bad_steps)
                 at_epoch_end = step == (epoch + 1) * steps_per_epoch
-                if stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0 and not at_epoch_end):
+                if stop or (cfg.checkpoint.ckpt_every and step % cfg.checkpoint.ckpt_every == 0 and not at_epoch_end):
                     path = save()
                     if stop:
                         say(f"SIGTERM: saved {path.name if path else 'nothing (no run folder)'} at step {step}; exiting")
@@ -640,21 +587,21 @@ def train_classifier(cfg: EvalConfig, info: DistInfo, model: nn.Module, data: Ev
             save()
     if not history:
         raise ValueError(f"{run_dir} holds a finished run with no epoch history; pick a new --output_dir")
-    if write and cfg.save_ckpt:
-        atomic_save({"model": vit.state_dict(), "arch": arch, "classes": data.classes, "epoch": cfg.epochs - 1,
+    if write and cfg.checkpoint.save_ckpt:
+        atomic_save({"model": vit.state_dict(), "arch": arch, "classes": data.classes, "epoch": cfg.schedule.epochs - 1,
                      "top1": history[-1]["val_top1"], "pixel_mean": list(data.mean), "pixel_std": list(data.std),
                      "config": asdict(cfg)}, run_dir / "checkpoint-last.pt")
-    return {"status": "done", "protocol": cfg.protocol, "step": step, **headline(history), "history": history,
+    return {"status": "done", "protocol": cfg.protocol.kind, "step": step, **headline(history), "history": history,
             "n_val": data.n_val, "effective_batch": eff_batch}
 
 
 def open_log(cfg: EvalConfig, run_dir: Path | None, total_steps: int, step: int, write: bool,
              info: DistInfo) -> tuple[RunLogger | None, Callable[[str], None]]:
     """The run's logger (None without a run folder) and the function that prints a line on rank 0."""
-    log = RunLogger(run_dir, total_steps, step, write, cfg.progress and not cfg.quiet) if run_dir else None
+    log = RunLogger(run_dir, total_steps, step, write, cfg.logging.progress and not cfg.logging.quiet) if run_dir else None
     if log and cfg.resume:
         log.resume_at(step)  # rows the interrupted run logged after its checkpoint would appear twice
-    return log, (log.info if log else print) if info.is_main and not cfg.quiet else (lambda msg: None)
+    return log, (log.info if log else print) if info.is_main and not cfg.logging.quiet else (lambda msg: None)
 
 
 def score_epoch(model: nn.Module, scorer: nn.Module, data: EvalData, amp_dtype, info: DistInfo, epoch: int,

@@ -41,10 +41,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from fastmae import flags
+from fastmae.eval.config import SECTIONS as EVAL_SECTIONS
 from fastmae.eval.demo import DemoConfig, pretrain_on_digits
 from fastmae.eval.protocol import EvalConfig
 from fastmae.eval.protocols import get_protocol, list_protocols, protocol_for
-from fastmae.flags import describe_keys, parse_flags
+from fastmae.flags import describe_keys, keys, parse_flags
 
 BOTH = ("linprobe", "finetune")  # --protocol=both, and what a pretraining-key sweep scores each encoder with
 # keys of the digits demo's pretraining that a sweep may vary
@@ -54,18 +56,18 @@ DIGITS_PRETRAIN_KEYS = ("method", "mask_ratio", "norm_pix_loss", "pretrain_epoch
 
 @dataclass
 class SweepConfig:
-    preset: str = "default"
+    preset: str = flags.key("default", "named set of defaults; the values below are this preset's")
     protocol: str = field(default="finetune", metadata={
         "help": "a registered image protocol (linprobe, partial, finetune, knn), a comma list of them, or both "
                 "(linprobe,finetune; pretraining keys always run at least those)"})
     values: str = field(default="", metadata={"help": "the swept key and its values, 'KEY=v1,v2,...'"})
-    output_dir: str = "runs/sweep"
-    pretrain_epochs: int = 100  # digits demo pretraining (pretraining-key sweeps)
+    output_dir: str = flags.key("runs/sweep", "run folder (config, metrics, checkpoints, summary, pictures)")
+    pretrain_epochs: int = flags.key(100, "digits demo pretraining epochs (pretraining-key sweeps)")
     method: str = field(default="mae", metadata={
         "help": "digits demo pretraining method (mae | crossmae); on real data put --method in --pretrain_args"})
     pretrain_args: str = field(default="", metadata={
         "help": "fastmae pretrain arguments for pretraining-key sweeps on real data"})
-    threads: int = 1  # torch intra-op threads (0 = torch's default)
+    threads: int = flags.key(1, "torch intra-op threads; 0 = torch's default")
 
     def protocols(self) -> list[str]:
         """The registered image protocols ``--protocol`` names, in order."""
@@ -104,7 +106,7 @@ def parse_values(spec: str) -> tuple[str, list[str]]:
 
 def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """-> (the sweep's own --key=value, {protocol: its --key=value}); ``--linprobe.k=v`` goes to one protocol
-    and wins over a shared ``--k=v``."""
+    and wins over a shared ``--k=v``; a section's dotted key (``--optim.blr``) is shared like its flat one."""
     own_keys = {f.name for f in fields(SweepConfig)}
     own, shared, scoped = [], [], {p: [] for p in list_protocols()}
     for arg in argv:
@@ -112,9 +114,10 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
             raise ValueError(f"expected --key=value, got {arg!r}")
         key = arg[2:].partition("=")[0].replace("-", "_")
         scope, dot, sub = key.partition(".")
-        if dot:
+        if dot and scope not in EVAL_SECTIONS:
             if scope not in scoped:
-                raise ValueError(f"--{key}: the prefix must be a protocol name ({', '.join(scoped)})")
+                raise ValueError(f"--{key}: the prefix must be a protocol name ({', '.join(scoped)}) or a section "
+                                 f"({', '.join(EVAL_SECTIONS)})")
             scoped[scope].append(f"--{sub}={arg.partition('=')[2]}")
         elif key in own_keys:
             own.append(arg)
@@ -125,8 +128,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 def key_kind(key: str, demo: bool) -> str:
     """'protocol', 'digits_pretrain' or 'pretrain'; raises for a key nobody knows."""
-    if key in {f.name for p in list_protocols() for f in fields(get_protocol(p).config)} | {
-            f.name for f in fields(EvalConfig)}:
+    if key in {k for p in list_protocols() for k in keys(get_protocol(p).config)} | set(keys(EvalConfig)):
         return "protocol"
     if demo and (key in DIGITS_PRETRAIN_KEYS):
         return "digits_pretrain"
@@ -170,7 +172,7 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
     protocols = cfg.protocols()
     # every protocol configuration is checked before the first run
     probes = {p: _protocol_config(p, per_protocol, {}) for p in protocols}
-    demo = all(c.is_demo for c in probes.values())
+    demo = all(c.data.is_demo for c in probes.values())
     kind = key_kind(key, demo)
     if kind != "protocol":
         protocols = list(dict.fromkeys([*BOTH, *protocols]))  # a pretraining sweep scores each encoder both ways
@@ -204,9 +206,12 @@ def run_sweep(cfg: SweepConfig, per_protocol: dict[str, list[str]]) -> list[dict
                     ecfg = dataclasses.replace(_protocol_config(p, per_protocol, {key: v} if kind == "protocol" else {}),
                                                output_dir=str(run_dir), resume="auto")
                     if kind == "pretrain":
-                        ecfg = dataclasses.replace(ecfg, ckpt=source["ckpt"])
+                        ecfg = dataclasses.replace(ecfg, model=dataclasses.replace(ecfg.model, ckpt=source["ckpt"]))
+                    if ecfg.data.features == "auto" and not ecfg.data.is_demo:
+                        # One store for the sweep: runs on the same encoder and data reuse its frozen features.
+                        ecfg = dataclasses.replace(ecfg, data=dataclasses.replace(ecfg.data, features=str(out / "features")))
                     t0 = time.perf_counter()
-                    r = run_protocol(p, ecfg, split=split if ecfg.is_demo else None, source_sd=source.get("sd"),
+                    r = run_protocol(p, ecfg, split=split if ecfg.data.is_demo else None, source_sd=source.get("sd"),
                                      source_meta=source.get("meta"))
                     if r.get("status") == "preempted":
                         raise SweepPreempted(f"SIGTERM: {key}={v} {p} saved at step {r['step']}; rerun the same "

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,40 +28,10 @@ from torch import Tensor, nn
 from fastmae import ops
 from fastmae.constants import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.engine.step import resolve_precision
-from fastmae.eval.cli_util import run_cli
-from fastmae.eval.protocol import EvalConfig, EvalData, format_result, run_in_folder, train_classifier
+from fastmae.eval.config import VideoFinetuneConfig, stored_flat
+from fastmae.eval.protocol import EvalData, format_result, run_in_folder, train_classifier
+from fastmae.flags import run_cli
 from fastmae.methods.videomae import VIDEOMAE_MODELS, VideoMAE, pair_frames
-
-
-@dataclass
-class VideoFinetuneConfig(EvalConfig):
-    preset: str = "demo"
-    data: str = "demo"  # "demo" (embedded VP9 clips) or ROOT with train/ and val/ class folders of clips
-    output_dir: str = "runs/finetune-video"
-    model: str = "videomae_vit_tiny"  # architecture for random init (a checkpoint's config names its own)
-    num_frames: int = 16
-    frame_stride: int = 4
-    num_clips: int = field(default=2, metadata={"help": "temporal views per clip at test time (evenly spaced)"})
-    num_crops: int = field(default=3, metadata={"help": "spatial views per clip at test time: 1 (center) or 3"})
-    num_workers: int = 0
-    epochs: int = 10
-    warmup_epochs: float = 1.0
-    batch_size: int = 4
-    eval_batch_size: int = 4
-    blr: float = 1e-3
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-
-    def validate(self) -> None:
-        super().validate()
-        if self.tune_blocks >= 0:
-            raise ValueError("finetune-video runs full fine-tuning (tune_blocks=-1)")
-        if self.num_crops not in (1, 3) or self.num_clips < 1:
-            raise ValueError(f"num_crops must be 1 or 3 and num_clips >= 1, got {self.num_crops}, {self.num_clips}")
-        if self.mixup > 0 or self.cutmix > 0:
-            raise ValueError("mixup/cutmix are image operations; the video recipe here has none")
-
 
 PRESETS: dict[str, dict] = {"demo": {}}
 
@@ -163,14 +132,14 @@ class MultiViewClips:
 
 def build_video_classifier(cfg: VideoFinetuneConfig, sd: dict | None, meta: dict,
                            num_classes: int) -> tuple[VideoClassifier, dict]:
-    recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    name = recorded.get("model") or cfg.model
+    recorded = stored_flat(meta.get("config"), VideoFinetuneConfig)  # a pretraining's (flat) or an earlier fine-tuning's
+    name = recorded.get("model") or cfg.model.name
     if name not in VIDEOMAE_MODELS:
         raise ValueError(f"unknown VideoMAE model {name!r}; choose one of {sorted(VIDEOMAE_MODELS)}")
-    kw = {k: v for k, v in (("img_size", cfg.img_size or recorded.get("img_size")),
-                            ("patch_size", cfg.patch_size or recorded.get("patch_size")),
+    kw = {k: v for k, v in (("img_size", cfg.model.img_size or recorded.get("img_size")),
+                            ("patch_size", cfg.model.patch_size or recorded.get("patch_size")),
                             ("tubelet_size", recorded.get("tubelet_size"))) if v}
-    mae = VIDEOMAE_MODELS[name](num_frames=cfg.num_frames, drop_path_rate=cfg.drop_path, **kw)
+    mae = VIDEOMAE_MODELS[name](num_frames=cfg.protocol.num_frames, drop_path_rate=cfg.model.drop_path, **kw)
     if sd is not None:
         from fastmae.convert import load_into
 
@@ -191,37 +160,38 @@ def _train_video(cfg: VideoFinetuneConfig, info, run_dir: Path | None, write: bo
     from fastmae.eval.models import read_source
 
     torch.manual_seed(cfg.seed)
-    sd, meta = read_source(cfg.ckpt)
-    recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    img_size = cfg.img_size or int(recorded.get("img_size") or 0) or VIDEOMAE_MODELS[cfg.model](depth=1).img_size
-    common = dict(img_size=img_size, num_frames=cfg.num_frames, frame_stride=cfg.frame_stride, loader=cfg.loader,
-                  num_workers=cfg.num_workers, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                  device=str(info.device))
-    train = build_video_loader(cfg.data, split="train", batch_size=cfg.batch_size, train=True, **common)
-    if cfg.data == "demo":
+    sd, meta = read_source(cfg.model.ckpt)
+    recorded = stored_flat(meta.get("config"), VideoFinetuneConfig)
+    img_size = cfg.model.img_size or int(recorded.get("img_size") or 0) or VIDEOMAE_MODELS[cfg.model.name](depth=1).img_size
+    common = dict(img_size=img_size, num_frames=cfg.protocol.num_frames, frame_stride=cfg.protocol.frame_stride,
+                  loader=cfg.data.loader, num_workers=cfg.data.num_workers, seed=cfg.seed, rank=info.rank,
+                  world_size=info.world_size, device=str(info.device))
+    train = build_video_loader(cfg.data.path, split="train", batch_size=cfg.optim.batch_size, train=True, **common)
+    if cfg.data.path == "demo":
         from fastmae.data import demo_cache_dir
         from fastmae.data.video_demo import prepare_video_demo
 
         val_root = prepare_video_demo(demo_cache_dir()) / "val"  # built once, as the train loader did
     else:
-        val_root = Path(cfg.data) / "val"
+        val_root = Path(cfg.data.path) / "val"
     if not val_root.is_dir():
-        raise ValueError(f"clip data {cfg.data} needs a val/ split of class folders ({val_root} not found)")
-    items, _, val_classes = scan_videos(val_root, (cfg.num_frames - 1) * cfg.frame_stride + 1, "torch")
+        raise ValueError(f"clip data {cfg.data.path} needs a val/ split of class folders ({val_root} not found)")
+    items, _, val_classes = scan_videos(val_root, (cfg.protocol.num_frames - 1) * cfg.protocol.frame_stride + 1, "torch")
     if val_classes != train.classes:
         raise ValueError(f"train and val class folders differ: {train.classes[:5]} vs {val_classes[:5]}")
-    val = MultiViewClips(items, img_size=img_size, num_frames=cfg.num_frames, frame_stride=cfg.frame_stride,
-                         num_clips=cfg.num_clips, num_crops=cfg.num_crops, batch_size=cfg.eval_batch_size,
+    p = cfg.protocol
+    val = MultiViewClips(items, img_size=img_size, num_frames=p.num_frames, frame_stride=p.frame_stride,
+                         num_clips=p.num_clips, num_crops=p.num_crops, batch_size=cfg.optim.eval_batch_size,
                          rank=info.rank, world_size=info.world_size, device=info.device)
     model, arch = build_video_classifier(cfg, sd, meta, len(train.classes))
     model.to(info.device)
-    views = cfg.num_clips * cfg.num_crops
+    views = cfg.protocol.num_clips * cfg.protocol.num_crops
     data = EvalData(train, val, None, len(train.classes), list(train.classes), IMAGENET_MEAN, IMAGENET_STD,
-                    len(items), f"clips ({cfg.num_clips} clips x {cfg.num_crops} crops at test)",
+                    len(items), f"clips ({cfg.protocol.num_clips} clips x {cfg.protocol.num_crops} crops at test)",
                     score=lambda m: MultiView(m, views))
-    summary = train_classifier(cfg, info, model, data, resolve_precision(cfg.precision, info.device, cpu_auto="fp32"),
+    summary = train_classifier(cfg, info, model, data, resolve_precision(cfg.step.precision, info.device, cpu_auto="fp32"),
                                run_dir, write, arch, -1, preemption)
-    summary.update(source=cfg.ckpt, arch=arch, data=data.kind, chance=1.0 / data.num_classes, rank=info.rank,
+    summary.update(source=cfg.model.ckpt, arch=arch, data=data.kind, chance=1.0 / data.num_classes, rank=info.rank,
                    views=views)
     return summary
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from fastmae.eval.analyze import load_images
-from fastmae.eval.cli_util import run_cli
 from fastmae.eval.models import infer_arch, named_heads, resolve_arch
+from fastmae.flags import key, run_cli
 from fastmae.methods.registry import build_meta_model
 from fastmae.methods.simmim import SimMIMViT
 from fastmae.models.crossmae import CrossMAE
@@ -43,19 +43,20 @@ OFFICIAL_DECODER_HEADS = 16
 
 @dataclass
 class VisualizeConfig:
-    preset: str = "default"
-    ckpt: str = ""
-    images: str = "digits"  # "digits" (held-out split), a folder, or comma-separated image files
-    num_images: int = 8
-    mask_ratio: float = -1.0  # -1 = the method's (MAE 0.75, SimMIM 0.6)
-    mask: str = ""  # optional .npy/.pt mask (1 = removed); overrides mask_ratio (MAE)
-    mask_patch_size: int = 0  # SimMIM mask cell in px; 0 = from the checkpoint
-    seed: int = 0
-    output: str = "runs/visualize/reconstructions.png"
-    scale: int = 4
-    num_heads: int = 0
-    decoder_num_heads: int = 0
-    norm_pix_loss: str = "auto"  # auto (from the checkpoint) | true | false
+    preset: str = key("default", "named set of defaults; the values below are this preset's")
+    ckpt: str = key("", "checkpoint file (fastmae or official MAE pretraining, with its decoder)")
+    images: str = key("digits", "'digits' (held-out split), a folder, or comma-separated image files")
+    num_images: int = key(8, "how many images to use")
+    mask_ratio: float = key(-1.0, "fraction of patches removed; -1 = the method's (MAE 0.75, SimMIM 0.6)")
+    mask: str = key("", "optional .npy/.pt mask (1 = removed); overrides mask_ratio (MAE)")
+    mask_patch_size: int = key(0, "SimMIM mask cell in pixels (a multiple of patch_size); 0 = from the checkpoint")
+    seed: int = key(0, "random seed (data order, masks, init)")
+    output: str = key("runs/visualize/reconstructions.png", "file to write")
+    scale: int = key(4, "pixel upscaling of the picture")
+    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
+    decoder_num_heads: int = key(0, "decoder attention heads; 0 = from the checkpoint")
+    norm_pix_loss: str = key("auto", "the model predicts per-patch normalized pixels: auto (from the checkpoint) | "
+                             "true | false")
 
     def validate(self) -> None:
         if not self.ckpt:

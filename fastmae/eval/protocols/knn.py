@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -19,29 +20,19 @@ from torch import Tensor
 from fastmae.engine.distributed import DistInfo
 from fastmae.engine.monitor import knn_scores
 from fastmae.engine.step import resolve_precision
-from fastmae.eval.cli_util import run_cli
+from fastmae.eval.config import KnnConfig
 from fastmae.eval.data import IGNORE, TensorLoader
 from fastmae.eval.models import read_source, resolve_arch
-from fastmae.eval.protocol import EvalConfig, build_classifier, build_data, encode, format_result, run_in_folder
+from fastmae.eval.protocol import (
+    build_classifier,
+    build_data,
+    encode,
+    format_result,
+    run_in_folder,
+    stored_features,
+)
 from fastmae.eval.protocols.registry import ProtocolSpec, register_protocol
-
-
-@dataclass
-class KnnConfig(EvalConfig):
-    output_dir: str = "runs/knn"
-    tune_blocks: int = 0  # the encoder is frozen
-    augment: str = field(default="eval", metadata={
-        "help": "transform of the training images whose features vote (streamed data): eval (resize + center crop)"})
-    knn_k: int = field(default=20, metadata={"help": "neighbours that vote"})
-    knn_temperature: float = field(default=0.07, metadata={"help": "vote weight exp(cosine / T)"})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.knn_k < 1:
-            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}")
-        if self.knn_temperature <= 0:
-            raise ValueError(f"knn_temperature must be > 0, got {self.knn_temperature}")
-
+from fastmae.flags import run_cli
 
 PRESETS: dict[str, dict] = {"digits": {}}
 
@@ -65,36 +56,50 @@ def loader_features(vit, loader, batch_size: int, amp_dtype, info: DistInfo) -> 
     return f, y
 
 
+def _labelled_rows(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The stored rows whose image decoded (label not IGNORE), on ``device``."""
+    keep = y != IGNORE
+    return torch.from_numpy(np.ascontiguousarray(x[keep])).to(device), torch.from_numpy(y[keep]).to(device)
+
+
 def run_knn(cfg: KnnConfig, split=None, source_sd=None, source_meta=None) -> dict:
-    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _knn(cfg, info, split, source_sd, source_meta))
+    return run_in_folder(cfg, lambda info, run_dir, write, preemption: _knn(cfg, info, split, source_sd, source_meta,
+                                                                             run_dir, preemption))
 
 
-def _knn(cfg: KnnConfig, info: DistInfo, split, source_sd, source_meta) -> dict:
-    amp_dtype = resolve_precision(cfg.precision, info.device, cpu_auto="fp32")
-    sd, meta = read_source(cfg.ckpt) if source_sd is None else (source_sd, source_meta or {})
-    arch = resolve_arch(sd, meta, asdict(cfg))
+def _knn(cfg: KnnConfig, info: DistInfo, split, source_sd, source_meta, run_dir=None, preemption=None) -> dict:
+    amp_dtype = resolve_precision(cfg.step.precision, info.device, cpu_auto="fp32")
+    torch.manual_seed(cfg.seed)  # --ckpt=random: the same random encoder as the other protocols' at this seed
+    sd, meta = read_source(cfg.model.ckpt) if source_sd is None else (source_sd, source_meta or {})
+    arch = resolve_arch(sd, meta, asdict(cfg.model))
     # k-NN has no training split to carve: the test split is scored once, nothing is chosen on it.
-    data = build_data(dataclasses.replace(cfg, val_fraction=0.0), arch, info, split)
-    vit, _ = build_classifier(arch, sd, data.num_classes, tune_blocks=0, global_pool=cfg.global_pool, drop_path=0.0,
+    data = build_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=0.0)), arch, info, split)
+    vit, _ = build_classifier(arch, sd, data.num_classes, tune_blocks=0, global_pool=cfg.model.global_pool, drop_path=0.0,
                               learn_pos_embed=False, mean=data.mean, std=data.std)
     vit.to(info.device)
-    train_f, train_y = loader_features(vit, data.train, cfg.eval_batch_size, amp_dtype, info)
-    test_f, test_y = loader_features(vit, data.val, cfg.eval_batch_size, amp_dtype, info)
-    scores = knn_scores(train_f, train_y, test_f, data.num_classes, cfg.knn_k, cfg.knn_temperature)
+    if cfg.data.features != "off" and data.augment == "eval":  # streamed, the eval transform: from the store
+        arrays = stored_features(vit, data, cfg, info, amp_dtype, run_dir, preemption)
+        if arrays is None:
+            return {"status": "preempted", "step": 0}
+        (train_f, train_y), (test_f, test_y) = (_labelled_rows(*arrays[s], info.device) for s in ("train", "val"))
+    else:
+        train_f, train_y = loader_features(vit, data.train, cfg.optim.eval_batch_size, amp_dtype, info)
+        test_f, test_y = loader_features(vit, data.val, cfg.optim.eval_batch_size, amp_dtype, info)
+    scores = knn_scores(train_f, train_y, test_f, data.num_classes, cfg.protocol.knn_k, cfg.protocol.knn_temperature)
     top = scores.topk(min(5, data.num_classes), dim=1).indices
     hits = top == test_y[:, None]
     n = len(test_y)
     top1, top5 = hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()  # deliberate sync: the result
-    reported = f"test top-1 of the {cfg.knn_k}-NN vote (T={cfg.knn_temperature:g}) on frozen features"
+    reported = f"test top-1 of the {cfg.protocol.knn_k}-NN vote (T={cfg.protocol.knn_temperature:g}) on frozen features"
     return {"status": "done", "protocol": "knn", "top1": top1, "top5": top5, "top1_last": top1, "top5_last": top5,
             "epoch": 0, "epochs_run": 0, "reported": reported, "history": [], "n_val": n, "n_train": len(train_y),
-            "source": cfg.ckpt if source_sd is None else "<in memory>", "arch": arch, "data": data.kind,
+            "source": cfg.model.ckpt if source_sd is None else "<in memory>", "arch": arch, "data": data.kind,
             "chance": 1.0 / data.num_classes, "rank": info.rank}
 
 
 def _body(cfg: KnnConfig) -> int:
     r = run_knn(cfg)
-    if r["rank"] == 0:
+    if r.get("status") != "preempted" and r["rank"] == 0:
         print(format_result(r, cfg.output_dir))
     return 0
 

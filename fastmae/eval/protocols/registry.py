@@ -6,7 +6,8 @@ which configuration and presets each takes and how to run it; they never branch 
 Built-in protocols live one per module in :data:`BUILTIN_PROTOCOLS` and are imported on first use.
 
 Adding a protocol:
-1. write ``fastmae/eval/protocols/<name>.py``: its config (an ``EvalConfig`` subclass), presets, a
+1. write ``fastmae/eval/protocols/<name>.py``: its config (an ``EvalConfig`` subclass: its defaults through
+   ``flags.section`` / ``flags.default``, its own keys in a section subclass such as ``KnnProtocol``), presets, a
    ``run(cfg, split=None, source_sd=None, source_meta=None) -> dict`` returning the summary (``top1``,
    ``top5``, ``top1_last``, ``epoch``, ``reported``, ``wall_s``, ``status``), and one
    ``register_protocol(ProtocolSpec(...))`` line at the end;
