@@ -35,7 +35,9 @@ class MaskedDecoderViT(VisionTransformer):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
         if decoder_input_dtype not in DECODER_INPUT_DTYPES:
             raise ValueError(f"decoder_input_dtype must be one of {DECODER_INPUT_DTYPES}, got {decoder_input_dtype!r}")
-        # "auto": the decoder input is the first value of the decoder's residual stream, so it takes that stream's dtype.
+        # "fp32": the official numerics (fp32 table, fp32 decoder input under autocast); "autocast": the table in the
+        # autocast dtype, so the decoder input is bf16 under bf16 autocast; "auto": the decoder input is the first value
+        # of the decoder's residual stream, so it takes that stream's dtype.
         if decoder_input_dtype == "auto":
             decoder_input_dtype = "autocast" if self.residual_dtype == "bf16" else "fp32"
         self.decoder_input_dtype = decoder_input_dtype

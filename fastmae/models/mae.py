@@ -31,9 +31,6 @@ from fastmae.models.decoder import MaskedDecoderViT
 from fastmae.models.vit import LayerNorm6
 from fastmae.reference import random_masking
 
-# "fp32": the official numerics (fp32 table, fp32 decoder input under autocast); "autocast": the table in the autocast
-# dtype, so the decoder input is bf16 under bf16 autocast; "auto": the residual stream's choice.
-
 
 class MaskedAutoencoderViT(MaskedDecoderViT):
     def __init__(
