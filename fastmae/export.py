@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastmae.eval.config import arch_key
 from fastmae.flags import key, run_cli
 
 FORMATS = ("hf", "timm", "pth")
@@ -41,8 +42,8 @@ class ExportConfig:
     ckpt: str = key("", "checkpoint file (fastmae or official MAE)")
     output_dir: str = key("", "folder to write the model into (--out)")
     format: str = key("hf", "hf (transformers ViTMAE folder) | timm (timm model folder)")
-    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
-    decoder_num_heads: int = key(0, "decoder attention heads; 0 = from the checkpoint")
+    num_heads: int = arch_key("num_heads")
+    decoder_num_heads: int = arch_key("decoder_num_heads")
 
     def validate(self) -> None:
         if not self.ckpt:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from fastmae.constants import IMAGE_EXTENSIONS
+from fastmae.eval.config import arch_key
 from fastmae.eval.data import load_digits_split
 from fastmae.eval.models import RANDOM, build_encoder, read_source, resolve_arch
 from fastmae.flags import key, run_cli
@@ -197,12 +198,12 @@ class AnalyzeConfig:
     output_dir: str = key("runs/analyze", "run folder (config, metrics, checkpoints, summary, pictures)")
     seed: int = key(0, "random seed (data order, masks, init)")
     device: str = key("cpu", "auto | cpu | cuda | cuda:N")
-    img_size: int = key(0, "input resolution in pixels (square); 0 = from the checkpoint")
-    patch_size: int = key(0, "patch size in pixels; 0 = the model's")
-    in_chans: int = key(0, "input channels; 0 = from the checkpoint")
-    embed_dim: int = key(0, "encoder width; 0 = from the checkpoint")
-    depth: int = key(0, "encoder blocks; 0 = from the checkpoint")
-    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
+    img_size: int = arch_key("img_size")
+    patch_size: int = arch_key("patch_size")
+    in_chans: int = arch_key("in_chans")
+    embed_dim: int = arch_key("embed_dim")
+    depth: int = arch_key("depth")
+    num_heads: int = arch_key("num_heads")
 
     def validate(self) -> None:
         if not [s for s in self.ckpts.split(",") if s.strip()]:

@@ -25,6 +25,23 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEMO_DATA = ("", "digits")
 AUGMENTS = ("auto", "mae", "linprobe", "finetune", "eval")
 
+# The architecture keys a command may set over what a checkpoint records (0 = the checkpoint's); evaluation,
+# analyze, visualize and export share them, and their help lives here once.
+_ARCH_HELP = {
+    "img_size": "input resolution in pixels (square); 0 = from the checkpoint",
+    "patch_size": "patch size in pixels; 0 = the model's",
+    "in_chans": "input channels; 0 = from the checkpoint",
+    "embed_dim": "encoder width; 0 = from the checkpoint",
+    "depth": "encoder blocks; 0 = from the checkpoint",
+    "num_heads": "encoder attention heads; 0 = from the checkpoint",
+    "decoder_num_heads": "decoder attention heads; 0 = from the checkpoint",
+}
+
+
+def arch_key(name: str):
+    """The field of the ``--name`` architecture override (0 = from the checkpoint)."""
+    return key(0, _ARCH_HELP[name])
+
 
 @dataclass
 class EvalDataConfig:
@@ -68,12 +85,12 @@ class EvalModelConfig:
     demo's encoder)."""
 
     ckpt: str = key("random", "checkpoint file (fastmae or official MAE), or 'random'")
-    img_size: int = key(0, "input resolution in pixels (square); 0 = from the checkpoint")
-    patch_size: int = key(0, "patch size in pixels; 0 = the model's")
-    in_chans: int = key(0, "input channels; 0 = from the checkpoint")
-    embed_dim: int = key(0, "encoder width; 0 = from the checkpoint")
-    depth: int = key(0, "encoder blocks; 0 = from the checkpoint")
-    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
+    img_size: int = arch_key("img_size")
+    patch_size: int = arch_key("patch_size")
+    in_chans: int = arch_key("in_chans")
+    embed_dim: int = arch_key("embed_dim")
+    depth: int = arch_key("depth")
+    num_heads: int = arch_key("num_heads")
     global_pool: bool = key(False, "average the patch tokens (with fc_norm) instead of the cls token")
     learn_pos_embed: bool = key(False, "full fine-tuning only: train the position table (initialized sin-cos)")
     drop_path: float = key(0.1, "stochastic depth rate (fine-tuning)")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fastmae.eval.analyze import load_images
+from fastmae.eval.config import arch_key
 from fastmae.eval.models import infer_arch, named_heads, resolve_arch
 from fastmae.flags import key, run_cli
 from fastmae.methods.registry import build_meta_model
@@ -53,8 +54,8 @@ class VisualizeConfig:
     seed: int = key(0, "random seed (data order, masks, init)")
     output: str = key("runs/visualize/reconstructions.png", "file to write")
     scale: int = key(4, "pixel upscaling of the picture")
-    num_heads: int = key(0, "encoder attention heads; 0 = from the checkpoint")
-    decoder_num_heads: int = key(0, "decoder attention heads; 0 = from the checkpoint")
+    num_heads: int = arch_key("num_heads")
+    decoder_num_heads: int = arch_key("decoder_num_heads")
     norm_pix_loss: str = key("auto", "the model predicts per-patch normalized pixels: auto (from the checkpoint) | "
                              "true | false")
 
