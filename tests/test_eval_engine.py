@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -226,6 +227,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _two_ranks(script: Path, args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Both ranks started directly, not under torchrun: its agent ends the other ranks as soon as one fails, so a
+    rank's own error line could be cut off; here each rank runs to its end and keeps its stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              text=True, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                              "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": str(port)}) for r in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, None, err) for p, err in zip(procs, errs)]
+
+
 def test_a_late_rank_never_takes_its_own_runs_folder_for_a_used_one(tmp_path):
     # Every rank used to judge the folder; a rank slower than rank 0 found the config.json rank 0 had just written
     # for this very scoring run and refused it (seen as a flaky 2-rank --eval_only test under load).
@@ -233,12 +248,11 @@ def test_a_late_rank_never_takes_its_own_runs_folder_for_a_used_one(tmp_path):
     assert linprobe.main(["--epochs=1", "--progress=false", "--quiet=true", f"--output_dir={trained}"]) == 0
     script = tmp_path / "slow_rank_1.py"
     script.write_text(_SLOW_RANK_1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "linprobe",
-           "--eval_only=true", f"--ckpt={trained}/checkpoint-last.pt", "--progress=false", "--quiet=true",
-           "--device=cpu", f"--output_dir={tmp_path / 'score'}"]
-    fresh = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    args = ["linprobe", "--eval_only=true", f"--ckpt={trained}/checkpoint-last.pt", "--progress=false", "--quiet=true",
+            "--device=cpu", f"--output_dir={tmp_path / 'score'}"]
+    for rank in _two_ranks(script, args):
+        assert rank.returncode == 0, rank.stderr[-2000:]
     # a folder that IS used is still refused on every rank, in one line, without a hang
-    used = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    errors = [ln for ln in used.stderr.splitlines() if ln.startswith("fastmae: error:")]
-    assert used.returncode != 0 and len(errors) == 2 and all("already holds another run" in e for e in errors)
+    for rank in _two_ranks(script, args):
+        errors = [ln for ln in rank.stderr.splitlines() if ln.startswith("fastmae: error:")]
+        assert rank.returncode != 0 and len(errors) == 1 and "already holds another run" in errors[0], rank.stderr[-2000:]
